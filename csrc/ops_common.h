@@ -1,0 +1,87 @@
+// Shape, dtype and device checks shared by the CPU and CUDA implementations of the fastunet ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Optional.h>
+
+#include "fastunet_math.h"
+
+namespace fastunet {
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The dtype of per-channel vectors (scale, shift, mean, ...) for a given activation dtype.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Geom geom_of(const at::Tensor& z, int64_t upscale) {
+  TORCH_CHECK(z.dim() == 4, "fastunet: expected a 4-D conv output [N, C, H, W], got ", z.dim(), "-D");
+  TORCH_CHECK(upscale == 1 || upscale == 2, "fastunet: upscale must be 1 or 2, got ", upscale);
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "fastunet: expected a floating-point tensor, got ",
+              z.scalar_type());
+  const int64_t phases = upscale * upscale;
+  TORCH_CHECK(z.size(1) % phases == 0, "fastunet: conv output channels ", z.size(1),
+              " are not a multiple of upscale^2 = ", phases);
+  const int64_t H = z.size(2) - (upscale - 1), W = z.size(3) - (upscale - 1);
+  TORCH_CHECK(H > 0 && W > 0, "fastunet: conv output spatial size ", z.sizes(), " too small for upscale ",
+              upscale);
+  return Geom{z.size(0), z.size(1) / phases, H, W, upscale};
+}
+
+inline void check_vec(const at::Tensor& v, const char* name, const Geom& g, const at::Tensor& z) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == g.C, "fastunet: ", name, " must have shape [", g.C, "], got ",
+              v.sizes());
+  TORCH_CHECK(v.scalar_type() == acc_dtype(z.scalar_type()), "fastunet: ", name, " must be ",
+              acc_dtype(z.scalar_type()), " for ", z.scalar_type(), " activations, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == z.device(), "fastunet: ", name, " is on ", v.device(), " but the activations on ",
+              z.device());
+  TORCH_CHECK(v.is_contiguous(), "fastunet: ", name, " must be contiguous");
+}
+
+// A tensor laid out as the logical output [N, C, S*H, S*W] (out or its gradient).
+inline void check_out_like(const at::Tensor& t, const char* name, const Geom& g, const at::Tensor& z) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() &&
+                  t.size(3) == g.out_w(),
+              "fastunet: ", name, " must have shape [", g.N, ", ", g.C, ", ", g.out_h(), ", ", g.out_w(), "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type(), "fastunet: ", name, " has dtype ", t.scalar_type(),
+              " but the conv output has ", z.scalar_type());
+  TORCH_CHECK(t.device() == z.device(), "fastunet: ", name, " is on ", t.device(), " but the conv output on ",
+              z.device());
+}
+
+inline void check_pooled(const c10::optional<at::Tensor>& p, const char* name, const Geom& g, const at::Tensor& z) {
+  if (!p.has_value()) return;
+  const at::Tensor& t = *p;
+  TORCH_CHECK(g.out_h() % 2 == 0 && g.out_w() % 2 == 0, "fastunet: max-pool needs an even output size, got ",
+              g.out_h(), "x", g.out_w());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() / 2 &&
+                  t.size(3) == g.out_w() / 2,
+              "fastunet: ", name, " must have shape [", g.N, ", ", g.C, ", ", g.out_h() / 2, ", ", g.out_w() / 2,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type(), "fastunet: ", name, " has dtype ", t.scalar_type(),
+              " but the conv output has ", z.scalar_type());
+  TORCH_CHECK(t.device() == z.device(), "fastunet: ", name, " is on ", t.device(), " but the conv output on ",
+              z.device());
+}
+
+// Every check of the backward ops, in one place.
+inline Geom check_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_pooled,
+                                const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                int64_t upscale) {
+  const Geom g = geom_of(z, upscale);
+  check_out_like(grad, "grad", g, z);
+  check_pooled(grad_pooled, "grad_pooled", g, z);
+  check_vec(scale, "scale", g, z);
+  check_vec(shift, "shift", g, z);
+  return g;
+}
+
+}  // namespace fastunet
+
+#define FASTUNET_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

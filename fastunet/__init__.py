@@ -1,0 +1,1 @@
+"""fastunet (stub while building)."""

@@ -1,0 +1,30 @@
+"""Test setup. Without a GPU, Triton kernels run on the CPU through its interpreter: TRITON_INTERPRET
+must be set before triton (or any fastunet kernel) is imported, hence here, at the top."""
+
+import os
+import subprocess
+import sys
+import zlib
+
+
+def _has_cuda_gpu():
+    # Asked in a subprocess, so that this process initialises no CUDA context before the env is set.
+    code = "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+HAS_GPU = _has_cuda_gpu()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Each test draws fresh random inputs, reproducibly from its own name."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
