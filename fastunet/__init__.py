@@ -1,1 +1,12 @@
-"""fastunet (stub while building)."""
+"""fastunet: a drop-in, faster U-Net for PyTorch.
+
+``fastunet.U_Net(img_ch=3, output_ch=1, *, exact=False)`` replaces the classic U-Net (the seed's
+``U_Net``; its pure-PyTorch twin is ``fastunet.reference.U_Net``) with fused conv+BN+ReLU and
+upsample+conv+concat blocks backed by CUDA, Triton and CPU kernels.
+"""
+
+from . import _ext, functional, ops, reference
+from .model import U_Net, conv_block, up_conv
+
+__version__ = "0.1.0"
+__all__ = ["U_Net", "conv_block", "up_conv", "functional", "ops", "reference"]

@@ -2,21 +2,23 @@
 
 double_conv_bn_relu: (conv3x3 + BN + ReLU) x 2, optionally writing its output straight into the first
     channels of a concat buffer and taking the 2x2 max-pool in the same pass (encoder levels).
-upsample_conv_cat:   nearest upsample x2 + conv3x3 + BN + ReLU written into the channels after the skip
-    in that concat buffer (no upsampled tensor in fast mode, no torch.cat copy in either mode).
+upsample_conv_cat:   nearest upsample x2 + conv3x3 + BN + ReLU, written into that concat buffer after
+    the skip's channels (no torch.cat copy in either mode; no upsampled tensor in fast mode).
 
 Two modes:
   exact=True   the same ATen calls as torch.nn's modules (convolution, _batch_norm_impl_index,
-               upsample_nearest2d and their backwards), so every rounding is the reference's; fused are
-               only the steps that round nothing: ReLU, max-pool, the concat write, their backward masks.
-  exact=False  own BN (Welford statistics, BN-apply+ReLU(+pool) in one pass, BN+ReLU backward in two
-               passes recomputing the activations from the pre-BN conv output instead of storing them),
-               the up-conv as a 2x2 convolution on the low-resolution input with 4x output channels
-               (sub-pixel form: no upsampled tensor, 2.25x fewer FLOPs), BN folded into the conv weights
-               for inference. A conv bias in front of a training-mode BN cancels exactly, so it is not
-               added and its gradient is exactly zero; it still shifts the running mean.
-Batch statistics come back to the caller (fast mode), which updates the running buffers; exact mode
-lets ATen update them, as nn.BatchNorm2d does.
+               upsample_nearest2d and their backwards), so every rounding is the reference's. Fused are
+               only steps that round nothing: ReLU, max-pool, the concat write and their backward masks.
+               ATen updates the running stats, as in nn.BatchNorm2d.
+  exact=False  own BN (Welford statistics; BN-apply+ReLU(+pool) in one pass; backward in two passes that
+               recompute the activations from the pre-BN conv output instead of storing them); the
+               up-conv as one 2x2 conv on the low-resolution input with 4x output channels (sub-pixel
+               form, 2.25x fewer FLOPs); BN folded into the conv weights for inference (``fold``). A
+               conv bias in front of a training-mode BN cancels exactly: it is not added, its gradient
+               is exactly zero, and it still enters the running mean. The Functions return the batch
+               mean and biased variance; the caller updates the running stats.
+Under autocast the convolutions get autocast's casts (done here explicitly, as autocast would), BN
+statistics stay in float32.
 """
 
 import torch
@@ -26,108 +28,132 @@ from . import ops
 _aten = torch.ops.aten
 _CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
 
-# Sub-pixel decomposition: for output phase a (row parity), kernel row k of the 2x2 conv sums these 3x3 rows.
-_PHASE_TAPS = ((((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))))
-
-
-def _phase_matrix(device):
-    return torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=device)  # [phase, k, tap]
+# Sub-pixel decomposition of upsample2x + conv3x3: for output phase a (row parity), row k of the 2x2
+# kernel sums these rows of the 3x3 kernel (same for columns).
+_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 
 
 def phase_weights(w):
-    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]`` (channel = (2a+b)*O + o).
+    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32.
 
-    conv2d(x, phase_weights(w), padding=1) holds, for phase (a, b), upsample2x(x) conv w at output pixel
-    (2i+a, 2j+b) in its element [:, (2a+b)*O + o, i+a, j+b]. Computed in float32.
+    ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
+    ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
     """
-    p = _phase_matrix(w.device)
+    p = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)
     o, i = w.shape[:2]
-    w4 = torch.einsum("ayd,bxe,oide->aboiyx", p, p, w.float())
-    return w4.reshape(4 * o, i, 2, 2)
+    return torch.einsum("ayd,bxe,oide->aboiyx", p, p, w.float()).reshape(4 * o, i, 2, 2)
 
 
-def phase_weights_backward(dw4, o):
-    """Gradient of phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]`` (float32)."""
-    p = _phase_matrix(dw4.device)
-    d6 = dw4.float().reshape(2, 2, o, dw4.shape[1], 2, 2)
+def phase_weights_backward(dw4, out_channels):
+    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]``, float32."""
+    p = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=dw4.device)
+    d6 = dw4.float().reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
     return torch.einsum("ayd,bxe,aboiyx->oide", p, p, d6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers shared by both blocks
+# ----------------------------------------------------------------------------------------------------
 
 
 def _autocast_dtype(device_type):
     """The dtype autocast gives a conv on ``device_type`` now, or None when autocast is off."""
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
 def _cast(t, dtype):
     """Autocast's cast of a conv argument: floating tensors other than float64 go to ``dtype``."""
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+    if t is None or dtype is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point():
         return t
     return t.to(dtype)
 
 
 def _grad_as(g, like):
-    """A gradient in the dtype of the tensor it belongs to (autocast's cast backward)."""
-    return None if g is None else g.to(like.dtype)
+    """A gradient in the dtype of the tensor (or dtype) it belongs to (the backward of autocast's cast)."""
+    if g is None or like is None:
+        return None
+    return g.to(like if isinstance(like, torch.dtype) else like.dtype)
 
 
-def _empty_like_format(shape, like):
+def _empty(shape, like):
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=ops._memory_format(like))
 
 
-def _bn_scale_shift(gamma, beta, mean, invstd):
-    scale = gamma.to(mean.dtype) * invstd
-    return scale, beta.to(mean.dtype) - mean * scale
+def _vec(value, c, like):
+    return torch.full((c,), value, dtype=ops.acc_dtype(like.dtype), device=like.device)
 
 
-def _eval_stats(running_mean, running_var, conv_bias, eps, acc):
-    """Eval-mode BN of a bias-free conv output: mean and invstd that fold the conv bias in."""
-    mean = running_mean.to(acc)
-    if conv_bias is not None:
-        mean = mean - conv_bias.to(acc)
-    return mean, torch.rsqrt(running_var.to(acc) + eps)
+def _conv(x, w, b):
+    return _aten.convolution(x, w, b, *_CONV_ARGS)
 
 
-class _FastLayer:
-    """Forward state of one fast-mode conv + BN layer."""
+class _BN:
+    """One BatchNorm layer's tensors and settings, as passed by the module."""
 
-    @staticmethod
-    def bn(z, gamma, beta, conv_bias, running_mean, running_var, eps, training, upscale):
+    __slots__ = ("gamma", "beta", "running_mean", "running_var", "momentum", "eps")
+
+    def __init__(self, gamma, beta, running_mean, running_var, momentum, eps):
+        self.gamma, self.beta = gamma, beta
+        self.running_mean, self.running_var = running_mean, running_var
+        self.momentum, self.eps = momentum, eps
+
+
+def _fast_bn(z, bn, conv_bias, training, upscale):
+    """Fast-mode BN of a bias-free conv output: (mean, var, invstd, scale, shift), float32 vectors.
+
+    In eval the conv bias is folded into the mean, so that z*scale + shift is BN(z + bias).
+    """
+    if training:
+        mean, var = ops.bn_stats(z, upscale)
+    else:
         acc = ops.acc_dtype(z.dtype)
-        if training:
-            mean, var = ops.bn_stats(z, upscale)
-            invstd = torch.rsqrt(var + eps)
-        else:
-            mean, invstd = _eval_stats(running_mean, running_var, conv_bias, eps, acc)
-            var = None
-        scale, shift = _bn_scale_shift(gamma, beta, mean, invstd)
-        return mean, var, invstd, scale, shift
-
-    @staticmethod
-    def backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bias, training, upscale):
-        """dz, dgamma, dbeta, dconv_bias of one BN+ReLU(+pool) layer."""
-        sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
-        if training:
-            dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale)
-            dbias = None if conv_bias is None else torch.zeros_like(conv_bias)
-        else:
-            zero = torch.zeros_like(sum_dy)
-            dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, zero, zero, upscale)
-            dbias = None if conv_bias is None else (scale * sum_dy).to(conv_bias.dtype)
-        return dz, sum_dy_xmu * invstd, sum_dy, dbias
+        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        if conv_bias is not None:
+            mean = mean - conv_bias.to(acc)
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = bn.gamma.to(mean.dtype) * invstd
+    return mean, var, invstd, scale, bn.beta.to(mean.dtype) - mean * scale
 
 
-def _exact_bn(z, gamma, beta, running_mean, running_var, training, momentum, eps):
+def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bias, training, upscale):
+    """(dz, dgamma, dbeta, dconv_bias) of one fast-mode BN + ReLU (+ max-pool) layer."""
+    sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
+    if training:
+        dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale)
+        dbias = None if conv_bias is None else torch.zeros_like(conv_bias)
+    else:
+        zero = torch.zeros_like(sum_dy)
+        dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, zero, zero, upscale)
+        dbias = None if conv_bias is None else scale * sum_dy
+    return dz, sum_dy_xmu * invstd, sum_dy, dbias
+
+
+def _batch_stats(mean, var, conv_bias):
+    """Mean of the biased conv output and biased variance, for the caller's running-stats update."""
+    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), var
+
+
+def _fold_bn(conv_bias, bn):
+    """Eval BN folded into the conv before it: per-channel (weight scale, bias), float32."""
+    scale = bn.gamma.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    bias = 0.0 if conv_bias is None else conv_bias.float()
+    return scale, bn.beta.float() + (bias - bn.running_mean.float()) * scale
+
+
+def _exact_bn(z, bn, training):
     """ATen's own BN call (the one F.batch_norm makes): output and what its backward needs."""
     t, save_mean, save_invstd, reserve, impl = _aten._batch_norm_impl_index(
-        z, gamma, beta, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled
+        z, bn.gamma, bn.beta, bn.running_mean, bn.running_var, training, bn.momentum, bn.eps,
+        torch.backends.cudnn.enabled,
     )
-    return t, (save_mean, save_invstd, reserve, impl)
+    return t, (save_mean, save_invstd, reserve), impl
 
 
-def _exact_bn_backward(dy, z, gamma, running_mean, running_var, saved, training, eps, mask):
-    save_mean, save_invstd, reserve, impl = saved
+def _exact_bn_backward(dy, z, gamma, running_mean, running_var, saved, impl, training, eps, mask):
+    """The backward autograd runs for _batch_norm_impl_index: (dz, dgamma, dbeta)."""
+    save_mean, save_invstd, reserve = saved
     if training:
         return _aten._batch_norm_impl_index_backward(
             impl, z, dy, gamma, running_mean, running_var, save_mean, save_invstd, True, eps, mask, reserve
@@ -135,9 +161,29 @@ def _exact_bn_backward(dy, z, gamma, running_mean, running_var, saved, training,
     return _aten.native_batch_norm_backward(dy, z, gamma, running_mean, running_var, save_mean, save_invstd, False, eps, mask)
 
 
-def _identity_affine(c, like):
-    acc = ops.acc_dtype(like.dtype)
-    return torch.ones(c, dtype=acc, device=like.device), torch.zeros(c, dtype=acc, device=like.device)
+def _relu_pool_exact(t, out, pooled=None):
+    """ReLU (+ max-pool) of ATen's BN output, written into ``out``: the fused op with scale 1, shift 0."""
+    c = t.shape[1]
+    ops.bn_relu_pool(t, _vec(1.0, c, t), _vec(0.0, c, t), 1, out, pooled)
+
+
+def _relu_pool_exact_backward(grad, grad_pooled, t):
+    c = t.shape[1]
+    return ops.relu_pool_backward(grad, grad_pooled, t, _vec(1.0, c, t), _vec(0.0, c, t), 1)
+
+
+def _block_outputs(z, cat_channels, pool):
+    """A block's output buffer (with room for the up block's channels), its written slice, the pool."""
+    n, c, h, w = z.shape
+    buf = _empty((n, c + cat_channels, h, w), z)
+    out = buf.narrow(1, 0, c) if cat_channels else buf
+    pooled = _empty((n, c, h // 2, w // 2), z) if pool else None
+    return buf, out, pooled
+
+
+# ----------------------------------------------------------------------------------------------------
+# Double block
+# ----------------------------------------------------------------------------------------------------
 
 
 class DoubleConvBNReLU(torch.autograd.Function):
@@ -146,122 +192,183 @@ class DoubleConvBNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, g1, be1, w2, b2, g2, be2, rm1, rv1, rm2, rv2,
                 momentum1, momentum2, eps1, eps2, training, exact, fold, cat_channels, pool):
-        device_type = x.device.type
-        cast = _autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
+        bn1 = _BN(g1, be1, rm1, rv1, momentum1, eps1)
+        bn2 = _BN(g2, be2, rm2, rv2, momentum2, eps2)
+        cast = _autocast_dtype(x.device.type)
+        ctx.cfg = (training, exact, pool, eps1, eps2)
+        ctx.bn_dtypes = (g1.dtype, g2.dtype)
+        with torch.autocast(x.device.type, enabled=False):
             xc, w1c, w2c = _cast(x, cast), _cast(w1, cast), _cast(w2, cast)
-            c2 = w2.shape[0]
-            ctx.cfg = (training, exact, cat_channels, pool, eps1, eps2)
             if exact:
-                b1c, b2c = _cast(b1, cast), _cast(b2, cast)
-                z1 = _aten.convolution(xc, w1c, b1c, *_CONV_ARGS)
-                t1, bn1 = _exact_bn(z1, g1, be1, rm1, rv1, training, momentum1, eps1)
-                one, zero = _identity_affine(t1.shape[1], t1)
+                z1 = _conv(xc, w1c, _cast(b1, cast))
+                t1, saved1, impl1 = _exact_bn(z1, bn1, training)
                 a1 = torch.empty_like(t1)
-                ops.bn_relu_pool(t1, one, zero, 1, a1, None)
+                _relu_pool_exact(t1, a1)
                 del t1
-                z2 = _aten.convolution(a1, w2c, b2c, *_CONV_ARGS)
-                t2, bn2 = _exact_bn(z2, g2, be2, rm2, rv2, training, momentum2, eps2)
-                buf, out, pooled = _block_outputs(t2, cat_channels, pool)
-                ops.bn_relu_pool(t2, one[:c2] if c2 <= one.numel() else _identity_affine(c2, t2)[0],
-                                 _identity_affine(c2, t2)[1], 1, out, pooled)
-                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, w2, w2c, b2, z2, t2, g2, rm2, rv2,
-                                      *bn1[:3], *bn2[:3])
-                ctx.impl = (bn1[3], bn2[3])
+                z2 = _conv(a1, w2c, _cast(b2, cast))
+                t2, saved2, impl2 = _exact_bn(z2, bn2, training)
+                buf, out, pooled = _block_outputs(z2, cat_channels, pool)
+                _relu_pool_exact(t2, out, pooled)
+                ctx.impl = (impl1, impl2)
+                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, *saved1,
+                                      w2, w2c, b2, z2, t2, g2, rm2, rv2, *saved2)
+                stats = ()
+            elif fold:
+                scale1, shift1 = _fold_bn(b1, bn1)
+                z1 = _conv(xc, (w1.float() * scale1.view(-1, 1, 1, 1)).to(w1c.dtype), None)
+                a1 = torch.empty_like(z1)
+                ops.bn_relu_pool(z1, torch.ones_like(shift1), shift1, 1, a1, None)
+                scale2, shift2 = _fold_bn(b2, bn2)
+                z2 = _conv(a1, (w2.float() * scale2.view(-1, 1, 1, 1)).to(w2c.dtype), None)
+                buf, out, pooled = _block_outputs(z2, cat_channels, pool)
+                ops.bn_relu_pool(z2, torch.ones_like(shift2), shift2, 1, out, pooled)
                 stats = ()
             else:
-                z1 = _aten.convolution(xc, w1c, None, *_CONV_ARGS)
-                if fold:
-                    return _folded_forward(z1, x, xc, w1c, b1, g1, be1, rm1, rv1, eps1, w2c, b2, g2, be2, rm2, rv2,
-                                           eps2, cat_channels, pool)
-                m1, v1, i1, s1, h1 = _FastLayer.bn(z1, g1, be1, b1, rm1, rv1, eps1, training, 1)
+                z1 = _conv(xc, w1c, None)
+                m1, v1, i1, s1, h1 = _fast_bn(z1, bn1, b1, training, 1)
                 a1 = torch.empty_like(z1)
                 ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
-                z2 = _aten.convolution(a1, w2c, None, *_CONV_ARGS)
+                z2 = _conv(a1, w2c, None)
                 del a1  # recomputed from z1 in backward
-                m2, v2, i2, s2, h2 = _FastLayer.bn(z2, g2, be2, b2, rm2, rv2, eps2, training, 1)
+                m2, v2, i2, s2, h2 = _fast_bn(z2, bn2, b2, training, 1)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 ops.bn_relu_pool(z2, s2, h2, 1, out, pooled)
-                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, w2, w2c, b2, z2, m1, i1, s1, h1, m2, i2, s2, h2)
-                stats = _running_stats_update(training, m1, v1, b1, m2, v2, b2)
+                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2)
+                stats = (*_batch_stats(m1, v1, b1), *_batch_stats(m2, v2, b2)) if training else ()
         ctx.mark_non_differentiable(*stats)
-        if pooled is None:
-            return (buf, *stats)
-        return (buf, pooled, *stats)
+        return (buf, pooled, *stats) if pool else (buf, *stats)
 
     @staticmethod
-    def backward(ctx, grad_buf, *grads):
-        training, exact, cat_channels, pool, eps1, eps2 = ctx.cfg
-        grad_pooled = grads[0] if pool else None
-        saved = ctx.saved_tensors
+    def backward(ctx, grad_buf, *more):
+        training, exact, pool, eps1, eps2 = ctx.cfg
+        grad_pooled = more[0] if pool else None
         need = ctx.needs_input_grad
         with torch.autocast(grad_buf.device.type, enabled=False):
             if exact:
-                (x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, w2, w2c, b2, z2, t2, g2, rm2, rv2,
-                 sm1, si1, r1, sm2, si2, r2) = saved
-                c2 = z2.shape[1]
-                grad_out = grad_buf.narrow(1, 0, c2)
-                one, zero = _identity_affine(c2, t2)
-                dy2 = ops.relu_pool_backward(grad_out, grad_pooled, t2, one, zero, 1)
-                dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, g2, rm2, rv2, (sm2, si2, r2, ctx.impl[1]), training, eps2,
+                (x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, sm1, si1, r1,
+                 w2, w2c, b2, z2, t2, g2, rm2, rv2, sm2, si2, r2) = ctx.saved_tensors
+                grad_out = grad_buf.narrow(1, 0, z2.shape[1])
+                dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
+                dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, g2, rm2, rv2, (sm2, si2, r2), ctx.impl[1], training, eps2,
                                                     [True, need[7], need[8]])
-                da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [c2], *_CONV_ARGS, [True, need[5], need[6]])
-                one1, zero1 = _identity_affine(a1.shape[1], a1)
-                dy1 = ops.relu_pool_backward(da1, None, a1, one1, zero1, 1)
-                dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, g1, rm1, rv1, (sm1, si1, r1, ctx.impl[0]), training, eps1,
+                da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2.shape[0]], *_CONV_ARGS,
+                                                           [True, need[5], need[6]])
+                dy1 = _relu_pool_exact_backward(da1, None, a1)
+                dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, g1, rm1, rv1, (sm1, si1, r1), ctx.impl[0], training, eps1,
                                                     [True, need[3], need[4]])
                 dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1.shape[0]], *_CONV_ARGS,
                                                           [need[0], need[1], need[2]])
             else:
-                x, xc, w1, w1c, b1, z1, w2, w2c, b2, z2, m1, i1, s1, h1, m2, i2, s2, h2 = saved
-                c2 = z2.shape[1]
-                grad_out = grad_buf.narrow(1, 0, c2)
-                dz2, dg2, dbe2, db2 = _FastLayer.backward(grad_out, grad_pooled, z2, m2, i2, s2, h2, b2, training, 1)
+                x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2 = ctx.saved_tensors
+                grad_out = grad_buf.narrow(1, 0, z2.shape[1])
+                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, m2, i2, s2, h2, b2, training, 1)
                 a1 = torch.empty_like(z1)
                 ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
                 da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[5], False])
                 del a1
-                dz1, dg1, dbe1, db1 = _FastLayer.backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1)
+                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1)
                 dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
-        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), dg1, dbe1,
-                _grad_as(dw2, w2), _grad_as(db2, b2), dg2, dbe2) + (None,) * 13
+        bn1_dtype, bn2_dtype = ctx.bn_dtypes
+        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, bn1_dtype), _grad_as(dbe1, bn1_dtype),
+                _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, bn2_dtype), _grad_as(dbe2, bn2_dtype)) + (None,) * 13
 
 
-def _block_outputs(z, cat_channels, pool):
-    """The block's output buffer (with room for the up block's channels), its written slice, the pool."""
-    n, c, h, w = z.shape
-    buf = _empty_like_format((n, c + cat_channels, h, w), z)
-    out = buf.narrow(1, 0, c) if cat_channels else buf
-    pooled = _empty_like_format((n, c, h // 2, w // 2), z) if pool else None
-    return buf, out, pooled
+def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fold=False, cat_channels=0,
+                        pool=False):
+    """(conv3x3 + BN + ReLU) x 2 over ``x`` ``[N, Cin, H, W]`` (float32/bfloat16/float16, NCHW or NHWC).
+
+    conv1/conv2 are ``(weight, bias)`` pairs, bn1/bn2 ``_BN``-like tuples ``(gamma, beta, running_mean,
+    running_var, momentum, eps)``. Returns ``(buf, pooled, batch_stats)``: ``buf`` is ``[N, Cout +
+    cat_channels, H, W]`` whose first Cout channels hold the block output (the rest is for
+    upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None, and
+    ``batch_stats`` the fast-mode training ``(mean1, var1, mean2, var2)`` (empty otherwise).
+    """
+    outs = DoubleConvBNReLU.apply(x, *conv1, *bn1[:2], *conv2, *bn2[:2], *bn1[2:4], *bn2[2:4],
+                                  bn1[4], bn2[4], bn1[5], bn2[5], training, exact, fold, cat_channels, pool)
+    if pool:
+        return outs[0], outs[1], outs[2:]
+    return outs[0], None, outs[1:]
 
 
-def _running_stats_update(training, m1, v1, b1, m2, v2, b2):
-    """Batch mean (of the biased conv output) and biased variance of both layers, for the running stats."""
-    if not training:
-        return ()
-    shift = lambda m, b: m if b is None else m + b.to(m.dtype)  # noqa: E731
-    return shift(m1, b1), v1, shift(m2, b2), v2
+# ----------------------------------------------------------------------------------------------------
+# Up block
+# ----------------------------------------------------------------------------------------------------
 
 
-def _fold(w, b, gamma, beta, rm, rv, eps):
-    """Eval BN folded into a conv: (weight scale per output channel, bias), float32."""
-    scale = gamma.float() * torch.rsqrt(rv.float() + eps)
-    bias = beta.float() + ((b.float() if b is not None else 0.0) - rm.float()) * scale
-    return scale, bias
+class UpsampleConvCat(torch.autograd.Function):
+    """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat."""
+
+    @staticmethod
+    def forward(ctx, d, buf, w, b, g, be, rm, rv, momentum, eps, training, exact, fold):
+        bn = _BN(g, be, rm, rv, momentum, eps)
+        cast = _autocast_dtype(d.device.type)
+        cout = w.shape[0]
+        cskip = buf.shape[1] - cout
+        out = buf.narrow(1, cskip, cout)
+        ctx.cfg = (training, exact, eps, cskip)
+        ctx.bn_dtype = g.dtype
+        with torch.autocast(d.device.type, enabled=False):
+            dc, wc = _cast(d, cast), _cast(w, cast)
+            if exact:
+                u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
+                z = _conv(u, wc, _cast(b, cast))
+                del u  # recomputed in backward: an exact copy
+                t, saved, ctx.impl = _exact_bn(z, bn, training)
+                _relu_pool_exact(t, out)
+                ctx.save_for_backward(d, dc, w, wc, b, z, t, g, rm, rv, *saved)
+                stats = ()
+            elif fold:
+                scale, shift = _fold_bn(b, bn)
+                w4 = phase_weights(w) * scale.repeat(4).view(-1, 1, 1, 1)
+                z4 = _conv(dc, w4.to(wc.dtype), None)
+                ops.bn_relu_pool(z4, torch.ones_like(shift), shift, 2, out, None)
+                stats = ()
+            else:
+                w4 = phase_weights(w).to(wc.dtype)
+                z4 = _conv(dc, w4, None)
+                m, v, i, s, h = _fast_bn(z4, bn, b, training, 2)
+                ops.bn_relu_pool(z4, s, h, 2, out, None)
+                ctx.save_for_backward(d, dc, w, w4, b, z4, m, i, s, h)
+                stats = _batch_stats(m, v, b) if training else ()
+        ctx.mark_dirty(buf)
+        ctx.mark_non_differentiable(*stats)
+        return (buf, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_buf, *unused_stat_grads):
+        training, exact, eps, cskip = ctx.cfg
+        need = ctx.needs_input_grad
+        with torch.autocast(grad_buf.device.type, enabled=False):
+            if exact:
+                d, dc, w, wc, b, z, t, g, rm, rv, *saved = ctx.saved_tensors
+                grad_out = grad_buf.narrow(1, cskip, w.shape[0])
+                dy = _relu_pool_exact_backward(grad_out, None, t)
+                dz, dg, dbe = _exact_bn_backward(dy, z, g, rm, rv, saved, ctx.impl, training, eps, [True, need[4], need[5]])
+                u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
+                du, dw, db = _aten.convolution_backward(dz, u, wc, [w.shape[0]], *_CONV_ARGS, [need[0], need[2], need[3]])
+                dd = None
+                if du is not None:
+                    dd = _aten.upsample_nearest2d_backward(du, list(u.shape[2:]), list(dc.shape), 2.0, 2.0)
+            else:
+                d, dc, w, w4, b, z4, m, i, s, h = ctx.saved_tensors
+                cout = w.shape[0]
+                grad_out = grad_buf.narrow(1, cskip, cout)
+                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, m, i, s, h, b, training, 2)
+                dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
+                dw = None if dw4 is None else phase_weights_backward(dw4, cout)
+        # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
+        # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
+        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, ctx.bn_dtype), _grad_as(dbe, ctx.bn_dtype),
+                None, None, None, None, None, None, None)
 
 
-def _folded_forward(z1_unused, x, xc, w1c, b1, g1, be1, rm1, rv1, eps1, w2c, b2, g2, be2, rm2, rv2, eps2,
-                    cat_channels, pool):
-    """Inference: both BNs folded into their convs; bias + ReLU (+pool, concat write) in one pass each."""
-    del z1_unused
-    s1, t1 = _fold(w1c, b1, g1, be1, rm1, rv1, eps1)
-    z1 = _aten.convolution(xc, (w1c.float() * s1.view(-1, 1, 1, 1)).to(w1c.dtype), None, *_CONV_ARGS)
-    one = torch.ones_like(t1, dtype=ops.acc_dtype(z1.dtype))
-    a1 = torch.empty_like(z1)
-    ops.bn_relu_pool(z1, one, t1.to(one.dtype), 1, a1, None)
-    s2, t2 = _fold(w2c, b2, g2, be2, rm2, rv2, eps2)
-    z2 = _aten.convolution(a1, (w2c.float() * s2.view(-1, 1, 1, 1)).to(w2c.dtype), None, *_CONV_ARGS)
-    buf, out, pooled = _block_outputs(z2, cat_channels, pool)
-    ops.bn_relu_pool(z2, torch.ones_like(t2, dtype=one.dtype), t2.to(one.dtype), 1, out, pooled)
-    return buf if pooled is None else (buf, pooled)
+def upsample_conv_cat(d, buf, conv, bn, *, training, exact=False, fold=False):
+    """Up block: writes ``relu(BN(conv3x3(upsample2x(d))))`` into ``buf[:, Cskip:]`` in place.
+
+    d: ``[N, Cin, h, w]``; buf: ``[N, Cskip + Cout, 2h, 2w]`` of the block's activation dtype whose
+    first Cskip channels hold the skip (written by double_conv_bn_relu with cat_channels=Cout); conv is
+    ``(weight [Cout, Cin, 3, 3], bias)``, bn ``(gamma, beta, running_mean, running_var, momentum, eps)``.
+    Returns ``(buf, batch_stats)`` with ``batch_stats`` = fast-mode training ``(mean, var)`` or empty.
+    """
+    outs = UpsampleConvCat.apply(d, buf, *conv, *bn, training, exact, fold)
+    return outs[0], outs[1:]

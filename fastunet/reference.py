@@ -45,27 +45,31 @@ class up_conv(nn.Module):
 class U_Net(nn.Module):
     """U-Net, five levels 64-128-256-512-1024: ``[N, img_ch, H, W] -> [N, output_ch, H, W]`` (H, W % 16 == 0)."""
 
+    # The block classes; fastunet.U_Net swaps in its fused ones (same parameters, same init order).
+    block_types = (conv_block, up_conv)
+
     def __init__(self, img_ch=3, output_ch=1):
         super().__init__()
         self.Maxpool = nn.MaxPool2d(kernel_size=2, stride=2)
 
-        self.Conv1 = conv_block(ch_in=img_ch, ch_out=64)
-        self.Conv2 = conv_block(ch_in=64, ch_out=128)
-        self.Conv3 = conv_block(ch_in=128, ch_out=256)
-        self.Conv4 = conv_block(ch_in=256, ch_out=512)
-        self.Conv5 = conv_block(ch_in=512, ch_out=1024)
+        conv_block_t, up_conv_t = self.block_types
+        self.Conv1 = conv_block_t(ch_in=img_ch, ch_out=64)
+        self.Conv2 = conv_block_t(ch_in=64, ch_out=128)
+        self.Conv3 = conv_block_t(ch_in=128, ch_out=256)
+        self.Conv4 = conv_block_t(ch_in=256, ch_out=512)
+        self.Conv5 = conv_block_t(ch_in=512, ch_out=1024)
 
-        self.Up5 = up_conv(ch_in=1024, ch_out=512)
-        self.Up_conv5 = conv_block(ch_in=1024, ch_out=512)
+        self.Up5 = up_conv_t(ch_in=1024, ch_out=512)
+        self.Up_conv5 = conv_block_t(ch_in=1024, ch_out=512)
 
-        self.Up4 = up_conv(ch_in=512, ch_out=256)
-        self.Up_conv4 = conv_block(ch_in=512, ch_out=256)
+        self.Up4 = up_conv_t(ch_in=512, ch_out=256)
+        self.Up_conv4 = conv_block_t(ch_in=512, ch_out=256)
 
-        self.Up3 = up_conv(ch_in=256, ch_out=128)
-        self.Up_conv3 = conv_block(ch_in=256, ch_out=128)
+        self.Up3 = up_conv_t(ch_in=256, ch_out=128)
+        self.Up_conv3 = conv_block_t(ch_in=256, ch_out=128)
 
-        self.Up2 = up_conv(ch_in=128, ch_out=64)
-        self.Up_conv2 = conv_block(ch_in=128, ch_out=64)
+        self.Up2 = up_conv_t(ch_in=128, ch_out=64)
+        self.Up_conv2 = conv_block_t(ch_in=128, ch_out=64)
 
         self.Conv_1x1 = nn.Conv2d(64, output_ch, kernel_size=1, stride=1, padding=0)
 

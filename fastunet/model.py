@@ -1,0 +1,215 @@
+"""fastunet.U_Net: the seed U-Net's module tree and parameters, with a forward through the fused blocks.
+
+The submodules are the seed's (``nn.Sequential`` of ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.ReLU``), so
+``state_dict`` keys, parameter initialisation, ``init_weights``-style visitors and ``.to()`` behave as on
+the reference; only ``forward`` differs. Where a fused kernel does not apply (float64, a non-default
+BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same modules.
+"""
+
+import torch
+import torch.nn as nn
+
+from . import functional
+from . import reference
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bn_call_args(bn):
+    """BN tensors and the momentum factor for this call, as nn.BatchNorm2d computes them (and counts)."""
+    factor = 0.0
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps)
+
+
+def _update_running_stats(bn, batch_mean, batch_var, count, factor):
+    """Fast mode: the running-stats update nn.BatchNorm2d makes (unbiased variance)."""
+    with torch.no_grad():
+        bn.running_mean.mul_(1.0 - factor).add_(batch_mean.to(bn.running_mean.dtype), alpha=factor)
+        unbiased = batch_var * (count / max(count - 1, 1))
+        bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _fusable_bn(bn):
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+
+
+def _fusable_conv(conv):
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+class conv_block(reference.conv_block):
+    """(Conv3x3 + BN + ReLU) x 2 through the fused double block: ``[N, ch_in, H, W] -> [N, ch_out, H, W]``.
+
+    ``forward(x)`` returns what the seed's conv_block returns. The U-Net calls it with ``cat_channels``
+    (the output lands in the first ch_out channels of a ``[N, ch_out + cat_channels, H, W]`` buffer)
+    and ``pool`` (also returns the 2x2 max-pool), see fastunet.functional.double_conv_bn_relu.
+    """
+
+    def __init__(self, ch_in, ch_out):
+        super().__init__(ch_in, ch_out)
+        self.exact = False
+
+    def fusable(self):
+        c1, b1, _, c2, b2, _ = self.conv
+        return _fusable_conv(c1) and _fusable_conv(c2) and _fusable_bn(b1) and _fusable_bn(b2)
+
+    def forward(self, x, cat_channels=0, pool=False, fold=False):
+        if not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0:
+            return _unfused_block(self.conv(x), cat_channels, pool)
+        c1, b1, _, c2, b2, _ = self.conv
+        bn1, bn2 = _bn_call_args(b1), _bn_call_args(b2)
+        buf, pooled, stats = functional.double_conv_bn_relu(
+            x, (c1.weight, c1.bias), bn1, (c2.weight, c2.bias), bn2, training=self.training, exact=self.exact,
+            fold=fold, cat_channels=cat_channels, pool=pool,
+        )
+        if stats:
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            _update_running_stats(b1, stats[0], stats[1], count, bn1[4])
+            _update_running_stats(b2, stats[2], stats[3], count, bn2[4])
+        return (buf, pooled) if pool else buf
+
+
+class up_conv(reference.up_conv):
+    """Nearest upsample x2 + Conv3x3 + BN + ReLU through the fused up block: ``[N, ch_in, h, w] -> [N, ch_out, 2h, 2w]``.
+
+    ``forward(x)`` returns what the seed's up_conv returns; ``forward(x, buf)`` writes the result into
+    the channels after the skip in the concat buffer ``buf`` and returns ``buf`` (= torch.cat((skip, up), 1)).
+    """
+
+    def __init__(self, ch_in, ch_out):
+        super().__init__(ch_in, ch_out)
+        self.exact = False
+
+    @property
+    def out_channels(self):
+        return self.up[1].out_channels
+
+    def fusable(self):
+        up, conv, bn, _ = self.up
+        return (type(up) is nn.Upsample and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0))
+                and _fusable_conv(conv) and _fusable_bn(bn))
+
+    def forward(self, x, buf=None, fold=False):
+        if buf is None:
+            n, _, h, w = x.shape
+            buf = x.new_empty((n, 0, 2 * h, 2 * w))
+        if not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0:
+            return torch.cat((buf, self.up(x)), dim=1)
+        _, conv, bn, _ = self.up
+        bn_args = _bn_call_args(bn)
+        if buf.shape[1] == 0:
+            buf = _empty_buffer(x, self.out_channels, buf, conv.weight)
+        buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
+                                                  exact=self.exact, fold=fold)
+        if stats:
+            _update_running_stats(bn, stats[0], stats[1], x.shape[0] * 4 * x.shape[2] * x.shape[3], bn_args[4])
+        return buf
+
+
+def _empty_buffer(x, channels, like_spatial, weight):
+    """A fresh output buffer for a standalone up_conv call (no skip channels), in the conv output's dtype."""
+    dtype = functional._autocast_dtype(x.device.type) or x.dtype
+    if dtype == torch.float64:
+        dtype = x.dtype
+    n, _, h, w = like_spatial.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+        and not x.is_contiguous() else torch.contiguous_format
+    return torch.empty((n, channels, h, w), dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def _unfused_block(y, cat_channels, pool):
+    """The pure-PyTorch path's output in the fused path's shape: padded buffer and pool as asked."""
+    buf = y
+    if cat_channels:
+        buf = torch.cat((y, y.new_empty((y.shape[0], cat_channels, *y.shape[2:]))), dim=1)
+    if pool:
+        return buf, nn.functional.max_pool2d(y, 2, 2)
+    return buf
+
+
+class U_Net(reference.U_Net):
+    """Drop-in fastunet replacement of the seed's U-Net: ``[N, img_ch, H, W] -> [N, output_ch, H, W]``.
+
+    Same positional signature, parameters, buffers, ``state_dict`` keys and BatchNorm semantics as
+    ``fastunet.reference.U_Net``; H and W must be multiples of 16. ``exact=True`` makes the forward and
+    every gradient and BN buffer bit-identical to the reference on the same device and dtype; the default
+    fast mode re-associates arithmetic (sub-pixel up-conv, own BN, BN folded into the convs in inference)
+    and stays within 2x of the reference's float32 error against a float64 run.
+    Input: float32, or bfloat16/float16 under autocast or with a model converted by ``.to(dtype)``;
+    NCHW or channels_last. float64 runs the pure-PyTorch path (so gradcheck works).
+    """
+
+    block_types = (conv_block, up_conv)
+
+    def __init__(self, img_ch=3, output_ch=1, *, exact=False):
+        super().__init__(img_ch, output_ch)
+        self.img_ch, self.output_ch = img_ch, output_ch
+        self.exact = exact
+
+    @property
+    def exact(self):
+        return self._exact
+
+    @exact.setter
+    def exact(self, value):
+        self._exact = bool(value)
+        for m in self.modules():
+            if isinstance(m, (conv_block, up_conv)):
+                m.exact = self._exact
+
+    def forward(self, x):
+        _check_input(x, self.img_ch, self.Conv_1x1.weight)
+        if self.training:
+            _check_bn_batch(x)
+        fold = not self.training and not self.exact and not self._grad_needed(x)
+        x1, p = self.Conv1(x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
+        x2, p = self.Conv2(p, cat_channels=self.Up3.out_channels, pool=True, fold=fold)
+        x3, p = self.Conv3(p, cat_channels=self.Up4.out_channels, pool=True, fold=fold)
+        x4, p = self.Conv4(p, cat_channels=self.Up5.out_channels, pool=True, fold=fold)
+        d = self.Conv5(p, fold=fold)
+        d = self.Up_conv5(self.Up5(d, x4, fold=fold), fold=fold)
+        d = self.Up_conv4(self.Up4(d, x3, fold=fold), fold=fold)
+        d = self.Up_conv3(self.Up3(d, x2, fold=fold), fold=fold)
+        d = self.Up_conv2(self.Up2(d, x1, fold=fold), fold=fold)
+        return self.Conv_1x1(d)
+
+    def _grad_needed(self, x):
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+
+def _check_input(x, img_ch, param):
+    """Clear errors for inputs the U-Net cannot take (the reference fails deep inside, or silently)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastunet.U_Net expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fastunet.U_Net expects a 4-D input [N, C, H, W], got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}" + (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""))
+    if not x.is_floating_point():
+        raise TypeError(f"fastunet.U_Net expects a floating-point input (float32, bfloat16, float16 or float64), "
+                        f"got {x.dtype}; convert it, e.g. x.float()")
+    if x.shape[1] != img_ch:
+        raise ValueError(f"fastunet.U_Net was built with img_ch={img_ch} but the input has {x.shape[1]} channels "
+                         f"(shape {tuple(x.shape)})")
+    h, w = x.shape[2], x.shape[3]
+    if h % 16 or w % 16:
+        raise ValueError(f"fastunet.U_Net needs H and W that are multiples of 16 (four 2x2 poolings, and the skip "
+                         f"concatenations must line up); got {h}x{w}. Pad or resize the input, e.g. to "
+                         f"{-(-h // 16) * 16}x{-(-w // 16) * 16}")
+    if x.device != param.device:
+        raise RuntimeError(f"fastunet.U_Net: the input is on {x.device} but the model's parameters are on "
+                           f"{param.device}; move one of them with .to()")
+
+
+def _check_bn_batch(x):
+    """nn.BatchNorm2d's error for a training batch with one value per channel (the 1x1 bottleneck)."""
+    n, _, h, w = x.shape
+    if n * (h // 16) * (w // 16) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size([n, 1024, h // 16, w // 16])}")
