@@ -15,7 +15,10 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// Rows of a channel are summed on their own and then combined, which keeps float sums accurate.
+// Per-channel reductions on the CPU accumulate in double, as ATen's CPU BatchNorm does; rows of a channel
+// are reduced on their own and then combined.
+using cpu_sum_t = double;
+
 template <typename F>
 void for_each_row_of_channel(const Geom& g, int64_t c, F&& row_fn) {
   for (int64_t n = 0; n < g.N; ++n)
@@ -35,14 +38,14 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& z, int64_t upscale) {
     acc_t* vp = var.mutable_data_ptr<acc_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        Welford<acc_t> total{};
+        Welford<cpu_sum_t> total{};
         for_each_row_of_channel(g, c, [&](int64_t n, int64_t cc, int64_t Y) {
-          Welford<acc_t> row{};
-          for (int64_t X = 0; X < g.out_w(); ++X) row.push(static_cast<acc_t>(zp[g.z_offset(zs, n, cc, Y, X)]));
+          Welford<cpu_sum_t> row{};
+          for (int64_t X = 0; X < g.out_w(); ++X) row.push(static_cast<cpu_sum_t>(zp[g.z_offset(zs, n, cc, Y, X)]));
           total.merge(row);
         });
-        mp[c] = total.mean;
-        vp[c] = total.var_biased();
+        mp[c] = static_cast<acc_t>(total.mean);
+        vp[c] = static_cast<acc_t>(total.var_biased());
       }
     });
   });
@@ -147,19 +150,19 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cpu(const Tensor& grad, const
     acc_t* s2 = sum_dy_xmu.mutable_data_ptr<acc_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        acc_t t1 = 0, t2 = 0;
+        cpu_sum_t t1 = 0, t2 = 0;
         for_each_row_of_channel(g, c, [&](int64_t n, int64_t cc, int64_t Y) {
-          acc_t r1 = 0, r2 = 0;
+          cpu_sum_t r1 = 0, r2 = 0;
           for (int64_t X = 0; X < g.out_w(); ++X) {
-            const acc_t d = relu_pool_dy<scalar_t, acc_t>(zp, zs, gp, gs, pp, ps, g, n, cc, Y, X, sc[cc], sh[cc]);
+            const cpu_sum_t d = relu_pool_dy<scalar_t, acc_t>(zp, zs, gp, gs, pp, ps, g, n, cc, Y, X, sc[cc], sh[cc]);
             r1 += d;
-            r2 += d * (static_cast<acc_t>(zp[g.z_offset(zs, n, cc, Y, X)]) - mp[cc]);
+            r2 += d * (static_cast<cpu_sum_t>(zp[g.z_offset(zs, n, cc, Y, X)]) - static_cast<cpu_sum_t>(mp[cc]));
           }
           t1 += r1;
           t2 += r2;
         });
-        s1[c] = t1;
-        s2[c] = t2;
+        s1[c] = static_cast<acc_t>(t1);
+        s2[c] = static_cast<acc_t>(t2);
       }
     });
   });

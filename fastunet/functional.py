@@ -34,20 +34,22 @@ _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 
 
 def phase_weights(w):
-    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32.
+    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32 (float64 stays).
 
     ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
     ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
     """
-    p = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)
+    acc = ops.acc_dtype(w.dtype)
+    p = torch.tensor(_PHASE_TAPS, dtype=acc, device=w.device)
     o, i = w.shape[:2]
-    return torch.einsum("ayd,bxe,oide->aboiyx", p, p, w.float()).reshape(4 * o, i, 2, 2)
+    return torch.einsum("ayd,bxe,oide->aboiyx", p, p, w.to(acc)).reshape(4 * o, i, 2, 2)
 
 
 def phase_weights_backward(dw4, out_channels):
-    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]``, float32."""
-    p = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=dw4.device)
-    d6 = dw4.float().reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
+    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]``, float32 (float64 stays)."""
+    acc = ops.acc_dtype(dw4.dtype)
+    p = torch.tensor(_PHASE_TAPS, dtype=acc, device=dw4.device)
+    d6 = dw4.to(acc).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
     return torch.einsum("ayd,bxe,aboiyx->oide", p, p, d6)
 
 
@@ -87,6 +89,28 @@ def _vec(value, c, like):
 
 def _conv(x, w, b):
     return _aten.convolution(x, w, b, *_CONV_ARGS)
+
+
+class _InferenceCtx:
+    """Stands in for an autograd ctx where no gradient is needed: the Functions' forward runs as is."""
+
+    needs_input_grad = ()
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_dirty(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def _apply(function, *args):
+    """function.apply(*args), or its forward alone when autograd has nothing to record."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return function.apply(*args)
+    return function.forward(_InferenceCtx(), *args)
 
 
 class _BN:
@@ -283,7 +307,7 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fol
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None, and
     ``batch_stats`` the fast-mode training ``(mean1, var1, mean2, var2)`` (empty otherwise).
     """
-    outs = DoubleConvBNReLU.apply(x, *conv1, *bn1[:2], *conv2, *bn2[:2], *bn1[2:4], *bn2[2:4],
+    outs = _apply(DoubleConvBNReLU, x, *conv1, *bn1[:2], *conv2, *bn2[:2], *bn1[2:4], *bn2[2:4],
                                   bn1[4], bn2[4], bn1[5], bn2[5], training, exact, fold, cat_channels, pool)
     if pool:
         return outs[0], outs[1], outs[2:]
@@ -370,5 +394,5 @@ def upsample_conv_cat(d, buf, conv, bn, *, training, exact=False, fold=False):
     ``(weight [Cout, Cin, 3, 3], bias)``, bn ``(gamma, beta, running_mean, running_var, momentum, eps)``.
     Returns ``(buf, batch_stats)`` with ``batch_stats`` = fast-mode training ``(mean, var)`` or empty.
     """
-    outs = UpsampleConvCat.apply(d, buf, *conv, *bn, training, exact, fold)
+    outs = _apply(UpsampleConvCat, d, buf, *conv, *bn, training, exact, fold)
     return outs[0], outs[1:]

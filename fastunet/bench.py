@@ -1,0 +1,488 @@
+"""Benchmarks the reference U-Net (eager, torch.compile) against fastunet (exact, fast) on one device.
+
+``python -m fastunet.bench`` prints, for each configuration, the training-step time (forward + loss +
+backward) and the inference time (median of timed reps after warm-up, inputs rotating among pre-drawn
+random batches), the speedups over the reference in eager mode, the peak memory a step needs above the
+weights and inputs it starts from, and the relative error of the output and of the parameter gradients
+against a float64 run of the reference on the same weights and input. It writes the results as JSON and
+a bar chart of the speedups into ``--out``.
+"""
+
+import argparse
+import contextlib
+import functools
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import U_Net, ops, reference
+
+CONFIGS = {
+    "reference_eager": "reference eager",
+    "reference_compile": "reference compile",
+    "fastunet_exact": "fastunet exact",
+    "fastunet_fast": "fastunet fast",
+}
+IMG_CH, OUTPUT_CH = 3, 1
+N_BATCHES = 3
+CPU_QUICK_COMPILE_SKIP = (
+    "skipped: torch.compile of the U-Net takes ~1 min on the CPU, over the --quick budget; "
+    "run without --quick to include it"
+)
+# A fixed mmap threshold (glibc) returns every freed tensor to the OS, so that RSS follows live memory.
+CPU_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+CPU_MEMORY_NOTE = "peak RSS growth over one step, measured in a fresh subprocess per config"
+CUDA_MEMORY_NOTE = "torch.cuda.max_memory_allocated over one step, minus memory_allocated before it"
+
+
+def progress(message):
+    """One progress line on stderr, flushed at once."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def default_plan(device, quick):
+    """(batch, size, warm-up calls, timed reps) for ``device``."""
+    if device.type == "cuda":
+        return (16, 256, 3, 5) if quick else (16, 256, 10, 30)
+    return (2, 64, 1, 5) if quick else (4, 128, 2, 7)
+
+
+def build_model(config, device, channels_last, state=None):
+    """The model of ``config`` on ``device``, loaded with ``state`` when given."""
+    if config.startswith("reference"):
+        model = reference.U_Net(IMG_CH, OUTPUT_CH)
+    else:
+        model = U_Net(IMG_CH, OUTPUT_CH, exact=config == "fastunet_exact")
+    if state is not None:
+        model.load_state_dict(state)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.compile(model) if config == "reference_compile" else model
+
+
+def random_batches(count, batch, size, device, channels_last):
+    """``count`` pre-drawn (random input, random binary mask) pairs."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return [
+        (
+            torch.randn(batch, IMG_CH, size, size, device=device).contiguous(memory_format=memory_format),
+            (torch.rand(batch, OUTPUT_CH, size, size, device=device) < 0.5).float(),
+        )
+        for _ in range(count)
+    ]
+
+
+def make_steps(model, autocast):
+    """The training step (forward, BCE loss, backward; returns the output) and the inference step."""
+
+    def train(x, target):
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            out = model(x)
+        F.binary_cross_entropy_with_logits(out.to(target.dtype), target).backward()
+        return out
+
+    def infer(x, target):
+        with torch.no_grad(), autocast():
+            return model(x)
+
+    return train, infer
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_call_s(step, batch, device):
+    """Seconds the first call of ``step`` takes (compilation, autotuning and lazy set-up included)."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = step(*batch)
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def median_ms(step, batches, warmup, reps, device):
+    """Median time of ``step`` over ``reps`` timed calls after ``warmup`` calls, rotating ``batches``."""
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    synchronize(device)
+    times = []
+    for i in range(reps):
+        batch = batches[(warmup + i) % len(batches)]
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(*batch)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            step(*batch)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def proc_status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_growth_mib(model, step, batch, device):
+    """Peak memory of one ``step`` above what is held before it (weights, inputs), in MiB.
+
+    CUDA: the caching allocator's peak. CPU: the peak RSS (VmHWM, reset through /proc/self/clear_refs),
+    honest only in a process started with CPU_PROBE_ENV that has run nothing else.
+    """
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(*batch)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        base = proc_status_bytes("VmRSS")
+        step(*batch)
+        peak = proc_status_bytes("VmHWM")
+    return (peak - base) / 2**20
+
+
+def parameter_grads(model):
+    """Parameter name -> gradient (zeros where none was computed)."""
+    return {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+        for name, p in getattr(model, "_orig_mod", model).named_parameters()
+    }
+
+
+def bn_cancelled_biases(model):
+    """Names of the conv biases feeding a BatchNorm: in training mode BN cancels them, so their exact
+    gradient is zero and a relative error of it means nothing."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            for i, (layer, after) in enumerate(zip(module, module[1:])):
+                if isinstance(layer, nn.Conv2d) and isinstance(after, nn.BatchNorm2d):
+                    names.add(f"{prefix}.{i}.bias")
+    return names
+
+
+def float64_reference(state, batch, device):
+    """Output and parameter gradients of a float64 training step of the reference on ``batch``."""
+    model = reference.U_Net(IMG_CH, OUTPUT_CH).to(device, torch.float64)
+    model.load_state_dict(state)
+    train, _ = make_steps(model, contextlib.nullcontext)
+    x, target = batch
+    out = train(x.double(), target.double()).detach()
+    return out, parameter_grads(model), bn_cancelled_biases(model)
+
+
+def relative_error(value, exact):
+    """``||value - exact|| / ||exact||`` in float64."""
+    return ((value.double() - exact).norm() / exact.norm()).item()
+
+
+def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last):
+    """Times, errors and (CUDA) peak memory of one config."""
+    label = CONFIGS[config]
+    compiling = " (torch.compile compiles on the first calls)" if config == "reference_compile" else ""
+    progress(f"{label}: first training step{compiling}, errors vs float64")
+    model = build_model(config, device, channels_last, state)
+    train, infer = make_steps(model, autocast)
+    first_train, out = first_call_s(train, batches[0], device)
+    exact_out, exact_grads, excluded = exact_step
+    grad_errors = {
+        name: relative_error(grad, exact_grads[name])
+        for name, grad in parameter_grads(model).items()
+        if name not in excluded
+    }
+    worst_param = max(grad_errors, key=grad_errors.get)
+    result = {
+        "config": config,
+        "label": label,
+        "out_rel_err": relative_error(out.detach(), exact_out),
+        "grad_rel_err": grad_errors[worst_param],
+        "worst_grad_param": worst_param,
+        "first_train_s": first_train,
+    }
+    del out
+    progress(f"{label}: training step, {warmup} warm-up + {reps} timed")
+    result["train_ms"] = median_ms(train, batches, warmup, reps, device)
+    if device.type == "cuda":
+        result["train_peak_mib"] = peak_growth_mib(model, train, batches[0], device)
+    model.eval()
+    result["first_infer_s"], _ = first_call_s(infer, batches[0], device)
+    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
+    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
+    if device.type == "cuda":
+        result["infer_peak_mib"] = peak_growth_mib(model, infer, batches[0], device)
+    del model, train, infer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_memory_probe(args, device):
+    """Subprocess side of the CPU memory measurement: prints the peaks of one config as JSON."""
+    torch.manual_seed(0)
+    model = build_model(args.probe_memory, device, args.channels_last)
+    batch = random_batches(1, args.batch, args.size, device, args.channels_last)[0]
+    train, infer = make_steps(model, autocast_for(device, args.dtype))
+    train(*batch)  # lazy set-up and compilation stay out of the measured step
+    peaks = {"train_peak_mib": peak_growth_mib(model, train, batch, device)}
+    model.eval()
+    infer(*batch)
+    peaks["infer_peak_mib"] = peak_growth_mib(model, infer, batch, device)
+    print(json.dumps(peaks))
+
+
+def cpu_peak_memory(configs, args):
+    """config -> its CPU peaks (or an error), each from a fresh ``--probe-memory`` subprocess."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **CPU_PROBE_ENV, "PYTHONPATH": python_path}
+    shape_args = ["--device", "cpu", "--batch", str(args.batch), "--size", str(args.size), "--dtype", args.dtype]
+    shape_args += ["--channels-last"] if args.channels_last else []
+    probes = {
+        config: subprocess.Popen(
+            [sys.executable, "-m", "fastunet.bench", "--probe-memory", config, *shape_args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for config in configs
+    }
+    peaks = {}
+    for config, probe in probes.items():
+        stdout, stderr = probe.communicate()
+        if probe.returncode == 0:
+            peaks[config] = json.loads(stdout.splitlines()[-1])
+        else:
+            peaks[config] = {"memory_error": (stderr.strip().splitlines() or ["no output"])[-1]}
+    return peaks
+
+
+def autocast_for(device, dtype):
+    """A context-manager factory: bfloat16 autocast on ``device``, or nothing for float32."""
+    if dtype == "bfloat16":
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def package_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_name():
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """What the numbers were measured on."""
+    cuda = device.type == "cuda"
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "cuda": torch.version.cuda if cuda else None,
+        "tf32_convs": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+        "fused_ops_backend": ops.backend_for(device),
+    }
+
+
+def skipped_configs(args, device):
+    """config -> why it is not measured."""
+    if args.no_compile:
+        return {"reference_compile": "skipped (--no-compile)"}
+    if args.quick and device.type == "cpu":
+        return {"reference_compile": CPU_QUICK_COMPILE_SKIP}
+    return {}
+
+
+def add_speedups(results):
+    """Speedups over reference eager, in place."""
+    base = results[0]
+    for result in results:
+        if "skipped" not in result:
+            result["train_speedup"] = base["train_ms"] / result["train_ms"]
+            result["infer_speedup"] = base["infer_ms"] / result["infer_ms"]
+
+
+TABLE_COLUMNS = (
+    ("config", "label", "{}"),
+    ("train ms", "train_ms", "{:.2f}"),
+    ("speedup", "train_speedup", "{:.2f}x"),
+    ("infer ms", "infer_ms", "{:.2f}"),
+    ("speedup", "infer_speedup", "{:.2f}x"),
+    ("train MiB", "train_peak_mib", "{:.0f}"),
+    ("infer MiB", "infer_peak_mib", "{:.0f}"),
+    ("out err", "out_rel_err", "{:.1e}"),
+    ("grad err", "grad_rel_err", "{:.1e}"),
+)
+
+
+def format_table(report):
+    """The side-by-side table with a header naming the set-up and a legend."""
+    rows = [[title for title, _, _ in TABLE_COLUMNS]]
+    for result in report["configs"]:
+        if "skipped" in result:
+            rows.append([result["label"], result["skipped"]])
+        else:
+            rows.append([fmt.format(result[key]) if result.get(key) is not None else "n/a"
+                         for _, key, fmt in TABLE_COLUMNS])
+    full_rows = [row for row in rows if len(row) == len(TABLE_COLUMNS)]
+    widths = [max(len(row[i]) for row in full_rows) for i in range(len(TABLE_COLUMNS))]
+    lines = [
+        f"device: {report['device']} ({report['device_name']}) | torch {report['torch']} | "
+        f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}",
+        f"input: {' x '.join(map(str, report['shape']))}, {report['dtype']}"
+        f"{', channels_last' if report['channels_last'] else ''} | timing: median of {report['reps']} reps "
+        f"after {report['warmup']} warm-up, {N_BATCHES} rotating random batches",
+        "",
+    ]
+    for row in rows:
+        if len(row) == len(TABLE_COLUMNS):
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells))
+        else:
+            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
+    lines += [
+        "",
+        "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
+        f"before it ({report['memory_method']}).",
+        "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
+        "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them).",
+    ]
+    lines += [f"memory n/a for {r['label']}: {r['memory_error']}" for r in report["configs"] if "memory_error" in r]
+    return "\n".join(lines)
+
+
+def plot_speedups(report, path):
+    """Bar chart of the training and inference speedups over reference eager, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [result for result in report["configs"] if "skipped" not in result]
+    positions = range(len(measured))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for offset, key, name in ((-width / 2, "train_speedup", "training step"), (width / 2, "infer_speedup", "inference")):
+        bars = ax.bar([p + offset for p in positions], [result[key] for result in measured], width, label=name)
+        ax.bar_label(bars, fmt="%.2fx")
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xticks(list(positions), [result["label"] for result in measured])
+    ax.set_ylabel("speedup over reference eager")
+    ax.set_title(f"U-Net {' x '.join(map(str, report['shape']))} {report['dtype']} on {report['device_name']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m fastunet.bench",
+        description="Reference U-Net (eager, torch.compile) vs fastunet (exact, fast): time, memory, error.",
+    )
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU: batch 2 x 3 x 64 x 64, no torch.compile; CUDA: fewer reps")
+    parser.add_argument("--batch", type=int, help="batch size (default: 16 on CUDA, 4 on the CPU, 2 with --quick)")
+    parser.add_argument("--size", type=int, help="image side, a multiple of 16 (default: 256 on CUDA, 128 on the CPU)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16 runs the models under autocast")
+    parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    parser.add_argument("--no-compile", action="store_true", help="leave out reference torch.compile")
+    parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.add_argument("--probe-memory", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size is not None and args.size % 16:
+        parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch, size, warmup, reps = default_plan(device, args.quick)
+    args.batch, args.size = args.batch or batch, args.size or size
+    if args.probe_memory:
+        run_memory_probe(args, device)
+        return 0
+
+    report = environment(device)
+    progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
+             f"fused ops backend: {report['fused_ops_backend']}")
+    report.update(
+        shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
+        warmup=warmup, reps=reps, batches=N_BATCHES,
+        memory_method=CUDA_MEMORY_NOTE if device.type == "cuda" else CPU_MEMORY_NOTE,
+    )
+    torch.manual_seed(0)
+    state = reference.U_Net(IMG_CH, OUTPUT_CH).state_dict()
+    batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
+    progress("float64 reference training step (for the errors)")
+    exact_step = float64_reference(state, batches[0], device)
+    autocast = autocast_for(device, args.dtype)
+    skipped = skipped_configs(args, device)
+    results = []
+    for config, label in CONFIGS.items():
+        if config in skipped:
+            progress(f"{label}: {skipped[config]}")
+            results.append({"config": config, "label": label, "skipped": skipped[config]})
+        else:
+            results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
+                                   args.channels_last))
+    if device.type == "cpu":
+        measured = [result for result in results if "skipped" not in result]
+        progress(f"peak memory: {len(measured)} fresh subprocesses, side by side")
+        peaks = cpu_peak_memory([result["config"] for result in measured], args)
+        for result in measured:
+            result.update(peaks[result["config"]])
+    add_speedups(results)
+    report["configs"] = results
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "results.json"), os.path.join(args.out, "speedup.png")
+    with open(json_path, "w") as out:
+        json.dump(report, out, indent=2)
+    plot_speedups(report, png_path)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    progress(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""fastunet.U_Net as a drop-in for the reference U-Net: state_dict, exact mode bit for bit, fast mode within
+2x of the float32 reference's error against float64, torch.compile. CPU here; the same checks run on CUDA
+in tests/test_cuda.py."""
+
+import copy
+
+import pytest
+import torch
+
+import fastunet
+from fastunet.reference import U_Net as Reference
+
+SIZE = 32  # H = W: the smallest size with a 2x2 bottleneck
+
+
+def pair(exact, img_ch=3, output_ch=2):
+    ref = Reference(img_ch, output_ch)
+    fast = fastunet.U_Net(img_ch, output_ch, exact=exact)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def train_step(model, x, grad_out, dtype=None, autocast=None):
+    """Forward + backward; returns output, input grad, parameter grads, buffers (copies)."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        out = model(x)
+    (out.to(grad_out.dtype) * grad_out).sum().backward()
+    module = getattr(model, "_orig_mod", model)  # a torch.compile'd module's names are its module's
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    return out.detach(), x.grad, grads, buffers
+
+
+def assert_bitwise(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a, b), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}"
+
+
+def test_state_dict_keys_and_init_are_the_reference_s():
+    torch.manual_seed(0)
+    ref = Reference()
+    torch.manual_seed(0)
+    fast = fastunet.U_Net()
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    assert "Conv1.conv.0.weight" in ref.state_dict() and "Up5.up.1.weight" in ref.state_dict()
+    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name
+    fast2 = fastunet.U_Net()
+    fast2.load_state_dict(ref.state_dict(), strict=True)
+    Reference().load_state_dict(fast2.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_exact_mode_is_bitwise_the_reference_in_training(memory_format, momentum):
+    ref, fast = pair(exact=True)
+    for m in (ref, fast):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.momentum = momentum
+        m.to(memory_format=memory_format)
+    for step in range(2):  # the second step runs on updated running stats and weights
+        x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
+        g = torch.randn(2, 2, SIZE, SIZE)
+        want, got = train_step(ref, x, g), train_step(fast, x, g)
+        assert_bitwise(got[0], want[0], "output")
+        assert_bitwise(got[1], want[1], "input gradient")
+        for name in want[2]:
+            assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
+        for name in want[3]:
+            assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+        with torch.no_grad():
+            for m in (ref, fast):
+                for p in m.parameters():
+                    p.sub_(0.01 * p.grad)
+
+
+def test_exact_mode_is_bitwise_the_reference_in_eval_and_under_bf16_autocast():
+    ref, fast = pair(exact=True)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    g = torch.randn(2, 2, SIZE, SIZE)
+    want, got = train_step(ref, x, g, autocast=torch.bfloat16), train_step(fast, x, g, autocast=torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16
+    for a, b, what in ((got[0], want[0], "output"), (got[1], want[1], "input gradient")):
+        assert_bitwise(a, b, what)
+    for name in want[2]:
+        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
+    for name in want[3]:
+        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+    ref.eval()
+    fast.eval()
+    with torch.no_grad():
+        assert_bitwise(fast(x), ref(x), "eval output")
+
+
+def well_conditioned(*models):
+    """BN shifts of about 2.5: almost no pre-ReLU value lies within rounding of 0.
+
+    Near zero, one ReLU mask (or max-pool argmax) flipping between float32 and float64 moves a gradient by
+    far more than any rounding, at random in the reference and in fastunet alike; the 2x rule judges the
+    arithmetic, so it is checked where no such flip happens. (Masks and ties are tested bit for bit in
+    exact mode and per op.)
+    """
+    shifts = None
+    for m in models:
+        bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        if shifts is None:
+            shifts = [2.5 + 0.5 * torch.rand(b.num_features) for b in bns]
+        with torch.no_grad():
+            for bn, shift in zip(bns, shifts):
+                bn.bias.copy_(shift)
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def conv_bias_before_bn(name):
+    return name.endswith(("conv.0.bias", "conv.3.bias", "up.1.bias"))
+
+
+def assert_within_twice_reference_error(fast_result, ref_result, exact_result, slack=1e-7):
+    """flash-attention's rule: error(fast, float64) <= 2 * error(float32 reference, float64) (+ slack).
+
+    Conv biases feeding a training-mode BN have a zero gradient in exact arithmetic (their float values are
+    rounding noise): they are held to an absolute bound scaled by the whole gradient's norm.
+    """
+    out_f, gx_f, grads_f, bufs_f = fast_result
+    out_r, gx_r, grads_r, bufs_r = ref_result
+    out_e, gx_e, grads_e, bufs_e = exact_result
+    assert relative_error(out_f, out_e) <= 2 * relative_error(out_r, out_e) + slack
+    assert relative_error(gx_f, gx_e) <= 2 * relative_error(gx_r, gx_e) + slack
+    total = torch.cat([g.double().flatten() for g in grads_e.values()]).norm().item()
+    for name, g_e in grads_e.items():
+        if conv_bias_before_bn(name):
+            bound = max(2 * (grads_r[name].double() - g_e).norm().item(), 1e-6 * total)
+            assert (grads_f[name].double() - g_e).norm().item() <= bound, name
+        else:
+            assert relative_error(grads_f[name], g_e) <= 2 * relative_error(grads_r[name], g_e) + slack, name
+    for name, b_e in bufs_e.items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(bufs_f[name], b_e), name
+        else:
+            assert relative_error(bufs_f[name], b_e) <= 2 * relative_error(bufs_r[name], b_e) + slack, name
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_mode_error_within_twice_the_reference_error(memory_format):
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    ref64 = copy.deepcopy(ref).double()
+    for m in (ref, fast):
+        m.to(memory_format=memory_format)
+    x = torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
+    g = torch.randn(4, 2, SIZE, SIZE)
+    exact = train_step(ref64, x.double(), g.double())
+    assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
+
+
+def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    ref64 = copy.deepcopy(ref).double()
+    # Non-trivial running stats, as after training.
+    with torch.no_grad():
+        for m in (ref, fast, ref64):
+            for i, bn in enumerate(b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)):
+                gen = torch.Generator().manual_seed(i)
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+    for m in (ref, fast, ref64):
+        m.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out_e = ref64(x.double())
+        assert relative_error(fast(x), out_e) <= 2 * relative_error(ref(x), out_e) + 1e-7
+    g = torch.randn(2, 2, SIZE, SIZE)
+    exact = train_step(ref64, x.double(), g.double())
+    assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
+
+
+def test_fast_mode_under_bf16_autocast_is_close_to_float64():
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    ref64 = copy.deepcopy(ref).double()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    g = torch.randn(2, 2, SIZE, SIZE)
+    exact = train_step(ref64, x.double(), g.double())
+    got = train_step(fast, x, g, autocast=torch.bfloat16)
+    want = train_step(ref, x, g, autocast=torch.bfloat16)
+    assert got[0].dtype == torch.bfloat16
+    # bf16 rounding differs in where it falls; hold fast mode to 2x the bf16 reference error plus a bf16 ulp.
+    assert relative_error(got[0], exact[0]) <= 2 * relative_error(want[0], exact[0]) + 4e-3
+    assert relative_error(got[1], exact[1]) <= 2 * relative_error(want[1], exact[1]) + 4e-3
+
+
+def test_blocks_are_drop_ins_for_the_reference_blocks():
+    ref, fast = pair(exact=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(fast.Conv1(x), ref.Conv1(x))
+    d = torch.randn(2, 1024, 4, 4)
+    assert torch.equal(fast.Up5(d), ref.Up5(d))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_compiles_fullgraph_and_matches_eager(exact):
+    ref, fast = pair(exact=exact)
+    compiled = torch.compile(copy.deepcopy(fast), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    g = torch.randn(2, 2, SIZE, SIZE)
+    eager, traced = train_step(fast, x, g), train_step(compiled, x, g)
+    torch.testing.assert_close(traced[0], eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced[1], eager[1], rtol=1e-5, atol=1e-6)
+    for name in eager[3]:
+        torch.testing.assert_close(traced[3][name], eager[3][name], rtol=1e-5, atol=1e-6)
+    compiled.eval()
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fast(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,216 @@
+"""The compiled ops (torch.ops.fastunet.*) against their pure-PyTorch specifications, and gradcheck of the
+two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
+
+import pytest
+import torch
+
+from fastunet import _ext, functional, ops
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"compiled ops not built: {_ext.load_error}")
+LIB = torch.ops.fastunet
+
+
+def quantised(*shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    """Random values on a coarse grid, so max-pool windows hold ties; a few NaNs included."""
+    t = torch.randint(-4, 5, shape).to(dtype) / 2
+    t.view(-1)[torch.randint(0, t.numel(), (max(1, t.numel() // 97),))] = float("nan")
+    return t.contiguous(memory_format=memory_format)
+
+
+def random(*shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    return (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format)
+
+
+def case(upscale, n=2, c=3, h=4, w=6, dtype=torch.float32, memory_format=torch.contiguous_format, values=random):
+    z = values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype, memory_format=memory_format)
+    acc = ops.acc_dtype(dtype)
+    scale, shift = torch.randn(c, dtype=acc), torch.randn(c, dtype=acc)
+    return z, scale, shift
+
+
+def slice_of_buffer(n, c, h, w, dtype, memory_format, extra=2, fill=float("nan")):
+    """A NaN-poisoned concat buffer and the channel slice [extra, extra + c) of it."""
+    buf = torch.full((n, c + 2 * extra, h, w), fill, dtype=dtype).contiguous(memory_format=memory_format)
+    return buf, buf.narrow(1, extra, c)
+
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("values", [random, quantised])
+def test_bn_relu_pool_matches_reference_bitwise(upscale, memory_format, pool, values):
+    z, scale, shift = case(upscale, memory_format=memory_format, values=values)
+    shape = ops.logical_shape(z, upscale)
+    buf, out = slice_of_buffer(*shape, torch.float32, memory_format)
+    pooled = torch.full((shape[0], shape[1], shape[2] // 2, shape[3] // 2), -7.0) if pool else None
+    LIB.bn_relu_pool(z, scale, shift, upscale, out, pooled)
+    want = torch.empty(shape)
+    want_pool = torch.empty_like(pooled) if pool else None
+    ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
+    assert torch.equal(out.nan_to_num(123.0), want.nan_to_num(123.0))
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, -2:]).all(), "wrote outside its channel slice"
+    if pool:
+        assert torch.equal(pooled.nan_to_num(123.0), want_pool.nan_to_num(123.0))
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_bn_stats_matches_reference(upscale, memory_format):
+    z, _, _ = case(upscale, n=3, c=4, h=6, w=5, memory_format=memory_format)
+    z = z + 40.0  # a mean large next to the spread: a naive sum-of-squares variance loses digits here
+    mean, var = LIB.bn_stats(z, upscale)
+    z64 = ops.to_logical(z, upscale).double()
+    torch.testing.assert_close(mean.double(), z64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+
+
+def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32):
+    z, scale, shift = case(upscale, dtype=dtype, memory_format=memory_format, values=values)
+    n, c, h, w = ops.logical_shape(z, upscale)
+    _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
+    grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
+    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype) if pool else None
+    return grad, grad_pooled, z, scale, shift
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("values", [random, quantised])
+def test_relu_pool_backward_matches_reference_bitwise(upscale, memory_format, pool, values):
+    args = backward_case(upscale, pool, memory_format, values)
+    got = LIB.relu_pool_backward(*args, upscale)
+    want = ops.relu_pool_backward_ref(*args, upscale)
+    assert got.shape == want.shape and got.stride() == want.stride()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("pool", [False, True])
+def test_bn_relu_backward_matches_reference(upscale, memory_format, pool):
+    grad, grad_pooled, z, scale, shift = backward_case(upscale, pool, memory_format)
+    c = scale.numel()
+    mean, invstd = torch.randn(c), torch.rand(c) + 0.5
+    sums = LIB.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
+    want_sums = ops.bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, upscale)
+    for got, want in zip(sums, want_sums):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dz = LIB.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale)
+    want = ops.bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale)
+    assert dz.stride() == want.stride()
+    torch.testing.assert_close(dz, want, rtol=1e-5, atol=1e-6)
+    if upscale == 2:  # border entries of the sub-pixel conv output that no pixel reads: exactly zero
+        z6 = dz.reshape(dz.shape[0], 2, 2, -1, dz.shape[2], dz.shape[3])
+        assert (z6[:, 0, :, :, -1] == 0).all() and (z6[:, 1, :, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_match_reference(dtype):
+    grad, grad_pooled, z, scale, shift = backward_case(2, False, torch.channels_last, dtype=dtype)
+    assert torch.equal(LIB.relu_pool_backward(grad, None, z, scale, shift, 2),
+                       ops.relu_pool_backward_ref(grad, None, z, scale, shift, 2))
+    out, want = torch.empty_like(grad), torch.empty_like(grad)
+    LIB.bn_relu_pool(z, scale, shift, 2, out, None)
+    ops.bn_relu_pool_ref(z, scale, shift, 2, want, None)
+    assert torch.equal(out, want)
+    mean, var = LIB.bn_stats(z, 2)
+    assert mean.dtype == ops.acc_dtype(dtype)
+    torch.testing.assert_close(mean, ops.bn_stats_ref(z, 2)[0], rtol=1e-5, atol=1e-5)
+
+
+def opcheck_cases():
+    grad, grad_pooled, z, scale, shift = backward_case(1, True, torch.channels_last)
+    c = scale.numel()
+    mean, invstd = torch.randn(c), torch.rand(c) + 0.5
+    n, _, h, w = grad.shape
+    return [
+        (LIB.bn_stats.default, (z, 1)),
+        (LIB.bn_relu_pool.default, (z, scale, shift, 1, torch.empty_like(grad), torch.empty(n, c, h // 2, w // 2))),
+        (LIB.relu_pool_backward.default, (grad, grad_pooled, z, scale, shift, 1)),
+        (LIB.bn_relu_backward_reduce.default, (grad, grad_pooled, z, scale, shift, mean, 1)),
+        (LIB.bn_relu_backward_apply.default, (grad, None, z, scale, shift, mean, invstd, mean, invstd, 1)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_opcheck(index):
+    op, args = opcheck_cases()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_bad_arguments_name_the_problem():
+    z, scale, shift = case(1)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        LIB.bn_relu_pool(z, scale[:2], shift, 1, torch.empty_like(z), None)
+    with pytest.raises(RuntimeError, match="upscale must be 1 or 2"):
+        LIB.bn_stats(z, 3)
+    with pytest.raises(RuntimeError, match="scale must be Double for Double activations"):
+        LIB.bn_relu_pool(z.double(), scale, shift, 1, torch.empty_like(z.double()), None)
+    with pytest.raises(RuntimeError, match="out must have shape"):
+        LIB.bn_relu_pool(z, scale, shift, 1, torch.empty(1, 1, 1, 1), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck of the fused blocks in float64 (the compiled kernels run in double)
+# ---------------------------------------------------------------------------------------------------
+
+
+def block_params(cin, cout, *, bias=True):
+    def p(*s):
+        return torch.randn(*s, dtype=torch.float64, requires_grad=True)
+
+    return (p(cout, cin, 3, 3) * 0.5, p(cout) if bias else None, p(cout) + 1.5, p(cout))
+
+
+def bn_state(c):
+    return torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool", [False, True])
+def test_gradcheck_double_conv_bn_relu(exact, training, pool):
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    w1, b1, g1, be1 = (t.detach().requires_grad_() for t in block_params(2, 3))
+    w2, b2, g2, be2 = (t.detach().requires_grad_() for t in block_params(3, 3))
+    rm1, rv1 = bn_state(3)
+    rm2, rv2 = bn_state(3)
+
+    def f(x, w1, b1, g1, be1, w2, b2, g2, be2):
+        # Running stats are copied per call: exact mode's ATen BN updates them in place.
+        bn1 = (g1, be1, rm1.clone(), rv1.clone(), 0.1, 1e-5)
+        bn2 = (g2, be2, rm2.clone(), rv2.clone(), 0.1, 1e-5)
+        buf, pooled, _ = functional.double_conv_bn_relu(x, (w1, b1), bn1, (w2, b2), bn2, training=training,
+                                                        exact=exact, cat_channels=2, pool=pool)
+        return (buf[:, :3], pooled) if pool else buf[:, :3]
+
+    torch.autograd.gradcheck(f, (x, w1, b1, g1, be1, w2, b2, g2, be2), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_upsample_conv_cat(exact, training):
+    d = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    w, b, g, be = (t.detach().requires_grad_() for t in block_params(3, 2))
+    rm, rv = bn_state(2)
+
+    def f(d, skip, w, b, g, be):
+        buf = torch.cat((skip, torch.empty(2, 2, 6, 4, dtype=torch.float64)), dim=1)
+        out, _ = functional.upsample_conv_cat(d, buf, (w, b), (g, be, rm.clone(), rv.clone(), 0.1, 1e-5),
+                                              training=training, exact=exact)
+        return out
+
+    torch.autograd.gradcheck(f, (d, skip, w, b, g, be), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_sub_pixel_weights_equal_upsample_then_conv():
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2), w, padding=1)
+    z4 = torch.nn.functional.conv2d(x, functional.phase_weights(w).double(), padding=1)
+    torch.testing.assert_close(ops.to_logical(z4, 2), want, rtol=1e-6, atol=1e-6)
