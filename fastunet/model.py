@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import functional
+from . import ops as fastunet_ops
 from . import reference
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -95,15 +96,13 @@ class up_conv(reference.up_conv):
                 and _fusable_conv(conv) and _fusable_bn(bn))
 
     def forward(self, x, buf=None, fold=False):
-        if buf is None:
-            n, _, h, w = x.shape
-            buf = x.new_empty((n, 0, 2 * h, 2 * w))
         if not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0:
-            return torch.cat((buf, self.up(x)), dim=1)
+            up = self.up(x)
+            return up if buf is None else torch.cat((buf.narrow(1, 0, buf.shape[1] - up.shape[1]), up), dim=1)
         _, conv, bn, _ = self.up
         bn_args = _bn_call_args(bn)
-        if buf.shape[1] == 0:
-            buf = _empty_buffer(x, self.out_channels, buf, conv.weight)
+        if buf is None:
+            buf = _empty_buffer(x, self.out_channels)
         buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
                                                   exact=self.exact, fold=fold)
         if stats:
@@ -111,15 +110,12 @@ class up_conv(reference.up_conv):
         return buf
 
 
-def _empty_buffer(x, channels, like_spatial, weight):
-    """A fresh output buffer for a standalone up_conv call (no skip channels), in the conv output's dtype."""
-    dtype = functional._autocast_dtype(x.device.type) or x.dtype
-    if dtype == torch.float64:
-        dtype = x.dtype
-    n, _, h, w = like_spatial.shape
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
-        and not x.is_contiguous() else torch.contiguous_format
-    return torch.empty((n, channels, h, w), dtype=dtype, device=x.device, memory_format=fmt)
+def _empty_buffer(x, channels):
+    """The output buffer of a standalone up_conv call ``[N, channels, 2h, 2w]``, in the conv output's dtype."""
+    dtype = x.dtype if x.dtype == torch.float64 else (functional._autocast_dtype(x.device.type) or x.dtype)
+    n, _, h, w = x.shape
+    return torch.empty((n, channels, 2 * h, 2 * w), dtype=dtype, device=x.device,
+                       memory_format=fastunet_ops._memory_format(x))
 
 
 def _unfused_block(y, cat_channels, pool):

@@ -1,0 +1,19 @@
+# `make bench`: the main job (reference vs fastunet table on this machine's device).
+# `make test`: the test suite (unit, model, Triton-interpreter and C++ ctest).
+# Both set up .venv/ first (torch, tools, and the fastunet build) when it is missing or out of date.
+PY := .venv/bin/python
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*)
+
+.PHONY: setup bench test
+setup: .venv/.fastunet-built
+
+.venv/.fastunet-built: $(BUILD_INPUTS) tools/setup_env.sh
+	bash tools/setup_env.sh
+	touch $@
+
+bench: setup
+	$(PY) -m fastunet.bench $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests -q
+	bash tools/run_ctest.sh
