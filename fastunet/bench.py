@@ -33,28 +33,30 @@ CONFIGS = {
     "fastunet_exact": "fastunet exact",
     "fastunet_fast": "fastunet fast",
 }
+START = time.perf_counter()
 IMG_CH, OUTPUT_CH = 3, 1
 N_BATCHES = 3
 CPU_QUICK_COMPILE_SKIP = (
     "skipped: torch.compile of the U-Net takes ~1 min on the CPU, over the --quick budget; "
     "run without --quick to include it"
 )
-# A fixed mmap threshold (glibc) returns every freed tensor to the OS, so that RSS follows live memory.
-CPU_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-CPU_MEMORY_NOTE = "peak RSS growth over one step, measured in a fresh subprocess per config"
-CUDA_MEMORY_NOTE = "torch.cuda.max_memory_allocated over one step, minus memory_allocated before it"
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated over one step, minus memory_allocated before it"
+CPU_MEMORY_METHOD = "peak RSS over one step minus RSS before it, in a fresh subprocess where RSS follows live memory"
+# With a fixed mmap threshold from the start, glibc maps every block of 64 KiB or more on its own and
+# unmaps it when freed, so RSS tracks the tensors alive (too slow an allocator for the timings).
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def progress(message):
-    """One progress line on stderr, flushed at once."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    """One progress line on stderr, flushed at once, with the seconds since the start."""
+    print(f"[bench {time.perf_counter() - START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def default_plan(device, quick):
     """(batch, size, warm-up calls, timed reps) for ``device``."""
     if device.type == "cuda":
         return (16, 256, 3, 5) if quick else (16, 256, 10, 30)
-    return (2, 64, 1, 5) if quick else (4, 128, 2, 7)
+    return (2, 64, 2, 5) if quick else (4, 128, 3, 7)
 
 
 def build_model(config, device, channels_last, state=None):
@@ -147,7 +149,7 @@ def peak_growth_mib(model, step, batch, device):
     """Peak memory of one ``step`` above what is held before it (weights, inputs), in MiB.
 
     CUDA: the caching allocator's peak. CPU: the peak RSS (VmHWM, reset through /proc/self/clear_refs),
-    honest only in a process started with CPU_PROBE_ENV that has run nothing else.
+    meaningful in a process started with CPU_MEMORY_ENV (see cpu_peak_memory).
     """
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -203,7 +205,7 @@ def relative_error(value, exact):
 
 
 def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last):
-    """Times, errors and (CUDA) peak memory of one config."""
+    """Errors, times and (CUDA) peak memory of one config."""
     label = CONFIGS[config]
     compiling = " (torch.compile compiles on the first calls)" if config == "reference_compile" else ""
     progress(f"{label}: first training step{compiling}, errors vs float64")
@@ -228,57 +230,65 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     del out
     progress(f"{label}: training step, {warmup} warm-up + {reps} timed")
     result["train_ms"] = median_ms(train, batches, warmup, reps, device)
-    if device.type == "cuda":
-        result["train_peak_mib"] = peak_growth_mib(model, train, batches[0], device)
     model.eval()
     result["first_infer_s"], _ = first_call_s(infer, batches[0], device)
     progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
     result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
     if device.type == "cuda":
-        result["infer_peak_mib"] = peak_growth_mib(model, infer, batches[0], device)
-    del model, train, infer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        progress(f"{label}: peak memory")
+        result.update(measure_peak_memory(model, batches[0], device, autocast))
     return result
 
 
-def run_memory_probe(args, device):
-    """Subprocess side of the CPU memory measurement: prints the peaks of one config as JSON."""
-    torch.manual_seed(0)
-    model = build_model(args.probe_memory, device, args.channels_last)
-    batch = random_batches(1, args.batch, args.size, device, args.channels_last)[0]
-    train, infer = make_steps(model, autocast_for(device, args.dtype))
-    train(*batch)  # lazy set-up and compilation stay out of the measured step
+def measure_peak_memory(model, batch, device, autocast):
+    """Peak memory (MiB) of a training step and of an inference call, each after one unmeasured call."""
+    train, infer = make_steps(model, autocast)
+    model.train()
+    train(*batch)
     peaks = {"train_peak_mib": peak_growth_mib(model, train, batch, device)}
     model.eval()
     infer(*batch)
     peaks["infer_peak_mib"] = peak_growth_mib(model, infer, batch, device)
+    return peaks
+
+
+def cpu_memory_worker(spec):
+    """The subprocess side of cpu_peak_memory: prints {config: peaks} as JSON."""
+    spec = json.loads(spec)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    batch = random_batches(1, spec["batch"], spec["size"], device, spec["channels_last"])[0]
+    peaks = {}
+    for config in spec["configs"]:
+        model = build_model(config, device, spec["channels_last"])
+        peaks[config] = measure_peak_memory(model, batch, device, autocast_for(device, spec["dtype"]))
+        del model
     print(json.dumps(peaks))
 
 
+def memory_method(device):
+    """How peak memory is measured on ``device``, or why it is not."""
+    if device.type == "cuda":
+        return CUDA_MEMORY_METHOD
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        return CPU_MEMORY_METHOD
+    return "n/a: on the CPU it is measured on Linux with glibc only"
+
+
 def cpu_peak_memory(configs, args):
-    """config -> its CPU peaks (or an error), each from a fresh ``--probe-memory`` subprocess."""
+    """config -> CPU peaks, from one fresh subprocess started with CPU_MEMORY_ENV (or an error line)."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, **CPU_PROBE_ENV, "PYTHONPATH": python_path}
-    shape_args = ["--device", "cpu", "--batch", str(args.batch), "--size", str(args.size), "--dtype", args.dtype]
-    shape_args += ["--channels-last"] if args.channels_last else []
-    probes = {
-        config: subprocess.Popen(
-            [sys.executable, "-m", "fastunet.bench", "--probe-memory", config, *shape_args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for config in configs
-    }
-    peaks = {}
-    for config, probe in probes.items():
-        stdout, stderr = probe.communicate()
-        if probe.returncode == 0:
-            peaks[config] = json.loads(stdout.splitlines()[-1])
-        else:
-            peaks[config] = {"memory_error": (stderr.strip().splitlines() or ["no output"])[-1]}
-    return peaks
+    spec = {"configs": configs, "batch": args.batch, "size": args.size, "dtype": args.dtype,
+            "channels_last": args.channels_last}
+    worker = "import sys; from fastunet.bench import cpu_memory_worker; cpu_memory_worker(sys.argv[1])"
+    run = subprocess.run(
+        [sys.executable, "-c", worker, json.dumps(spec)],
+        capture_output=True, text=True, env={**os.environ, **CPU_MEMORY_ENV, "PYTHONPATH": python_path},
+    )
+    if run.returncode:
+        return None, (run.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(run.stdout.splitlines()[-1]), None
 
 
 def autocast_for(device, dtype):
@@ -363,7 +373,8 @@ def format_table(report):
     widths = [max(len(row[i]) for row in full_rows) for i in range(len(TABLE_COLUMNS))]
     lines = [
         f"device: {report['device']} ({report['device_name']}) | torch {report['torch']} | "
-        f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}",
+        f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}"
+        f"{' | TF32 convs' if report['tf32_convs'] else ''}",
         f"input: {' x '.join(map(str, report['shape']))}, {report['dtype']}"
         f"{', channels_last' if report['channels_last'] else ''} | timing: median of {report['reps']} reps "
         f"after {report['warmup']} warm-up, {N_BATCHES} rotating random batches",
@@ -382,7 +393,6 @@ def format_table(report):
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
         "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them).",
     ]
-    lines += [f"memory n/a for {r['label']}: {r['memory_error']}" for r in report["configs"] if "memory_error" in r]
     return "\n".join(lines)
 
 
@@ -426,7 +436,6 @@ def parse_args(argv):
     parser.add_argument("--no-compile", action="store_true", help="leave out reference torch.compile")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
-    parser.add_argument("--probe-memory", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size is not None and args.size % 16:
         parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
@@ -436,19 +445,17 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)  # the timing events record on the current device
     batch, size, warmup, reps = default_plan(device, args.quick)
     args.batch, args.size = args.batch or batch, args.size or size
-    if args.probe_memory:
-        run_memory_probe(args, device)
-        return 0
-
     report = environment(device)
     progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
              f"fused ops backend: {report['fused_ops_backend']}")
     report.update(
         shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
-        warmup=warmup, reps=reps, batches=N_BATCHES,
-        memory_method=CUDA_MEMORY_NOTE if device.type == "cuda" else CPU_MEMORY_NOTE,
+        warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
     )
     torch.manual_seed(0)
     state = reference.U_Net(IMG_CH, OUTPUT_CH).state_dict()
@@ -465,12 +472,14 @@ def main(argv=None):
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
                                    args.channels_last))
-    if device.type == "cpu":
+    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:
         measured = [result for result in results if "skipped" not in result]
-        progress(f"peak memory: {len(measured)} fresh subprocesses, side by side")
-        peaks = cpu_peak_memory([result["config"] for result in measured], args)
+        progress("peak memory: every config in one fresh subprocess")
+        peaks, error = cpu_peak_memory([result["config"] for result in measured], args)
+        if error:
+            report["memory_method"] = f"n/a: the memory subprocess failed: {error}"
         for result in measured:
-            result.update(peaks[result["config"]])
+            result.update(peaks[result["config"]] if peaks else {})
     add_speedups(results)
     report["configs"] = results
 

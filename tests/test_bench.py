@@ -1,0 +1,40 @@
+"""``python -m fastunet.bench --quick`` end to end on the CPU: the table, the chart and the JSON (timings
+are not judged here; benchmarks/ holds the timing suites)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from fastunet.bench import CONFIGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEASURED_KEYS = ("train_ms", "infer_ms", "train_speedup", "infer_speedup", "train_peak_mib", "infer_peak_mib",
+                 "out_rel_err", "grad_rel_err")
+
+
+def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
+    out = tmp_path / "bench_out"
+    run = subprocess.run(
+        [sys.executable, "-m", "fastunet.bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "fused ops backend:" in run.stdout
+    assert "train ms" in run.stdout and "grad err" in run.stdout
+    for label in CONFIGS.values():
+        assert label in run.stdout
+    assert "fastunet fast: training step" in run.stderr  # progress lines
+
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "results.json").read_text())
+    assert report["device"] == "cpu" and report["shape"] == [2, 3, 64, 64]
+    configs = {result["config"]: result for result in report["configs"]}
+    assert set(configs) == set(CONFIGS)
+    assert "--no-compile" in configs["reference_compile"]["skipped"]
+    for name in ("reference_eager", "fastunet_exact", "fastunet_fast"):
+        for key in MEASURED_KEYS:
+            value = configs[name][key]
+            assert isinstance(value, float) and math.isfinite(value), (name, key, value)
+    assert configs["reference_eager"]["train_speedup"] == 1.0
