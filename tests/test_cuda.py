@@ -1,0 +1,125 @@
+"""The CUDA side: compiled CUDA kernels and Triton kernels against the specifications on the GPU, exact mode bit
+for bit with the reference on the GPU, fast mode within the 2x-error rule in float32 and bfloat16.
+Skipped without a GPU."""
+
+import copy
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+import fastunet
+from fastunet import _ext, ops
+
+pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+from test_model import (  # noqa: E402
+    SIZE,
+    assert_bitwise,
+    assert_within_twice_reference_error,
+    pair,
+    relative_error,
+    well_conditioned,
+)
+from test_ops import backward_case, case, slice_of_buffer  # noqa: E402
+
+BACKENDS = ["cuda", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def cuda_backend(request, monkeypatch):
+    if request.param == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip("the compiled library has no CUDA kernels")
+    monkeypatch.setenv("FASTUNET_CUDA_BACKEND", request.param)
+    assert ops.backend_for("cuda") == ("compiled" if request.param == "cuda" else "triton")
+    return request.param
+
+
+def on_gpu(*tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_match_specification_on_gpu(cuda_backend, upscale, memory_format, dtype):
+    grad, grad_pooled, z, scale, shift = on_gpu(*backward_case(upscale, True, memory_format, dtype=dtype))
+    n, c, h, w = grad.shape
+    buf = slice_of_buffer(n, c, h, w, dtype, memory_format)[0].cuda()
+    out = buf.narrow(1, 2, c)
+    pooled = torch.full((n, c, h // 2, w // 2), float("nan"), dtype=dtype, device="cuda")
+    ops.bn_relu_pool(z, scale, shift, upscale, out, pooled)
+    want, want_pool = torch.empty_like(out), torch.empty_like(pooled)
+    ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pooled, want_pool, rtol=1e-6, atol=1e-6)
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, -2:]).all()
+    mean, var = ops.bn_stats(z, upscale)
+    want_mean, want_var = ops.bn_stats_ref(z, upscale)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
+    invstd = torch.rsqrt(var + 1e-5)
+    sums = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
+    want_sums = ops.bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, upscale)
+    for a, b in zip(sums, want_sums):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(ops.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale),
+                               ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, upscale), **tol)
+    torch.testing.assert_close(
+        ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale),
+        ops.bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale), **tol)
+
+
+def cuda_step(model, x, grad_out, autocast=None):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+        out = model(x)
+    (out.to(grad_out.dtype) * grad_out).sum().backward()
+    return (out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_exact_mode_is_bitwise_the_reference_on_gpu(cuda_backend, memory_format, autocast):
+    torch.backends.cudnn.deterministic = True
+    ref, fast = (m.cuda().to(memory_format=memory_format) for m in pair(exact=True))
+    x = torch.randn(2, 3, SIZE, SIZE, device="cuda").contiguous(memory_format=memory_format)
+    g = torch.randn(2, 2, SIZE, SIZE, device="cuda")
+    want, got = cuda_step(ref, x, g, autocast), cuda_step(fast, x, g, autocast)
+    assert_bitwise(got[0], want[0], "output")
+    assert_bitwise(got[1], want[1], "input gradient")
+    for name in want[2]:
+        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
+    for name in want[3]:
+        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_mode_within_twice_the_reference_error_on_gpu(cuda_backend, memory_format):
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    ref64 = copy.deepcopy(ref).double().cuda()
+    ref, fast = (m.cuda().to(memory_format=memory_format) for m in (ref, fast))
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=memory_format)
+    g = torch.randn(4, 2, 64, 64, device="cuda")
+    exact = cuda_step(ref64, x.double(), g.double())
+    assert_within_twice_reference_error(cuda_step(fast, x, g), cuda_step(ref, x, g), exact)
+    got, want = cuda_step(fast, x, g, torch.bfloat16), cuda_step(ref, x, g, torch.bfloat16)
+    for i in (0, 1):
+        assert relative_error(got[i], exact[i]) <= 2 * relative_error(want[i], exact[i]) + 4e-3
+
+
+def test_fast_mode_inference_on_gpu_is_close_to_float64(cuda_backend):
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    ref64 = copy.deepcopy(ref).double().cuda().eval()
+    ref, fast = ref.cuda().eval(), fast.cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = ref64(x.double())
+        assert relative_error(fast(x), want) <= 2 * relative_error(ref(x), want) + 1e-6
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert relative_error(fast(x), want) <= 2 * relative_error(ref(x), want) + 4e-3
