@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 from test_model import (  # noqa: E402
     SIZE,
-    assert_bitwise,
+    assert_results_bitwise,
     assert_within_twice_reference_error,
     pair,
     relative_error,
@@ -88,13 +88,7 @@ def test_exact_mode_is_bitwise_the_reference_on_gpu(cuda_backend, memory_format,
     ref, fast = (m.cuda().to(memory_format=memory_format) for m in pair(exact=True))
     x = torch.randn(2, 3, SIZE, SIZE, device="cuda").contiguous(memory_format=memory_format)
     g = torch.randn(2, 2, SIZE, SIZE, device="cuda")
-    want, got = cuda_step(ref, x, g, autocast), cuda_step(fast, x, g, autocast)
-    assert_bitwise(got[0], want[0], "output")
-    assert_bitwise(got[1], want[1], "input gradient")
-    for name in want[2]:
-        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
-    for name in want[3]:
-        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+    assert_results_bitwise(cuda_step(fast, x, g, autocast), cuda_step(ref, x, g, autocast))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -38,6 +38,16 @@ def assert_bitwise(a, b, what):
     assert torch.equal(a, b), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}"
 
 
+def assert_results_bitwise(got, want):
+    """Output, input gradient, every parameter gradient and every buffer of two train_step results."""
+    assert_bitwise(got[0], want[0], "output")
+    assert_bitwise(got[1], want[1], "input gradient")
+    for name in want[2]:
+        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
+    for name in want[3]:
+        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+
+
 def test_state_dict_keys_and_init_are_the_reference_s():
     torch.manual_seed(0)
     ref = Reference()
@@ -64,13 +74,7 @@ def test_exact_mode_is_bitwise_the_reference_in_training(memory_format, momentum
     for step in range(2):  # the second step runs on updated running stats and weights
         x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
         g = torch.randn(2, 2, SIZE, SIZE)
-        want, got = train_step(ref, x, g), train_step(fast, x, g)
-        assert_bitwise(got[0], want[0], "output")
-        assert_bitwise(got[1], want[1], "input gradient")
-        for name in want[2]:
-            assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
-        for name in want[3]:
-            assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+        assert_results_bitwise(train_step(fast, x, g), train_step(ref, x, g))
         with torch.no_grad():
             for m in (ref, fast):
                 for p in m.parameters():
@@ -83,12 +87,7 @@ def test_exact_mode_is_bitwise_the_reference_in_eval_and_under_bf16_autocast():
     g = torch.randn(2, 2, SIZE, SIZE)
     want, got = train_step(ref, x, g, autocast=torch.bfloat16), train_step(fast, x, g, autocast=torch.bfloat16)
     assert got[0].dtype == torch.bfloat16
-    for a, b, what in ((got[0], want[0], "output"), (got[1], want[1], "input gradient")):
-        assert_bitwise(a, b, what)
-    for name in want[2]:
-        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
-    for name in want[3]:
-        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+    assert_results_bitwise(got, want)
     ref.eval()
     fast.eval()
     with torch.no_grad():
