@@ -407,8 +407,9 @@ def plot_speedups(report, path):
     positions = range(len(measured))
     width = 0.38
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for offset, key, name in ((-width / 2, "train_speedup", "training step"), (width / 2, "infer_speedup", "inference")):
-        bars = ax.bar([p + offset for p in positions], [result[key] for result in measured], width, label=name)
+    phases = ((-width / 2, "train_speedup", "training step"), (width / 2, "infer_speedup", "inference"))
+    for offset, key, name in phases:
+        bars = ax.bar([p + offset for p in positions], [r[key] for r in measured], width, label=name)
         ax.bar_label(bars, fmt="%.2fx")
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(positions), [result["label"] for result in measured])
@@ -428,8 +429,9 @@ def parse_args(argv):
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true",
                         help="CPU: batch 2 x 3 x 64 x 64, no torch.compile; CUDA: fewer reps")
-    parser.add_argument("--batch", type=int, help="batch size (default: 16 on CUDA, 4 on the CPU, 2 with --quick)")
-    parser.add_argument("--size", type=int, help="image side, a multiple of 16 (default: 256 on CUDA, 128 on the CPU)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 16 on CUDA; on the CPU 4, 2 with --quick)")
+    parser.add_argument("--size", type=int,
+                        help="image side, a multiple of 16 (default: 256 on CUDA; on the CPU 128, 64 with --quick)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16 runs the models under autocast")
     parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
