@@ -9,8 +9,7 @@ import itertools
 import pytest
 import torch
 
-from fastunet.bench import IMG_CH, OUTPUT_CH, build_model
-from fastunet import reference
+from fastunet.bench import N_BATCHES, build_model, initial_state, random_batches
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -36,10 +35,17 @@ def shape():
 
 
 @pytest.fixture(scope="session")
-def models():
-    """config name (fastunet.bench.CONFIGS) -> its model, built once, all with the same weights."""
+def batches():
+    """Pre-drawn (input, binary target) pairs of the whole-model shape."""
     torch.manual_seed(0)
-    state = reference.U_Net(IMG_CH, OUTPUT_CH).state_dict()
+    return random_batches(N_BATCHES, BATCH, SIZE, DEVICE, channels_last=False)
+
+
+@pytest.fixture(scope="session")
+def models(batches):
+    """config name (fastunet.bench.CONFIGS) -> its model, built once, all with the same weights and
+    BatchNorm statistics measured on ``batches``."""
+    state = initial_state(batches, DEVICE)
     built = {}
 
     def model(config):

@@ -5,12 +5,7 @@ import contextlib
 
 import pytest
 
-from fastunet.bench import CONFIGS, N_BATCHES, make_steps, random_batches
-
-
-@pytest.fixture(scope="module")
-def batches(device, shape):
-    return random_batches(N_BATCHES, *shape, device, channels_last=False)
+from fastunet.bench import CONFIGS, make_steps
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -59,14 +59,13 @@ def default_plan(device, quick):
     return (2, 64, 2, 5) if quick else (4, 128, 3, 7)
 
 
-def build_model(config, device, channels_last, state=None):
-    """The model of ``config`` on ``device``, loaded with ``state`` when given."""
+def build_model(config, device, channels_last, state):
+    """The model of ``config`` on ``device``, loaded with ``state``."""
     if config.startswith("reference"):
         model = reference.U_Net(IMG_CH, OUTPUT_CH)
     else:
         model = U_Net(IMG_CH, OUTPUT_CH, exact=config == "fastunet_exact")
-    if state is not None:
-        model.load_state_dict(state)
+    model.load_state_dict(state)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.compile(model) if config == "reference_compile" else model
 
@@ -81,6 +80,22 @@ def random_batches(count, batch, size, device, channels_last):
         )
         for _ in range(count)
     ]
+
+
+def initial_state(batches, device):
+    """state_dict of a fresh reference U-Net whose BatchNorm running statistics average ``batches``.
+
+    With the initial statistics (0, 1), eval-mode activations shrink layer after layer into denormal
+    floats, which run about 10x slower on a CPU; measured statistics keep them at a normal scale.
+    """
+    model = reference.U_Net(IMG_CH, OUTPUT_CH).to(device)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    return model.state_dict()
 
 
 def make_steps(model, autocast):
@@ -257,11 +272,12 @@ def cpu_memory_worker(spec):
     spec = json.loads(spec)
     device = torch.device("cpu")
     torch.manual_seed(0)
-    batch = random_batches(1, spec["batch"], spec["size"], device, spec["channels_last"])[0]
+    batches = random_batches(1, spec["batch"], spec["size"], device, spec["channels_last"])
+    state = initial_state(batches, device)
     peaks = {}
     for config in spec["configs"]:
-        model = build_model(config, device, spec["channels_last"])
-        peaks[config] = measure_peak_memory(model, batch, device, autocast_for(device, spec["dtype"]))
+        model = build_model(config, device, spec["channels_last"], state)
+        peaks[config] = measure_peak_memory(model, batches[0], device, autocast_for(device, spec["dtype"]))
         del model
     print(json.dumps(peaks))
 
@@ -371,8 +387,9 @@ def format_table(report):
                          for _, key, fmt in TABLE_COLUMNS])
     full_rows = [row for row in rows if len(row) == len(TABLE_COLUMNS)]
     widths = [max(len(row[i]) for row in full_rows) for i in range(len(TABLE_COLUMNS))]
+    hardware = report["device_name"] if report["cuda"] else f"{report['device_name']}, {report['cpu_threads']} threads"
     lines = [
-        f"device: {report['device']} ({report['device_name']}) | torch {report['torch']} | "
+        f"device: {report['device']} ({hardware}) | torch {report['torch']} | "
         f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}"
         f"{' | TF32 convs' if report['tf32_convs'] else ''}",
         f"input: {' x '.join(map(str, report['shape']))}, {report['dtype']}"
@@ -392,6 +409,10 @@ def format_table(report):
         f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
         "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them).",
+        "first calls, s (train / infer; compilation, autotuning, lazy set-up): " + ", ".join(
+            f"{r['label']} {r['first_train_s']:.1f} / {r['first_infer_s']:.1f}"
+            for r in report["configs"] if "skipped" not in r
+        ),
     ]
     return "\n".join(lines)
 
@@ -460,8 +481,8 @@ def main(argv=None):
         warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
     )
     torch.manual_seed(0)
-    state = reference.U_Net(IMG_CH, OUTPUT_CH).state_dict()
     batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
+    state = initial_state(batches, device)
     progress("float64 reference training step (for the errors)")
     exact_step = float64_reference(state, batches[0], device)
     autocast = autocast_for(device, args.dtype)
