@@ -80,7 +80,7 @@ def _grad_as(g, like):
 
 
 def _empty(shape, like):
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=ops._memory_format(like))
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=ops.memory_format_of(like))
 
 
 def _vec(value, c, like):

@@ -115,7 +115,7 @@ def _empty_buffer(x, channels):
     dtype = x.dtype if x.dtype == torch.float64 else (functional._autocast_dtype(x.device.type) or x.dtype)
     n, _, h, w = x.shape
     return torch.empty((n, channels, 2 * h, 2 * w), dtype=dtype, device=x.device,
-                       memory_format=fastunet_ops._memory_format(x))
+                       memory_format=fastunet_ops.memory_format_of(x))
 
 
 def _unfused_block(y, cat_channels, pool):

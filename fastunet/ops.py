@@ -65,11 +65,11 @@ def to_logical(z, upscale):
 def from_logical(y, z_like, upscale):
     """Scatters a logical ``[N, C, S*H, S*W]`` tensor back to ``z_like``'s layout; unread entries are 0."""
     if upscale == 1:
-        return y.to(z_like.dtype).contiguous(memory_format=_memory_format(z_like))
+        return y.to(z_like.dtype).contiguous(memory_format=memory_format_of(z_like))
     n, c, oh, ow = y.shape
     h, w = oh // 2, ow // 2
     out = torch.zeros(z_like.shape, dtype=z_like.dtype, device=z_like.device).contiguous(
-        memory_format=_memory_format(z_like)
+        memory_format=memory_format_of(z_like)
     )
     o6 = out.view(n, 2, 2, c, h + 1, w + 1) if out.is_contiguous() else out.reshape(n, 2, 2, c, h + 1, w + 1)
     y6 = y.reshape(n, c, h, 2, w, 2)
@@ -81,7 +81,8 @@ def from_logical(y, z_like, upscale):
     return out
 
 
-def _memory_format(t):
+def memory_format_of(t):
+    """channels_last for an NHWC-dense 4-D tensor, else contiguous_format (the layout to allocate alike)."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

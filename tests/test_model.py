@@ -145,11 +145,16 @@ def assert_within_twice_reference_error(fast_result, ref_result, exact_result, s
             assert relative_error(bufs_f[name], b_e) <= 2 * relative_error(bufs_r[name], b_e) + slack, name
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_fast_mode_error_within_twice_the_reference_error(memory_format):
+def well_conditioned_fast_pair():
+    """Reference, fast model and float64 reference with the same well-conditioned weights."""
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
-    ref64 = copy.deepcopy(ref).double()
+    return ref, fast, copy.deepcopy(ref).double()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_mode_error_within_twice_the_reference_error(memory_format):
+    ref, fast, ref64 = well_conditioned_fast_pair()
     for m in (ref, fast):
         m.to(memory_format=memory_format)
     x = torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
@@ -159,9 +164,7 @@ def test_fast_mode_error_within_twice_the_reference_error(memory_format):
 
 
 def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
-    ref, fast = pair(exact=False)
-    well_conditioned(ref, fast)
-    ref64 = copy.deepcopy(ref).double()
+    ref, fast, ref64 = well_conditioned_fast_pair()
     # Non-trivial running stats, as after training.
     with torch.no_grad():
         for m in (ref, fast, ref64):
