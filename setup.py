@@ -9,7 +9,8 @@ CPU-only, and says so. Environment switches:
   MAX_JOBS                parallel compile jobs (default: as many as cores and RAM allow, 4 GiB each)
   CUDA_HOME               the CUDA toolkit (default: the folder of `nvcc` on PATH, else /usr/local/cuda)
 
-The wheel's local version names what it was built against: 0.1.0+cu130torch2.14, or 0.1.0+cputorch2.14.
+The wheel's local version names what it was built against: 0.1.0+cu130torch2.14, or 0.1.0+cputorch2.14
+(the sdist is plain 0.1.0).
 """
 
 import glob
@@ -64,11 +65,11 @@ def _max_jobs():
 
 
 def _nvidia_wheel_includes():
-    """cuBLAS/cuSPARSE/cuDNN headers that ATen's CUDA headers include, from the nvidia-* wheels."""
+    """Header folders of the nvidia-* wheels (cuBLAS, cuSPARSE, cuDNN, ... that ATen's CUDA headers include):
+    nvidia/cu13/include for CUDA 13, one folder per library (nvidia/cublas/include, ...) for CUDA 12."""
     dirs = []
     for site in sys.path:
-        for sub in ("cu13", "cu12", "cudnn", "cusparselt", "nccl", "cublas", "cusparse", "cuda_runtime"):
-            d = os.path.join(site, "nvidia", sub, "include")
+        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
     return dirs
@@ -85,6 +86,8 @@ def _decide_cuda():
 
 
 def _version(with_cuda):
+    if "sdist" in sys.argv[1:]:
+        return BASE_VERSION  # a source distribution is not tied to a torch or CUDA
     torch_tag = "torch" + ".".join(torch.__version__.split("+")[0].split(".")[:2])
     if with_cuda:
         return f"{BASE_VERSION}+cu{torch.version.cuda.replace('.', '')}{torch_tag}"
@@ -111,6 +114,18 @@ def _extension(with_cuda):
     )
 
 
+class BuildExtensionKeepingObjects(BuildExtension.with_options(use_ninja=True)):
+    """Keeps the compiled objects in build/obj-<python>-<torch>-<cuda|cpu>/ (setuptools' editable installs
+    use a throw-away folder), so an editable install and a wheel built after it share ninja's objects and
+    only what changed is recompiled."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        flavour = f"cu{torch.version.cuda}" if with_cuda else "cpu"
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}-{flavour}"
+        self.build_temp = os.path.join(ROOT, "build", f"obj-{tag}")
+
+
 with_cuda, why = _decide_cuda()
 if not with_cuda and _flag("FASTUNET_FORCE_CUDA"):
     sys.exit(f"fastunet: FASTUNET_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
@@ -128,5 +143,5 @@ setup(
     packages=["fastunet", "fastunet.kernels"],
     package_dir={"fastunet": "fastunet", "fastunet.kernels": "kernels"},
     ext_modules=[_extension(with_cuda)],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionKeepingObjects},
 )

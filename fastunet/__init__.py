@@ -6,7 +6,8 @@ upsample+conv+concat blocks backed by CUDA, Triton and CPU kernels.
 """
 
 from . import _ext, functional, ops, reference
+from .environment import info
 from .model import U_Net, conv_block, up_conv
 
 __version__ = "0.1.0"
-__all__ = ["U_Net", "conv_block", "up_conv", "functional", "ops", "reference"]
+__all__ = ["U_Net", "conv_block", "up_conv", "functional", "info", "ops", "reference"]

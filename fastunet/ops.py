@@ -208,7 +208,8 @@ def backend_for(device):
     """Which implementation the ops use on ``device``: "compiled", "triton" or "reference".
 
     On CUDA: Triton by default, the compiled CUDA kernels with ``FASTUNET_CUDA_BACKEND=cuda``; on the
-    CPU: the compiled kernels. Whatever is missing falls back, in that order, to pure PyTorch.
+    CPU: the compiled kernels. Whatever is missing falls back, in that order, to pure PyTorch, with one
+    warning where a GPU cannot run the kernels (below sm_80, or an arch the build lacks).
     ``FASTUNET_BACKEND=reference`` forces pure PyTorch everywhere.
     """
     device = torch.device(device)
@@ -216,14 +217,36 @@ def backend_for(device):
     if forced == "reference":
         return "reference"
     if device.type == "cuda":
-        prefer_cuda = os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower() == "cuda"
-        if not prefer_cuda and _triton_usable():
-            return "triton"
-        if _ext.has_cuda_kernels():
-            return "compiled"
-        return "triton" if _triton_usable() else "reference"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_backend(index, os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower() == "cuda")
     if device.type == "cpu" and _ext.available():
         return "compiled"
+    return "reference"
+
+
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_backend(index, prefer_compiled):
+    capability = tuple(torch.cuda.get_device_capability(index))
+    gpu = f"{torch.cuda.get_device_name(index)} (sm_{capability[0]}{capability[1]})"
+    if capability < MIN_CUDA_CAPABILITY:
+        _ext.warn_once(("old-gpu", capability), f"fastunet's kernels need a GPU of compute capability 8.0 or newer; "
+                                                f"{gpu} runs fastunet's pure-PyTorch path")
+        return "reference"
+    arch_problem = _ext.cuda_arch_problem(capability) if _ext.has_cuda_kernels() else "no compiled CUDA kernels"
+    if prefer_compiled and arch_problem is None:
+        return "compiled"
+    if prefer_compiled and _ext.has_cuda_kernels():
+        _ext.warn_once(("arch", capability), f"{arch_problem}. fastunet runs its Triton kernels on {gpu} instead")
+    if _triton_usable():
+        return "triton"
+    if arch_problem is None:
+        return "compiled"
+    _ext.warn_once(("no-kernels", capability), f"fastunet has no kernels for {gpu}: triton is not usable and "
+                                               f"{arch_problem[0].lower()}{arch_problem[1:]}; running its "
+                                               "pure-PyTorch path")
     return "reference"
 
 
