@@ -8,6 +8,7 @@ upsample+conv+concat blocks backed by CUDA, Triton and CPU kernels.
 from . import _ext, functional, ops, reference
 from .environment import info
 from .model import U_Net, conv_block, up_conv
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
-__all__ = ["U_Net", "conv_block", "up_conv", "functional", "info", "ops", "reference"]
+__all__ = ["U_Net", "SyncBatchNorm", "conv_block", "convert_sync_batchnorm", "up_conv", "functional", "info", "ops", "reference"]

@@ -16,7 +16,11 @@ Two modes:
                form, 2.25x fewer FLOPs); BN folded into the conv weights for inference (``fold``). A
                conv bias in front of a training-mode BN cancels exactly: it is not added, its gradient
                is exactly zero, and it still enters the running mean. The Functions return the batch
-               mean and biased variance; the caller updates the running stats.
+               mean and unbiased variance; the caller updates the running stats.
+Synchronized BN (nn.SyncBatchNorm's semantics, fast mode): where a BN tuple carries a process group, each
+rank's per-channel (mean, variance, count) is all-gathered and merged, and in backward the per-channel
+sum(dy) and sum(dy * (z - mean)) are all-reduced; BN's own weight and bias gradients stay per rank (DDP
+reduces them), as in nn.SyncBatchNorm.
 Under autocast the convolutions get autocast's casts (done here explicitly, as autocast would), BN
 statistics stay in float32.
 """
@@ -24,6 +28,7 @@ statistics stay in float32.
 import torch
 
 from . import ops
+from .sync_batchnorm import all_reduce_sums, sync_batch_stats
 
 _aten = torch.ops.aten
 _CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
@@ -114,23 +119,40 @@ def _apply(function, *args):
 
 
 class _BN:
-    """One BatchNorm layer's tensors and settings, as passed by the module."""
+    """One BatchNorm layer's tensors and settings, as passed by the module; ``group`` is the process group
+    its statistics are synchronized over (None: this process's batch alone)."""
 
-    __slots__ = ("gamma", "beta", "running_mean", "running_var", "momentum", "eps")
+    __slots__ = ("gamma", "beta", "running_mean", "running_var", "momentum", "eps", "group")
 
-    def __init__(self, gamma, beta, running_mean, running_var, momentum, eps):
+    def __init__(self, gamma, beta, running_mean, running_var, momentum, eps, group=None):
         self.gamma, self.beta = gamma, beta
         self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.eps, self.group = momentum, eps, group
+
+
+def _group(bn):
+    """The process group of a BN tuple ``(gamma, beta, running_mean, running_var, momentum, eps[, group])``."""
+    return bn[6] if len(bn) > 6 else None
+
+
+def _check_no_exact_sync(exact, *bns):
+    if exact and any(bn.group is not None for bn in bns):
+        raise ValueError("fastunet: synchronized BatchNorm runs in fast mode only; in exact mode use the modules "
+                         "themselves (nn.SyncBatchNorm), as fastunet.U_Net(exact=True) does")
 
 
 def _fast_bn(z, bn, conv_bias, training, upscale):
-    """Fast-mode BN of a bias-free conv output: (mean, var, invstd, scale, shift), float32 vectors.
+    """Fast-mode BN of a bias-free conv output: (mean, var, invstd, scale, shift) float32 vectors, and the
+    number of values per channel the statistics cover (all ranks' when synchronized).
 
     In eval the conv bias is folded into the mean, so that z*scale + shift is BN(z + bias).
     """
+    n, _, h, w = ops.logical_shape(z, upscale)
+    count = n * h * w
     if training:
         mean, var = ops.bn_stats(z, upscale)
+        if bn.group is not None:
+            mean, var, count = sync_batch_stats(mean, var, count, bn.group)
     else:
         acc = ops.acc_dtype(z.dtype)
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
@@ -138,14 +160,26 @@ def _fast_bn(z, bn, conv_bias, training, upscale):
             mean = mean - conv_bias.to(acc)
     invstd = torch.rsqrt(var + bn.eps)
     scale = bn.gamma.to(mean.dtype) * invstd
-    return mean, var, invstd, scale, bn.beta.to(mean.dtype) - mean * scale
+    return mean, var, invstd, scale, bn.beta.to(mean.dtype) - mean * scale, count
 
 
-def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bias, training, upscale):
-    """(dz, dgamma, dbeta, dconv_bias) of one fast-mode BN + ReLU (+ max-pool) layer."""
+def _sync_sums(sum_dy, sum_dy_xmu, z, upscale, sync):
+    """Backward of synchronized BN: the all-reduced sums, scaled by this rank's share of the values so that
+    bn_relu_backward_apply's division by the local count divides by the global one."""
+    group, total = sync
+    n, _, h, w = ops.logical_shape(z, upscale)
+    share = ((n * h * w) / total).to(sum_dy.dtype)
+    all_dy, all_dy_xmu = all_reduce_sums(sum_dy, sum_dy_xmu, group)
+    return all_dy * share, all_dy_xmu * share
+
+
+def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bias, training, upscale, sync=None):
+    """(dz, dgamma, dbeta, dconv_bias) of one fast-mode BN + ReLU (+ max-pool) layer; ``sync`` is
+    ``(group, global count)`` for synchronized BN."""
     sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
     if training:
-        dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale)
+        all_dy, all_dy_xmu = (sum_dy, sum_dy_xmu) if sync is None else _sync_sums(sum_dy, sum_dy_xmu, z, upscale, sync)
+        dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, all_dy, all_dy_xmu, upscale)
         dbias = None if conv_bias is None else torch.zeros_like(conv_bias)
     else:
         zero = torch.zeros_like(sum_dy)
@@ -154,9 +188,10 @@ def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bia
     return dz, sum_dy_xmu * invstd, sum_dy, dbias
 
 
-def _batch_stats(mean, var, conv_bias):
-    """Mean of the biased conv output and biased variance, for the caller's running-stats update."""
-    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), var
+def _batch_stats(mean, var, conv_bias, count):
+    """Mean of the biased conv output and unbiased variance, for the caller's running-stats update."""
+    unbiased = var * (count / max(count - 1, 1)) if isinstance(count, int) else var * (count / (count - 1).clamp_min(1))
+    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), unbiased.to(var.dtype)
 
 
 def _fold_bn(conv_bias, bn):
@@ -215,9 +250,10 @@ class DoubleConvBNReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, g1, be1, w2, b2, g2, be2, rm1, rv1, rm2, rv2,
-                momentum1, momentum2, eps1, eps2, training, exact, fold, cat_channels, pool):
-        bn1 = _BN(g1, be1, rm1, rv1, momentum1, eps1)
-        bn2 = _BN(g2, be2, rm2, rv2, momentum2, eps2)
+                momentum1, momentum2, eps1, eps2, group1, group2, training, exact, fold, cat_channels, pool):
+        bn1 = _BN(g1, be1, rm1, rv1, momentum1, eps1, group1 if training else None)
+        bn2 = _BN(g2, be2, rm2, rv2, momentum2, eps2, group2 if training else None)
+        _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
         ctx.cfg = (training, exact, pool, eps1, eps2)
         ctx.bn_dtypes = (g1.dtype, g2.dtype)
@@ -249,16 +285,17 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 stats = ()
             else:
                 z1 = _conv(xc, w1c, None)
-                m1, v1, i1, s1, h1 = _fast_bn(z1, bn1, b1, training, 1)
+                m1, v1, i1, s1, h1, n1 = _fast_bn(z1, bn1, b1, training, 1)
                 a1 = torch.empty_like(z1)
                 ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
                 z2 = _conv(a1, w2c, None)
                 del a1  # recomputed from z1 in backward
-                m2, v2, i2, s2, h2 = _fast_bn(z2, bn2, b2, training, 1)
+                m2, v2, i2, s2, h2, n2 = _fast_bn(z2, bn2, b2, training, 1)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 ops.bn_relu_pool(z2, s2, h2, 1, out, pooled)
                 ctx.save_for_backward(x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2)
-                stats = (*_batch_stats(m1, v1, b1), *_batch_stats(m2, v2, b2)) if training else ()
+                ctx.sync = (None if bn1.group is None else (bn1.group, n1), None if bn2.group is None else (bn2.group, n2))
+                stats = (*_batch_stats(m1, v1, b1, n1), *_batch_stats(m2, v2, b2, n2)) if training else ()
         ctx.mark_non_differentiable(*stats)
         return (buf, pooled, *stats) if pool else (buf, *stats)
 
@@ -285,16 +322,17 @@ class DoubleConvBNReLU(torch.autograd.Function):
             else:
                 x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2 = ctx.saved_tensors
                 grad_out = grad_buf.narrow(1, 0, z2.shape[1])
-                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, m2, i2, s2, h2, b2, training, 1)
+                sync1, sync2 = ctx.sync
+                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, m2, i2, s2, h2, b2, training, 1, sync2)
                 a1 = torch.empty_like(z1)
                 ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
                 da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[5], False])
                 del a1
-                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1)
+                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1, sync1)
                 dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
         bn1_dtype, bn2_dtype = ctx.bn_dtypes
         return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, bn1_dtype), _grad_as(dbe1, bn1_dtype),
-                _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, bn2_dtype), _grad_as(dbe2, bn2_dtype)) + (None,) * 13
+                _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, bn2_dtype), _grad_as(dbe2, bn2_dtype)) + (None,) * 15
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fold=False, cat_channels=0,
@@ -302,13 +340,14 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fol
     """(conv3x3 + BN + ReLU) x 2 over ``x`` ``[N, Cin, H, W]`` (float32/bfloat16/float16, NCHW or NHWC).
 
     conv1/conv2 are ``(weight, bias)`` pairs, bn1/bn2 ``_BN``-like tuples ``(gamma, beta, running_mean,
-    running_var, momentum, eps)``. Returns ``(buf, pooled, batch_stats)``: ``buf`` is ``[N, Cout +
+    running_var, momentum, eps[, process_group])``; with a process group (fast mode, training) the BN
+    statistics are synchronized over it. Returns ``(buf, pooled, batch_stats)``: ``buf`` is ``[N, Cout +
     cat_channels, H, W]`` whose first Cout channels hold the block output (the rest is for
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None, and
-    ``batch_stats`` the fast-mode training ``(mean1, var1, mean2, var2)`` (empty otherwise).
+    ``batch_stats`` the fast-mode training ``(mean1, unbiased var1, mean2, unbiased var2)`` (empty otherwise).
     """
     outs = _apply(DoubleConvBNReLU, x, *conv1, *bn1[:2], *conv2, *bn2[:2], *bn1[2:4], *bn2[2:4],
-                                  bn1[4], bn2[4], bn1[5], bn2[5], training, exact, fold, cat_channels, pool)
+                  bn1[4], bn2[4], bn1[5], bn2[5], _group(bn1), _group(bn2), training, exact, fold, cat_channels, pool)
     if pool:
         return outs[0], outs[1], outs[2:]
     return outs[0], None, outs[1:]
@@ -323,8 +362,9 @@ class UpsampleConvCat(torch.autograd.Function):
     """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat."""
 
     @staticmethod
-    def forward(ctx, d, buf, w, b, g, be, rm, rv, momentum, eps, training, exact, fold):
-        bn = _BN(g, be, rm, rv, momentum, eps)
+    def forward(ctx, d, buf, w, b, g, be, rm, rv, momentum, eps, group, training, exact, fold):
+        bn = _BN(g, be, rm, rv, momentum, eps, group if training else None)
+        _check_no_exact_sync(exact, bn)
         cast = _autocast_dtype(d.device.type)
         cout = w.shape[0]
         cskip = buf.shape[1] - cout
@@ -350,10 +390,11 @@ class UpsampleConvCat(torch.autograd.Function):
             else:
                 w4 = phase_weights(w).to(wc.dtype)
                 z4 = _conv(dc, w4, None)
-                m, v, i, s, h = _fast_bn(z4, bn, b, training, 2)
+                m, v, i, s, h, count = _fast_bn(z4, bn, b, training, 2)
                 ops.bn_relu_pool(z4, s, h, 2, out, None)
                 ctx.save_for_backward(d, dc, w, w4, b, z4, m, i, s, h)
-                stats = _batch_stats(m, v, b) if training else ()
+                ctx.sync = None if bn.group is None else (bn.group, count)
+                stats = _batch_stats(m, v, b, count) if training else ()
         ctx.mark_dirty(buf)
         ctx.mark_non_differentiable(*stats)
         return (buf, *stats)
@@ -377,13 +418,13 @@ class UpsampleConvCat(torch.autograd.Function):
                 d, dc, w, w4, b, z4, m, i, s, h = ctx.saved_tensors
                 cout = w.shape[0]
                 grad_out = grad_buf.narrow(1, cskip, cout)
-                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, m, i, s, h, b, training, 2)
+                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, m, i, s, h, b, training, 2, ctx.sync)
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
         # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
         return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, ctx.bn_dtype), _grad_as(dbe, ctx.bn_dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def upsample_conv_cat(d, buf, conv, bn, *, training, exact=False, fold=False):
@@ -391,8 +432,9 @@ def upsample_conv_cat(d, buf, conv, bn, *, training, exact=False, fold=False):
 
     d: ``[N, Cin, h, w]``; buf: ``[N, Cskip + Cout, 2h, 2w]`` of the block's activation dtype whose
     first Cskip channels hold the skip (written by double_conv_bn_relu with cat_channels=Cout); conv is
-    ``(weight [Cout, Cin, 3, 3], bias)``, bn ``(gamma, beta, running_mean, running_var, momentum, eps)``.
-    Returns ``(buf, batch_stats)`` with ``batch_stats`` = fast-mode training ``(mean, var)`` or empty.
+    ``(weight [Cout, Cin, 3, 3], bias)``, bn ``(gamma, beta, running_mean, running_var, momentum, eps[,
+    process_group])`` (a process group synchronizes the fast-mode training statistics over it).
+    Returns ``(buf, batch_stats)`` with ``batch_stats`` = fast-mode training ``(mean, unbiased var)`` or empty.
     """
-    outs = _apply(UpsampleConvCat, d, buf, *conv, *bn, training, exact, fold)
+    outs = _apply(UpsampleConvCat, d, buf, *conv, *bn[:6], _group(bn), training, exact, fold)
     return outs[0], outs[1:]

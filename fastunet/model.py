@@ -7,34 +7,52 @@ BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same mod
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from . import functional
 from . import ops as fastunet_ops
 from . import reference
+from .sync_batchnorm import SyncBatchNorm
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _sync_group(bn):
+    """The process group a synchronized BN (fastunet.SyncBatchNorm, nn.SyncBatchNorm) synchronizes over in this
+    call, or None (as nn.SyncBatchNorm decides: training, torch.distributed initialized, more than one rank)."""
+    if isinstance(bn, SyncBatchNorm):
+        return bn.sync_group()
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
 def _bn_call_args(bn):
-    """BN tensors and the momentum factor for this call, as nn.BatchNorm2d computes them (and counts)."""
+    """BN tensors, momentum factor and process group for this call, as nn.BatchNorm2d / nn.SyncBatchNorm
+    compute them (and count)."""
     factor = 0.0
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps)
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, _sync_group(bn))
 
 
-def _update_running_stats(bn, batch_mean, batch_var, count, factor):
-    """Fast mode: the running-stats update nn.BatchNorm2d makes (unbiased variance)."""
+def _update_running_stats(bn, batch_mean, batch_var_unbiased, factor):
+    """Fast mode: the running-stats update nn.BatchNorm2d makes."""
     with torch.no_grad():
         bn.running_mean.mul_(1.0 - factor).add_(batch_mean.to(bn.running_mean.dtype), alpha=factor)
-        unbiased = batch_var * (count / max(count - 1, 1))
-        bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        bn.running_var.mul_(1.0 - factor).add_(batch_var_unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
 def _fusable_bn(bn):
-    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+    return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm) and bn.affine and bn.track_running_stats
+
+
+def _fusable_in_mode(exact, *bns):
+    """Exact mode leaves synchronized BN to nn.SyncBatchNorm itself (its rounding is the reference)."""
+    return not (exact and any(_sync_group(bn) is not None for bn in bns))
 
 
 def _fusable_conv(conv):
@@ -60,18 +78,18 @@ class conv_block(reference.conv_block):
         return _fusable_conv(c1) and _fusable_conv(c2) and _fusable_bn(b1) and _fusable_bn(b2)
 
     def forward(self, x, cat_channels=0, pool=False, fold=False):
-        if not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0:
-            return _unfused_block(self.conv(x), cat_channels, pool)
         c1, b1, _, c2, b2, _ = self.conv
+        if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
+                or not _fusable_in_mode(self.exact, b1, b2)):
+            return _unfused_block(self.conv(x), cat_channels, pool)
         bn1, bn2 = _bn_call_args(b1), _bn_call_args(b2)
         buf, pooled, stats = functional.double_conv_bn_relu(
             x, (c1.weight, c1.bias), bn1, (c2.weight, c2.bias), bn2, training=self.training, exact=self.exact,
             fold=fold, cat_channels=cat_channels, pool=pool,
         )
         if stats:
-            count = x.shape[0] * x.shape[2] * x.shape[3]
-            _update_running_stats(b1, stats[0], stats[1], count, bn1[4])
-            _update_running_stats(b2, stats[2], stats[3], count, bn2[4])
+            _update_running_stats(b1, stats[0], stats[1], bn1[4])
+            _update_running_stats(b2, stats[2], stats[3], bn2[4])
         return (buf, pooled) if pool else buf
 
 
@@ -96,7 +114,8 @@ class up_conv(reference.up_conv):
                 and _fusable_conv(conv) and _fusable_bn(bn))
 
     def forward(self, x, buf=None, fold=False):
-        if not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0:
+        if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
+                or not _fusable_in_mode(self.exact, self.up[2])):
             up = self.up(x)
             return up if buf is None else torch.cat((buf.narrow(1, 0, buf.shape[1] - up.shape[1]), up), dim=1)
         _, conv, bn, _ = self.up
@@ -106,7 +125,7 @@ class up_conv(reference.up_conv):
         buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
                                                   exact=self.exact, fold=fold)
         if stats:
-            _update_running_stats(bn, stats[0], stats[1], x.shape[0] * 4 * x.shape[2] * x.shape[3], bn_args[4])
+            _update_running_stats(bn, stats[0], stats[1], bn_args[4])
         return buf
 
 
@@ -137,7 +156,8 @@ class U_Net(reference.U_Net):
     fast mode re-associates arithmetic (sub-pixel up-conv, own BN, BN folded into the convs in inference)
     and stays within 2x of the reference's float32 error against a float64 run.
     Input: float32, or bfloat16/float16 under autocast or with a model converted by ``.to(dtype)``;
-    NCHW or channels_last. float64 runs the pure-PyTorch path (so gradcheck works).
+    NCHW or channels_last. float64 runs the pure-PyTorch path (so gradcheck works). Under DDP,
+    ``convert_sync_batchnorm`` synchronizes the BatchNorm statistics across ranks.
     """
 
     block_types = (conv_block, up_conv)
@@ -160,8 +180,8 @@ class U_Net(reference.U_Net):
 
     def forward(self, x):
         _check_input(x, self.img_ch, self.Conv_1x1.weight)
-        if self.training:
-            _check_bn_batch(x)
+        if self.training and not any(_sync_group(m) is not None for m in self.modules()):
+            _check_bn_batch(x)  # synchronized BN counts every rank's values
         fold = not self.training and not self.exact and not self._grad_needed(x)
         x1, p = self.Conv1(x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
         x2, p = self.Conv2(p, cat_channels=self.Up3.out_channels, pool=True, fold=fold)

@@ -1,0 +1,238 @@
+"""fastunet under DistributedDataParallel, with and without synchronized BatchNorm, on 2 ranks.
+
+The ranks are processes spawned by the test (gloo on the CPU; NCCL on two GPUs where there are two),
+bounded in time and cleaned up. Each rank trains one step of DDP(model) on its slice of a batch; the test
+compares the outputs, input gradients, DDP-averaged parameter gradients and BN buffers of fastunet with the
+pure-PyTorch reference model trained the same way (DDP, same BN synchronization), both judged against a float64
+single-process run of the reference on the concatenated batch (synchronized BN) or on each rank's batch
+(per-rank BN): exact mode bit for bit the distributed reference, fast mode within 2x of its error.
+The distributed reference with synchronized BN is the reference model converted by
+fastunet.convert_sync_batchnorm (nn.SyncBatchNorm's own function on CUDA, its pure-PyTorch twin on the CPU,
+where nn.SyncBatchNorm does not run); on two GPUs it is also compared with nn.SyncBatchNorm itself.
+Each rank's loss is sum(out * g); DDP averages parameter gradients over the R ranks, so the single-process
+equivalent loss is sum(out * g) / R, and a rank's input gradient is that of the sum of all ranks' losses.
+"""
+
+import copy
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import HAS_GPU
+from test_model import conv_bias_before_bn, relative_error, train_step, well_conditioned
+
+import fastunet
+from fastunet.reference import U_Net as Reference
+
+WORLD = 2
+TIMEOUT_S = 300
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_slice(sizes, rank):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _worker(rank, port, backend, case_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.deterministic = True
+    dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        case = torch.load(case_path)
+        results = {}
+        for name, run in case["runs"].items():
+            sl = _rank_slice(run["sizes"], rank)
+            x, g = run["x"][sl].to(device), run["g"][sl].to(device)
+            model = Reference(3, 2) if run["model"] == "reference" else fastunet.U_Net(3, 2, exact=run["exact"])
+            model.load_state_dict(case["state"])
+            if run["sync"] == "torch":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif run["sync"]:
+                model = fastunet.convert_sync_batchnorm(model)
+            ddp = torch.nn.parallel.DistributedDataParallel(model.to(device))
+            out, gx, grads, buffers = train_step(ddp, x, g)
+            results[name] = (out.cpu(), gx.cpu(), {k.removeprefix("module."): v.cpu() for k, v in grads.items()},
+                             {k.removeprefix("module."): v.cpu() for k, v in buffers.items()})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, runs, state, backend="gloo"):
+    """Runs ``runs`` on WORLD spawned ranks; returns each rank's results. Fails (and kills the ranks) after
+    TIMEOUT_S seconds."""
+    case_path = str(tmp_path / "case.pt")
+    torch.save({"runs": runs, "state": state}, case_path)
+    context = mp.start_processes(_worker, args=(_free_port(), backend, case_path, str(tmp_path)), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
+    try:
+        while not context.join(timeout=5):
+            if datetime.datetime.now() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _gathered(per_rank, name):
+    """One run's results as the single-process view: outputs and input grads concatenated over the ranks,
+    parameter grads (DDP-averaged, so every rank's must be equal) and buffers from rank 0."""
+    outs = [r[name] for r in per_rank]
+    for other in outs[1:]:
+        for k in outs[0][2]:
+            assert torch.equal(other[2][k], outs[0][2][k]), f"{name}: DDP left rank grads of {k} different"
+    return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2], outs[0][3])
+
+
+def _setup(sizes, size):
+    torch.manual_seed(1234)
+    ref = Reference(3, 2)
+    well_conditioned(ref)
+    n = sum(sizes)
+    return ref, torch.randn(n, 3, size, size), torch.randn(n, 2, size, size)
+
+
+def _assert_bitwise(got, want, what):
+    for i, name in enumerate(("output", "input gradient")):
+        assert torch.equal(got[i], want[i]), f"{what}: {name}"
+    for i, name in ((2, "grad"), (3, "buffer")):
+        for k in want[i]:
+            assert torch.equal(got[i][k], want[i][k]), f"{what}: {name} {k}"
+
+
+def _zero_in_exact_arithmetic(name, grad64, total):
+    """Conv biases feeding a training-mode BN, and (at a 1x1 bottleneck, where the next conv is a per-pixel
+    linear map in front of BN) BN biases: their exact gradient is 0 and their float values rounding noise."""
+    return conv_bias_before_bn(name) or grad64.norm().item() <= 1e-9 * total
+
+
+def _assert_is_synchronized_bn(got, want64):
+    """``got`` computes what the float64 run on the concatenated batch computes, up to float32 rounding and the
+    odd max-pool near-tie that rounding flips (which moves a tensor's gradient by ~1e-3 relative; BN statistics
+    of the wrong batch move them by far more). Zero gradients are held to a norm-scaled absolute bound."""
+    total = torch.cat([v.flatten() for v in want64[2].values()]).norm().item()
+    for k, v in want64[2].items():
+        if _zero_in_exact_arithmetic(k, v, total):
+            assert (got[2][k].double() - v).norm().item() <= 1e-5 * total, k
+        else:
+            assert relative_error(got[2][k], v) <= 1e-2, k
+    assert relative_error(got[0], want64[0]) <= 1e-4 and relative_error(got[1], want64[1]) <= 1e-2
+    for k, v in want64[3].items():
+        assert relative_error(got[3][k], v) <= 1e-4, k
+
+
+FLIP = 3e-3  # the relative move of a gradient when rounding flips one max-pool near-tie (measured ~1e-3)
+
+
+def _assert_fast_within_twice(got, want, want64):
+    """Fast mode against the float64 run: the output and BN buffers (what the synchronized statistics set) within
+    2x of the distributed reference's error, as in tests/test_model.py; the gradients too, but with room for
+    one max-pool near-tie flipped by rounding in either run (a wrong synchronization moves them by > 1e-2)."""
+    assert relative_error(got[0], want64[0]) <= 2 * relative_error(want[0], want64[0]) + 1e-7
+    for k, v in want64[3].items():
+        if not k.endswith("num_batches_tracked"):
+            assert relative_error(got[3][k], v) <= 2 * relative_error(want[3][k], v) + 1e-7, k
+    assert relative_error(got[1], want64[1]) <= 2 * relative_error(want[1], want64[1]) + FLIP
+    total = torch.cat([v.flatten() for v in want64[2].values()]).norm().item()
+    for k, v in want64[2].items():
+        if _zero_in_exact_arithmetic(k, v, total):
+            assert (got[2][k].double() - v).norm().item() <= 1e-5 * total, k
+        else:
+            assert relative_error(got[2][k], v) <= 2 * relative_error(want[2][k], v) + FLIP, k
+
+
+def _runs(sync, sizes, x, g):
+    common = dict(sync=sync, sizes=sizes, x=x, g=g)
+    return {"reference": dict(model="reference", exact=True, **common),
+            "exact": dict(model="fastunet", exact=True, **common),
+            "fast": dict(model="fastunet", exact=False, **common)}
+
+
+@pytest.mark.parametrize("sizes, size", [((2, 2), 32), ((3, 1), 16)], ids=["even", "uneven-rank-of-1"])
+def test_sync_bn_matches_the_distributed_reference_and_the_concatenated_batch(tmp_path, sizes, size):
+    """Synchronized BN = one process on the whole batch: the distributed reference within float32 rounding of
+    the float64 single-process run, exact mode bitwise that reference, fast mode within 2x of its error;
+    also with an uneven split where one rank holds one image and the 1x1 bottleneck one value per channel."""
+    ref, x, g = _setup(sizes, size)
+    per_rank = run_ranks(tmp_path, _runs(True, sizes, x, g), ref.state_dict())
+
+    def single_process_view(name):
+        out, gx, grads, buffers = _gathered(per_rank, name)
+        return out, gx / WORLD, grads, buffers
+
+    want = single_process_view("reference")
+    _assert_bitwise(single_process_view("exact"), want, "exact mode")
+    want64 = train_step(copy.deepcopy(ref).double(), x.double(), g.double() / WORLD)
+    _assert_is_synchronized_bn(want, want64)
+    _assert_fast_within_twice(single_process_view("fast"), want, want64)
+
+
+def test_per_rank_bn_matches_the_reference_under_ddp(tmp_path):
+    """Without sync each rank normalizes its own batch: exact mode is bitwise DDP(reference); fast mode is
+    within 2x of its error against per-rank float64 references, averaged as DDP averages."""
+    sizes = (2, 2)
+    ref, x, g = _setup(sizes, 32)
+    per_rank = run_ranks(tmp_path, _runs(False, sizes, x, g), ref.state_dict())
+    for rank in range(WORLD):
+        _assert_bitwise(per_rank[rank]["exact"], per_rank[rank]["reference"], f"rank {rank}")
+    ref64 = copy.deepcopy(ref).double()
+    steps = [train_step(copy.deepcopy(ref64), x[_rank_slice(sizes, r)].double(), g[_rank_slice(sizes, r)].double())
+             for r in range(WORLD)]
+    want64 = (torch.cat([s[0] for s in steps]), torch.cat([s[1] for s in steps]),
+              {k: sum(s[2][k] for s in steps) / WORLD for k in steps[0][2]}, steps[0][3])
+    fast = _gathered(per_rank, "fast")
+    _assert_fast_within_twice(fast, _gathered(per_rank, "reference"), want64)
+    for k, b in per_rank[1]["fast"][3].items():  # rank 1 keeps its own running stats until DDP's next broadcast
+        if k.endswith("running_mean"):
+            assert not torch.equal(b, fast[3][k]), f"rank 1's {k} should come from its own batch"
+
+
+@pytest.mark.skipif(not HAS_GPU or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs")
+def test_sync_bn_on_cuda_matches_nn_sync_batchnorm(tmp_path):
+    """On two GPUs (NCCL): fastunet.SyncBatchNorm and fastunet's exact mode are bitwise the
+    nn.SyncBatchNorm-converted reference; fast mode is within 2x of its error against float64."""
+    sizes = (2, 2)
+    ref, x, g = _setup(sizes, 32)
+    runs = _runs(True, sizes, x, g)
+    runs["torch"] = dict(runs["reference"], sync="torch")
+    per_rank = run_ranks(tmp_path, runs, ref.state_dict(), backend="nccl")
+    want = _gathered(per_rank, "torch")
+    _assert_bitwise(_gathered(per_rank, "reference"), want, "fastunet.SyncBatchNorm")
+    _assert_bitwise(_gathered(per_rank, "exact"), want, "exact mode")
+    out, gx, grads, buffers = want
+    want64 = train_step(copy.deepcopy(ref).double(), x.double(), g.double() / WORLD)
+    fast = _gathered(per_rank, "fast")
+    _assert_fast_within_twice((fast[0], fast[1] / WORLD, *fast[2:]), (out, gx / WORLD, grads, buffers), want64)
+
+
+def test_convert_sync_batchnorm_keeps_state_dict_and_is_batchnorm_outside_distributed():
+    """Converted models keep the state_dict keys and tensors (checkpoints load both ways), share the
+    original parameters, and without torch.distributed behave bit for bit as nn.BatchNorm2d."""
+    ref = Reference(3, 2)
+    model = fastunet.U_Net(3, 2, exact=True)
+    model.load_state_dict(ref.state_dict())
+    weight = model.Conv1.conv[1].weight
+    synced = fastunet.convert_sync_batchnorm(model)
+    assert isinstance(synced.Conv1.conv[1], fastunet.SyncBatchNorm) and synced.Conv1.conv[1].weight is weight
+    assert list(synced.state_dict()) == list(ref.state_dict())
+    Reference(3, 2).load_state_dict(synced.state_dict())
+    x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 2, 32, 32)
+    got, want = train_step(synced, x, g), train_step(ref, x, g)
+    _assert_bitwise(got, want, "converted model without torch.distributed")
