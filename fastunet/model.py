@@ -50,6 +50,12 @@ def _fusable_bn(bn):
     return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm) and bn.affine and bn.track_running_stats
 
 
+def exporting():
+    """True while torch.export, torch.onnx.export or torch.jit.trace records the model: fastunet then runs the
+    seed's pure-PyTorch graph, so the exported program holds only standard operators."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def _fusable_in_mode(exact, *bns):
     """Exact mode leaves synchronized BN to nn.SyncBatchNorm itself (its rounding is the reference)."""
     return not (exact and any(_sync_group(bn) is not None for bn in bns))
@@ -80,7 +86,7 @@ class conv_block(reference.conv_block):
     def forward(self, x, cat_channels=0, pool=False, fold=False):
         c1, b1, _, c2, b2, _ = self.conv
         if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
-                or not _fusable_in_mode(self.exact, b1, b2)):
+                or not _fusable_in_mode(self.exact, b1, b2) or exporting()):
             return _unfused_block(self.conv(x), cat_channels, pool)
         bn1, bn2 = _bn_call_args(b1), _bn_call_args(b2)
         buf, pooled, stats = functional.double_conv_bn_relu(
@@ -115,7 +121,7 @@ class up_conv(reference.up_conv):
 
     def forward(self, x, buf=None, fold=False):
         if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
-                or not _fusable_in_mode(self.exact, self.up[2])):
+                or not _fusable_in_mode(self.exact, self.up[2]) or exporting()):
             up = self.up(x)
             return up if buf is None else torch.cat((buf.narrow(1, 0, buf.shape[1] - up.shape[1]), up), dim=1)
         _, conv, bn, _ = self.up
@@ -180,6 +186,8 @@ class U_Net(reference.U_Net):
 
     def forward(self, x):
         _check_input(x, self.img_ch, self.Conv_1x1.weight)
+        if exporting():
+            return super().forward(x)
         if self.training and not any(_sync_group(m) is not None for m in self.modules()):
             _check_bn_batch(x)  # synchronized BN counts every rank's values
         fold = not self.training and not self.exact and not self._grad_needed(x)
