@@ -1,4 +1,5 @@
-"""Benchmarks the reference U-Net (eager, torch.compile) against fastunet (exact, fast) on one device.
+"""Benchmarks the reference U-Net (eager, torch.compile) against fastunet (exact, fast, and fast with
+activation checkpointing, which trades time for memory) on one device.
 
 ``python -m fastunet.bench`` prints, for each configuration, the training-step time (forward + loss +
 backward) and the inference time (median of timed reps after warm-up, inputs rotating among pre-drawn
@@ -32,6 +33,7 @@ CONFIGS = {
     "reference_compile": "reference compile",
     "fastunet_exact": "fastunet exact",
     "fastunet_fast": "fastunet fast",
+    "fastunet_fast_checkpointing": "fastunet fast ckpt",
 }
 START = time.perf_counter()
 IMG_CH, OUTPUT_CH = 3, 1
@@ -64,7 +66,8 @@ def build_model(config, device, channels_last, state):
     if config.startswith("reference"):
         model = reference.U_Net(IMG_CH, OUTPUT_CH)
     else:
-        model = U_Net(IMG_CH, OUTPUT_CH, exact=config == "fastunet_exact")
+        model = U_Net(IMG_CH, OUTPUT_CH, exact=config == "fastunet_exact",
+                      checkpointing=config == "fastunet_fast_checkpointing")
     model.load_state_dict(state)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.compile(model) if config == "reference_compile" else model

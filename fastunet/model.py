@@ -9,8 +9,10 @@ BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same mod
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from . import functional
+from . import _ext, functional
 from . import ops as fastunet_ops
 from . import reference
 from .sync_batchnorm import SyncBatchNorm
@@ -29,11 +31,34 @@ def _sync_group(bn):
     return group if dist.get_world_size(group) > 1 else None
 
 
+_recomputing = [False]  # set while activation checkpointing recomputes a level in backward
+
+
+def _checkpoint(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under activation checkpointing (non-reentrant). The recomputation in backward
+    leaves the BN running stats and num_batches_tracked alone: they were updated by the forward."""
+    calls = []
+
+    def run(*a, **k):
+        outer, _recomputing[0] = _recomputing[0], bool(calls)
+        calls.append(None)
+        try:
+            return fn(*a, **k)
+        finally:
+            _recomputing[0] = outer
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+
+def _call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
 def _bn_call_args(bn):
     """BN tensors, momentum factor and process group for this call, as nn.BatchNorm2d / nn.SyncBatchNorm
-    compute them (and count)."""
+    compute them (and count); a checkpointing recomputation counts nothing and moves no running stat."""
     factor = 0.0
-    if bn.training and bn.track_running_stats:
+    if bn.training and bn.track_running_stats and not _recomputing[0]:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, _sync_group(bn))
@@ -48,6 +73,23 @@ def _update_running_stats(bn, batch_mean, batch_var_unbiased, factor):
 
 def _fusable_bn(bn):
     return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm) and bn.affine and bn.track_running_stats
+
+
+def _runs_fused(block, x, *bns):
+    """Whether ``block`` runs its fused kernels on ``x``; else it runs the pure-PyTorch path of its modules,
+    with one warning per reason where that is a fallback (an unsupported dtype or layer), not a choice (an empty
+    batch, export, exact-mode synchronized BN)."""
+    if x.shape[0] == 0 or exporting() or not _fusable_in_mode(block.exact, *bns):
+        return False
+    if x.dtype not in _FUSED_DTYPES:
+        _ext.warn_once(("dtype", x.dtype), f"fastunet: {x.dtype} input runs the pure-PyTorch path of the U-Net (the "
+                                           "fused kernels take float32, bfloat16 and float16)")
+        return False
+    if not block.fusable():
+        _ext.warn_once(("layers", type(block).__name__), f"fastunet: a {type(block).__name__} holds a layer the fused "
+                       f"kernels do not take (they take {block.fused_layers}); such blocks run the pure-PyTorch path")
+        return False
+    return True
 
 
 def exporting():
@@ -79,21 +121,24 @@ class conv_block(reference.conv_block):
         super().__init__(ch_in, ch_out)
         self.exact = False
 
+    fused_layers = ("3x3 convs with padding 1, stride 1, no dilation or groups, zero padding; affine BatchNorm2d or "
+                    "SyncBatchNorm tracking running stats")
+
     def fusable(self):
+        """Whether the layers are those the fused kernels take (``fused_layers``)."""
         c1, b1, _, c2, b2, _ = self.conv
         return _fusable_conv(c1) and _fusable_conv(c2) and _fusable_bn(b1) and _fusable_bn(b2)
 
     def forward(self, x, cat_channels=0, pool=False, fold=False):
         c1, b1, _, c2, b2, _ = self.conv
-        if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
-                or not _fusable_in_mode(self.exact, b1, b2) or exporting()):
+        if not _runs_fused(self, x, b1, b2):
             return _unfused_block(self.conv(x), cat_channels, pool)
         bn1, bn2 = _bn_call_args(b1), _bn_call_args(b2)
         buf, pooled, stats = functional.double_conv_bn_relu(
             x, (c1.weight, c1.bias), bn1, (c2.weight, c2.bias), bn2, training=self.training, exact=self.exact,
             fold=fold, cat_channels=cat_channels, pool=pool,
         )
-        if stats:
+        if stats and not _recomputing[0]:
             _update_running_stats(b1, stats[0], stats[1], bn1[4])
             _update_running_stats(b2, stats[2], stats[3], bn2[4])
         return (buf, pooled) if pool else buf
@@ -114,14 +159,17 @@ class up_conv(reference.up_conv):
     def out_channels(self):
         return self.up[1].out_channels
 
+    fused_layers = ("a nearest 2x Upsample; a 3x3 conv with padding 1, stride 1, no dilation or groups, zero "
+                    "padding; an affine BatchNorm2d or SyncBatchNorm tracking running stats")
+
     def fusable(self):
+        """Whether the layers are those the fused kernels take (``fused_layers``)."""
         up, conv, bn, _ = self.up
         return (type(up) is nn.Upsample and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0))
                 and _fusable_conv(conv) and _fusable_bn(bn))
 
     def forward(self, x, buf=None, fold=False):
-        if (not self.fusable() or x.dtype not in _FUSED_DTYPES or x.shape[0] == 0
-                or not _fusable_in_mode(self.exact, self.up[2]) or exporting()):
+        if not _runs_fused(self, x, self.up[2]):
             up = self.up(x)
             return up if buf is None else torch.cat((buf.narrow(1, 0, buf.shape[1] - up.shape[1]), up), dim=1)
         _, conv, bn, _ = self.up
@@ -130,7 +178,7 @@ class up_conv(reference.up_conv):
             buf = _empty_buffer(x, self.out_channels)
         buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
                                                   exact=self.exact, fold=fold)
-        if stats:
+        if stats and not _recomputing[0]:
             _update_running_stats(bn, stats[0], stats[1], bn_args[4])
         return buf
 
@@ -164,14 +212,24 @@ class U_Net(reference.U_Net):
     Input: float32, or bfloat16/float16 under autocast or with a model converted by ``.to(dtype)``;
     NCHW or channels_last. float64 runs the pure-PyTorch path (so gradcheck works). Under DDP,
     ``convert_sync_batchnorm`` synchronizes the BatchNorm statistics across ranks.
+
+    ``checkpointing=True``: in training, each double block (the five encoder levels and the four decoder ones)
+    keeps only its input and recomputes the rest in backward (``torch.utils.checkpoint``, non-reentrant):
+    less activation memory for large images, one more forward of compute; results are unchanged, and the BN
+    running stats are updated once per step as without it.
+    ``pad_to_multiple=True``: H and W that are not multiples of 16 are zero-padded at the bottom and right
+    to the next multiple, and the output is cropped back to H x W (off by default: the default is the
+    drop-in, which asks for multiples of 16).
     """
 
     block_types = (conv_block, up_conv)
 
-    def __init__(self, img_ch=3, output_ch=1, *, exact=False):
+    def __init__(self, img_ch=3, output_ch=1, *, exact=False, checkpointing=False, pad_to_multiple=False):
         super().__init__(img_ch, output_ch)
         self.img_ch, self.output_ch = img_ch, output_ch
         self.exact = exact
+        self.checkpointing = checkpointing
+        self.pad_to_multiple = pad_to_multiple
 
     @property
     def exact(self):
@@ -185,21 +243,30 @@ class U_Net(reference.U_Net):
                 m.exact = self._exact
 
     def forward(self, x):
+        if self.pad_to_multiple and isinstance(x, torch.Tensor) and x.dim() == 4:
+            h, w = x.shape[2], x.shape[3]
+            if h % 16 or w % 16:
+                return self._forward(F.pad(x, (0, -w % 16, 0, -h % 16)))[:, :, :h, :w]
+        return self._forward(x)
+
+    def _forward(self, x):
         _check_input(x, self.img_ch, self.Conv_1x1.weight)
         if exporting():
             return super().forward(x)
         if self.training and not any(_sync_group(m) is not None for m in self.modules()):
             _check_bn_batch(x)  # synchronized BN counts every rank's values
         fold = not self.training and not self.exact and not self._grad_needed(x)
-        x1, p = self.Conv1(x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
-        x2, p = self.Conv2(p, cat_channels=self.Up3.out_channels, pool=True, fold=fold)
-        x3, p = self.Conv3(p, cat_channels=self.Up4.out_channels, pool=True, fold=fold)
-        x4, p = self.Conv4(p, cat_channels=self.Up5.out_channels, pool=True, fold=fold)
-        d = self.Conv5(p, fold=fold)
-        d = self.Up_conv5(self.Up5(d, x4, fold=fold), fold=fold)
-        d = self.Up_conv4(self.Up4(d, x3, fold=fold), fold=fold)
-        d = self.Up_conv3(self.Up3(d, x2, fold=fold), fold=fold)
-        d = self.Up_conv2(self.Up2(d, x1, fold=fold), fold=fold)
+        run = _checkpoint if self.checkpointing and self.training and self._grad_needed(x) else _call
+        x1, p = run(self.Conv1, x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
+        x2, p = run(self.Conv2, p, cat_channels=self.Up3.out_channels, pool=True, fold=fold)
+        x3, p = run(self.Conv3, p, cat_channels=self.Up4.out_channels, pool=True, fold=fold)
+        x4, p = run(self.Conv4, p, cat_channels=self.Up5.out_channels, pool=True, fold=fold)
+        d = run(self.Conv5, p, fold=fold)
+        # The up blocks write into the skip buffers in place, so they stay outside the checkpointed regions.
+        d = run(self.Up_conv5, self.Up5(d, x4, fold=fold), fold=fold)
+        d = run(self.Up_conv4, self.Up4(d, x3, fold=fold), fold=fold)
+        d = run(self.Up_conv3, self.Up3(d, x2, fold=fold), fold=fold)
+        d = run(self.Up_conv2, self.Up2(d, x1, fold=fold), fold=fold)
         return self.Conv_1x1(d)
 
     def _grad_needed(self, x):
@@ -225,7 +292,7 @@ def _check_input(x, img_ch, param):
     if h % 16 or w % 16:
         raise ValueError(f"fastunet.U_Net needs H and W that are multiples of 16 (four 2x2 poolings, and the skip "
                          f"concatenations must line up); got {h}x{w}. Pad or resize the input, e.g. to "
-                         f"{-(-h // 16) * 16}x{-(-w // 16) * 16}")
+                         f"{-(-h // 16) * 16}x{-(-w // 16) * 16}, or build the model with pad_to_multiple=True")
     if x.device != param.device:
         raise RuntimeError(f"fastunet.U_Net: the input is on {x.device} but the model's parameters are on "
                            f"{param.device}; move one of them with .to()")

@@ -33,7 +33,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
     configs = {result["config"]: result for result in report["configs"]}
     assert set(configs) == set(CONFIGS)
     assert "--no-compile" in configs["reference_compile"]["skipped"]
-    for name in ("reference_eager", "fastunet_exact", "fastunet_fast"):
+    for name in ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_checkpointing"):
         for key in MEASURED_KEYS:
             value = configs[name][key]
             assert isinstance(value, float) and math.isfinite(value), (name, key, value)
