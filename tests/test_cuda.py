@@ -117,3 +117,68 @@ def test_fast_mode_inference_on_gpu_is_close_to_float64(cuda_backend):
         assert relative_error(fast(x), want) <= 2 * relative_error(ref(x), want) + 1e-6
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert relative_error(fast(x), want) <= 2 * relative_error(ref(x), want) + 4e-3
+
+
+def test_64bit_indexing_at_the_top_level_of_batch_16_at_1024(cuda_backend):
+    """Batch 16 x 1024^2 makes a [16, 128, 1024, 1024] concat buffer: 2.1e9 elements, past 2^31. The BN+ReLU
+    +pool pass writes its first 64 channels (offsets past 2^31 from the 9th sample on), the backward reads
+    them back; checked against the specification on the last samples, where a 32-bit offset would wrap."""
+    n, c, side = 16, 64, 1024
+    dtype = torch.bfloat16
+    z = torch.randn(n, c, side, side, dtype=dtype, device="cuda")
+    scale, shift = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    buf = torch.full((n, 2 * c, side, side), float("nan"), dtype=dtype, device="cuda")
+    assert buf.numel() > 2**31
+    out = buf.narrow(1, 0, c)
+    pooled = torch.empty(n, c, side // 2, side // 2, dtype=dtype, device="cuda")
+    ops.bn_relu_pool(z, scale, shift, 1, out, pooled)
+    tail = slice(n - 2, n)
+    want, want_pool = torch.empty_like(out[tail]), torch.empty_like(pooled[tail])
+    ops.bn_relu_pool_ref(z[tail], scale, shift, 1, want, want_pool)
+    torch.testing.assert_close(out[tail], want, rtol=0, atol=0)
+    torch.testing.assert_close(pooled[tail], want_pool, rtol=0, atol=0)
+    assert torch.isnan(buf[tail, c:]).all()
+    mean, var = ops.bn_stats(z, 1)
+    want_mean, want_var = ops.bn_stats_ref(z, 1)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, want_var, rtol=1e-3, atol=1e-4)
+    del pooled, want, want_pool
+    grad = torch.randn(n, 2 * c, side, side, dtype=dtype, device="cuda").narrow(1, 0, c)
+    dy = ops.relu_pool_backward(grad, None, z, scale, shift, 1)
+    torch.testing.assert_close(dy[tail], ops.relu_pool_backward_ref(grad[tail], None, z[tail], scale, shift, 1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_deterministic_run_to_run_on_cuda(cuda_backend, exact):
+    """torch.use_deterministic_algorithms(True): two training steps give the same bits on the GPU."""
+    _, model = pair(exact=exact)
+    model.cuda()
+    x, g = torch.randn(4, 3, 64, 64, device="cuda"), torch.randn(4, 2, 64, 64, device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = cuda_train_step(copy.deepcopy(model), x, g)
+        second = cuda_train_step(copy.deepcopy(model), x, g)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_results_bitwise(second, first)
+
+
+def cuda_train_step(model, x, g):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * g).sum().backward()
+    return (out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def test_export_on_cuda_records_standard_operators():
+    _, model = pair(exact=False)
+    model.cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    program = torch.export.export(model, (x,))
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and "fastunet" in str(n.target)]
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-3, atol=1e-3)
