@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import U_Net, ops, reference
 
@@ -333,6 +334,47 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def reference_flops(batch, size):
+    """FLOPs of the reference U-Net's training step (forward + backward) and inference on ``[batch, 3, size,
+    size]``: the model FLOPs every config is credited with (counted on the meta device; 392 GFLOP per
+    3 x 256 x 256 image in training)."""
+    with torch.device("meta"):
+        model = reference.U_Net(IMG_CH, OUTPUT_CH)
+        x = torch.randn(batch, IMG_CH, size, size)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+    infer = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        F.binary_cross_entropy_with_logits(out, torch.zeros_like(out)).backward()
+    return counter.get_total_flops(), infer
+
+
+def matmul_peak_tflops(device, dtype):
+    """Measured dense matmul throughput of ``device`` in ``dtype`` (CUDA: 8192^3, mean of 10 after 3 warm-up;
+    CPU: 2048^3), TF/s: the peak the model FLOPs are held against."""
+    n = 8192 if device.type == "cuda" else 2048
+    reps = 10 if device.type == "cuda" else 3
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3 if device.type == "cuda" else 1):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def add_model_flops(results, train_flops, peak_tflops):
+    """Model TFLOP/s of each training step and its fraction of the matmul peak, in place."""
+    for result in results:
+        if "skipped" not in result:
+            result["train_tflops"] = train_flops / (result["train_ms"] * 1e-3) / 1e12
+            result["train_peak_fraction"] = result["train_tflops"] / peak_tflops
+
+
 def environment(device):
     """What the numbers were measured on."""
     cuda = device.type == "cuda"
@@ -372,6 +414,8 @@ TABLE_COLUMNS = (
     ("speedup", "train_speedup", "{:.2f}x"),
     ("infer ms", "infer_ms", "{:.2f}"),
     ("speedup", "infer_speedup", "{:.2f}x"),
+    ("train TF/s", "train_tflops", "{:.2f}"),
+    ("of peak", "train_peak_fraction", "{:.0%}"),
     ("train MiB", "train_peak_mib", "{:.0f}"),
     ("infer MiB", "infer_peak_mib", "{:.0f}"),
     ("out err", "out_rel_err", "{:.1e}"),
@@ -408,6 +452,9 @@ def format_table(report):
             lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
     lines += [
         "",
+        f"TF/s: the reference's model FLOPs of a training step ({report['train_gflop']:.0f} GFLOP) per second; "
+        f"of peak: against the measured {report['dtype']} matmul peak of this device "
+        f"({report['matmul_peak_tflops']:.1f} TF/s).",
         "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
         f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
@@ -507,6 +554,11 @@ def main(argv=None):
         for result in measured:
             result.update(peaks[result["config"]] if peaks else {})
     add_speedups(results)
+    progress(f"{args.dtype} matmul peak of the device")
+    train_flops, infer_flops = reference_flops(args.batch, args.size)
+    report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
+                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
+    add_model_flops(results, train_flops, report["matmul_peak_tflops"])
     report["configs"] = results
 
     os.makedirs(args.out, exist_ok=True)

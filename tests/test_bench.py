@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
-from fastunet.bench import CONFIGS
+from fastunet.bench import CONFIGS, reference_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED_KEYS = ("train_ms", "infer_ms", "train_speedup", "infer_speedup", "train_peak_mib", "infer_peak_mib",
-                 "out_rel_err", "grad_rel_err")
+                 "out_rel_err", "grad_rel_err", "train_tflops", "train_peak_fraction")
 
 
 def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
@@ -38,3 +38,14 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
             value = configs[name][key]
             assert isinstance(value, float) and math.isfinite(value), (name, key, value)
     assert configs["reference_eager"]["train_speedup"] == 1.0
+    assert math.isclose(report["train_gflop"], 2 * 391.857 / 16, rel_tol=1e-4) and report["matmul_peak_tflops"] > 0
+    for result in configs.values():
+        if "skipped" not in result:
+            want = report["train_gflop"] / result["train_ms"]
+            assert math.isclose(result["train_tflops"], want, rel_tol=1e-9)
+
+
+def test_reference_flops_of_a_256x256_image():
+    """392 GFLOP per 3 x 256 x 256 image in a training step, about a third of it in inference."""
+    train, infer = reference_flops(1, 256)
+    assert abs(train / 1e9 - 391.857) < 0.01 and abs(infer / 1e9 - 130.695) < 0.01

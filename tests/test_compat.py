@@ -53,11 +53,9 @@ def test_unsupported_layer_falls_back_with_one_warning(fresh_warnings):
     assert len(seen) == 1 and "conv_block holds a layer the fused kernels do not take" in seen[0]
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_deterministic_run_to_run(exact):
-    """Under torch.use_deterministic_algorithms(True) two runs give the same bits (forward and backward)."""
-    _, model = pair(exact=exact)
-    x, g = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 2, SIZE, SIZE)
+def assert_deterministic_run_to_run(model, x, g):
+    """Under torch.use_deterministic_algorithms(True) two training steps give the same bits (forward, backward,
+    buffers)."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -66,6 +64,12 @@ def test_deterministic_run_to_run(exact):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert_results_bitwise(second, first)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_deterministic_run_to_run(exact):
+    _, model = pair(exact=exact)
+    assert_deterministic_run_to_run(model, torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 2, SIZE, SIZE))
 
 
 @pytest.mark.parametrize("exact", [False, True])

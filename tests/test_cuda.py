@@ -21,6 +21,7 @@ from test_model import (  # noqa: E402
     relative_error,
     well_conditioned,
 )
+from test_compat import assert_deterministic_run_to_run  # noqa: E402
 from test_ops import backward_case, case, slice_of_buffer  # noqa: E402
 
 BACKENDS = ["cuda", "triton"]
@@ -151,27 +152,9 @@ def test_64bit_indexing_at_the_top_level_of_batch_16_at_1024(cuda_backend):
 
 @pytest.mark.parametrize("exact", [False, True])
 def test_deterministic_run_to_run_on_cuda(cuda_backend, exact):
-    """torch.use_deterministic_algorithms(True): two training steps give the same bits on the GPU."""
     _, model = pair(exact=exact)
-    model.cuda()
     x, g = torch.randn(4, 3, 64, 64, device="cuda"), torch.randn(4, 2, 64, 64, device="cuda")
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = cuda_train_step(copy.deepcopy(model), x, g)
-        second = cuda_train_step(copy.deepcopy(model), x, g)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    assert_results_bitwise(second, first)
-
-
-def cuda_train_step(model, x, g):
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    out = model(x)
-    (out * g).sum().backward()
-    return (out.detach(), x.grad, {n: p.grad.clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()})
+    assert_deterministic_run_to_run(model.cuda(), x, g)
 
 
 def test_export_on_cuda_records_standard_operators():

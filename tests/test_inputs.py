@@ -60,6 +60,7 @@ def test_batch_one_with_1x1_bottleneck_raises_as_batchnorm(exact):
     assert str(got.value) == str(want.value)
 
 
+@pytest.mark.filterwarnings("ignore:fastunet. torch.float64 input:RuntimeWarning")  # its warning: test_compat
 def test_float64_runs_the_reference_path_and_gradchecks():
     ref = Reference(1, 1).double().eval()
     model = fastunet.U_Net(1, 1).double().eval()
