@@ -49,3 +49,22 @@ def test_reference_flops_of_a_256x256_image():
     """392 GFLOP per 3 x 256 x 256 image in a training step, about a third of it in inference."""
     train, infer = reference_flops(1, 256)
     assert abs(train / 1e9 - 391.857) < 0.01 and abs(infer / 1e9 - 130.695) < 0.01
+
+
+def test_roofline_prints_every_op_of_every_layer_against_its_floor(tmp_path):
+    out = tmp_path / "roofline.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "roofline.py"), "--device", "cpu", "--size", "32",
+         "--reps", "1", "--dtype", "float32", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    layers = {row["layer"] for row in rows}
+    assert len(layers) == 22 and {"Conv1.1", "Up5", "Up_conv2.2"} <= layers  # 18 BN layers of double blocks + 4 up
+    for layer in layers:
+        ops = {row["op"] for row in rows if row["layer"] == layer}
+        assert {"bn_stats", "bn_relu_pool", "bn_relu_backward_reduce", "bn_relu_backward_apply"} <= ops
+    for row in rows:
+        assert row["ms"] > 0 and 0 < row["of_floor"] and math.isfinite(row["floor_ms"])
+    assert "| Conv1.1 | bn_relu_pool |" in run.stdout and "against a floor of" in run.stdout

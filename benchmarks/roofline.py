@@ -1,0 +1,155 @@
+"""Roofline of the fused ops and the convolutions of one fast-mode training step, op by op and level by level.
+
+    python benchmarks/roofline.py [--batch 16 --size 256 --dtype bfloat16 --device cuda] [--json out.json]
+
+For every memory-bound fused op (``fastunet.ops.*``) at every U-Net level it counts the bytes the op must move
+(each tensor it reads or writes, once), times the op on the device (median of ``--reps``, inputs drawn at
+random, channels_last), and gives the achieved bandwidth and the fraction of the floor ``bytes / bandwidth``,
+with the bandwidth measured by a device-to-device copy. For the 3x3 convolutions (cuDNN/oneDNN, forward) it
+counts the FLOPs and gives the achieved TF/s against a matmul of the same dtype. Prints a markdown table.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastunet import ops
+
+ENCODER = [(3, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
+DECODER = [(1024, 512), (512, 256), (256, 128), (128, 64)]  # Up5..Up2 in, out channels
+
+
+def timed_ms(fn, device, reps):
+    """Median wall time of ``fn()`` in ms (CUDA events on the GPU), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device, reps):
+    """Device-to-device copy of 1 GiB (64 MiB on the CPU), bytes read + written per second."""
+    n = (2**30 if device.type == "cuda" else 2**26) // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    return 2 * src.nbytes / (timed_ms(lambda: dst.copy_(src), device, reps) * 1e-3) / 1e9
+
+
+def matmul_tflops(device, dtype, reps):
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (timed_ms(lambda: a @ b, device, reps) * 1e-3) / 1e12
+
+
+def fused_op_cases(n, c, h, w, upscale, pool, dtype, device):
+    """(name, fn, bytes) of the five fused ops on one layer: a conv output z of C channels (4C sub-pixel
+    phases when upscale is 2) whose BN+ReLU output is [n, c, upscale*h, upscale*w]."""
+    s = upscale
+    cl = torch.channels_last
+    z = torch.randn(n, s * s * c, h + s - 1, w + s - 1, device=device, dtype=dtype).contiguous(memory_format=cl)
+    oh, ow = s * h, s * w
+    out = torch.empty(n, c, oh, ow, device=device, dtype=dtype, memory_format=cl)
+    pooled = torch.empty(n, c, oh // 2, ow // 2, device=device, dtype=dtype, memory_format=cl) if pool else None
+    grad = torch.randn_like(out)
+    grad_pooled = torch.randn_like(pooled) if pool else None
+    vec = lambda: torch.rand(c, device=device) + 0.5  # noqa: E731
+    scale, shift, mean, invstd, sum_dy, sum_dy_xmu = (vec() for _ in range(6))
+    e = torch.finfo(dtype).bits // 8
+    z_bytes, y_bytes = z.numel() * e, out.numel() * e
+    p_bytes = pooled.numel() * e if pool else 0
+    return [
+        ("bn_stats", lambda: ops.bn_stats(z, s), z_bytes),
+        ("bn_relu_pool", lambda: ops.bn_relu_pool(z, scale, shift, s, out, pooled), z_bytes + y_bytes + p_bytes),
+        ("bn_relu_backward_reduce", lambda: ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, s),
+         z_bytes + y_bytes + p_bytes),
+        ("bn_relu_backward_apply", lambda: ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd,
+                                                                      sum_dy, sum_dy_xmu, s), 2 * z_bytes + y_bytes + p_bytes),
+    ]
+
+
+def layers(batch, size):
+    """(level name, C, h, w, upscale, pool, conv Cin) of every BN layer of the U-Net."""
+    out = []
+    for level, (cin, cout) in enumerate(ENCODER, 1):
+        side = size >> (level - 1)
+        out += [(f"Conv{level}.1", cout, side, side, 1, False, cin),
+                (f"Conv{level}.2", cout, side, side, 1, level < 5, cout)]
+    for i, (cin, cout) in enumerate(DECODER):
+        level, side = 5 - i, size >> (3 - i)  # the up block's output side
+        out += [(f"Up{level}", cout, side // 2, side // 2, 2, False, cin),
+                (f"Up_conv{level}.1", cout, side, side, 1, False, 2 * cout),
+                (f"Up_conv{level}.2", cout, side, side, 1, False, cout)]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help="default 16 on CUDA, 1 on the CPU")
+    parser.add_argument("--size", type=int, help="default 256 on CUDA, 64 on the CPU")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (16 if device.type == "cuda" else 1)
+    size = args.size or (256 if device.type == "cuda" else 64)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbs(device, args.reps)
+    peak = matmul_tflops(device, dtype, args.reps)
+    rows = []
+    for name, c, h, w, s, pool, cin in layers(batch, size):
+        for op, fn, nbytes in fused_op_cases(batch, c, h, w, s, pool, dtype, device):
+            ms = timed_ms(fn, device, args.reps)
+            rows.append(dict(layer=name, op=op, mbytes=nbytes / 1e6, ms=ms, gbs=nbytes / (ms * 1e-3) / 1e9,
+                             floor_ms=nbytes / bandwidth / 1e6))
+        if s == 1:
+            x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            weight = torch.randn(c, cin, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            flops = 2 * batch * h * w * cin * c * 9
+            ms = timed_ms(lambda: F.conv2d(x, weight, padding=1), device, args.reps)
+            rows.append(dict(layer=name, op="conv3x3 forward", gflop=flops / 1e9, ms=ms,
+                             tflops=flops / (ms * 1e-3) / 1e12, floor_ms=flops / (peak * 1e12) * 1e3))
+    for row in rows:
+        row["of_floor"] = row["floor_ms"] / row["ms"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, fused ops backend {ops.backend_for(device)}, batch {batch} x 3 x "
+          f"{size} x {size}, {args.dtype}, channels_last; copy bandwidth {bandwidth:.0f} GB/s, matmul "
+          f"{peak:.1f} TF/s\n")
+    print("| layer | op | MB or GFLOP | ms | GB/s or TF/s | floor ms | floor / time |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        size_cell = f"{r['mbytes']:.1f} MB" if "mbytes" in r else f"{r['gflop']:.1f} GFLOP"
+        rate = f"{r['gbs']:.0f} GB/s" if "gbs" in r else f"{r['tflops']:.1f} TF/s"
+        print(f"| {r['layer']} | {r['op']} | {size_cell} | {r['ms']:.3f} | {rate} | {r['floor_ms']:.3f} | "
+              f"{r['of_floor']:.0%} |")
+    fused = [r for r in rows if "mbytes" in r]
+    total, floor = sum(r["ms"] for r in fused), sum(r["floor_ms"] for r in fused)
+    print(f"\nfused ops, one call of each per layer: {total:.2f} ms against a floor of {floor:.2f} ms "
+          f"({floor / total:.0%})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, batch=batch, size=size, dtype=args.dtype,
+                           bandwidth_gbs=bandwidth, matmul_tflops=peak, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
