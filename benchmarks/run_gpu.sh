@@ -8,6 +8,8 @@
 #                                      python -m fastunet.bench for one row group of the target table:
 #                                      16x3x256x256 bf16 channels_last, 16x3x256x256 fp32, 4x3x512x512 bf16
 #   benchmarks/run_gpu.sh ops          pytest-benchmark suites (blocks, model) and the per-op roofline
+#   benchmarks/run_gpu.sh train        python -m fastunet.train --compare on the GPU (speed and parity)
+#   benchmarks/run_gpu.sh wheel        tools/build_wheel.sh there: the wheel installs and runs on the GPU
 #
 # Every stage rebuilds if needed (a fresh machine holds no build).
 set -euo pipefail
@@ -43,8 +45,16 @@ case "${1:-}" in
       2>&1 | tail -5
     "$PY" benchmarks/roofline.py --json "$OUT/roofline.json" | tee "$OUT/roofline.md" | tail -8
     ;;
+  train)
+    "$PY" -m fastunet.train --compare --amp bf16 --channels-last --no-progress --out "$OUT/train" 2>&1 |
+      tee "$OUT/train.log" | tail -8
+    ;;
+  wheel)
+    PYTHON=$(command -v "$PY") TORCH_CUDA_ARCH_LIST=$arch DIST="$OUT" bash tools/build_wheel.sh 2>&1 |
+      tee "$OUT/wheel.log" | tail -12
+    ;;
   *)
-    echo "usage: $0 build-test|bf16|fp32|bf16-512|ops" >&2
+    echo "usage: $0 build-test|bf16|fp32|bf16-512|ops|train|wheel" >&2
     exit 2
     ;;
 esac
