@@ -7,6 +7,7 @@
 #   benchmarks/run_gpu.sh bf16|fp32|bf16-512
 #                                      python -m fastunet.bench for one row group of the target table:
 #                                      16x3x256x256 bf16 channels_last, 16x3x256x256 fp32, 4x3x512x512 bf16
+#   benchmarks/run_gpu.sh conv         fast mode with the Triton second conv, forced and picked per shape
 #   benchmarks/run_gpu.sh ops          pytest-benchmark suites (blocks, model) and the per-op roofline
 #   benchmarks/run_gpu.sh train        python -m fastunet.train --compare on the GPU (speed and parity)
 #   benchmarks/run_gpu.sh wheel        tools/build_wheel.sh there: the wheel installs and runs on the GPU
@@ -40,6 +41,12 @@ case "${1:-}" in
     esac
     "$PY" -m fastunet.bench $args --out "$OUT/bench_$1" 2>&1 | tee "$OUT/bench_$1.log" | tail -16
     ;;
+  conv)
+    for conv in triton auto; do
+      "$PY" -m fastunet.bench --dtype bfloat16 --channels-last --no-compile --conv $conv --out "$OUT/bench_conv_$conv" \
+        2>&1 | tee "$OUT/bench_conv_$conv.log" | tail -12
+    done
+    ;;
   ops)
     "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/pytest_benchmark.json" \
       2>&1 | tail -5
@@ -54,7 +61,7 @@ case "${1:-}" in
       tee "$OUT/wheel.log" | tail -12
     ;;
   *)
-    echo "usage: $0 build-test|bf16|fp32|bf16-512|ops|train|wheel" >&2
+    echo "usage: $0 build-test|bf16|fp32|bf16-512|conv|ops|train|wheel" >&2
     exit 2
     ;;
 esac

@@ -387,6 +387,7 @@ def environment(device):
         "tf32_convs": torch.backends.cudnn.allow_tf32 if cuda else None,
         "cpu_threads": torch.get_num_threads(),
         "fused_ops_backend": ops.backend_for(device),
+        "second_conv": os.environ.get("FASTUNET_CONV", "aten"),
     }
 
 
@@ -438,7 +439,8 @@ def format_table(report):
     lines = [
         f"device: {report['device']} ({hardware}) | torch {report['torch']} | "
         f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}"
-        f"{' | TF32 convs' if report['tf32_convs'] else ''}",
+        f"{' | TF32 convs' if report['tf32_convs'] else ''} | double blocks' second conv: {report['second_conv']}"
+        + (f" (picks: {report['second_conv_picks']})" if report.get("second_conv_picks") else ""),
         f"input: {' x '.join(map(str, report['shape']))}, {report['dtype']}"
         f"{', channels_last' if report['channels_last'] else ''} | timing: median of {report['reps']} reps "
         f"after {report['warmup']} warm-up, {N_BATCHES} rotating random batches",
@@ -506,6 +508,11 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16 runs the models under autocast")
     parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    parser.add_argument("--conv", choices=("aten", "triton", "auto"),
+                        help="fast mode's second conv of each double block (sets FASTUNET_CONV): ATen's conv "
+                             "(cuDNN, oneDNN) after a BN+ReLU pass; fastunet's Triton conv with the BN+ReLU in its "
+                             "input load and the BN statistics in its epilogue; or the faster of the two per shape "
+                             "on CUDA (default: FASTUNET_CONV, else aten)")
     parser.add_argument("--no-compile", action="store_true", help="leave out reference torch.compile")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
@@ -517,6 +524,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.conv:
+        os.environ["FASTUNET_CONV"] = args.conv
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -559,6 +568,10 @@ def main(argv=None):
     report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
                   matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
     add_model_flops(results, train_flops, report["matmul_peak_tflops"])
+    picks = {}
+    for (shape, cout, *_), backend in ops.conv3x3_choices().items():
+        picks.setdefault(backend, []).append(f"{shape[1]}->{cout}@{shape[2]}x{shape[3]}")
+    report["second_conv_picks"] = "; ".join(f"{b}: {', '.join(v)}" for b, v in sorted(picks.items()))
     report["configs"] = results
 
     os.makedirs(args.out, exist_ok=True)

@@ -135,22 +135,37 @@ def _group(bn):
     return bn[6] if len(bn) > 6 else None
 
 
+def _second_conv(z1, scale1, shift1, w2, stats):
+    """Layer 2's conv of ``relu(z1*scale1 + shift1)`` and, if ``stats``, its batch (mean, var) (else None),
+    by ops.conv3x3_backend's pick: Triton forms the activation in its input load (never written) and gathers
+    the statistics in its epilogue; otherwise a BN+ReLU pass, ATen's conv, and the statistics pass."""
+    if ops.conv3x3_backend(z1, w2) == "triton":
+        from . import kernels
+
+        z2, mean, var = kernels.conv3x3_bn_relu_stats(z1, scale1, shift1, w2, stats)
+        return z2, ((mean, var) if stats else None)
+    a1 = torch.empty_like(z1)
+    ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
+    return _conv(a1, w2, None), None
+
+
 def _check_no_exact_sync(exact, *bns):
     if exact and any(bn.group is not None for bn in bns):
         raise ValueError("fastunet: synchronized BatchNorm runs in fast mode only; in exact mode use the modules "
                          "themselves (nn.SyncBatchNorm), as fastunet.U_Net(exact=True) does")
 
 
-def _fast_bn(z, bn, conv_bias, training, upscale):
+def _fast_bn(z, bn, conv_bias, training, upscale, stats=None):
     """Fast-mode BN of a bias-free conv output: (mean, var, invstd, scale, shift) float32 vectors, and the
-    number of values per channel the statistics cover (all ranks' when synchronized).
+    number of values per channel the statistics cover (all ranks' when synchronized). ``stats``: z's batch
+    (mean, var) where the conv already gathered them.
 
     In eval the conv bias is folded into the mean, so that z*scale + shift is BN(z + bias).
     """
     n, _, h, w = ops.logical_shape(z, upscale)
     count = n * h * w
     if training:
-        mean, var = ops.bn_stats(z, upscale)
+        mean, var = ops.bn_stats(z, upscale) if stats is None else stats
         if bn.group is not None:
             mean, var, count = sync_batch_stats(mean, var, count, bn.group)
     else:
@@ -276,21 +291,17 @@ class DoubleConvBNReLU(torch.autograd.Function):
             elif fold:
                 scale1, shift1 = _fold_bn(b1, bn1)
                 z1 = _conv(xc, (w1.float() * scale1.view(-1, 1, 1, 1)).to(w1c.dtype), None)
-                a1 = torch.empty_like(z1)
-                ops.bn_relu_pool(z1, torch.ones_like(shift1), shift1, 1, a1, None)
                 scale2, shift2 = _fold_bn(b2, bn2)
-                z2 = _conv(a1, (w2.float() * scale2.view(-1, 1, 1, 1)).to(w2c.dtype), None)
+                z2, _ = _second_conv(z1, torch.ones_like(shift1), shift1,
+                                     (w2.float() * scale2.view(-1, 1, 1, 1)).to(w2c.dtype), False)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 ops.bn_relu_pool(z2, torch.ones_like(shift2), shift2, 1, out, pooled)
                 stats = ()
             else:
                 z1 = _conv(xc, w1c, None)
                 m1, v1, i1, s1, h1, n1 = _fast_bn(z1, bn1, b1, training, 1)
-                a1 = torch.empty_like(z1)
-                ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
-                z2 = _conv(a1, w2c, None)
-                del a1  # recomputed from z1 in backward
-                m2, v2, i2, s2, h2, n2 = _fast_bn(z2, bn2, b2, training, 1)
+                z2, stats2 = _second_conv(z1, s1, h1, w2c, training)  # layer 1's activation: recomputed in backward
+                m2, v2, i2, s2, h2, n2 = _fast_bn(z2, bn2, b2, training, 1, stats2)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 ops.bn_relu_pool(z2, s2, h2, 1, out, pooled)
                 ctx.save_for_backward(x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2)

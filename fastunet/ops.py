@@ -27,6 +27,7 @@ __all__ = [
     "bn_relu_backward_reduce",
     "bn_relu_backward_apply",
     "backend_for",
+    "conv3x3_backend",
 ]
 
 
@@ -248,6 +249,63 @@ def _cuda_backend(index, prefer_compiled):
                                                f"{arch_problem[0].lower()}{arch_problem[1:]}; running its "
                                                "pure-PyTorch path")
     return "reference"
+
+
+_CONV_CHOICES = {}
+
+
+def conv3x3_backend(x, weight):
+    """What runs a fast-mode double block's second 3x3 conv on ``x`` (layer 1's pre-BN output) with ``weight``:
+    "aten" (a BN-apply + ReLU pass writing layer 1's activation, then ATen's convolution: cuDNN on CUDA) or
+    "triton" (fastunet.kernels.conv3x3_bn_relu_stats: the activation is formed in the conv's input load and
+    never written, and layer 2's BN statistics come from the conv's epilogue).
+
+    ``FASTUNET_CONV=aten`` (default until the Triton conv is measured at parity), ``triton`` (wherever the
+    Triton kernels run), or ``auto``: on CUDA, both are timed on the first call of each shape and the faster is
+    kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten).
+    """
+    mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
+    if mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable():
+        return "aten"
+    if mode == "triton":
+        return "triton"
+    if x.device.type != "cuda":
+        return "aten"
+    key = (tuple(x.shape), weight.shape[0], x.dtype, memory_format_of(x) == torch.channels_last, x.device.index)
+    if key not in _CONV_CHOICES and not torch.compiler.is_compiling():
+        _CONV_CHOICES[key] = _time_conv3x3(x, weight)
+    return _CONV_CHOICES.get(key, "aten")
+
+
+def conv3x3_choices():
+    """The ``FASTUNET_CONV=auto`` picks so far: {(x shape, Cout, dtype, channels_last, device): backend}."""
+    return dict(_CONV_CHOICES)
+
+
+def _time_conv3x3(x, weight, reps=5):
+    from . import kernels
+
+    c = x.shape[1]
+    scale, shift = torch.ones(c, device=x.device), torch.zeros(c, device=x.device)
+
+    def unfused():
+        a = torch.empty_like(x)
+        bn_relu_pool(x, scale, shift, 1, a, None)
+        z = torch.nn.functional.conv2d(a, weight, padding=1)
+        return bn_stats(z, 1)
+
+    candidates = {"aten": unfused, "triton": lambda: kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, True)}
+    times = {}
+    for name, fn in candidates.items():
+        fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(x.device)
+        times[name] = sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
+    return min(times, key=times.get)
 
 
 def _impl(name, device):

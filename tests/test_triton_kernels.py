@@ -376,3 +376,60 @@ def test_ops_trace_under_torch_compile_fullgraph(upscale, pool):
         assert_exact(c_pooled, pooled)
     assert_exact(c_dy, dy)
     torch.testing.assert_close((c_mean, c_var, *c_rest), (mean, var, *rest), **SUM_TOL_FLOAT32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# conv3x3_bn_relu_stats: the second conv of a double block with the first BN+ReLU in its input load
+# ----------------------------------------------------------------------------------------------------
+
+from fastunet import functional  # noqa: E402
+from fastunet.kernels.conv3x3_bn_relu import conv3x3_bn_relu_stats_ref  # noqa: E402
+
+# float32 on a GPU runs TF32 products (as cuDNN convs do by default); the interpreter multiplies in float32.
+CONV_TOL = {torch.float32: dict(rtol=2e-3, atol=2e-3) if HAS_GPU else dict(rtol=1e-5, atol=1e-5),
+            torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 24, 8, 8), (1, 5, 7, 3, 6), (3, 40, 20, 5, 9)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.id != "float64"])
+def test_conv3x3_bn_relu_stats_matches_specification(shape, layout, dtype):
+    n, cin, cout, h, w = shape
+    x = arrange(torch.randn(n, cin, h, w, device=DEVICE).to(dtype), layout)
+    scale, shift = torch.rand(cin, device=DEVICE) + 0.5, torch.randn(cin, device=DEVICE)
+    weight = (0.2 * torch.randn(cout, cin, 3, 3, device=DEVICE)).to(dtype)
+    z, mean, var = kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, True)
+    want, _, _ = conv3x3_bn_relu_stats_ref(x, scale, shift, weight, False)
+    assert z.shape == (n, cout, h, w) and z.dtype == dtype and z.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(z, want, **CONV_TOL[dtype])
+    # The statistics are those of z as stored, from the epilogue's per-tile partials merged pairwise.
+    want_var, want_mean = torch.var_mean(z.float(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close((mean, var), (want_mean, want_var), **SUM_TOL_FLOAT32)
+    again, no_mean, no_var = kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, False)
+    assert torch.equal(again, z) and no_mean.numel() == 0 and no_var.numel() == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monkeypatch):
+    """FASTUNET_CONV=triton: the fast double block's output, pool, batch stats and every gradient match the
+    default path's (a BN+ReLU pass, then ATen's conv) to float32 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    params = [0.3 * torch.randn(16, 3, 3, 3), torch.randn(16), torch.rand(16) + 0.5, torch.randn(16),
+              0.2 * torch.randn(16, 16, 3, 3), torch.randn(16), torch.rand(16) + 0.5, torch.randn(16) + 2]
+    grad_buf, grad_pooled = torch.randn(2, 20, 8, 8, device=DEVICE), torch.randn(2, 16, 4, 4, device=DEVICE)
+
+    def run(conv):
+        monkeypatch.setenv("FASTUNET_CONV", conv)
+        assert ops.conv3x3_backend(x, params[4]) == conv
+        xs = x.clone().requires_grad_()
+        ps = [p.to(DEVICE).requires_grad_() for p in params]
+        bn1 = (ps[2], ps[3], torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE), 0.1, 1e-5)
+        bn2 = (ps[6], ps[7], torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE), 0.1, 1e-5)
+        buf, pooled, stats = functional.double_conv_bn_relu(xs, ps[:2], bn1, ps[4:6], bn2, training=training,
+                                                            cat_channels=4, pool=True)
+        torch.autograd.backward([buf[:, :16], pooled], [grad_buf[:, :16], grad_pooled])
+        return [buf[:, :16].detach(), pooled.detach(), *stats, xs.grad, *(p.grad for p in ps)]
+
+    for got, want in zip(run("triton"), run("aten")):
+        torch.testing.assert_close(got, want, **CONV_TOL[torch.float32])
