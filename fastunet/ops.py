@@ -262,15 +262,16 @@ def conv3x3_backend(x, weight):
 
     ``FASTUNET_CONV=aten`` (default until the Triton conv is measured at parity), ``triton`` (wherever the
     Triton kernels run), or ``auto``: on CUDA, both are timed on the first call of each shape and the faster is
-    kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten).
+    kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten, and under
+    torch.use_deterministic_algorithms(True) every shape does).
     """
     mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
     if mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable():
         return "aten"
     if mode == "triton":
         return "triton"
-    if x.device.type != "cuda":
-        return "aten"
+    if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return "aten"  # a pick by timing could differ from run to run
     key = (tuple(x.shape), weight.shape[0], x.dtype, memory_format_of(x) == torch.channels_last, x.device.index)
     if key not in _CONV_CHOICES and not torch.compiler.is_compiling():
         _CONV_CHOICES[key] = _time_conv3x3(x, weight)

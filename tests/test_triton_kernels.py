@@ -304,7 +304,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-ACTIVATIONS = ("z_ptr", "out_ptr", "pooled_ptr", "grad_ptr", "grad_pooled_ptr", "dz_ptr")
+ACTIVATIONS = ("z_ptr", "out_ptr", "pooled_ptr", "grad_ptr", "grad_pooled_ptr", "dz_ptr", "x_ptr", "w_ptr")
 
 
 def ptx(module, kernel, activation, constexprs):
@@ -330,12 +330,18 @@ for activation in ("fp32", "fp64", "bf16"):
         ptx("bn_relu_backward", "_backward_z_kernel", activation, dict(tile, APPLY_BN=False)),
     ):
         assert "mul.rn.f" + width in text and "fma.rn.f" + width not in text, activation
+
+# The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores.
+for activation in ("fp32", "bf16"):
+    text = ptx("conv3x3_bn_relu", "_conv_kernel", activation, dict(STATS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+    assert "mul.rn.f32" in text and ("wgmma" in text or "mma.sync" in text), activation
 """
 
 
 def test_gpu_code_rounds_the_bn_product_on_its_own():
     """On a GPU, Triton would contract z*scale + shift into an FMA (one rounding) where PyTorch rounds twice;
-    the forward and relu_pool_backward kernels must compile to a separate mul.rn for bit equality."""
+    the forward and relu_pool_backward kernels must compile to a separate mul.rn for bit equality (and the
+    Triton conv, compiled for sm_90 here without a GPU, to tensor-core instructions)."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
