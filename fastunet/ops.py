@@ -266,7 +266,8 @@ def conv3x3_backend(x, weight):
     torch.use_deterministic_algorithms(True) every shape does).
     """
     mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
-    if mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable():
+    if (mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable()
+            or backend_for(x.device) == "reference"):  # forced, or a GPU the kernels do not run on
         return "aten"
     if mode == "triton":
         return "triton"
