@@ -6,6 +6,8 @@ the reference; only ``forward`` differs. Where a fused kernel does not apply (fl
 BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same modules.
 """
 
+import threading
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -31,7 +33,14 @@ def _sync_group(bn):
     return group if dist.get_world_size(group) > 1 else None
 
 
-_recomputing = [False]  # set while activation checkpointing recomputes a level in backward
+class _Recomputing(threading.local):
+    """``active`` while activation checkpointing recomputes a level in backward (per thread: nn.DataParallel
+    runs its replicas in threads)."""
+
+    active = False
+
+
+_recomputing = _Recomputing()
 
 
 def _checkpoint(fn, *args, **kwargs):
@@ -40,12 +49,12 @@ def _checkpoint(fn, *args, **kwargs):
     calls = []
 
     def run(*a, **k):
-        outer, _recomputing[0] = _recomputing[0], bool(calls)
+        outer, _recomputing.active = _recomputing.active, bool(calls)
         calls.append(None)
         try:
             return fn(*a, **k)
         finally:
-            _recomputing[0] = outer
+            _recomputing.active = outer
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
@@ -58,7 +67,7 @@ def _bn_call_args(bn):
     """BN tensors, momentum factor and process group for this call, as nn.BatchNorm2d / nn.SyncBatchNorm
     compute them (and count); a checkpointing recomputation counts nothing and moves no running stat."""
     factor = 0.0
-    if bn.training and bn.track_running_stats and not _recomputing[0]:
+    if bn.training and bn.track_running_stats and not _recomputing.active:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, _sync_group(bn))
@@ -138,7 +147,7 @@ class conv_block(reference.conv_block):
             x, (c1.weight, c1.bias), bn1, (c2.weight, c2.bias), bn2, training=self.training, exact=self.exact,
             fold=fold, cat_channels=cat_channels, pool=pool,
         )
-        if stats and not _recomputing[0]:
+        if stats and not _recomputing.active:
             _update_running_stats(b1, stats[0], stats[1], bn1[4])
             _update_running_stats(b2, stats[2], stats[3], bn2[4])
         return (buf, pooled) if pool else buf
@@ -178,7 +187,7 @@ class up_conv(reference.up_conv):
             buf = _empty_buffer(x, self.out_channels)
         buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
                                                   exact=self.exact, fold=fold)
-        if stats and not _recomputing[0]:
+        if stats and not _recomputing.active:
             _update_running_stats(bn, stats[0], stats[1], bn_args[4])
         return buf
 
