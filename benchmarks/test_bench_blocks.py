@@ -3,7 +3,8 @@ and phase comparing the reference's modules with fastunet's fused blocks (exact 
 
 Encoder blocks Conv1-4: reference conv_block + 2x2 max-pool vs fastunet conv_block writing into the
 concat buffer and pooling in the same pass. Conv5 and the decoder blocks Up_conv5-2: conv_block vs
-conv_block. Up blocks Up5-2: ``torch.cat((skip, up_conv(d)), 1)`` vs fastunet ``up_conv(d, buf)``
+conv_block. On CUDA the fast double blocks are also timed with FASTUNET_CONV=triton (their second conv in
+Triton, layer 1's BN+ReLU in its input load, layer 2's statistics in its epilogue). Up blocks Up5-2: ``torch.cat((skip, up_conv(d)), 1)`` vs fastunet ``up_conv(d, buf)``
 writing into the buffer that already holds the skip (made untimed, as the encoder makes it in the U-Net).
 """
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from fastunet.bench import N_BATCHES
 
-VARIANTS = ("reference_eager", "fastunet_exact", "fastunet_fast")
+VARIANTS = ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_triton_conv")
 BLOCKS = (
     [f"Conv{level}" for level in range(1, 6)]
     + [f"Up{level}" for level in range(5, 1, -1)]
@@ -37,7 +38,7 @@ def block_call(model, name, variant, phase):
         if kind == "up":
             return lambda d, skip: torch.cat((skip, block(d)), dim=1)
         return block
-    fold = phase == "inference" and variant == "fastunet_fast"
+    fold = phase == "inference" and variant.startswith("fastunet_fast")
     if kind == "encoder":
         cat_channels = getattr(model, f"Up{int(name[-1]) + 1}").out_channels
         return lambda x: block(x, cat_channels=cat_channels, pool=True, fold=fold)
@@ -81,8 +82,12 @@ def training_step(call):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("phase", ["train", "inference"])
 @pytest.mark.parametrize("name", BLOCKS)
-def test_block(timed, benchmark, models, device, shape, name, phase, variant):
-    model = models(variant)
+def test_block(timed, benchmark, models, device, shape, name, phase, variant, monkeypatch):
+    if variant == "fastunet_fast_triton_conv":
+        if block_kind(name) == "up" or device.type != "cuda":
+            pytest.skip("the Triton conv is a double block's second conv, on CUDA")
+        monkeypatch.setenv("FASTUNET_CONV", "triton")  # fast mode with fastunet's Triton second conv
+    model = models("fastunet_fast" if variant == "fastunet_fast_triton_conv" else variant)
     benchmark.group = f"{name} {phase}"
     training = phase == "train"
     block = getattr(model, name)
