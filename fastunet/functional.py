@@ -33,9 +33,20 @@ from .sync_batchnorm import all_reduce_sums, sync_batch_stats
 _aten = torch.ops.aten
 _CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
 
-# Sub-pixel decomposition of upsample2x + conv3x3: for output phase a (row parity), row k of the 2x2
-# kernel sums these rows of the 3x3 kernel (same for columns).
-_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
+def _fold_taps(w, dim):
+    """Sub-pixel decomposition of upsample2x + conv3x3 along ``dim`` (3 taps r0, r1, r2): output phase 0 (even
+    rows) sees the 2-tap kernel (r0, r1 + r2), phase 1 (odd rows) (r0 + r1, r2). Returns both, stacked in a new
+    leading phase dimension, with ``dim`` of size 2. Plain tensor arithmetic: no constant to copy to the GPU."""
+    r0, r1, r2 = w.unbind(dim)
+    return torch.stack((torch.stack((r0, r1 + r2), dim), torch.stack((r0 + r1, r2), dim)))
+
+
+def _unfold_taps(g, dim):
+    """The adjoint of _fold_taps: ``[2 phases, ..., 2 taps at dim, ...]`` -> ``[..., 3 taps at dim, ...]``."""
+    even, odd = g.unbind(0)
+    e0, e1 = even.unbind(dim)
+    o0, o1 = odd.unbind(dim)
+    return torch.stack((e0 + o0, e1 + o0, e1 + o1), dim)
 
 
 def phase_weights(w):
@@ -44,18 +55,15 @@ def phase_weights(w):
     ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
     ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
     """
-    acc = ops.acc_dtype(w.dtype)
-    p = torch.tensor(_PHASE_TAPS, dtype=acc, device=w.device)
     o, i = w.shape[:2]
-    return torch.einsum("ayd,bxe,oide->aboiyx", p, p, w.to(acc)).reshape(4 * o, i, 2, 2)
+    rows = _fold_taps(w.to(ops.acc_dtype(w.dtype)), 2)  # [a, O, I, 2, 3]
+    return _fold_taps(rows, 4).transpose(0, 1).reshape(4 * o, i, 2, 2)  # [b, a, ...] -> [a, b, ...]
 
 
 def phase_weights_backward(dw4, out_channels):
     """Gradient through phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]``, float32 (float64 stays)."""
-    acc = ops.acc_dtype(dw4.dtype)
-    p = torch.tensor(_PHASE_TAPS, dtype=acc, device=dw4.device)
-    d6 = dw4.to(acc).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
-    return torch.einsum("ayd,bxe,aboiyx->oide", p, p, d6)
+    d6 = dw4.to(ops.acc_dtype(dw4.dtype)).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
+    return _unfold_taps(_unfold_taps(d6.transpose(0, 1), 4), 2)
 
 
 # ----------------------------------------------------------------------------------------------------
