@@ -9,7 +9,6 @@ BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same mod
 import threading
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -17,20 +16,9 @@ import torch.utils.checkpoint
 from . import _ext, functional
 from . import ops as fastunet_ops
 from . import reference
-from .sync_batchnorm import SyncBatchNorm
+from .sync_batchnorm import SyncBatchNorm, sync_group
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _sync_group(bn):
-    """The process group a synchronized BN (fastunet.SyncBatchNorm, nn.SyncBatchNorm) synchronizes over in this
-    call, or None (as nn.SyncBatchNorm decides: training, torch.distributed initialized, more than one rank)."""
-    if isinstance(bn, SyncBatchNorm):
-        return bn.sync_group()
-    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()):
-        return None
-    group = bn.process_group or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
 
 
 class _Recomputing(threading.local):
@@ -70,7 +58,7 @@ def _bn_call_args(bn):
     if bn.training and bn.track_running_stats and not _recomputing.active:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, _sync_group(bn))
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, sync_group(bn))
 
 
 def _update_running_stats(bn, batch_mean, batch_var_unbiased, factor):
@@ -109,7 +97,7 @@ def exporting():
 
 def _fusable_in_mode(exact, *bns):
     """Exact mode leaves synchronized BN to nn.SyncBatchNorm itself (its rounding is the reference)."""
-    return not (exact and any(_sync_group(bn) is not None for bn in bns))
+    return not (exact and any(sync_group(bn) is not None for bn in bns))
 
 
 def _fusable_conv(conv):
@@ -262,7 +250,7 @@ class U_Net(reference.U_Net):
         _check_input(x, self.img_ch, self.Conv_1x1.weight)
         if exporting():
             return super().forward(x)
-        if self.training and not any(_sync_group(m) is not None for m in self.modules()):
+        if self.training and not any(sync_group(m) is not None for m in self.modules()):
             _check_bn_batch(x)  # synchronized BN counts every rank's values
         fold = not self.training and not self.exact and not self._grad_needed(x)
         run = _checkpoint if self.checkpointing and self.training and self._grad_needed(x) else _call

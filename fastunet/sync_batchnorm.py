@@ -97,15 +97,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
-    def sync_group(self):
-        """The process group this call synchronizes over, or None (eval, no torch.distributed, one rank)."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group or dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
-
     def forward(self, x):
-        group = self.sync_group()
+        group = sync_group(self)
         if group is None:
             return super().forward(x)
         self._check_input_dim(x)
@@ -121,6 +114,17 @@ class SyncBatchNorm(nn.BatchNorm2d):
                                                 group)
         return _TorchSyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, factor,
                                                  group, dist.get_world_size(group))
+
+
+def sync_group(bn):
+    """The process group a synchronized BN (fastunet.SyncBatchNorm or nn.SyncBatchNorm) synchronizes over in
+    this call, or None (any other layer; eval; torch.distributed not initialized; one rank), as nn.SyncBatchNorm
+    decides."""
+    if not (isinstance(bn, (SyncBatchNorm, nn.SyncBatchNorm)) and bn.training and dist.is_available()
+            and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def convert_sync_batchnorm(module, process_group=None):
