@@ -11,37 +11,21 @@ counts the FLOPs and gives the achieved TF/s against a matmul of the same dtype.
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from fastunet import ops
+from fastunet.bench import matmul_peak_tflops, median_ms
 
 ENCODER = [(3, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
 DECODER = [(1024, 512), (512, 256), (256, 128), (128, 64)]  # Up5..Up2 in, out channels
 
 
 def timed_ms(fn, device, reps):
-    """Median wall time of ``fn()`` in ms (CUDA events on the GPU), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median time of ``fn()`` in ms after two warm-up calls (fastunet.bench's timing: CUDA events on the GPU)."""
+    return median_ms(fn, [()], 2, reps, device)
 
 
 def copy_bandwidth_gbs(device, reps):
@@ -49,12 +33,6 @@ def copy_bandwidth_gbs(device, reps):
     n = (2**30 if device.type == "cuda" else 2**26) // 4
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     return 2 * src.nbytes / (timed_ms(lambda: dst.copy_(src), device, reps) * 1e-3) / 1e9
-
-
-def matmul_tflops(device, dtype, reps):
-    n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / (timed_ms(lambda: a @ b, device, reps) * 1e-3) / 1e12
 
 
 def fused_op_cases(n, c, h, w, upscale, pool, dtype, device):
@@ -113,7 +91,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device, args.reps)
-    peak = matmul_tflops(device, dtype, args.reps)
+    peak = matmul_peak_tflops(device, dtype)
     rows = []
     for name, c, h, w, s, pool, cin in layers(batch, size):
         for op, fn, nbytes in fused_op_cases(batch, c, h, w, s, pool, dtype, device):
