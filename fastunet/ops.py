@@ -13,6 +13,7 @@ Per-channel vectors (scale, shift, mean, ...) are float32 (float64 for float64 a
 Activations may be NCHW-contiguous, channels_last or any strided view (e.g. a concat-buffer slice).
 """
 
+import functools
 import os
 
 import torch
@@ -229,7 +230,10 @@ MIN_CUDA_CAPABILITY = (8, 0)
 
 
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
 def _cuda_backend(index, prefer_compiled):
+    """backend_for on CUDA device ``index``: decided once per device and preference (it is asked at every op
+    call), a constant for torch.compile."""
     capability = tuple(torch.cuda.get_device_capability(index))
     gpu = f"{torch.cuda.get_device_name(index)} (sm_{capability[0]}{capability[1]})"
     if capability < MIN_CUDA_CAPABILITY:

@@ -100,12 +100,14 @@ def fake_gpu(monkeypatch):
     """Pretends cuda:0 is a GPU of the given compute capability; returns the warnings seen afterwards."""
     monkeypatch.setattr(_ext, "_warned", set())
     monkeypatch.delenv("FASTUNET_BACKEND", raising=False)
+    ops._cuda_backend.cache_clear()  # the decision is cached per device: forget the real GPU's, and the fake's
 
     def make(capability):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
 
-    return make
+    yield make
+    ops._cuda_backend.cache_clear()
 
 
 def _backend_and_warnings(times=2):
