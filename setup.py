@@ -96,10 +96,14 @@ def _version(with_cuda):
 
 def _extension(with_cuda):
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp")]
-    cxx = ["-O3"]
+    # OpenMP: at::parallel_for is inline, and without -fopenmp the CPU kernels would run on one thread. The
+    # runtime is torch's own libgomp.so.1 (already loaded, same soname).
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = []
     if not with_cuda:
-        return CppExtension("fastunet._C", sources, extra_compile_args={"cxx": cxx}, define_macros=macros)
+        return CppExtension("fastunet._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                            define_macros=macros)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     macros += [
         ("FASTUNET_CUDA_VERSION", f'"{torch.version.cuda}"'),
@@ -111,6 +115,7 @@ def _extension(with_cuda):
         include_dirs=_nvidia_wheel_includes(),
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_link_args=link,
     )
 
 

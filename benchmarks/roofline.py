@@ -3,20 +3,22 @@
     python benchmarks/roofline.py [--batch 16 --size 256 --dtype bfloat16 --device cuda] [--json out.json]
 
 For every memory-bound fused op (``fastunet.ops.*``) at every U-Net level it counts the bytes the op must move
-(each tensor it reads or writes, once), times the op on the device (median of ``--reps``, inputs drawn at
-random, channels_last), and gives the achieved bandwidth and the fraction of the floor ``bytes / bandwidth``,
-with the bandwidth measured by a device-to-device copy. For the 3x3 convolutions (cuDNN/oneDNN, forward) it
+(each tensor it reads or writes, once), times the op on the device in every implementation that runs there
+(on CUDA: the compiled CUDA kernels and the Triton kernels, side by side; median of ``--reps``, inputs drawn
+at random, channels_last), and gives the fastest one's bandwidth and the fraction of the floor
+``bytes / bandwidth``, with the bandwidth measured by a device-to-device copy. For the 3x3 convolutions (cuDNN/oneDNN, forward) it
 counts the FLOPs and gives the achieved TF/s against a matmul of the same dtype. Prints a markdown table.
 """
 
 import argparse
 import json
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
 
-from fastunet import ops
+from fastunet import _ext, ops
 from fastunet.bench import matmul_peak_tflops, median_ms
 
 ENCODER = [(3, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
@@ -35,9 +37,28 @@ def copy_bandwidth_gbs(device, reps):
     return 2 * src.nbytes / (timed_ms(lambda: dst.copy_(src), device, reps) * 1e-3) / 1e9
 
 
-def fused_op_cases(n, c, h, w, upscale, pool, dtype, device):
-    """(name, fn, bytes) of the five fused ops on one layer: a conv output z of C channels (4C sub-pixel
-    phases when upscale is 2) whose BN+ReLU output is [n, c, upscale*h, upscale*w]."""
+OP_NAMES = ("bn_stats", "bn_relu_pool", "bn_relu_backward_reduce", "bn_relu_backward_apply")
+
+
+def implementations(device):
+    """{backend name: namespace holding the fused ops} of every implementation that runs on ``device``."""
+    found = {}
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if _ext.has_cuda_kernels() and _ext.cuda_arch_problem(capability) is None:
+            found["cuda"] = torch.ops.fastunet
+        if ops._triton_usable():
+            from fastunet import kernels
+
+            found["triton"] = kernels
+    elif _ext.available():
+        found["compiled"] = torch.ops.fastunet
+    return found or {"reference": types.SimpleNamespace(**{op: getattr(ops, op + "_ref") for op in OP_NAMES})}
+
+
+def fused_op_cases(impl, n, c, h, w, upscale, pool, dtype, device):
+    """(name, fn, bytes) of the fused ops of namespace ``impl`` on one layer: a conv output z of C channels
+    (4C sub-pixel phases when upscale is 2) whose BN+ReLU output is [n, c, upscale*h, upscale*w]."""
     s = upscale
     cl = torch.channels_last
     z = torch.randn(n, s * s * c, h + s - 1, w + s - 1, device=device, dtype=dtype).contiguous(memory_format=cl)
@@ -52,12 +73,13 @@ def fused_op_cases(n, c, h, w, upscale, pool, dtype, device):
     z_bytes, y_bytes = z.numel() * e, out.numel() * e
     p_bytes = pooled.numel() * e if pool else 0
     return [
-        ("bn_stats", lambda: ops.bn_stats(z, s), z_bytes),
-        ("bn_relu_pool", lambda: ops.bn_relu_pool(z, scale, shift, s, out, pooled), z_bytes + y_bytes + p_bytes),
-        ("bn_relu_backward_reduce", lambda: ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, s),
+        ("bn_stats", lambda: impl.bn_stats(z, s), z_bytes),
+        ("bn_relu_pool", lambda: impl.bn_relu_pool(z, scale, shift, s, out, pooled), z_bytes + y_bytes + p_bytes),
+        ("bn_relu_backward_reduce", lambda: impl.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, s),
          z_bytes + y_bytes + p_bytes),
-        ("bn_relu_backward_apply", lambda: ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd,
-                                                                      sum_dy, sum_dy_xmu, s), 2 * z_bytes + y_bytes + p_bytes),
+        ("bn_relu_backward_apply", lambda: impl.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean,
+                                                                       invstd, sum_dy, sum_dy_xmu, s),
+         2 * z_bytes + y_bytes + p_bytes),
     ]
 
 
@@ -92,12 +114,18 @@ def main(argv=None):
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device, args.reps)
     peak = matmul_peak_tflops(device, dtype)
+    impls = implementations(device)
     rows = []
     for name, c, h, w, s, pool, cin in layers(batch, size):
-        for op, fn, nbytes in fused_op_cases(batch, c, h, w, s, pool, dtype, device):
-            ms = timed_ms(fn, device, args.reps)
-            rows.append(dict(layer=name, op=op, mbytes=nbytes / 1e6, ms=ms, gbs=nbytes / (ms * 1e-3) / 1e9,
-                             floor_ms=nbytes / bandwidth / 1e6))
+        timed = {}  # op -> (bytes, {backend: ms})
+        for backend, impl in impls.items():
+            for op, fn, nbytes in fused_op_cases(impl, batch, c, h, w, s, pool, dtype, device):
+                timed.setdefault(op, (nbytes, {}))[1][backend] = timed_ms(fn, device, args.reps)
+        for op, (nbytes, by_backend) in timed.items():
+            best = min(by_backend, key=by_backend.get)
+            ms = by_backend[best]
+            rows.append(dict(layer=name, op=op, mbytes=nbytes / 1e6, ms_by_backend=by_backend, fastest=best, ms=ms,
+                             gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / bandwidth / 1e6))
         if s == 1:
             x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
             weight = torch.randn(c, cin, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -108,20 +136,25 @@ def main(argv=None):
     for row in rows:
         row["of_floor"] = row["floor_ms"] / row["ms"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, fused ops backend {ops.backend_for(device)}, batch {batch} x 3 x "
-          f"{size} x {size}, {args.dtype}, channels_last; copy bandwidth {bandwidth:.0f} GB/s, matmul "
-          f"{peak:.1f} TF/s\n")
-    print("| layer | op | MB or GFLOP | ms | GB/s or TF/s | floor ms | floor / time |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"{name}, torch {torch.__version__}, fused ops timed in: {', '.join(impls)} (the model uses "
+          f"{ops.backend_for(device)}), batch {batch} x 3 x {size} x {size}, {args.dtype}, channels_last; copy "
+          f"bandwidth {bandwidth:.0f} GB/s, matmul {peak:.1f} TF/s\n")
+    print(f"| layer | op | MB or GFLOP | {' | '.join(b + ' ms' for b in impls)} | GB/s or TF/s (fastest) | floor ms "
+          "| floor / time |")
+    print("|---|---|---:|" + "---:|" * len(impls) + "---:|---:|---:|")
     for r in rows:
         size_cell = f"{r['mbytes']:.1f} MB" if "mbytes" in r else f"{r['gflop']:.1f} GFLOP"
         rate = f"{r['gbs']:.0f} GB/s" if "gbs" in r else f"{r['tflops']:.1f} TF/s"
-        print(f"| {r['layer']} | {r['op']} | {size_cell} | {r['ms']:.3f} | {rate} | {r['floor_ms']:.3f} | "
+        by_backend = r.get("ms_by_backend", {next(iter(impls)): r["ms"]})
+        times = " | ".join(f"{by_backend[b]:.3f}" if b in by_backend else "" for b in impls)
+        print(f"| {r['layer']} | {r['op']} | {size_cell} | {times} | {rate} | {r['floor_ms']:.3f} | "
               f"{r['of_floor']:.0%} |")
     fused = [r for r in rows if "mbytes" in r]
-    total, floor = sum(r["ms"] for r in fused), sum(r["floor_ms"] for r in fused)
-    print(f"\nfused ops, one call of each per layer: {total:.2f} ms against a floor of {floor:.2f} ms "
-          f"({floor / total:.0%})")
+    floor = sum(r["floor_ms"] for r in fused)
+    for backend in impls:
+        total = sum(r["ms_by_backend"][backend] for r in fused)
+        print(f"\nfused ops in {backend}, one call of each per layer: {total:.2f} ms against a floor of {floor:.2f} "
+              f"ms ({floor / total:.0%})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, batch=batch, size=size, dtype=args.dtype,

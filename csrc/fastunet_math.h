@@ -1,4 +1,4 @@
-// Per-element math shared by the CPU twin (ops_cpu.cpp) and the CUDA kernels (ops_cuda.cu).
+// Per-element math and the unit of work shared by the CPU twin (ops.cpp) and the CUDA kernels (ops_cuda.cu).
 //
 // Geometry of every fused op ("upscale" S is 1 for a plain conv block, 2 for the sub-pixel up block):
 //   z   : conv output, shape [N, S*S*C, H + S - 1, W + S - 1], any strides.
@@ -7,6 +7,12 @@
 // Logical pixel (n, c, Y, X) with a = Y % S, b = X % S, i = Y / S, j = X / S reads
 //   z[n, (a*S + b)*C + c, i + a, j + b].
 // z entries that no logical pixel reads (the up block's border) get a zero gradient.
+//
+// Every kernel walks the logical output in 2x2 cells, as the Triton kernels do (kernels/utils.py): pixel
+// k = 2*dy + dx of cell (u, v) is logical pixel (2u + dy, 2v + dx). A cell is a max-pool window; for S = 2
+// it is the four sub-pixel phases of low-res position (u, v), pixel k reading z[n, k*C + c, u + dy, v + dx].
+// The work item of a thread (CUDA) or of an inner loop step (CPU) is one cell of one channel; the CUDA
+// kernels put consecutive channels on consecutive lanes, the contiguous dimension of channels_last.
 #pragma once
 
 #include <cmath>
@@ -27,33 +33,55 @@ struct Strides4 {
   }
 };
 
-// Maps logical output pixels to conv-output (z) coordinates and back.
 struct Geom {
   int64_t N, C, H, W;  // logical channels, low-res (per-phase) spatial size
   int64_t S;           // upscale: 1 or 2
   FU_HD int64_t out_h() const { return S * H; }
   FU_HD int64_t out_w() const { return S * W; }
   FU_HD int64_t count_per_channel() const { return N * S * H * S * W; }
-  FU_HD int64_t z_channels() const { return S * S * C; }
-  FU_HD int64_t z_h() const { return H + S - 1; }
-  FU_HD int64_t z_w() const { return W + S - 1; }
-  // Offset into z of logical pixel (n, c, Y, X).
-  FU_HD int64_t z_offset(const Strides4& zs, int64_t n, int64_t c, int64_t Y, int64_t X) const {
-    const int64_t a = Y % S, b = X % S;
-    return zs.at(n, (a * S + b) * C + c, Y / S + a, X / S + b);
-  }
-  // Logical pixel of z element (q, zi, zj); false if no logical pixel reads it.
-  FU_HD bool logical_of(int64_t q, int64_t zi, int64_t zj, int64_t* c, int64_t* Y, int64_t* X) const {
-    const int64_t p = q / C;
-    const int64_t a = p / S, b = p % S;
-    const int64_t i = zi - a, j = zj - b;
-    if (i < 0 || i >= H || j < 0 || j >= W) return false;
-    *c = q % C;
-    *Y = i * S + a;
-    *X = j * S + b;
-    return true;
+};
+
+// The cells a kernel visits. With border = 1 (backward kernels, S = 2) the grid also holds the cells one
+// row/column outside the image on each side, whose pixels are outside the image but whose z entries
+// (u + dy, v + dx) are the z border that no pixel reads: they get their zero gradient from the same loop.
+struct CellGrid {
+  Geom g;
+  int64_t border;  // 0 or 1 (meaningful for S = 2 only)
+  FU_HD int64_t rows_per_sample() const { return g.S == 2 ? g.H + 2 * border : (g.out_h() + 1) / 2; }
+  FU_HD int64_t cols() const { return g.S == 2 ? g.W + 2 * border : (g.out_w() + 1) / 2; }
+  FU_HD int64_t rows() const { return g.N * rows_per_sample(); }
+  // Cell (n, u, v) of flat cell row `row` and column index `col`.
+  FU_HD void cell_of(int64_t row, int64_t col, int64_t* n, int64_t* u, int64_t* v) const {
+    const int64_t b = g.S == 2 ? border : 0;
+    *n = row / rows_per_sample();
+    *u = row % rows_per_sample() - b;
+    *v = col - b;
   }
 };
+
+// Whether pixel k of cell (u, v) lies in the logical output.
+FU_HD bool pixel_in_image(const Geom& g, int64_t u, int64_t v, int k) {
+  const int64_t Y = 2 * u + k / 2, X = 2 * v + k % 2;
+  return Y >= 0 && Y < g.out_h() && X >= 0 && X < g.out_w();
+}
+
+// Whether the z position of pixel k of cell (u, v) is an element of z (read by a pixel or not).
+FU_HD bool pixel_in_z(const Geom& g, int64_t u, int64_t v, int k) {
+  if (g.S == 1) return pixel_in_image(g, u, v, k);
+  const int64_t i = u + k / 2, j = v + k % 2;
+  return i >= 0 && i <= g.H && j >= 0 && j <= g.W;
+}
+
+// Offset, in a tensor laid out as z, of the z entry of pixel k of cell (u, v), channel c.
+FU_HD int64_t cell_z_offset(const Geom& g, const Strides4& zs, int64_t n, int64_t u, int64_t v, int k, int64_t c) {
+  if (g.S == 2) return zs.at(n, k * g.C + c, u + k / 2, v + k % 2);
+  return zs.at(n, c, 2 * u + k / 2, 2 * v + k % 2);
+}
+
+// Offset, in a tensor laid out as the logical output (out, grad), of pixel k of cell (u, v), channel c.
+FU_HD int64_t cell_out_offset(const Strides4& s, int64_t n, int64_t u, int64_t v, int k, int64_t c) {
+  return s.at(n, c, 2 * u + k / 2, 2 * v + k % 2);
+}
 
 // BN apply + ReLU. NaN propagates (as torch.relu); the ReLU mask is v > 0 (as threshold_backward).
 template <typename acc_t>
@@ -77,34 +105,6 @@ FU_HD int pool_argmax4(const acc_t v[4]) {
   return idx;
 }
 
-// Welford accumulator (Chan's parallel merge), used for the per-channel batch statistics.
-// Trivially constructible (it lives in CUDA shared memory): create with `Welford<acc_t> w{};`.
-template <typename acc_t>
-struct Welford {
-  acc_t mean, m2;
-  int64_t count;
-  FU_HD void push(acc_t x) {
-    ++count;
-    const acc_t d = x - mean;
-    mean += d / acc_t(count);
-    m2 += d * (x - mean);
-  }
-  FU_HD void merge(const Welford& o) {
-    if (o.count == 0) return;
-    if (count == 0) {
-      *this = o;
-      return;
-    }
-    const int64_t n = count + o.count;
-    const acc_t d = o.mean - mean;
-    const acc_t fo = acc_t(o.count) / acc_t(n);
-    mean += d * fo;
-    m2 += o.m2 + d * d * acc_t(count) * fo;
-    count = n;
-  }
-  FU_HD acc_t var_biased() const { return count > 0 ? m2 / acc_t(count) : acc_t(0); }
-};
-
 // Gradient of BN (training statistics) for one element, given the per-channel reductions
 // sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (z - mean)) over the M elements of the channel.
 // With sum_dy = sum_dy_xmu = 0 this is the eval-mode gradient scale * dy.
@@ -115,40 +115,214 @@ FU_HD acc_t bn_backward_dz(acc_t dy, acc_t z, acc_t mean, acc_t invstd, acc_t sc
   return scale * (dy - sum_dy * inv_m - proj);
 }
 
-}  // namespace fastunet
-
-namespace fastunet {
-
 // Rounds through the output dtype, so that recomputed activations equal the stored ones bit for bit.
 template <typename out_t, typename acc_t>
 FU_HD acc_t round_to(acc_t v) {
   return static_cast<acc_t>(static_cast<out_t>(v));
 }
 
-// BN+ReLU output of logical pixel (n, c, Y, X), rounded to the output dtype out_t.
-template <typename scalar_t, typename out_t, typename acc_t>
-FU_HD acc_t logical_y(const scalar_t* z, const Strides4& zs, const Geom& g, int64_t n, int64_t c, int64_t Y,
-                      int64_t X, acc_t scale, acc_t shift) {
-  return round_to<out_t, acc_t>(bn_relu<acc_t>(static_cast<acc_t>(z[g.z_offset(zs, n, c, Y, X)]), scale, shift));
+// Everything a per-cell function reads or writes: tensors and their strides (null pointers where an
+// op has no such tensor; grad and grad_pooled in the forward op, pooled without max-pool, ...).
+template <typename scalar_t>
+struct CellTensors {
+  const scalar_t* z;
+  Strides4 zs;
+  const scalar_t* grad;  // laid out as the logical output
+  Strides4 gs;
+  const scalar_t* grad_pooled;  // [N, C, S*H/2, S*W/2]; null: no max-pool
+  Strides4 gps;
+};
+
+// BN+ReLU of the pixels of one cell of channel c, rounded to scalar_t (0 for pixels outside the image);
+// zv receives the z values read.
+template <typename scalar_t, typename acc_t>
+FU_HD void cell_bn_relu(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
+                        acc_t scale, acc_t shift, acc_t y[4], acc_t zv[4]) {
+  for (int k = 0; k < 4; ++k) {
+    const bool inside = pixel_in_image(g, u, v, k);
+    zv[k] = inside ? static_cast<acc_t>(t.z[cell_z_offset(g, t.zs, n, u, v, k, c)]) : acc_t(0);
+    y[k] = inside ? round_to<scalar_t, acc_t>(bn_relu<acc_t>(zv[k], scale, shift)) : acc_t(0);
+  }
 }
 
-// Gradient reaching the pre-ReLU value of logical pixel (n, c, Y, X): the output's gradient plus,
-// where this pixel is its window's max-pool argmax, the pooled gradient; zero where the ReLU was off.
+// bn_relu_pool for one cell of channel c: out = relu(z*scale + shift) and, if pooled is given, the
+// window's max (the pixel ATen's max_pool2d picks).
 template <typename scalar_t, typename acc_t>
-FU_HD acc_t relu_pool_dy(const scalar_t* z, const Strides4& zs, const scalar_t* grad, const Strides4& gs,
-                         const scalar_t* grad_pooled, const Strides4& ps, const Geom& g, int64_t n, int64_t c,
-                         int64_t Y, int64_t X, acc_t scale, acc_t shift) {
-  const acc_t y = logical_y<scalar_t, scalar_t, acc_t>(z, zs, g, n, c, Y, X, scale, shift);
-  if (!(y > acc_t(0))) return acc_t(0);
-  acc_t d = static_cast<acc_t>(grad[gs.at(n, c, Y, X)]);
-  if (grad_pooled != nullptr) {
-    const int64_t Y0 = Y - (Y & 1), X0 = X - (X & 1);
-    acc_t v[4];
-    for (int k = 0; k < 4; ++k) v[k] = logical_y<scalar_t, scalar_t, acc_t>(z, zs, g, n, c, Y0 + k / 2, X0 + k % 2, scale, shift);
-    const int k = pool_argmax4<acc_t>(v);
-    if (Y0 + k / 2 == Y && X0 + k % 2 == X) d += static_cast<acc_t>(grad_pooled[ps.at(n, c, Y / 2, X / 2)]);
-  }
-  return d;
+FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                             int64_t c, acc_t scale, acc_t shift, scalar_t* out, const Strides4& os, scalar_t* pooled,
+                             const Strides4& ps) {
+  acc_t y[4], zv[4];
+  cell_bn_relu<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, y, zv);
+  for (int k = 0; k < 4; ++k)
+    if (pixel_in_image(g, u, v, k)) out[cell_out_offset(os, n, u, v, k, c)] = static_cast<scalar_t>(y[k]);
+  if (pooled != nullptr) pooled[ps.at(n, c, u, v)] = static_cast<scalar_t>(y[pool_argmax4<acc_t>(y)]);
 }
+
+// Gradient dy reaching the pre-ReLU value of each pixel of one cell of channel c: the output's gradient
+// plus, at the window's max-pool argmax, the pooled gradient; zero where the ReLU was off and outside
+// the image. zv receives the z values read.
+template <typename scalar_t, typename acc_t>
+FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                             int64_t c, acc_t scale, acc_t shift, acc_t dy[4], acc_t zv[4]) {
+  acc_t y[4];
+  cell_bn_relu<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, y, zv);
+  const int argmax = t.grad_pooled != nullptr ? pool_argmax4<acc_t>(y) : -1;
+  for (int k = 0; k < 4; ++k) {
+    dy[k] = acc_t(0);
+    if (!pixel_in_image(g, u, v, k) || !(y[k] > acc_t(0))) continue;
+    dy[k] = static_cast<acc_t>(t.grad[cell_out_offset(t.gs, n, u, v, k, c)]);
+    if (k == argmax) dy[k] += static_cast<acc_t>(t.grad_pooled[t.gps.at(n, c, u, v)]);
+  }
+}
+
+// The per-channel vectors of BN's training-mode backward (null sum pointers: the ReLU/max-pool backward only).
+template <typename acc_t>
+struct BnBackwardVectors {
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* sum_dy;
+  const acc_t* sum_dy_xmu;
+  acc_t inv_m;  // 1 / elements per channel
+};
+
+// relu_pool_backward (bn.sum_dy null) or bn_relu_backward_apply for one cell of channel c: writes the
+// gradient of every z entry of the cell, 0 for the entries no pixel reads.
+template <typename scalar_t, typename acc_t>
+FU_HD void cell_z_grad(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
+                       acc_t scale, acc_t shift, const BnBackwardVectors<acc_t>& bn, scalar_t* dz,
+                       const Strides4& ds) {
+  acc_t dy[4], zv[4];
+  cell_relu_pool_dy<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, dy, zv);
+  for (int k = 0; k < 4; ++k) {
+    if (!pixel_in_z(g, u, v, k)) continue;
+    acc_t d = dy[k];
+    if (bn.sum_dy != nullptr && pixel_in_image(g, u, v, k))
+      d = bn_backward_dz<acc_t>(d, zv[k], bn.mean[c], bn.invstd[c], scale, bn.sum_dy[c], bn.sum_dy_xmu[c], bn.inv_m);
+    dz[cell_z_offset(g, ds, n, u, v, k, c)] = static_cast<scalar_t>(d);
+  }
+}
+
+// Partial sums of the per-channel reductions, over some cells of one channel, in sum_t.
+template <typename sum_t>
+struct SumPair {
+  sum_t first, second;
+};
+
+// A reduction's partial sums per chunk of cells, laid out [2, chunks, C]: all first sums, then all second sums.
+template <typename sum_t>
+FU_HD void store_partial(sum_t* partial, int64_t chunks, int64_t C, int64_t chunk, int64_t c,
+                         const SumPair<sum_t>& sums) {
+  partial[chunk * C + c] = sums.first;
+  partial[(chunks + chunk) * C + c] = sums.second;
+}
+
+// Channel c's totals, in double, of [2, chunks, C] partial sums: the chunks summed in order, so that a result
+// depends on the chunking alone.
+template <typename sum_t>
+FU_HD SumPair<double> sum_over_chunks(const sum_t* partial, int64_t chunks, int64_t C, int64_t c) {
+  SumPair<double> total{0, 0};
+  for (int64_t k = 0; k < chunks; ++k) {
+    total.first += static_cast<double>(partial[k * C + c]);
+    total.second += static_cast<double>(partial[(chunks + k) * C + c]);
+  }
+  return total;
+}
+
+// bn_stats partial sums for one cell of channel c: sum(z - ref) and sum((z - ref)^2) over its pixels in
+// the image, with ref a value of the channel itself (shifted sums: exact-ish even when the mean is large
+// against the spread).
+template <typename scalar_t, typename sum_t>
+FU_HD void cell_stats_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
+                           sum_t ref, SumPair<sum_t>* acc) {
+  for (int k = 0; k < 4; ++k) {
+    if (!pixel_in_image(g, u, v, k)) continue;
+    const sum_t d = static_cast<sum_t>(t.z[cell_z_offset(g, t.zs, n, u, v, k, c)]) - ref;
+    acc->first += d;
+    acc->second += d * d;
+  }
+}
+
+// The value channel c's statistics are shifted by: its logical pixel (0, c, 0, 0).
+template <typename scalar_t, typename sum_t>
+FU_HD sum_t stats_ref(const CellTensors<scalar_t>& t, const Geom& g, int64_t c) {
+  return static_cast<sum_t>(t.z[cell_z_offset(g, t.zs, 0, 0, 0, 0, c)]);
+}
+
+// Mean and biased variance from the shifted sums of count values.
+FU_HD void finish_stats(double ref, double sum_d, double sum_d2, double count, double* mean, double* var) {
+  const double mean_d = sum_d / count;
+  const double v = sum_d2 / count - mean_d * mean_d;
+  *mean = ref + mean_d;
+  *var = v > 0.0 ? v : 0.0;
+}
+
+// bn_relu_backward_reduce partial sums for one cell of channel c: sum(dy) and sum(dy * (z - mean)).
+template <typename scalar_t, typename acc_t, typename sum_t>
+FU_HD void cell_backward_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                              int64_t c, acc_t scale, acc_t shift, sum_t mean, SumPair<sum_t>* acc) {
+  acc_t dy[4], zv[4];
+  cell_relu_pool_dy<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, dy, zv);
+  for (int k = 0; k < 4; ++k) {
+    if (!pixel_in_image(g, u, v, k)) continue;
+    acc->first += static_cast<sum_t>(dy[k]);
+    acc->second += static_cast<sum_t>(dy[k]) * (static_cast<sum_t>(zv[k]) - mean);
+  }
+}
+
+// The per-cell work of each op as a function object, called per (cell, channel) by the CPU loops (ops.cpp)
+// and the CUDA kernels (ops_cuda.cu) alike. Elementwise ops: f(n, u, v, c). Reductions:
+// f(n, u, v, c, f.channel_constant(c), &partial_sums).
+
+template <typename scalar_t, typename acc_t>
+struct BnReluPoolCells {
+  CellTensors<scalar_t> t;
+  Geom g;
+  const acc_t* scale;
+  const acc_t* shift;
+  scalar_t* out;
+  Strides4 os;
+  scalar_t* pooled;  // null: no max-pool
+  Strides4 ps;
+  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c) const {
+    cell_bn_relu_pool<scalar_t, acc_t>(t, g, n, u, v, c, scale[c], shift[c], out, os, pooled, ps);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct ZGradCells {
+  CellTensors<scalar_t> t;
+  Geom g;
+  const acc_t* scale;
+  const acc_t* shift;
+  BnBackwardVectors<acc_t> bn;
+  scalar_t* dz;
+  Strides4 ds;
+  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c) const {
+    cell_z_grad<scalar_t, acc_t>(t, g, n, u, v, c, scale[c], shift[c], bn, dz, ds);
+  }
+};
+
+template <typename scalar_t, typename sum_t>
+struct StatsCells {
+  CellTensors<scalar_t> t;
+  Geom g;
+  FU_HD sum_t channel_constant(int64_t c) const { return stats_ref<scalar_t, sum_t>(t, g, c); }
+  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c, sum_t ref, SumPair<sum_t>* acc) const {
+    cell_stats_sums<scalar_t, sum_t>(t, g, n, u, v, c, ref, acc);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename sum_t>
+struct BackwardSumCells {
+  CellTensors<scalar_t> t;
+  Geom g;
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* mean;
+  FU_HD sum_t channel_constant(int64_t c) const { return static_cast<sum_t>(mean[c]); }
+  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c, sum_t mu, SumPair<sum_t>* acc) const {
+    cell_backward_sums<scalar_t, acc_t, sum_t>(t, g, n, u, v, c, scale[c], shift[c], mu, acc);
+  }
+};
 
 }  // namespace fastunet

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "ops_common.h"
 
@@ -15,14 +16,61 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// Per-channel reductions on the CPU accumulate in double, as ATen's CPU BatchNorm does; rows of a channel
-// are reduced on their own and then combined.
+// Per-channel reductions on the CPU sum in double, over a fixed number of chunks of cell rows.
 using cpu_sum_t = double;
+constexpr int64_t kCpuReductionChunks = 64;
 
+// Calls f(n, u, v, c) for every cell and channel of the grid, cell rows in parallel. Within a row, channels
+// are the inner loop where they are z's contiguous dimension (channels_last), else columns are.
 template <typename F>
-void for_each_row_of_channel(const Geom& g, int64_t c, F&& row_fn) {
-  for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t Y = 0; Y < g.out_h(); ++Y) row_fn(n, c, Y);
+void for_each_cell(const CellGrid& cg, bool channels_inner, const F& f) {
+  const int64_t cols = cg.cols(), C = cg.g.C;
+  at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      int64_t n, u, v0;
+      cg.cell_of(row, 0, &n, &u, &v0);
+      if (channels_inner) {
+        for (int64_t col = 0; col < cols; ++col)
+          for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c);
+      }
+    }
+  });
+}
+
+// Per-channel totals of f's partial sums over every cell of the grid: chunks of cell rows in parallel, each
+// into its own [2, chunks, C] partial sums, then summed over the chunks in order (as the CUDA kernels do).
+template <typename F>
+std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inner, const F& f) {
+  const int64_t cols = cg.cols(), C = cg.g.C;
+  const ReductionPlan plan = plan_reduction(cg.rows(), kCpuReductionChunks);
+  std::vector<cpu_sum_t> constants(C);
+  for (int64_t c = 0; c < C; ++c) constants[c] = f.channel_constant(c);
+  std::vector<cpu_sum_t> partial(2 * plan.chunks * C);
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<SumPair<cpu_sum_t>> acc(C);
+    for (int64_t chunk = k0; chunk < k1; ++chunk) {
+      std::fill(acc.begin(), acc.end(), SumPair<cpu_sum_t>{0, 0});
+      const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
+      for (int64_t row = first; row < last; ++row) {
+        int64_t n, u, v0;
+        cg.cell_of(row, 0, &n, &u, &v0);
+        if (channels_inner) {
+          for (int64_t col = 0; col < cols; ++col)
+            for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c, constants[c], &acc[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c, constants[c], &acc[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) store_partial(partial.data(), plan.chunks, C, chunk, c, acc[c]);
+    }
+  });
+  std::vector<SumPair<double>> total(C);
+  for (int64_t c = 0; c < C; ++c) total[c] = sum_over_chunks(partial.data(), plan.chunks, C, c);
+  return total;
 }
 
 std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& z, int64_t upscale) {
@@ -30,24 +78,19 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& z, int64_t upscale) {
   TORCH_CHECK(g.count_per_channel() > 0, "fastunet.bn_stats: empty batch");
   const auto opts = z.options().dtype(acc_dtype(z.scalar_type()));
   Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
-  const Strides4 zs = strides_of(z);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const StatsCells<scalar_t, cpu_sum_t> f{cell_tensors<scalar_t>(z), g};
+    const auto sums = reduce_cells(CellGrid{g, 0}, channels_fastest(z), f);
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* vp = var.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        Welford<cpu_sum_t> total{};
-        for_each_row_of_channel(g, c, [&](int64_t n, int64_t cc, int64_t Y) {
-          Welford<cpu_sum_t> row{};
-          for (int64_t X = 0; X < g.out_w(); ++X) row.push(static_cast<cpu_sum_t>(zp[g.z_offset(zs, n, cc, Y, X)]));
-          total.merge(row);
-        });
-        mp[c] = static_cast<acc_t>(total.mean);
-        vp[c] = static_cast<acc_t>(total.var_biased());
-      }
-    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      double m, v;
+      finish_stats(f.channel_constant(c), sums[c].first, sums[c].second, static_cast<double>(g.count_per_channel()),
+                   &m, &v);
+      mp[c] = static_cast<acc_t>(m);
+      vp[c] = static_cast<acc_t>(v);
+    }
   });
   return {mean, var};
 }
@@ -59,74 +102,39 @@ void bn_relu_pool_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift,
   check_vec(shift, "shift", g, z);
   check_out_like(out, "out", g, z);
   check_pooled(pooled, "pooled", g, z);
-  const Strides4 zs = strides_of(z), os = strides_of(out);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const acc_t* sc = scale.const_data_ptr<acc_t>();
-    const acc_t* sh = shift.const_data_ptr<acc_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    scalar_t* pp = pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr;
-    const Strides4 ps = pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0};
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t nc = b0; nc < b1; ++nc) {
-        const int64_t n = nc / g.C, c = nc % g.C;
-        const acc_t s = sc[c], t = sh[c];
-        if (pp == nullptr) {
-          for (int64_t Y = 0; Y < g.out_h(); ++Y)
-            for (int64_t X = 0; X < g.out_w(); ++X)
-              op[os.at(n, c, Y, X)] = static_cast<scalar_t>(logical_y<scalar_t, scalar_t, acc_t>(zp, zs, g, n, c, Y, X, s, t));
-          continue;
-        }
-        for (int64_t Y = 0; Y < g.out_h(); Y += 2)
-          for (int64_t X = 0; X < g.out_w(); X += 2) {
-            acc_t v[4];
-            for (int k = 0; k < 4; ++k) {
-              v[k] = logical_y<scalar_t, scalar_t, acc_t>(zp, zs, g, n, c, Y + k / 2, X + k % 2, s, t);
-              op[os.at(n, c, Y + k / 2, X + k % 2)] = static_cast<scalar_t>(v[k]);
-            }
-            pp[ps.at(n, c, Y / 2, X / 2)] = static_cast<scalar_t>(v[pool_argmax4<acc_t>(v)]);
-          }
-      }
-    });
+    const BnReluPoolCells<scalar_t, acc_t> f{
+        cell_tensors<scalar_t>(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+        out.mutable_data_ptr<scalar_t>(), strides_of(out),
+        pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
+        pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0}};
+    for_each_cell(CellGrid{g, 0}, channels_fastest(z), f);
   });
 }
 
-// Visits every element of z (all z channels q and positions zi, zj of sample n) in parallel; f writes it.
-template <typename F>
-void for_each_z_element(const Geom& g, F&& f) {
-  const int64_t zc = g.z_channels();
-  at::parallel_for(0, g.N * zc, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t nq = b0; nq < b1; ++nq) {
-      const int64_t n = nq / zc, q = nq % zc;
-      for (int64_t zi = 0; zi < g.z_h(); ++zi)
-        for (int64_t zj = 0; zj < g.z_w(); ++zj) f(n, q, zi, zj);
-    }
+// relu_pool_backward (mean null) or bn_relu_backward_apply: the gradient of every z element.
+Tensor z_grad_cpu(const Tensor& grad, const optional<Tensor>& grad_pooled, const Tensor& z, const Tensor& scale,
+                  const Tensor& shift, const Tensor* mean, const Tensor* invstd, const Tensor* sum_dy,
+                  const Tensor* sum_dy_xmu, const Geom& g) {
+  Tensor dz = at::empty_like(z);
+  FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "z_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto vec = [](const Tensor* t) { return t ? t->const_data_ptr<acc_t>() : nullptr; };
+    const BnBackwardVectors<acc_t> bn{vec(mean), vec(invstd), vec(sum_dy), vec(sum_dy_xmu),
+                                      acc_t(1) / static_cast<acc_t>(g.count_per_channel())};
+    const ZGradCells<scalar_t, acc_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
+                                        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), bn,
+                                        dz.mutable_data_ptr<scalar_t>(), strides_of(dz)};
+    for_each_cell(CellGrid{g, 1}, channels_fastest(z), f);
   });
+  return dz;
 }
 
 Tensor relu_pool_backward_cpu(const Tensor& grad, const optional<Tensor>& grad_pooled, const Tensor& z,
                               const Tensor& scale, const Tensor& shift, int64_t upscale) {
   const Geom g = check_backward_args(grad, grad_pooled, z, scale, shift, upscale);
-  Tensor dy = at::empty_like(z);
-  const Strides4 zs = strides_of(z), gs = strides_of(grad), ds = strides_of(dy);
-  FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "relu_pool_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* pp = grad_pooled.has_value() ? grad_pooled->const_data_ptr<scalar_t>() : nullptr;
-    const Strides4 ps = grad_pooled.has_value() ? strides_of(*grad_pooled) : Strides4{0, 0, 0, 0};
-    const acc_t* sc = scale.const_data_ptr<acc_t>();
-    const acc_t* sh = shift.const_data_ptr<acc_t>();
-    scalar_t* dp = dy.mutable_data_ptr<scalar_t>();
-    for_each_z_element(g, [&](int64_t n, int64_t q, int64_t zi, int64_t zj) {
-      int64_t c, Y, X;
-      acc_t d = 0;
-      if (g.logical_of(q, zi, zj, &c, &Y, &X)) d = relu_pool_dy<scalar_t, acc_t>(zp, zs, gp, gs, pp, ps, g, n, c, Y, X, sc[c], sh[c]);
-      dp[ds.at(n, q, zi, zj)] = static_cast<scalar_t>(d);
-    });
-  });
-  return dy;
+  return z_grad_cpu(grad, grad_pooled, z, scale, shift, nullptr, nullptr, nullptr, nullptr, g);
 }
 
 std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cpu(const Tensor& grad, const optional<Tensor>& grad_pooled,
@@ -136,35 +144,18 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cpu(const Tensor& grad, const
   check_vec(mean, "mean", g, z);
   const auto opts = z.options().dtype(acc_dtype(z.scalar_type()));
   Tensor sum_dy = at::empty({g.C}, opts), sum_dy_xmu = at::empty({g.C}, opts);
-  const Strides4 zs = strides_of(z), gs = strides_of(grad);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* pp = grad_pooled.has_value() ? grad_pooled->const_data_ptr<scalar_t>() : nullptr;
-    const Strides4 ps = grad_pooled.has_value() ? strides_of(*grad_pooled) : Strides4{0, 0, 0, 0};
-    const acc_t* sc = scale.const_data_ptr<acc_t>();
-    const acc_t* sh = shift.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const BackwardSumCells<scalar_t, acc_t, cpu_sum_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
+                                                        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                                        mean.const_data_ptr<acc_t>()};
+    const auto sums = reduce_cells(CellGrid{g, 0}, channels_fastest(z), f);
     acc_t* s1 = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* s2 = sum_dy_xmu.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        cpu_sum_t t1 = 0, t2 = 0;
-        for_each_row_of_channel(g, c, [&](int64_t n, int64_t cc, int64_t Y) {
-          cpu_sum_t r1 = 0, r2 = 0;
-          for (int64_t X = 0; X < g.out_w(); ++X) {
-            const cpu_sum_t d = relu_pool_dy<scalar_t, acc_t>(zp, zs, gp, gs, pp, ps, g, n, cc, Y, X, sc[cc], sh[cc]);
-            r1 += d;
-            r2 += d * (static_cast<cpu_sum_t>(zp[g.z_offset(zs, n, cc, Y, X)]) - static_cast<cpu_sum_t>(mp[cc]));
-          }
-          t1 += r1;
-          t2 += r2;
-        });
-        s1[c] = static_cast<acc_t>(t1);
-        s2[c] = static_cast<acc_t>(t2);
-      }
-    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      s1[c] = static_cast<acc_t>(sums[c].first);
+      s2[c] = static_cast<acc_t>(sums[c].second);
+    }
   });
   return {sum_dy, sum_dy_xmu};
 }
@@ -178,33 +169,7 @@ Tensor bn_relu_backward_apply_cpu(const Tensor& grad, const optional<Tensor>& gr
   check_vec(invstd, "invstd", g, z);
   check_vec(sum_dy, "sum_dy", g, z);
   check_vec(sum_dy_xmu, "sum_dy_xmu", g, z);
-  Tensor dz = at::empty_like(z);
-  const Strides4 zs = strides_of(z), gs = strides_of(grad), ds = strides_of(dz);
-  FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_apply_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* pp = grad_pooled.has_value() ? grad_pooled->const_data_ptr<scalar_t>() : nullptr;
-    const Strides4 ps = grad_pooled.has_value() ? strides_of(*grad_pooled) : Strides4{0, 0, 0, 0};
-    const acc_t* sc = scale.const_data_ptr<acc_t>();
-    const acc_t* sh = shift.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* ip = invstd.const_data_ptr<acc_t>();
-    const acc_t* s1 = sum_dy.const_data_ptr<acc_t>();
-    const acc_t* s2 = sum_dy_xmu.const_data_ptr<acc_t>();
-    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.count_per_channel());
-    scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
-    for_each_z_element(g, [&](int64_t n, int64_t q, int64_t zi, int64_t zj) {
-      int64_t c, Y, X;
-      acc_t d = 0;
-      if (g.logical_of(q, zi, zj, &c, &Y, &X)) {
-        const acc_t dy = relu_pool_dy<scalar_t, acc_t>(zp, zs, gp, gs, pp, ps, g, n, c, Y, X, sc[c], sh[c]);
-        d = bn_backward_dz<acc_t>(dy, static_cast<acc_t>(zp[zs.at(n, q, zi, zj)]), mp[c], ip[c], sc[c], s1[c], s2[c], inv_m);
-      }
-      dp[ds.at(n, q, zi, zj)] = static_cast<scalar_t>(d);
-    });
-  });
-  return dz;
+  return z_grad_cpu(grad, grad_pooled, z, scale, shift, &mean, &invstd, &sum_dy, &sum_dy_xmu, g);
 }
 
 }  // namespace

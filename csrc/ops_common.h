@@ -5,6 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
+
 #include "fastunet_math.h"
 
 namespace fastunet {
@@ -16,6 +18,38 @@ inline Strides4 strides_of(const at::Tensor& t) {
 // The dtype of per-channel vectors (scale, shift, mean, ...) for a given activation dtype.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool channels_fastest(const at::Tensor& t) { return t.dim() == 4 && t.stride(1) == 1 && t.size(1) > 1; }
+
+// The tensors a per-cell function reads (grad and grad_pooled absent in the forward ops).
+template <typename scalar_t>
+CellTensors<scalar_t> cell_tensors(const at::Tensor& z, const at::Tensor* grad = nullptr,
+                                   const c10::optional<at::Tensor>* grad_pooled = nullptr) {
+  CellTensors<scalar_t> t{z.const_data_ptr<scalar_t>(), strides_of(z), nullptr, Strides4{0, 0, 0, 0}, nullptr,
+                          Strides4{0, 0, 0, 0}};
+  if (grad != nullptr) {
+    t.grad = grad->const_data_ptr<scalar_t>();
+    t.gs = strides_of(*grad);
+  }
+  if (grad_pooled != nullptr && grad_pooled->has_value()) {
+    t.grad_pooled = (*grad_pooled)->const_data_ptr<scalar_t>();
+    t.gps = strides_of(**grad_pooled);
+  }
+  return t;
+}
+
+// How a per-channel reduction splits the cell rows into chunks: each chunk's partial sums are formed on their
+// own, then summed over the chunks in order, so that a result depends on the plan alone (never on the
+// thread count or scheduling).
+struct ReductionPlan {
+  int64_t rows_per_chunk, chunks;
+};
+
+inline ReductionPlan plan_reduction(int64_t rows, int64_t max_chunks) {
+  const int64_t wanted = std::max<int64_t>(1, std::min(rows, max_chunks));
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (rows + wanted - 1) / wanted);
+  return ReductionPlan{rows_per_chunk, std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk)};
 }
 
 inline Geom geom_of(const at::Tensor& z, int64_t upscale) {

@@ -1,9 +1,11 @@
-// CUDA kernels of the fastunet ops. The per-element math is fastunet_math.h, shared with the CPU twin
-// (ops.cpp), so CI exercises the same arithmetic without a GPU. All indexing is 64-bit.
+// CUDA kernels of the fastunet ops. The per-cell work (math, indexing, masks) is fastunet_math.h's, shared
+// with the CPU twin (ops.cpp), so CI exercises it without a GPU; what is CUDA's own here is the mapping of
+// cells and channels onto threads and the two-step, atomic-free reductions. All offsets are 64-bit.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "ops_common.h"
@@ -14,129 +16,129 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-constexpr int kReduceThreads = 256;
-constexpr int kElementThreads = 256;
+// A block is 256 threads over a tile of channels x cell columns of one cell row. Consecutive lanes take
+// consecutive channels when channels are the contiguous dimension (channels_last, and the concat-buffer
+// slices of it): a warp then reads and writes 32 adjacent elements. Otherwise lanes take consecutive cells.
+constexpr int kThreads = 256;
 
-inline int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return std::max<int64_t>(1, std::min<int64_t>((n + kElementThreads - 1) / kElementThreads, max_blocks));
-}
-
-// Decodes a flat index over [N, C, H, W] with channels fastest (channels_last) or columns fastest.
-struct Decoder4 {
-  int64_t C, H, W;
-  bool channels_fastest;
-  __device__ void operator()(int64_t k, int64_t* n, int64_t* c, int64_t* h, int64_t* w) const {
-    if (channels_fastest) {
-      *c = k % C; k /= C;
-      *w = k % W; k /= W;
-      *h = k % H; *n = k / H;
-    } else {
-      *w = k % W; k /= W;
-      *h = k % H; k /= H;
-      *c = k % C; *n = k / C;
-    }
-  }
+template <bool kChannelsFastest>
+struct Tile {
+  static constexpr int kChannels = kChannelsFastest ? 32 : 8;
+  static constexpr int kColumns = kThreads / kChannels;
+  __device__ static int channel_lane() { return kChannelsFastest ? threadIdx.x % kChannels : threadIdx.x / kColumns; }
+  __device__ static int column_lane() { return kChannelsFastest ? threadIdx.x / kChannels : threadIdx.x % kColumns; }
 };
 
-inline bool channels_fastest(const Tensor& t) { return t.dim() == 4 && t.stride(1) == 1 && t.size(1) > 1; }
+// Grid (cell rows, channel tiles): calls f(n, u, v, c) for every cell and channel.
+template <bool kChannelsFastest, typename F>
+__global__ void __launch_bounds__(kThreads) cells_kernel(CellGrid cg, F f) {
+  using T = Tile<kChannelsFastest>;
+  const int64_t c = int64_t(blockIdx.y) * T::kChannels + T::channel_lane();
+  if (c >= cg.g.C) return;
+  int64_t n, u, v0;
+  cg.cell_of(blockIdx.x, 0, &n, &u, &v0);
+  const int64_t cols = cg.cols();
+  for (int64_t col = T::column_lane(); col < cols; col += T::kColumns) f(n, u, v0 + col, c);
+}
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_stats_kernel(const scalar_t* __restrict__ z, Strides4 zs, Geom g, acc_t* mean, acc_t* var) {
-  __shared__ Welford<acc_t> part[kReduceThreads];
-  const int64_t c = blockIdx.x;
-  const int64_t OW = g.out_w(), OH = g.out_h(), M = g.count_per_channel();
-  Welford<acc_t> w{};
-  for (int64_t k = threadIdx.x; k < M; k += blockDim.x) {
-    const int64_t X = k % OW, Y = (k / OW) % OH, n = k / (OW * OH);
-    w.push(static_cast<acc_t>(z[g.z_offset(zs, n, c, Y, X)]));
+// Grid (chunks, channel tiles): block `chunk` sums f's partial sums over its cell rows into
+// the [2, chunks, C] partial sums (store_partial). Within a block the column lanes are summed in order.
+template <bool kChannelsFastest, typename sum_t, typename F>
+__global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, int64_t rows_per_chunk, F f,
+                                                             sum_t* partial) {
+  using T = Tile<kChannelsFastest>;
+  __shared__ SumPair<sum_t> lanes[T::kColumns][T::kChannels];
+  const int cl = T::channel_lane(), vl = T::column_lane();
+  const int64_t C = cg.g.C, chunks = gridDim.x, chunk = blockIdx.x;
+  const int64_t c = int64_t(blockIdx.y) * T::kChannels + cl;
+  SumPair<sum_t> acc{0, 0};
+  if (c < C) {
+    const sum_t constant = f.channel_constant(c);
+    const int64_t first = chunk * rows_per_chunk, last = min(first + rows_per_chunk, cg.rows()), cols = cg.cols();
+    for (int64_t row = first; row < last; ++row) {
+      int64_t n, u, v0;
+      cg.cell_of(row, 0, &n, &u, &v0);
+      for (int64_t col = vl; col < cols; col += T::kColumns) f(n, u, v0 + col, c, constant, &acc);
+    }
   }
-  part[threadIdx.x] = w;
+  lanes[vl][cl] = acc;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) part[threadIdx.x].merge(part[threadIdx.x + s]);
-    __syncthreads();
+  if (vl != 0 || c >= C) return;
+  SumPair<sum_t> total{0, 0};
+  for (int i = 0; i < T::kColumns; ++i) {
+    total.first += lanes[i][cl].first;
+    total.second += lanes[i][cl].second;
   }
-  if (threadIdx.x == 0) {
-    mean[c] = part[0].mean;
-    var[c] = part[0].var_biased();
-  }
+  store_partial(partial, chunks, C, chunk, c, total);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_pool_kernel(const scalar_t* __restrict__ z, Strides4 zs, Geom g, const acc_t* scale,
-                                    const acc_t* shift, scalar_t* out, Strides4 os, scalar_t* pooled, Strides4 ps,
-                                    Decoder4 dec, int64_t total) {
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total; k += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, Y, X;
-    dec(k, &n, &c, &Y, &X);
-    const acc_t s = scale[c], t = shift[c];
-    if (pooled == nullptr) {
-      out[os.at(n, c, Y, X)] = static_cast<scalar_t>(logical_y<scalar_t, scalar_t, acc_t>(z, zs, g, n, c, Y, X, s, t));
-      continue;
-    }
-    acc_t v[4];
-    for (int q = 0; q < 4; ++q) {
-      v[q] = logical_y<scalar_t, scalar_t, acc_t>(z, zs, g, n, c, 2 * Y + q / 2, 2 * X + q % 2, s, t);
-      out[os.at(n, c, 2 * Y + q / 2, 2 * X + q % 2)] = static_cast<scalar_t>(v[q]);
-    }
-    pooled[ps.at(n, c, Y, X)] = static_cast<scalar_t>(v[pool_argmax4<acc_t>(v)]);
-  }
+__global__ void finish_stats_kernel(StatsCells<scalar_t, acc_t> f, const acc_t* partial, int64_t chunks,
+                                    acc_t* mean, acc_t* var) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= f.g.C) return;
+  const SumPair<double> total = sum_over_chunks(partial, chunks, f.g.C, c);
+  double m, v;
+  finish_stats(static_cast<double>(f.channel_constant(c)), total.first, total.second,
+               static_cast<double>(f.g.count_per_channel()), &m, &v);
+  mean[c] = static_cast<acc_t>(m);
+  var[c] = static_cast<acc_t>(v);
 }
 
-// Gradient w.r.t. every z element: dy (relu_pool_backward) or the BN-backward dz (bn_relu_backward_apply).
-template <typename scalar_t, typename acc_t, bool kBnBackward>
-__global__ void z_grad_kernel(const scalar_t* __restrict__ grad, Strides4 gs, const scalar_t* __restrict__ grad_pooled,
-                              Strides4 ps, const scalar_t* __restrict__ z, Strides4 zs, Geom g, const acc_t* scale,
-                              const acc_t* shift, const acc_t* mean, const acc_t* invstd, const acc_t* sum_dy,
-                              const acc_t* sum_dy_xmu, scalar_t* dz, Strides4 ds, Decoder4 dec, int64_t total) {
-  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(g.count_per_channel());
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total; k += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, q, zi, zj, c, Y, X;
-    dec(k, &n, &q, &zi, &zj);
-    acc_t d = 0;
-    if (g.logical_of(q, zi, zj, &c, &Y, &X)) {
-      d = relu_pool_dy<scalar_t, acc_t>(z, zs, grad, gs, grad_pooled, ps, g, n, c, Y, X, scale[c], shift[c]);
-      if (kBnBackward)
-        d = bn_backward_dz<acc_t>(d, static_cast<acc_t>(z[zs.at(n, q, zi, zj)]), mean[c], invstd[c], scale[c],
-                                  sum_dy[c], sum_dy_xmu[c], inv_m);
-    }
-    dz[ds.at(n, q, zi, zj)] = static_cast<scalar_t>(d);
-  }
+template <typename acc_t>
+__global__ void finish_sums_kernel(const acc_t* partial, int64_t chunks, int64_t C, acc_t* first, acc_t* second) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const SumPair<double> total = sum_over_chunks(partial, chunks, C, c);
+  first[c] = static_cast<acc_t>(total.first);
+  second[c] = static_cast<acc_t>(total.second);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_backward_reduce_kernel(const scalar_t* __restrict__ grad, Strides4 gs,
-                                               const scalar_t* __restrict__ grad_pooled, Strides4 ps,
-                                               const scalar_t* __restrict__ z, Strides4 zs, Geom g,
-                                               const acc_t* scale, const acc_t* shift, const acc_t* mean,
-                                               acc_t* sum_dy, acc_t* sum_dy_xmu) {
-  __shared__ acc_t p1[kReduceThreads], p2[kReduceThreads];
-  const int64_t c = blockIdx.x;
-  const int64_t OW = g.out_w(), OH = g.out_h(), M = g.count_per_channel();
-  const acc_t s = scale[c], t = shift[c], mu = mean[c];
-  acc_t r1 = 0, r2 = 0;
-  for (int64_t k = threadIdx.x; k < M; k += blockDim.x) {
-    const int64_t X = k % OW, Y = (k / OW) % OH, n = k / (OW * OH);
-    const acc_t d = relu_pool_dy<scalar_t, acc_t>(z, zs, grad, gs, grad_pooled, ps, g, n, c, Y, X, s, t);
-    r1 += d;
-    r2 += d * (static_cast<acc_t>(z[g.z_offset(zs, n, c, Y, X)]) - mu);
-  }
-  p1[threadIdx.x] = r1;
-  p2[threadIdx.x] = r2;
-  __syncthreads();
-  for (int st = blockDim.x / 2; st > 0; st >>= 1) {
-    if (threadIdx.x < st) {
-      p1[threadIdx.x] += p1[threadIdx.x + st];
-      p2[threadIdx.x] += p2[threadIdx.x + st];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    sum_dy[c] = p1[0];
-    sum_dy_xmu[c] = p2[0];
-  }
+template <bool kChannelsFastest>
+dim3 tile_grid(int64_t rows, int64_t channels) {
+  const int64_t tiles = (channels + Tile<kChannelsFastest>::kChannels - 1) / Tile<kChannelsFastest>::kChannels;
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max() && tiles <= 65535, "fastunet: ", rows, " cell rows x ",
+              tiles, " channel tiles exceed the CUDA grid");
+  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
 }
+
+// Launches cells_kernel over the grid, with the lane layout that matches z's.
+template <typename F>
+void launch_cells(const CellGrid& cg, bool channels_fastest_layout, const F& f) {
+  if (cg.rows() == 0 || cg.g.C == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (channels_fastest_layout) {
+    cells_kernel<true><<<tile_grid<true>(cg.rows(), cg.g.C), kThreads, 0, stream>>>(cg, f);
+  } else {
+    cells_kernel<false><<<tile_grid<false>(cg.rows(), cg.g.C), kThreads, 0, stream>>>(cg, f);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches cell_sums_kernel; returns the [2, chunks, C] partial sums and the chunk count.
+template <typename sum_t, typename F>
+std::tuple<Tensor, int64_t> launch_cell_sums(const CellGrid& cg, bool channels_fastest_layout, const F& f,
+                                             const at::TensorOptions& opts) {
+  const int64_t tile_channels = channels_fastest_layout ? Tile<true>::kChannels : Tile<false>::kChannels;
+  const int64_t channel_tiles = (cg.g.C + tile_channels - 1) / tile_channels;
+  // About eight resident blocks per SM in all (more chunks only lengthen the final sum).
+  const int64_t target_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const ReductionPlan plan = plan_reduction(cg.rows(), std::max<int64_t>(1, target_blocks / channel_tiles));
+  Tensor partial = at::empty({2, plan.chunks, cg.g.C}, opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  sum_t* p = partial.mutable_data_ptr<sum_t>();
+  if (channels_fastest_layout) {
+    dim3 grid = tile_grid<true>(plan.chunks, cg.g.C);
+    cell_sums_kernel<true, sum_t><<<grid, kThreads, 0, stream>>>(cg, plan.rows_per_chunk, f, p);
+  } else {
+    dim3 grid = tile_grid<false>(plan.chunks, cg.g.C);
+    cell_sums_kernel<false, sum_t><<<grid, kThreads, 0, stream>>>(cg, plan.rows_per_chunk, f, p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, plan.chunks};
+}
+
+unsigned vector_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
 
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& z, int64_t upscale) {
   const Geom g = geom_of(z, upscale);
@@ -144,10 +146,13 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& z, int64_t upscale) {
   c10::cuda::CUDAGuard guard(z.device());
   const auto opts = z.options().dtype(acc_dtype(z.scalar_type()));
   Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  if (g.C == 0) return {mean, var};
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_stats_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        z.const_data_ptr<scalar_t>(), strides_of(z), g, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    const StatsCells<scalar_t, acc_t> f{cell_tensors<scalar_t>(z), g};
+    auto [partial, chunks] = launch_cell_sums<acc_t>(CellGrid{g, 0}, channels_fastest(z), f, opts);
+    finish_stats_kernel<scalar_t, acc_t><<<vector_blocks(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        f, partial.const_data_ptr<acc_t>(), chunks, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
@@ -160,41 +165,33 @@ void bn_relu_pool_cuda(const Tensor& z, const Tensor& scale, const Tensor& shift
   check_vec(shift, "shift", g, z);
   check_out_like(out, "out", g, z);
   check_pooled(pooled, "pooled", g, z);
-  if (out.numel() == 0) return;
   c10::cuda::CUDAGuard guard(z.device());
-  const bool pool = pooled.has_value();
-  const int64_t H = pool ? g.out_h() / 2 : g.out_h(), W = pool ? g.out_w() / 2 : g.out_w();
-  const Decoder4 dec{g.C, H, W, channels_fastest(out)};
-  const int64_t total = g.N * g.C * H * W;
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_pool_kernel<scalar_t, acc_t><<<blocks_for(total), kElementThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        z.const_data_ptr<scalar_t>(), strides_of(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-        out.mutable_data_ptr<scalar_t>(), strides_of(out), pool ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
-        pool ? strides_of(*pooled) : Strides4{0, 0, 0, 0}, dec, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const BnReluPoolCells<scalar_t, acc_t> f{
+        cell_tensors<scalar_t>(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+        out.mutable_data_ptr<scalar_t>(), strides_of(out),
+        pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
+        pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0}};
+    launch_cells(CellGrid{g, 0}, channels_fastest(z), f);
   });
 }
 
-template <bool kBnBackward>
-Tensor launch_z_grad(const Tensor& grad, const optional<Tensor>& grad_pooled, const Tensor& z, const Tensor& scale,
-                     const Tensor& shift, const Tensor* mean, const Tensor* invstd, const Tensor* sum_dy,
-                     const Tensor* sum_dy_xmu, const Geom& g) {
+// relu_pool_backward (mean null) or bn_relu_backward_apply: the gradient of every z element.
+Tensor z_grad_cuda(const Tensor& grad, const optional<Tensor>& grad_pooled, const Tensor& z, const Tensor& scale,
+                   const Tensor& shift, const Tensor* mean, const Tensor* invstd, const Tensor* sum_dy,
+                   const Tensor* sum_dy_xmu, const Geom& g) {
   c10::cuda::CUDAGuard guard(z.device());
   Tensor dz = at::empty_like(z);
-  const int64_t total = z.numel();
-  if (total == 0) return dz;
-  const Decoder4 dec{z.size(1), z.size(2), z.size(3), channels_fastest(dz)};
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "z_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto vec = [](const Tensor* t) { return t ? t->const_data_ptr<acc_t>() : nullptr; };
-    z_grad_kernel<scalar_t, acc_t, kBnBackward><<<blocks_for(total), kElementThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), strides_of(grad),
-        grad_pooled.has_value() ? grad_pooled->const_data_ptr<scalar_t>() : nullptr,
-        grad_pooled.has_value() ? strides_of(*grad_pooled) : Strides4{0, 0, 0, 0}, z.const_data_ptr<scalar_t>(),
-        strides_of(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), vec(mean), vec(invstd),
-        vec(sum_dy), vec(sum_dy_xmu), dz.mutable_data_ptr<scalar_t>(), strides_of(dz), dec, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const BnBackwardVectors<acc_t> bn{vec(mean), vec(invstd), vec(sum_dy), vec(sum_dy_xmu),
+                                      acc_t(1) / static_cast<acc_t>(g.count_per_channel())};
+    const ZGradCells<scalar_t, acc_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
+                                        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), bn,
+                                        dz.mutable_data_ptr<scalar_t>(), strides_of(dz)};
+    launch_cells(CellGrid{g, 1}, channels_fastest(z), f);
   });
   return dz;
 }
@@ -202,7 +199,7 @@ Tensor launch_z_grad(const Tensor& grad, const optional<Tensor>& grad_pooled, co
 Tensor relu_pool_backward_cuda(const Tensor& grad, const optional<Tensor>& grad_pooled, const Tensor& z,
                                const Tensor& scale, const Tensor& shift, int64_t upscale) {
   const Geom g = check_backward_args(grad, grad_pooled, z, scale, shift, upscale);
-  return launch_z_grad<false>(grad, grad_pooled, z, scale, shift, nullptr, nullptr, nullptr, nullptr, g);
+  return z_grad_cuda(grad, grad_pooled, z, scale, shift, nullptr, nullptr, nullptr, nullptr, g);
 }
 
 std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cuda(const Tensor& grad, const optional<Tensor>& grad_pooled,
@@ -216,12 +213,13 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cuda(const Tensor& grad, cons
   if (g.C == 0) return {sum_dy, sum_dy_xmu};
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_relu_backward_reduce_kernel<scalar_t, acc_t><<<g.C, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), strides_of(grad),
-        grad_pooled.has_value() ? grad_pooled->const_data_ptr<scalar_t>() : nullptr,
-        grad_pooled.has_value() ? strides_of(*grad_pooled) : Strides4{0, 0, 0, 0}, z.const_data_ptr<scalar_t>(),
-        strides_of(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-        sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
+    const BackwardSumCells<scalar_t, acc_t, acc_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
+                                                     scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                                     mean.const_data_ptr<acc_t>()};
+    auto [partial, chunks] = launch_cell_sums<acc_t>(CellGrid{g, 0}, channels_fastest(z), f, opts);
+    finish_sums_kernel<acc_t><<<vector_blocks(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        partial.const_data_ptr<acc_t>(), chunks, g.C, sum_dy.mutable_data_ptr<acc_t>(),
+        sum_dy_xmu.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dy, sum_dy_xmu};
@@ -235,7 +233,7 @@ Tensor bn_relu_backward_apply_cuda(const Tensor& grad, const optional<Tensor>& g
   check_vec(invstd, "invstd", g, z);
   check_vec(sum_dy, "sum_dy", g, z);
   check_vec(sum_dy_xmu, "sum_dy_xmu", g, z);
-  return launch_z_grad<true>(grad, grad_pooled, z, scale, shift, &mean, &invstd, &sum_dy, &sum_dy_xmu, g);
+  return z_grad_cuda(grad, grad_pooled, z, scale, shift, &mean, &invstd, &sum_dy, &sum_dy_xmu, g);
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ Two modes:
                upsample_nearest2d and their backwards), so every rounding is the reference's. Fused are
                only steps that round nothing: ReLU, max-pool, the concat write and their backward masks.
                ATen updates the running stats, as in nn.BatchNorm2d.
-  exact=False  own BN (Welford statistics; BN-apply+ReLU(+pool) in one pass; backward in two passes that
+  exact=False  own BN (statistics from shifted sums, reduced in a fixed order; BN-apply+ReLU(+pool) in one pass; backward in two passes that
                recompute the activations from the pre-BN conv output instead of storing them); the
                up-conv as one 2x2 conv on the low-resolution input with 4x output channels (sub-pixel
                form, 2.25x fewer FLOPs); BN folded into the conv weights for inference (``fold``). A

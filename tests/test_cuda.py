@@ -72,6 +72,28 @@ def test_ops_match_specification_on_gpu(cuda_backend, upscale, memory_format, dt
         ops.bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale), **tol)
 
 
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_reductions_over_many_blocks_on_gpu(cuda_backend, upscale, memory_format):
+    """Shapes with many chunks of cell rows and a partial channel tile: the reductions against float64, and
+    bitwise the same on a second call (no atomics)."""
+    grad, grad_pooled, z, scale, shift = on_gpu(*backward_case(upscale, upscale == 1, memory_format, n=3, c=40,
+                                                              h=70, w=66))
+    z = z + 30.0  # a mean large next to the spread
+    mean = torch.randn(40, device="cuda")
+    first = [ops.bn_stats(z, upscale), ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)]
+    second = [ops.bn_stats(z, upscale), ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)]
+    for got, again in zip(sum(map(list, first), []), sum(map(list, second), [])):
+        assert torch.equal(got, again)
+    z64 = ops.to_logical(z, upscale).double()
+    torch.testing.assert_close(first[0][0].double(), z64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(first[0][1].double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+    want = ops.bn_relu_backward_reduce_ref(*(t.double() if t is not None else None for t in
+                                             (grad, grad_pooled, z, scale, shift, mean)), upscale)
+    for got, w in zip(first[1], want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-3)
+
+
 def cuda_step(model, x, grad_out, autocast=None):
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()

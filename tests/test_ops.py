@@ -67,8 +67,8 @@ def test_bn_stats_matches_reference(upscale, memory_format):
     torch.testing.assert_close(var.double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
 
 
-def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32):
-    z, scale, shift = case(upscale, dtype=dtype, memory_format=memory_format, values=values)
+def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32, n=2, c=3, h=4, w=6):
+    z, scale, shift = case(upscale, n=n, c=c, h=h, w=w, dtype=dtype, memory_format=memory_format, values=values)
     n, c, h, w = ops.logical_shape(z, upscale)
     _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
     grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
@@ -214,3 +214,28 @@ def test_sub_pixel_weights_equal_upsample_then_conv():
     want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2), w, padding=1)
     z4 = torch.nn.functional.conv2d(x, functional.phase_weights(w).double(), padding=1)
     torch.testing.assert_close(ops.to_logical(z4, 2), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_reductions_over_many_chunks_do_not_depend_on_the_thread_count(memory_format):
+    """Enough cell rows for every chunk of the CPU reductions (and uneven ones); bitwise the same results
+    with one thread and with several, since the chunks are fixed and summed in order."""
+    grad, grad_pooled, z, scale, shift = backward_case(1, True, memory_format, h=154, w=10)
+    mean = torch.randn(scale.numel())
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append((LIB.bn_stats(z, 1), LIB.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, 1)))
+    finally:
+        torch.set_num_threads(threads)
+    (stats, sums), (stats2, sums2) = results
+    for got, want in zip(stats + sums, stats2 + sums2):
+        assert torch.equal(got, want)
+    z64 = z.double()
+    torch.testing.assert_close(stats[0].double(), z64.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats[1].double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+    want_sums = ops.bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, 1)
+    for got, want in zip(sums, want_sums):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
