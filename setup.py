@@ -97,8 +97,9 @@ def _version(with_cuda):
 def _extension(with_cuda):
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp")]
     # OpenMP: at::parallel_for is inline, and without -fopenmp the CPU kernels would run on one thread. The
-    # runtime is torch's own libgomp.so.1 (already loaded, same soname).
-    cxx = ["-O3", "-fopenmp"]
+    # runtime is torch's own libgomp.so.1 (already loaded, same soname). No FMA contraction (GCC's default
+    # where the target has FMA, e.g. aarch64): BN's z*scale + shift rounds twice, as PyTorch's.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     macros = []
     if not with_cuda:
@@ -114,7 +115,8 @@ def _extension(with_cuda):
         sources + [os.path.join("csrc", "ops_cuda.cu")],
         include_dirs=_nvidia_wheel_includes(),
         define_macros=macros,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        # --fmad=false: no FMA contraction in the CUDA kernels either (z*scale + shift rounds twice).
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]},
         extra_link_args=link,
     )
 

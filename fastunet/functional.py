@@ -26,6 +26,7 @@ statistics stay in float32.
 """
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .sync_batchnorm import all_reduce_sums, sync_batch_stats
@@ -50,14 +51,16 @@ def _unfold_taps(g, dim):
 
 
 def phase_weights(w):
-    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32 (float64 stays).
+    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32 (float64 stays), in w's
+    memory format (a channels_last model's convs then take them without a layout copy).
 
     ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
     ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
     """
     o, i = w.shape[:2]
     rows = _fold_taps(w.to(ops.acc_dtype(w.dtype)), 2)  # [a, O, I, 2, 3]
-    return _fold_taps(rows, 4).transpose(0, 1).reshape(4 * o, i, 2, 2)  # [b, a, ...] -> [a, b, ...]
+    w4 = _fold_taps(rows, 4).transpose(0, 1).reshape(4 * o, i, 2, 2)  # [b, a, ...] -> [a, b, ...]
+    return w4.contiguous(memory_format=ops.memory_format_of(w))
 
 
 def phase_weights_backward(dw4, out_channels):
@@ -224,6 +227,42 @@ def _fold_bn(conv_bias, bn):
     return scale, bn.beta.float() + (bias - bn.running_mean.float()) * scale
 
 
+_FOLDED = WeakIdKeyDictionary()  # first tensor read -> (key, BN-folded inference weights)
+
+
+def _memoised_fold(tensors, extra, compute):
+    """``compute()``, the BN-folded inference weights of a block, memoised while ``tensors`` (every weight, bias,
+    BN parameter and buffer it reads) are the same tensors at the same versions and ``extra`` (eps, dtypes) is
+    the same: an optimizer step, load_state_dict or any in-place change bumps a version and recomputes it. One
+    copy per block, freed with its weights. Computed afresh under torch.compile (which traces it) and for
+    inference-mode tensors (they have no version counter)."""
+    present = [t for t in tensors if t is not None]
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in present):
+        return compute()
+    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+    key += tuple(extra)
+    hit = _FOLDED.get(present[0])
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    _FOLDED[present[0]] = (key, value)
+    return value
+
+
+def _fold_double_block(w1, b1, bn1, dtype1, w2, b2, bn2, dtype2):
+    """Inference weights of a double block: (conv1 weight * BN1 scale, BN1 shift, ones, the same for layer 2)."""
+    scale1, shift1 = _fold_bn(b1, bn1)
+    scale2, shift2 = _fold_bn(b2, bn2)
+    return ((w1.float() * scale1.view(-1, 1, 1, 1)).to(dtype1), shift1, torch.ones_like(shift1),
+            (w2.float() * scale2.view(-1, 1, 1, 1)).to(dtype2), shift2, torch.ones_like(shift2))
+
+
+def _fold_up_block(w, b, bn, dtype):
+    """Inference weights of an up block: (sub-pixel weights * BN scale, BN shift, ones)."""
+    scale, shift = _fold_bn(b, bn)
+    return (phase_weights(w) * scale.repeat(4).view(-1, 1, 1, 1)).to(dtype), shift, torch.ones_like(shift)
+
+
 def _exact_bn(z, bn, training):
     """ATen's own BN call (the one F.batch_norm makes): output and what its backward needs."""
     t, save_mean, save_invstd, reserve, impl = _aten._batch_norm_impl_index(
@@ -297,13 +336,13 @@ class DoubleConvBNReLU(torch.autograd.Function):
                                       w2, w2c, b2, z2, t2, g2, rm2, rv2, *saved2)
                 stats = ()
             elif fold:
-                scale1, shift1 = _fold_bn(b1, bn1)
-                z1 = _conv(xc, (w1.float() * scale1.view(-1, 1, 1, 1)).to(w1c.dtype), None)
-                scale2, shift2 = _fold_bn(b2, bn2)
-                z2, _ = _second_conv(z1, torch.ones_like(shift1), shift1,
-                                     (w2.float() * scale2.view(-1, 1, 1, 1)).to(w2c.dtype), False)
+                w1f, shift1, ones1, w2f, shift2, ones2 = _memoised_fold(
+                    (w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2), (eps1, eps2, w1c.dtype, w2c.dtype),
+                    lambda: _fold_double_block(w1, b1, bn1, w1c.dtype, w2, b2, bn2, w2c.dtype))
+                z1 = _conv(xc, w1f, None)
+                z2, _ = _second_conv(z1, ones1, shift1, w2f, False)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
-                ops.bn_relu_pool(z2, torch.ones_like(shift2), shift2, 1, out, pooled)
+                ops.bn_relu_pool(z2, ones2, shift2, 1, out, pooled)
                 stats = ()
             else:
                 z1 = _conv(xc, w1c, None)
@@ -401,10 +440,10 @@ class UpsampleConvCat(torch.autograd.Function):
                 ctx.save_for_backward(d, dc, w, wc, b, z, t, g, rm, rv, *saved)
                 stats = ()
             elif fold:
-                scale, shift = _fold_bn(b, bn)
-                w4 = phase_weights(w) * scale.repeat(4).view(-1, 1, 1, 1)
-                z4 = _conv(dc, w4.to(wc.dtype), None)
-                ops.bn_relu_pool(z4, torch.ones_like(shift), shift, 2, out, None)
+                w4f, shift, ones = _memoised_fold((w, b, g, be, rm, rv), (eps, wc.dtype),
+                                                  lambda: _fold_up_block(w, b, bn, wc.dtype))
+                z4 = _conv(dc, w4f, None)
+                ops.bn_relu_pool(z4, ones, shift, 2, out, None)
                 stats = ()
             else:
                 w4 = phase_weights(w).to(wc.dtype)

@@ -183,6 +183,42 @@ def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
 
 
+def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
+    """Fast-mode inference keeps BN-folded weights from call to call; each in-place change (weight, BN
+    parameter, running stat, load_state_dict, a training step) must remake them: the output then equals a new
+    model's with the same state, which folds afresh."""
+    torch.manual_seed(0)
+    model = fastunet.U_Net(3, 2).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+
+    def fresh():
+        other = fastunet.U_Net(3, 2).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            return other(x)
+
+    with torch.no_grad():
+        before = model(x)
+        assert torch.equal(model(x), before)
+        for name, change in [("Conv3.conv.0.weight", lambda t: t.mul_(1.5)), ("Conv3.conv.4.bias", lambda t: t.add_(1)),
+                             ("Up4.up.2.running_var", lambda t: t.mul_(3)), ("Up4.up.1.weight", lambda t: t.neg_()),
+                             ("Up_conv2.conv.1.running_mean", lambda t: t.add_(0.5))]:
+            change(model.state_dict()[name])
+            after = model(x)
+            assert not torch.equal(after, before), name
+            assert torch.equal(after, fresh()), name
+            before = after
+        model.load_state_dict(fastunet.U_Net(3, 2).state_dict())
+        assert torch.equal(model(x), fresh())
+    model.train()
+    model(x).sum().backward()  # new running stats
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh())
+    with torch.inference_mode():
+        assert torch.equal(model(x), fresh())
+
+
 def test_fast_mode_under_bf16_autocast_is_close_to_float64():
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
