@@ -8,7 +8,10 @@
 #                                      python -m fastunet.bench for one row group of the target table:
 #                                      16x3x256x256 bf16 channels_last, 16x3x256x256 fp32, 4x3x512x512 bf16
 #   benchmarks/run_gpu.sh conv         fast mode with the Triton second conv, forced and picked per shape
-#   benchmarks/run_gpu.sh ops          pytest-benchmark suites (blocks, model) and the per-op roofline
+#   benchmarks/run_gpu.sh cuda-kernels exact and fast mode with the fused ops in the compiled CUDA kernels instead of
+#                                      Triton (bf16 channels_last), to pick the default backend
+#   benchmarks/run_gpu.sh ops          pytest-benchmark suites (blocks, model) and the per-op roofline (CUDA and
+#                                      Triton kernels side by side)
 #   benchmarks/run_gpu.sh train        python -m fastunet.train --compare on the GPU (speed and parity)
 #   benchmarks/run_gpu.sh wheel        tools/build_wheel.sh there: the wheel installs and runs on the GPU
 #
@@ -47,6 +50,11 @@ case "${1:-}" in
         2>&1 | tee "$OUT/bench_conv_$conv.log" | tail -12
     done
     ;;
+  cuda-kernels)
+    "$PY" -m fastunet.bench --dtype bfloat16 --channels-last --ops-backend cuda \
+      --configs fastunet_exact,fastunet_fast --out "$OUT/bench_cuda_kernels" 2>&1 |
+      tee "$OUT/bench_cuda_kernels.log" | tail -12
+    ;;
   ops)
     "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/pytest_benchmark.json" \
       2>&1 | tail -5
@@ -61,7 +69,7 @@ case "${1:-}" in
       tee "$OUT/wheel.log" | tail -12
     ;;
   *)
-    echo "usage: $0 build-test|bf16|fp32|bf16-512|conv|ops|train|wheel" >&2
+    echo "usage: $0 build-test|bf16|fp32|bf16-512|conv|cuda-kernels|ops|train|wheel" >&2
     exit 2
     ;;
 esac

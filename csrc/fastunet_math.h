@@ -50,13 +50,12 @@ struct CellGrid {
   FU_HD int64_t rows_per_sample() const { return g.S == 2 ? g.H + 2 * border : (g.out_h() + 1) / 2; }
   FU_HD int64_t cols() const { return g.S == 2 ? g.W + 2 * border : (g.out_w() + 1) / 2; }
   FU_HD int64_t rows() const { return g.N * rows_per_sample(); }
-  // Cell (n, u, v) of flat cell row `row` and column index `col`.
-  FU_HD void cell_of(int64_t row, int64_t col, int64_t* n, int64_t* u, int64_t* v) const {
-    const int64_t b = g.S == 2 ? border : 0;
+  // Sample n and cell row u of flat cell row `row` (its cells are (u, first_v() + col) for col < cols()).
+  FU_HD void row_of(int64_t row, int64_t* n, int64_t* u) const {
     *n = row / rows_per_sample();
-    *u = row % rows_per_sample() - b;
-    *v = col - b;
+    *u = row % rows_per_sample() - (g.S == 2 ? border : 0);
   }
+  FU_HD int64_t first_v() const { return g.S == 2 ? -border : 0; }
 };
 
 // Whether pixel k of cell (u, v) lies in the logical output.

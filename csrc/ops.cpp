@@ -27,8 +27,9 @@ void for_each_cell(const CellGrid& cg, bool channels_inner, const F& f) {
   const int64_t cols = cg.cols(), C = cg.g.C;
   at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
-      int64_t n, u, v0;
-      cg.cell_of(row, 0, &n, &u, &v0);
+      int64_t n, u;
+      cg.row_of(row, &n, &u);
+      const int64_t v0 = cg.first_v();
       if (channels_inner) {
         for (int64_t col = 0; col < cols; ++col)
           for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c);
@@ -55,8 +56,9 @@ std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inne
       std::fill(acc.begin(), acc.end(), SumPair<cpu_sum_t>{0, 0});
       const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
       for (int64_t row = first; row < last; ++row) {
-        int64_t n, u, v0;
-        cg.cell_of(row, 0, &n, &u, &v0);
+        int64_t n, u;
+        cg.row_of(row, &n, &u);
+        const int64_t v0 = cg.first_v();
         if (channels_inner) {
           for (int64_t col = 0; col < cols; ++col)
             for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c, constants[c], &acc[c]);

@@ -35,8 +35,9 @@ __global__ void __launch_bounds__(kThreads) cells_kernel(CellGrid cg, F f) {
   using T = Tile<kChannelsFastest>;
   const int64_t c = int64_t(blockIdx.y) * T::kChannels + T::channel_lane();
   if (c >= cg.g.C) return;
-  int64_t n, u, v0;
-  cg.cell_of(blockIdx.x, 0, &n, &u, &v0);
+  int64_t n, u;
+  cg.row_of(blockIdx.x, &n, &u);
+  const int64_t v0 = cg.first_v();
   const int64_t cols = cg.cols();
   for (int64_t col = T::column_lane(); col < cols; col += T::kColumns) f(n, u, v0 + col, c);
 }
@@ -56,8 +57,9 @@ __global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, int64_
     const sum_t constant = f.channel_constant(c);
     const int64_t first = chunk * rows_per_chunk, last = min(first + rows_per_chunk, cg.rows()), cols = cg.cols();
     for (int64_t row = first; row < last; ++row) {
-      int64_t n, u, v0;
-      cg.cell_of(row, 0, &n, &u, &v0);
+      int64_t n, u;
+      cg.row_of(row, &n, &u);
+      const int64_t v0 = cg.first_v();
       for (int64_t col = vl; col < cols; col += T::kColumns) f(n, u, v0 + col, c, constant, &acc);
     }
   }

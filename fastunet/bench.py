@@ -393,11 +393,12 @@ def environment(device):
 
 def skipped_configs(args, device):
     """config -> why it is not measured."""
+    skipped = {name: "skipped (not in --configs)" for name in CONFIGS if args.configs and name not in args.configs}
     if args.no_compile:
-        return {"reference_compile": "skipped (--no-compile)"}
+        skipped.setdefault("reference_compile", "skipped (--no-compile)")
     if args.quick and device.type == "cpu":
-        return {"reference_compile": CPU_QUICK_COMPILE_SKIP}
-    return {}
+        skipped.setdefault("reference_compile", CPU_QUICK_COMPILE_SKIP)
+    return skipped
 
 
 def add_speedups(results):
@@ -514,12 +515,23 @@ def parse_args(argv):
                              "(cuDNN, oneDNN) after a BN+ReLU pass; fastunet's Triton conv with the BN+ReLU in its "
                              "input load and the BN statistics in its epilogue; or the faster of the two per shape "
                              "on CUDA (default: FASTUNET_CONV, else aten)")
+    parser.add_argument("--ops-backend", choices=("triton", "cuda"),
+                        help="on CUDA, which kernels run the fused ops (sets FASTUNET_CUDA_BACKEND): the Triton kernels "
+                             "or the compiled CUDA kernels (default: FASTUNET_CUDA_BACKEND, else triton)")
+    parser.add_argument("--configs", help="comma-separated subset of the configs to measure (default: all; "
+                                          "reference_eager, the speedups' base, always runs): " + ", ".join(CONFIGS))
     parser.add_argument("--no-compile", action="store_true", help="leave out reference torch.compile")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)
     if args.size is not None and args.size % 16:
         parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
+    if args.configs is not None:
+        args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+        unknown = sorted(set(args.configs) - set(CONFIGS))
+        if unknown or not args.configs:
+            parser.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+        args.configs = ["reference_eager"] + [name for name in args.configs if name != "reference_eager"]
     return args
 
 
@@ -527,6 +539,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.conv:
         os.environ["FASTUNET_CONV"] = args.conv
+    if args.ops_backend:
+        os.environ["FASTUNET_CUDA_BACKEND"] = args.ops_backend
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

@@ -45,6 +45,23 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
             assert math.isclose(result["train_tflops"], want, rel_tol=1e-9)
 
 
+def test_bench_measures_a_subset_of_configs_and_refuses_unknown_ones(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "fastunet.bench", "--quick", "--device", "cpu", "--batch", "1", "--size", "32",
+         "--configs", "fastunet_fast", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
+    assert "skipped" not in configs["reference_eager"] and "skipped" not in configs["fastunet_fast"]
+    assert configs["fastunet_fast"]["train_speedup"] > 0
+    for name in ("reference_compile", "fastunet_exact", "fastunet_fast_checkpointing"):
+        assert "not in --configs" in configs[name]["skipped"] or "torch.compile" in configs[name]["skipped"]
+    bad = subprocess.run([sys.executable, "-m", "fastunet.bench", "--configs", "fastunet_fats"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown fastunet_fats" in bad.stderr
+
+
 def test_reference_flops_of_a_256x256_image():
     """392 GFLOP per 3 x 256 x 256 image in a training step, about a third of it in inference."""
     train, infer = reference_flops(1, 256)
