@@ -20,24 +20,27 @@ using c10::optional;
 using cpu_sum_t = double;
 constexpr int64_t kCpuReductionChunks = 64;
 
-// Calls f(n, u, v, c) for every cell and channel of the grid, cell rows in parallel. Within a row, channels
-// are the inner loop where they are z's contiguous dimension (channels_last), else columns are.
+// Calls f(n, u, v, c) for every cell of cell row `row` and every channel: channels innermost where they are
+// z's contiguous dimension (channels_last), else columns.
+template <typename F>
+void visit_row(const CellGrid& cg, int64_t row, bool channels_inner, const F& f) {
+  const int64_t cols = cg.cols(), C = cg.g.C, v0 = cg.first_v();
+  int64_t n, u;
+  cg.row_of(row, &n, &u);
+  if (channels_inner) {
+    for (int64_t col = 0; col < cols; ++col)
+      for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c);
+  } else {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c);
+  }
+}
+
+// Calls f(n, u, v, c) for every cell and channel of the grid, cell rows in parallel.
 template <typename F>
 void for_each_cell(const CellGrid& cg, bool channels_inner, const F& f) {
-  const int64_t cols = cg.cols(), C = cg.g.C;
   at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) {
-      int64_t n, u;
-      cg.row_of(row, &n, &u);
-      const int64_t v0 = cg.first_v();
-      if (channels_inner) {
-        for (int64_t col = 0; col < cols; ++col)
-          for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c);
-      } else {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c);
-      }
-    }
+    for (int64_t row = r0; row < r1; ++row) visit_row(cg, row, channels_inner, f);
   });
 }
 
@@ -45,7 +48,7 @@ void for_each_cell(const CellGrid& cg, bool channels_inner, const F& f) {
 // into its own [2, chunks, C] partial sums, then summed over the chunks in order (as the CUDA kernels do).
 template <typename F>
 std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inner, const F& f) {
-  const int64_t cols = cg.cols(), C = cg.g.C;
+  const int64_t C = cg.g.C;
   const ReductionPlan plan = plan_reduction(cg.rows(), kCpuReductionChunks);
   std::vector<cpu_sum_t> constants(C);
   for (int64_t c = 0; c < C; ++c) constants[c] = f.channel_constant(c);
@@ -55,18 +58,9 @@ std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inne
     for (int64_t chunk = k0; chunk < k1; ++chunk) {
       std::fill(acc.begin(), acc.end(), SumPair<cpu_sum_t>{0, 0});
       const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
-      for (int64_t row = first; row < last; ++row) {
-        int64_t n, u;
-        cg.row_of(row, &n, &u);
-        const int64_t v0 = cg.first_v();
-        if (channels_inner) {
-          for (int64_t col = 0; col < cols; ++col)
-            for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c, constants[c], &acc[c]);
-        } else {
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c, constants[c], &acc[c]);
-        }
-      }
+      for (int64_t row = first; row < last; ++row)
+        visit_row(cg, row, channels_inner,
+                  [&](int64_t n, int64_t u, int64_t v, int64_t c) { f(n, u, v, c, constants[c], &acc[c]); });
       for (int64_t c = 0; c < C; ++c) store_partial(partial.data(), plan.chunks, C, chunk, c, acc[c]);
     }
   });
