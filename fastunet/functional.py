@@ -367,14 +367,19 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 (x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, sm1, si1, r1,
                  w2, w2c, b2, z2, t2, g2, rm2, rv2, sm2, si2, r2) = ctx.saved_tensors
                 grad_out = grad_buf.narrow(1, 0, z2.shape[1])
+                # Each activation-sized gradient is dropped once used, as the autograd engine would.
                 dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
                 dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, g2, rm2, rv2, (sm2, si2, r2), ctx.impl[1], training, eps2,
                                                     [True, need[7], need[8]])
+                del dy2
                 da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2.shape[0]], *_CONV_ARGS,
                                                            [True, need[5], need[6]])
+                del dz2
                 dy1 = _relu_pool_exact_backward(da1, None, a1)
+                del da1
                 dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, g1, rm1, rv1, (sm1, si1, r1), ctx.impl[0], training, eps1,
                                                     [True, need[3], need[4]])
+                del dy1
                 dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1.shape[0]], *_CONV_ARGS,
                                                           [need[0], need[1], need[2]])
             else:
@@ -385,8 +390,9 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 a1 = torch.empty_like(z1)
                 ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
                 da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[5], False])
-                del a1
+                del a1, dz2  # activation-sized: dropped once used, as the autograd engine would
                 dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1, sync1)
+                del da1
                 dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
         bn1_dtype, bn2_dtype = ctx.bn_dtypes
         return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, bn1_dtype), _grad_as(dbe1, bn1_dtype),
@@ -467,17 +473,21 @@ class UpsampleConvCat(torch.autograd.Function):
                 grad_out = grad_buf.narrow(1, cskip, w.shape[0])
                 dy = _relu_pool_exact_backward(grad_out, None, t)
                 dz, dg, dbe = _exact_bn_backward(dy, z, g, rm, rv, saved, ctx.impl, training, eps, [True, need[4], need[5]])
+                del dy  # activation-sized gradients and the recomputed upsample: dropped once used
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
                 du, dw, db = _aten.convolution_backward(dz, u, wc, [w.shape[0]], *_CONV_ARGS, [need[0], need[2], need[3]])
+                size = list(u.shape[2:])
+                del dz, u
                 dd = None
                 if du is not None:
-                    dd = _aten.upsample_nearest2d_backward(du, list(u.shape[2:]), list(dc.shape), 2.0, 2.0)
+                    dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
                 d, dc, w, w4, b, z4, m, i, s, h = ctx.saved_tensors
                 cout = w.shape[0]
                 grad_out = grad_buf.narrow(1, cskip, cout)
                 dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, m, i, s, h, b, training, 2, ctx.sync)
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
+                del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
         # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
