@@ -33,6 +33,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
     configs = {result["config"]: result for result in report["configs"]}
     assert set(configs) == set(CONFIGS)
     assert "--no-compile" in configs["reference_compile"]["skipped"]
+    assert "--no-compile" in configs["fastunet_fast_compile"]["skipped"]
     for name in ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_checkpointing"):
         for key in MEASURED_KEYS:
             value = configs[name][key]
@@ -55,11 +56,28 @@ def test_bench_measures_a_subset_of_configs_and_refuses_unknown_ones(tmp_path):
     configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
     assert "skipped" not in configs["reference_eager"] and "skipped" not in configs["fastunet_fast"]
     assert configs["fastunet_fast"]["train_speedup"] > 0
-    for name in ("reference_compile", "fastunet_exact", "fastunet_fast_checkpointing"):
+    for name in ("reference_compile", "fastunet_exact", "fastunet_fast_checkpointing", "fastunet_fast_compile"):
         assert "not in --configs" in configs[name]["skipped"] or "torch.compile" in configs[name]["skipped"]
     bad = subprocess.run([sys.executable, "-m", "fastunet.bench", "--configs", "fastunet_fats"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown fastunet_fats" in bad.stderr
+
+
+def test_a_compiler_failure_is_recorded_and_the_other_rows_still_run(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastunet import bench
+
+    def broken_compile(model, *args, **kwargs):
+        raise RuntimeError("inductor broke\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert bench.main(["--device", "cpu", "--batch", "2", "--size", "16", "--configs", "fastunet_fast_compile",
+                       "--out", str(tmp_path)]) == 0
+    configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
+    assert configs["fastunet_fast_compile"]["skipped"] == "failed: RuntimeError: inductor broke"
+    assert configs["reference_eager"]["train_ms"] > 0
+    assert "failed: RuntimeError: inductor broke" in capsys.readouterr().out
 
 
 def test_reference_flops_of_a_256x256_image():
