@@ -523,7 +523,7 @@ def parse_args(argv):
                              "or the compiled CUDA kernels (default: FASTUNET_CUDA_BACKEND, else triton)")
     parser.add_argument("--configs", help="comma-separated subset of the configs to measure (default: all; "
                                           "reference_eager, the speedups' base, always runs): " + ", ".join(CONFIGS))
-    parser.add_argument("--no-compile", action="store_true", help="leave out reference torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (reference and fastunet)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)

@@ -10,10 +10,11 @@ Two modes:
                upsample_nearest2d and their backwards), so every rounding is the reference's. Fused are
                only steps that round nothing: ReLU, max-pool, the concat write and their backward masks.
                ATen updates the running stats, as in nn.BatchNorm2d.
-  exact=False  own BN (statistics from shifted sums, reduced in a fixed order; BN-apply+ReLU(+pool) in one pass; backward in two passes that
-               recompute the activations from the pre-BN conv output instead of storing them); the
-               up-conv as one 2x2 conv on the low-resolution input with 4x output channels (sub-pixel
-               form, 2.25x fewer FLOPs); BN folded into the conv weights for inference (``fold``). A
+  exact=False  own BN (statistics from shifted sums, reduced in a fixed order; BN-apply+ReLU(+pool) in
+               one pass; backward in two passes that recompute the activations from the pre-BN conv
+               output instead of storing them); the up-conv as one 2x2 conv on the low-resolution input
+               with 4x output channels (sub-pixel form, 2.25x fewer FLOPs); BN folded into the conv
+               weights for inference (``fold``, kept from call to call while the weights are unchanged). A
                conv bias in front of a training-mode BN cancels exactly: it is not added, its gradient
                is exactly zero, and it still enters the running mean. The Functions return the batch
                mean and unbiased variance; the caller updates the running stats.
