@@ -6,8 +6,9 @@ For every memory-bound fused op (``fastunet.ops.*``) at every U-Net level it cou
 (each tensor it reads or writes, once), times the op on the device in every implementation that runs there
 (on CUDA: the compiled CUDA kernels and the Triton kernels, side by side; median of ``--reps``, inputs drawn
 at random, channels_last), and gives the fastest one's bandwidth and the fraction of the floor
-``bytes / bandwidth``, with the bandwidth measured by a device-to-device copy. For the 3x3 convolutions (cuDNN/oneDNN, forward) it
-counts the FLOPs and gives the achieved TF/s against a matmul of the same dtype. Prints a markdown table.
+``bytes / bandwidth``, with the bandwidth measured by a device-to-device copy. For the 3x3 convolutions
+(cuDNN/oneDNN, forward) it counts the FLOPs and gives the achieved TF/s against a matmul of the same dtype.
+Prints a markdown table.
 """
 
 import argparse
