@@ -93,18 +93,10 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& z, int64_t upscale) {
 
 void bn_relu_pool_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift, int64_t upscale, Tensor& out,
                       const optional<Tensor>& pooled) {
-  const Geom g = geom_of(z, upscale);
-  check_vec(scale, "scale", g, z);
-  check_vec(shift, "shift", g, z);
-  check_out_like(out, "out", g, z);
-  check_pooled(pooled, "pooled", g, z);
+  const Geom g = check_bn_relu_pool_args(z, scale, shift, upscale, out, pooled);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BnReluPoolCells<scalar_t, acc_t> f{
-        cell_tensors<scalar_t>(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-        out.mutable_data_ptr<scalar_t>(), strides_of(out),
-        pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
-        pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0}};
+    const auto f = bn_relu_pool_cells<scalar_t, acc_t>(z, g, scale, shift, out, pooled);
     for_each_cell(CellGrid{g, 0}, channels_fastest(z), f);
   });
 }
@@ -116,12 +108,8 @@ Tensor z_grad_cpu(const Tensor& grad, const optional<Tensor>& grad_pooled, const
   Tensor dz = at::empty_like(z);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "z_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto vec = [](const Tensor* t) { return t ? t->const_data_ptr<acc_t>() : nullptr; };
-    const BnBackwardVectors<acc_t> bn{vec(mean), vec(invstd), vec(sum_dy), vec(sum_dy_xmu),
-                                      acc_t(1) / static_cast<acc_t>(g.count_per_channel())};
-    const ZGradCells<scalar_t, acc_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
-                                        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), bn,
-                                        dz.mutable_data_ptr<scalar_t>(), strides_of(dz)};
+    const auto f = z_grad_cells<scalar_t, acc_t>(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu,
+                                                 g, dz);
     for_each_cell(CellGrid{g, 1}, channels_fastest(z), f);
   });
   return dz;
@@ -142,9 +130,7 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cpu(const Tensor& grad, const
   Tensor sum_dy = at::empty({g.C}, opts), sum_dy_xmu = at::empty({g.C}, opts);
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardSumCells<scalar_t, acc_t, cpu_sum_t> f{cell_tensors<scalar_t>(z, &grad, &grad_pooled), g,
-                                                        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                                                        mean.const_data_ptr<acc_t>()};
+    const auto f = backward_sum_cells<scalar_t, acc_t, cpu_sum_t>(grad, grad_pooled, z, scale, shift, mean, g);
     const auto sums = reduce_cells(CellGrid{g, 0}, channels_fastest(z), f);
     acc_t* s1 = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* s2 = sum_dy_xmu.mutable_data_ptr<acc_t>();
@@ -161,10 +147,7 @@ Tensor bn_relu_backward_apply_cpu(const Tensor& grad, const optional<Tensor>& gr
                                   const Tensor& invstd, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
                                   int64_t upscale) {
   const Geom g = check_backward_args(grad, grad_pooled, z, scale, shift, upscale);
-  check_vec(mean, "mean", g, z);
-  check_vec(invstd, "invstd", g, z);
-  check_vec(sum_dy, "sum_dy", g, z);
-  check_vec(sum_dy_xmu, "sum_dy_xmu", g, z);
+  check_bn_vectors({{&mean, "mean"}, {&invstd, "invstd"}, {&sum_dy, "sum_dy"}, {&sum_dy_xmu, "sum_dy_xmu"}}, g, z);
   return z_grad_cpu(grad, grad_pooled, z, scale, shift, &mean, &invstd, &sum_dy, &sum_dy_xmu, g);
 }
 

@@ -6,6 +6,8 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 
 #include "fastunet_math.h"
 
@@ -113,6 +115,55 @@ inline Geom check_backward_args(const at::Tensor& grad, const c10::optional<at::
   check_vec(scale, "scale", g, z);
   check_vec(shift, "shift", g, z);
   return g;
+}
+
+// The per-cell functors of the ops (fastunet_math.h), built from checked arguments: one place for the CPU and
+// CUDA hosts. z_grad's and backward_sums' vector pointers may be null (relu_pool_backward has no BN vectors).
+inline Geom check_bn_relu_pool_args(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                    int64_t upscale, const at::Tensor& out, const c10::optional<at::Tensor>& pooled) {
+  const Geom g = geom_of(z, upscale);
+  check_vec(scale, "scale", g, z);
+  check_vec(shift, "shift", g, z);
+  check_out_like(out, "out", g, z);
+  check_pooled(pooled, "pooled", g, z);
+  return g;
+}
+
+inline void check_bn_vectors(std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, const Geom& g,
+                             const at::Tensor& z) {
+  for (const auto& [v, name] : vectors) check_vec(*v, name, g, z);
+}
+
+template <typename scalar_t, typename acc_t>
+BnReluPoolCells<scalar_t, acc_t> bn_relu_pool_cells(const at::Tensor& z, const Geom& g, const at::Tensor& scale,
+                                                    const at::Tensor& shift, at::Tensor& out,
+                                                    const c10::optional<at::Tensor>& pooled) {
+  return {cell_tensors<scalar_t>(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+          out.mutable_data_ptr<scalar_t>(), strides_of(out),
+          pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
+          pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0}};
+}
+
+template <typename scalar_t, typename acc_t>
+ZGradCells<scalar_t, acc_t> z_grad_cells(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_pooled,
+                                         const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                         const at::Tensor* mean, const at::Tensor* invstd, const at::Tensor* sum_dy,
+                                         const at::Tensor* sum_dy_xmu, const Geom& g, at::Tensor& dz) {
+  auto vec = [](const at::Tensor* t) { return t ? t->const_data_ptr<acc_t>() : nullptr; };
+  const BnBackwardVectors<acc_t> bn{vec(mean), vec(invstd), vec(sum_dy), vec(sum_dy_xmu),
+                                    acc_t(1) / static_cast<acc_t>(g.count_per_channel())};
+  return {cell_tensors<scalar_t>(z, &grad, &grad_pooled), g, scale.const_data_ptr<acc_t>(),
+          shift.const_data_ptr<acc_t>(), bn, dz.mutable_data_ptr<scalar_t>(), strides_of(dz)};
+}
+
+template <typename scalar_t, typename acc_t, typename sum_t>
+BackwardSumCells<scalar_t, acc_t, sum_t> backward_sum_cells(const at::Tensor& grad,
+                                                            const c10::optional<at::Tensor>& grad_pooled,
+                                                            const at::Tensor& z, const at::Tensor& scale,
+                                                            const at::Tensor& shift, const at::Tensor& mean,
+                                                            const Geom& g) {
+  return {cell_tensors<scalar_t>(z, &grad, &grad_pooled), g, scale.const_data_ptr<acc_t>(),
+          shift.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>()};
 }
 
 }  // namespace fastunet
