@@ -17,11 +17,16 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FU_HD __host__ __device__ __forceinline__
+// Loops over the 4 pixels of a cell and the V channels of a run are unrolled, so that the per-cell arrays
+// stay in registers (a run-time index would put them in local memory).
+#define FU_UNROLL _Pragma("unroll")
 #else
 #define FU_HD inline
+#define FU_UNROLL
 #endif
 
 namespace fastunet {
@@ -92,15 +97,17 @@ FU_HD acc_t bn_relu(acc_t z, acc_t scale, acc_t shift) {
 // Index (0..3, row-major in the 2x2 window) that ATen's max_pool2d picks: the first strict maximum,
 // any NaN overriding (the last NaN wins), exactly as `if (val > maxval || isnan(val))` from -inf.
 template <typename acc_t>
-FU_HD int pool_argmax4(const acc_t v[4]) {
+FU_HD int pool_argmax4(const acc_t v[4], acc_t* max_value = nullptr) {
   int idx = 0;
   acc_t best = -INFINITY;
+  FU_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (v[k] > best || v[k] != v[k]) {
       best = v[k];
       idx = k;
     }
   }
+  if (max_value != nullptr) *max_value = best;  // v[idx], without an indexed read
   return idx;
 }
 
@@ -132,45 +139,150 @@ struct CellTensors {
   Strides4 gps;
 };
 
-// BN+ReLU of the pixels of one cell of channel c, rounded to scalar_t (0 for pixels outside the image);
-// zv receives the z values read.
-template <typename scalar_t, typename acc_t>
-FU_HD void cell_bn_relu(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
-                        acc_t scale, acc_t shift, acc_t y[4], acc_t zv[4]) {
-  for (int k = 0; k < 4; ++k) {
-    const bool inside = pixel_in_image(g, u, v, k);
-    zv[k] = inside ? static_cast<acc_t>(t.z[cell_z_offset(g, t.zs, n, u, v, k, c)]) : acc_t(0);
-    y[k] = inside ? round_to<scalar_t, acc_t>(bn_relu<acc_t>(zv[k], scale, shift)) : acc_t(0);
+// The unit of work is one cell of a run of V consecutive channels c0 .. c0+V-1. Runs of V > 1 are taken only
+// where every tensor of the op has channel stride 1, all its other strides multiples of V, a 16-byte aligned
+// start and V dividing C (the host's run_width() decides), so that a run is V contiguous elements: on the GPU
+// one 16-byte access, on the CPU a short loop the compiler vectorizes. V = 1 walks any strides.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Run {
+  T v[V];
+};
+
+#if defined(__CUDA_ARCH__)
+constexpr bool kRunsAsVectors = true;  // device code: a run of V > 1 moves as one aligned vector
+#else
+constexpr bool kRunsAsVectors = false;
+#endif
+
+// 16 bytes moved as one access on the GPU (the type only carries the bits).
+struct alignas(16) Bits16 {
+  uint32_t w[4];
+};
+
+template <int V, typename T>
+FU_HD void load_run(const T* p, int64_t stride, T (&out)[V]) {
+  if constexpr (kRunsAsVectors && V > 1) {
+    static_assert(sizeof(Run<T, V>) == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
+    const Bits16 bits = *reinterpret_cast<const Bits16*>(p);
+    Run<T, V> r;
+    memcpy(&r, &bits, sizeof(r));
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) out[i] = r.v[i];
+  } else {
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) out[i] = p[i * stride];
   }
 }
 
-// bn_relu_pool for one cell of channel c: out = relu(z*scale + shift) and, if pooled is given, the
-// window's max (the pixel ATen's max_pool2d picks).
-template <typename scalar_t, typename acc_t>
-FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                             int64_t c, acc_t scale, acc_t shift, scalar_t* out, const Strides4& os, scalar_t* pooled,
-                             const Strides4& ps) {
-  acc_t y[4], zv[4];
-  cell_bn_relu<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, y, zv);
-  for (int k = 0; k < 4; ++k)
-    if (pixel_in_image(g, u, v, k)) out[cell_out_offset(os, n, u, v, k, c)] = static_cast<scalar_t>(y[k]);
-  if (pooled != nullptr) pooled[ps.at(n, c, u, v)] = static_cast<scalar_t>(y[pool_argmax4<acc_t>(y)]);
+template <int V, typename T>
+FU_HD void store_run(T* p, int64_t stride, const T (&in)[V]) {
+#if defined(__CUDA_ARCH__)
+  // One 16-byte store, written out: from C++ the compiler splits it where the values come from several branches.
+  if constexpr (V > 1) {
+    static_assert(sizeof(Run<T, V>) == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
+    uint32_t w[4];
+    FU_UNROLL
+    for (int j = 0; j < 4; ++j) memcpy(&w[j], reinterpret_cast<const char*>(in) + 4 * j, 4);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else
+#endif
+  {
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) p[i * stride] = in[i];
+  }
 }
 
-// Gradient dy reaching the pre-ReLU value of each pixel of one cell of channel c: the output's gradient
-// plus, at the window's max-pool argmax, the pooled gradient; zero where the ReLU was off and outside
-// the image. zv receives the z values read.
-template <typename scalar_t, typename acc_t>
-FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                             int64_t c, acc_t scale, acc_t shift, acc_t dy[4], acc_t zv[4]) {
-  acc_t y[4];
-  cell_bn_relu<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, y, zv);
-  const int argmax = t.grad_pooled != nullptr ? pool_argmax4<acc_t>(y) : -1;
+// BN+ReLU of the pixels of one cell of channels c0.., rounded to scalar_t (0 for pixels outside the image);
+// zv receives the z values read.
+template <typename scalar_t, typename acc_t, int V>
+FU_HD void cell_bn_relu(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c0,
+                        const acc_t* scale, const acc_t* shift, acc_t (&y)[4][V], acc_t (&zv)[4][V]) {
+  acc_t sc[V], sh[V];
+  FU_UNROLL
+  for (int i = 0; i < V; ++i) {
+    sc[i] = scale[c0 + i];
+    sh[i] = shift[c0 + i];
+  }
+  FU_UNROLL
   for (int k = 0; k < 4; ++k) {
-    dy[k] = acc_t(0);
-    if (!pixel_in_image(g, u, v, k) || !(y[k] > acc_t(0))) continue;
-    dy[k] = static_cast<acc_t>(t.grad[cell_out_offset(t.gs, n, u, v, k, c)]);
-    if (k == argmax) dy[k] += static_cast<acc_t>(t.grad_pooled[t.gps.at(n, c, u, v)]);
+    const bool inside = pixel_in_image(g, u, v, k);
+    scalar_t raw[V];
+    if (inside) {
+      load_run<V>(t.z + cell_z_offset(g, t.zs, n, u, v, k, c0), t.zs.c, raw);
+    } else {
+      FU_UNROLL
+      for (int i = 0; i < V; ++i) raw[i] = scalar_t(0);
+    }
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) {
+      zv[k][i] = static_cast<acc_t>(raw[i]);
+      y[k][i] = inside ? round_to<scalar_t, acc_t>(bn_relu<acc_t>(zv[k][i], sc[i], sh[i])) : acc_t(0);
+    }
+  }
+}
+
+// The max-pool argmax (pool_argmax4) of channel i of a cell's values, and the max itself.
+template <typename acc_t, int V>
+FU_HD int cell_argmax(const acc_t (&y)[4][V], int i, acc_t* max_value = nullptr) {
+  const acc_t window[4] = {y[0][i], y[1][i], y[2][i], y[3][i]};
+  return pool_argmax4<acc_t>(window, max_value);
+}
+
+// bn_relu_pool for one cell of channels c0..: out = relu(z*scale + shift) and, if pooled is given, the
+// window's max (the pixel ATen's max_pool2d picks).
+template <typename scalar_t, typename acc_t, int V>
+FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                             int64_t c0, const acc_t* scale, const acc_t* shift, scalar_t* out, const Strides4& os,
+                             scalar_t* pooled, const Strides4& ps) {
+  acc_t y[4][V], zv[4][V];
+  cell_bn_relu<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, y, zv);
+  FU_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    if (!pixel_in_image(g, u, v, k)) continue;
+    scalar_t o[V];
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) o[i] = static_cast<scalar_t>(y[k][i]);
+    store_run<V>(out + cell_out_offset(os, n, u, v, k, c0), os.c, o);
+  }
+  if (pooled == nullptr) return;
+  scalar_t best[V];
+  FU_UNROLL
+  for (int i = 0; i < V; ++i) {
+    acc_t max_value;
+    cell_argmax<acc_t, V>(y, i, &max_value);
+    best[i] = static_cast<scalar_t>(max_value);
+  }
+  store_run<V>(pooled + ps.at(n, c0, u, v), ps.c, best);
+}
+
+// Gradient dy reaching the pre-ReLU value of each pixel of one cell of channels c0..: the output's gradient
+// plus, at the window's max-pool argmax, the pooled gradient; zero where the ReLU was off and outside the
+// image. zv receives the z values read.
+template <typename scalar_t, typename acc_t, int V>
+FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                             int64_t c0, const acc_t* scale, const acc_t* shift, acc_t (&dy)[4][V],
+                             acc_t (&zv)[4][V]) {
+  acc_t y[4][V];
+  cell_bn_relu<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, y, zv);
+  scalar_t pooled_grad[V];
+  int argmax[V];
+  if (t.grad_pooled != nullptr) load_run<V>(t.grad_pooled + t.gps.at(n, c0, u, v), t.gps.c, pooled_grad);
+  FU_UNROLL
+  for (int i = 0; i < V; ++i) argmax[i] = t.grad_pooled != nullptr ? cell_argmax<acc_t, V>(y, i) : -1;
+  FU_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) dy[k][i] = acc_t(0);
+    if (!pixel_in_image(g, u, v, k)) continue;
+    scalar_t grad[V];
+    load_run<V>(t.grad + cell_out_offset(t.gs, n, u, v, k, c0), t.gs.c, grad);
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) {
+      if (!(y[k][i] > acc_t(0))) continue;
+      dy[k][i] = static_cast<acc_t>(grad[i]);
+      if (k == argmax[i]) dy[k][i] += static_cast<acc_t>(pooled_grad[i]);
+    }
   }
 }
 
@@ -184,20 +296,36 @@ struct BnBackwardVectors {
   acc_t inv_m;  // 1 / elements per channel
 };
 
-// relu_pool_backward (bn.sum_dy null) or bn_relu_backward_apply for one cell of channel c: writes the
+// relu_pool_backward (bn.sum_dy null) or bn_relu_backward_apply for one cell of channels c0..: writes the
 // gradient of every z entry of the cell, 0 for the entries no pixel reads.
-template <typename scalar_t, typename acc_t>
-FU_HD void cell_z_grad(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
-                       acc_t scale, acc_t shift, const BnBackwardVectors<acc_t>& bn, scalar_t* dz,
+template <typename scalar_t, typename acc_t, int V>
+FU_HD void cell_z_grad(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c0,
+                       const acc_t* scale, const acc_t* shift, const BnBackwardVectors<acc_t>& bn, scalar_t* dz,
                        const Strides4& ds) {
-  acc_t dy[4], zv[4];
-  cell_relu_pool_dy<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, dy, zv);
+  acc_t dy[4][V], zv[4][V];
+  cell_relu_pool_dy<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, dy, zv);
+  acc_t mean[V], invstd[V], sc[V], sum_dy[V], sum_dy_xmu[V];  // the run's BN vectors, read once per cell
+  if (bn.sum_dy != nullptr) {
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) {
+      mean[i] = bn.mean[c0 + i];
+      invstd[i] = bn.invstd[c0 + i];
+      sc[i] = scale[c0 + i];
+      sum_dy[i] = bn.sum_dy[c0 + i];
+      sum_dy_xmu[i] = bn.sum_dy_xmu[c0 + i];
+    }
+  }
+  FU_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (!pixel_in_z(g, u, v, k)) continue;
-    acc_t d = dy[k];
-    if (bn.sum_dy != nullptr && pixel_in_image(g, u, v, k))
-      d = bn_backward_dz<acc_t>(d, zv[k], bn.mean[c], bn.invstd[c], scale, bn.sum_dy[c], bn.sum_dy_xmu[c], bn.inv_m);
-    dz[cell_z_offset(g, ds, n, u, v, k, c)] = static_cast<scalar_t>(d);
+    const bool bn_backward = bn.sum_dy != nullptr && pixel_in_image(g, u, v, k);
+    scalar_t d[V];
+    FU_UNROLL
+    for (int i = 0; i < V; ++i)
+      d[i] = static_cast<scalar_t>(bn_backward ? bn_backward_dz<acc_t>(dy[k][i], zv[k][i], mean[i], invstd[i], sc[i],
+                                                                       sum_dy[i], sum_dy_xmu[i], bn.inv_m)
+                                               : dy[k][i]);
+    store_run<V>(dz + cell_z_offset(g, ds, n, u, v, k, c0), ds.c, d);
   }
 }
 
@@ -227,17 +355,23 @@ FU_HD SumPair<double> sum_over_chunks(const sum_t* partial, int64_t chunks, int6
   return total;
 }
 
-// bn_stats partial sums for one cell of channel c: sum(z - ref) and sum((z - ref)^2) over its pixels in
-// the image, with ref a value of the channel itself (shifted sums: exact-ish even when the mean is large
+// bn_stats partial sums for one cell of channels c0..: sum(z - ref) and sum((z - ref)^2) over its pixels in
+// the image, with ref[i] a value of channel c0+i itself (shifted sums: exact-ish even when the mean is large
 // against the spread).
-template <typename scalar_t, typename sum_t>
-FU_HD void cell_stats_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c,
-                           sum_t ref, SumPair<sum_t>* acc) {
+template <typename scalar_t, typename sum_t, int V>
+FU_HD void cell_stats_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
+                           int64_t c0, const sum_t* ref, SumPair<sum_t>* acc) {
+  FU_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (!pixel_in_image(g, u, v, k)) continue;
-    const sum_t d = static_cast<sum_t>(t.z[cell_z_offset(g, t.zs, n, u, v, k, c)]) - ref;
-    acc->first += d;
-    acc->second += d * d;
+    scalar_t raw[V];
+    load_run<V>(t.z + cell_z_offset(g, t.zs, n, u, v, k, c0), t.zs.c, raw);
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) {
+      const sum_t d = static_cast<sum_t>(raw[i]) - ref[i];
+      acc[i].first += d;
+      acc[i].second += d * d;
+    }
   }
 }
 
@@ -255,22 +389,27 @@ FU_HD void finish_stats(double ref, double sum_d, double sum_d2, double count, d
   *var = v > 0.0 ? v : 0.0;
 }
 
-// bn_relu_backward_reduce partial sums for one cell of channel c: sum(dy) and sum(dy * (z - mean)).
-template <typename scalar_t, typename acc_t, typename sum_t>
+// bn_relu_backward_reduce partial sums for one cell of channels c0..: sum(dy) and sum(dy * (z - mean)).
+template <typename scalar_t, typename acc_t, typename sum_t, int V>
 FU_HD void cell_backward_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                              int64_t c, acc_t scale, acc_t shift, sum_t mean, SumPair<sum_t>* acc) {
-  acc_t dy[4], zv[4];
-  cell_relu_pool_dy<scalar_t, acc_t>(t, g, n, u, v, c, scale, shift, dy, zv);
+                              int64_t c0, const acc_t* scale, const acc_t* shift, const sum_t* mean,
+                              SumPair<sum_t>* acc) {
+  acc_t dy[4][V], zv[4][V];
+  cell_relu_pool_dy<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, dy, zv);
+  FU_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (!pixel_in_image(g, u, v, k)) continue;
-    acc->first += static_cast<sum_t>(dy[k]);
-    acc->second += static_cast<sum_t>(dy[k]) * (static_cast<sum_t>(zv[k]) - mean);
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) {
+      acc[i].first += static_cast<sum_t>(dy[k][i]);
+      acc[i].second += static_cast<sum_t>(dy[k][i]) * (static_cast<sum_t>(zv[k][i]) - mean[i]);
+    }
   }
 }
 
-// The per-cell work of each op as a function object, called per (cell, channel) by the CPU loops (ops.cpp)
-// and the CUDA kernels (ops_cuda.cu) alike. Elementwise ops: f(n, u, v, c). Reductions:
-// f(n, u, v, c, f.channel_constant(c), &partial_sums).
+// The per-cell work of each op as a function object, called per (cell, run of V channels) by the CPU loops
+// (ops.cpp) and the CUDA kernels (ops_cuda.cu) alike. Elementwise ops: f.run<V>(n, u, v, c0). Reductions:
+// f.run<V>(n, u, v, c0, constants, partial_sums), constants[i] = f.channel_constant(c0 + i), both arrays of V.
 
 template <typename scalar_t, typename acc_t>
 struct BnReluPoolCells {
@@ -282,8 +421,9 @@ struct BnReluPoolCells {
   Strides4 os;
   scalar_t* pooled;  // null: no max-pool
   Strides4 ps;
-  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c) const {
-    cell_bn_relu_pool<scalar_t, acc_t>(t, g, n, u, v, c, scale[c], shift[c], out, os, pooled, ps);
+  template <int V>
+  FU_HD void run(int64_t n, int64_t u, int64_t v, int64_t c0) const {
+    cell_bn_relu_pool<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, out, os, pooled, ps);
   }
 };
 
@@ -296,8 +436,9 @@ struct ZGradCells {
   BnBackwardVectors<acc_t> bn;
   scalar_t* dz;
   Strides4 ds;
-  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c) const {
-    cell_z_grad<scalar_t, acc_t>(t, g, n, u, v, c, scale[c], shift[c], bn, dz, ds);
+  template <int V>
+  FU_HD void run(int64_t n, int64_t u, int64_t v, int64_t c0) const {
+    cell_z_grad<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, bn, dz, ds);
   }
 };
 
@@ -306,8 +447,9 @@ struct StatsCells {
   CellTensors<scalar_t> t;
   Geom g;
   FU_HD sum_t channel_constant(int64_t c) const { return stats_ref<scalar_t, sum_t>(t, g, c); }
-  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c, sum_t ref, SumPair<sum_t>* acc) const {
-    cell_stats_sums<scalar_t, sum_t>(t, g, n, u, v, c, ref, acc);
+  template <int V>
+  FU_HD void run(int64_t n, int64_t u, int64_t v, int64_t c0, const sum_t* ref, SumPair<sum_t>* acc) const {
+    cell_stats_sums<scalar_t, sum_t, V>(t, g, n, u, v, c0, ref, acc);
   }
 };
 
@@ -319,8 +461,9 @@ struct BackwardSumCells {
   const acc_t* shift;
   const acc_t* mean;
   FU_HD sum_t channel_constant(int64_t c) const { return static_cast<sum_t>(mean[c]); }
-  FU_HD void operator()(int64_t n, int64_t u, int64_t v, int64_t c, sum_t mu, SumPair<sum_t>* acc) const {
-    cell_backward_sums<scalar_t, acc_t, sum_t>(t, g, n, u, v, c, scale[c], shift[c], mu, acc);
+  template <int V>
+  FU_HD void run(int64_t n, int64_t u, int64_t v, int64_t c0, const sum_t* mu, SumPair<sum_t>* acc) const {
+    cell_backward_sums<scalar_t, acc_t, sum_t, V>(t, g, n, u, v, c0, scale, shift, mu, acc);
   }
 };
 

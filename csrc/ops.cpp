@@ -20,49 +20,59 @@ using c10::optional;
 using cpu_sum_t = double;
 constexpr int64_t kCpuReductionChunks = 64;
 
-// Calls f(n, u, v, c) for every cell of cell row `row` and every channel: channels innermost where they are
-// z's contiguous dimension (channels_last), else columns.
-template <typename F>
+// Calls f(n, u, v, c0) for every cell of cell row `row` and every run of V channels c0..c0+V-1: runs innermost
+// where channels are z's contiguous dimension (channels_last), else columns.
+template <int V, typename F>
 void visit_row(const CellGrid& cg, int64_t row, bool channels_inner, const F& f) {
   const int64_t cols = cg.cols(), C = cg.g.C, v0 = cg.first_v();
   int64_t n, u;
   cg.row_of(row, &n, &u);
   if (channels_inner) {
     for (int64_t col = 0; col < cols; ++col)
-      for (int64_t c = 0; c < C; ++c) f(n, u, v0 + col, c);
+      for (int64_t c0 = 0; c0 < C; c0 += V) f(n, u, v0 + col, c0);
   } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c);
+    for (int64_t c0 = 0; c0 < C; c0 += V)
+      for (int64_t col = 0; col < cols; ++col) f(n, u, v0 + col, c0);
   }
 }
 
-// Calls f(n, u, v, c) for every cell and channel of the grid, cell rows in parallel.
-template <typename F>
-void for_each_cell(const CellGrid& cg, bool channels_inner, const F& f) {
-  at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t row = r0; row < r1; ++row) visit_row(cg, row, channels_inner, f);
+// Runs cells.run<V> for every cell and run of channels of the grid (V: run_width's `width`), cell rows in
+// parallel.
+template <typename scalar_t, typename F>
+void for_each_cell(const CellGrid& cg, bool channels_inner, int width, const F& cells) {
+  with_run_width<scalar_t>(width, [&](auto run) {
+    constexpr int V = decltype(run)::value;
+    at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row)
+        visit_row<V>(cg, row, channels_inner,
+                     [&](int64_t n, int64_t u, int64_t v, int64_t c0) { cells.template run<V>(n, u, v, c0); });
+    });
   });
 }
 
-// Per-channel totals of f's partial sums over every cell of the grid: chunks of cell rows in parallel, each
+// Per-channel totals of the cells' partial sums over the whole grid: chunks of cell rows in parallel, each
 // into its own [2, chunks, C] partial sums, then summed over the chunks in order (as the CUDA kernels do).
-template <typename F>
-std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inner, const F& f) {
+template <typename scalar_t, typename F>
+std::vector<SumPair<double>> reduce_cells(const CellGrid& cg, bool channels_inner, int width, const F& cells) {
   const int64_t C = cg.g.C;
   const ReductionPlan plan = plan_reduction(cg.rows(), kCpuReductionChunks);
   std::vector<cpu_sum_t> constants(C);
-  for (int64_t c = 0; c < C; ++c) constants[c] = f.channel_constant(c);
+  for (int64_t c = 0; c < C; ++c) constants[c] = cells.channel_constant(c);
   std::vector<cpu_sum_t> partial(2 * plan.chunks * C);
-  at::parallel_for(0, plan.chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<SumPair<cpu_sum_t>> acc(C);
-    for (int64_t chunk = k0; chunk < k1; ++chunk) {
-      std::fill(acc.begin(), acc.end(), SumPair<cpu_sum_t>{0, 0});
-      const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
-      for (int64_t row = first; row < last; ++row)
-        visit_row(cg, row, channels_inner,
-                  [&](int64_t n, int64_t u, int64_t v, int64_t c) { f(n, u, v, c, constants[c], &acc[c]); });
-      for (int64_t c = 0; c < C; ++c) store_partial(partial.data(), plan.chunks, C, chunk, c, acc[c]);
-    }
+  with_run_width<scalar_t>(width, [&](auto run) {
+    constexpr int V = decltype(run)::value;
+    at::parallel_for(0, plan.chunks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<SumPair<cpu_sum_t>> acc(C);
+      for (int64_t chunk = k0; chunk < k1; ++chunk) {
+        std::fill(acc.begin(), acc.end(), SumPair<cpu_sum_t>{0, 0});
+        const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
+        for (int64_t row = first; row < last; ++row)
+          visit_row<V>(cg, row, channels_inner, [&](int64_t n, int64_t u, int64_t v, int64_t c0) {
+            cells.template run<V>(n, u, v, c0, constants.data() + c0, acc.data() + c0);
+          });
+        for (int64_t c = 0; c < C; ++c) store_partial(partial.data(), plan.chunks, C, chunk, c, acc[c]);
+      }
+    });
   });
   std::vector<SumPair<double>> total(C);
   for (int64_t c = 0; c < C; ++c) total[c] = sum_over_chunks(partial.data(), plan.chunks, C, c);
@@ -77,7 +87,7 @@ std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& z, int64_t upscale) {
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const StatsCells<scalar_t, cpu_sum_t> f{cell_tensors<scalar_t>(z), g};
-    const auto sums = reduce_cells(CellGrid{g, 0}, channels_fastest(z), f);
+    const auto sums = reduce_cells<scalar_t>(CellGrid{g, 0}, channels_fastest(z), run_width<scalar_t>(g.C, {&z}), f);
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* vp = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
@@ -97,7 +107,8 @@ void bn_relu_pool_cpu(const Tensor& z, const Tensor& scale, const Tensor& shift,
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = bn_relu_pool_cells<scalar_t, acc_t>(z, g, scale, shift, out, pooled);
-    for_each_cell(CellGrid{g, 0}, channels_fastest(z), f);
+    for_each_cell<scalar_t>(CellGrid{g, 0}, channels_fastest(z),
+                            run_width<scalar_t>(g.C, {&z, &out, optional_ptr(pooled)}), f);
   });
 }
 
@@ -110,7 +121,8 @@ Tensor z_grad_cpu(const Tensor& grad, const optional<Tensor>& grad_pooled, const
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = z_grad_cells<scalar_t, acc_t>(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu,
                                                  g, dz);
-    for_each_cell(CellGrid{g, 1}, channels_fastest(z), f);
+    for_each_cell<scalar_t>(CellGrid{g, 1}, channels_fastest(z),
+                            run_width<scalar_t>(g.C, {&z, &grad, optional_ptr(grad_pooled), &dz}), f);
   });
   return dz;
 }
@@ -131,7 +143,8 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cpu(const Tensor& grad, const
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = backward_sum_cells<scalar_t, acc_t, cpu_sum_t>(grad, grad_pooled, z, scale, shift, mean, g);
-    const auto sums = reduce_cells(CellGrid{g, 0}, channels_fastest(z), f);
+    const auto sums = reduce_cells<scalar_t>(CellGrid{g, 0}, channels_fastest(z),
+                                             run_width<scalar_t>(g.C, {&z, &grad, optional_ptr(grad_pooled)}), f);
     acc_t* s1 = sum_dy.mutable_data_ptr<acc_t>();
     acc_t* s2 = sum_dy_xmu.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {

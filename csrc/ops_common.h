@@ -6,6 +6,8 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <initializer_list>
 #include <utility>
 
@@ -39,6 +41,34 @@ CellTensors<scalar_t> cell_tensors(const at::Tensor& z, const at::Tensor* grad =
     t.gps = strides_of(**grad_pooled);
   }
   return t;
+}
+
+inline const at::Tensor* optional_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// Channels per run (fastunet_math.h): 16 bytes of scalar_t where C and every tensor of the op allow it
+// (channel stride 1, the other strides multiples of the run, a 16-byte aligned start), else 1.
+template <typename scalar_t>
+int run_width(int64_t C, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int64_t wide = 16 / sizeof(scalar_t);
+  if (C % wide != 0) return 1;
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if (t->stride(1) != 1 || t->stride(0) % wide || t->stride(2) % wide || t->stride(3) % wide ||
+        reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0)
+      return 1;
+  }
+  return static_cast<int>(wide);
+}
+
+// Calls f(std::integral_constant<int, V>{}) with V the run width `width` (1 or 16 bytes of scalar_t).
+template <typename scalar_t, typename F>
+void with_run_width(int width, const F& f) {
+  constexpr int wide = 16 / sizeof(scalar_t);
+  if (width == wide) {
+    f(std::integral_constant<int, wide>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 // How a per-channel reduction splits the cell rows into chunks: each chunk's partial sums are formed on their

@@ -16,62 +16,73 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// A block is 256 threads over a tile of channels x cell columns of one cell row. Consecutive lanes take
-// consecutive channels when channels are the contiguous dimension (channels_last, and the concat-buffer
-// slices of it): a warp then reads and writes 32 adjacent elements. Otherwise lanes take consecutive cells.
+// A block is 256 threads over a tile of channel runs x cell columns of one cell row. Where channels are the
+// contiguous dimension (channels_last, and the concat-buffer slices of it), consecutive lanes take consecutive
+// runs of V channels (fastunet_math.h: 16-byte runs where the tensors allow), so a warp moves contiguous
+// memory; otherwise lanes take consecutive cells.
 constexpr int kThreads = 256;
 
-template <bool kChannelsFastest>
-struct Tile {
-  static constexpr int kChannels = kChannelsFastest ? 32 : 8;
-  static constexpr int kColumns = kThreads / kChannels;
-  __device__ static int channel_lane() { return kChannelsFastest ? threadIdx.x % kChannels : threadIdx.x / kColumns; }
-  __device__ static int column_lane() { return kChannelsFastest ? threadIdx.x / kChannels : threadIdx.x % kColumns; }
+struct LaneMap {
+  int run_lanes;         // lanes over channel runs: a power of two, at most 32
+  bool columns_fastest;  // consecutive threads take consecutive cell columns
+  __host__ __device__ int column_lanes() const { return kThreads / run_lanes; }
+  __device__ int run_lane() const { return columns_fastest ? threadIdx.x / column_lanes() : threadIdx.x % run_lanes; }
+  __device__ int column_lane() const {
+    return columns_fastest ? threadIdx.x % column_lanes() : threadIdx.x / run_lanes;
+  }
 };
 
-// Grid (cell rows, channel tiles): calls f(n, u, v, c) for every cell and channel.
-template <bool kChannelsFastest, typename F>
-__global__ void __launch_bounds__(kThreads) cells_kernel(CellGrid cg, F f) {
-  using T = Tile<kChannelsFastest>;
-  const int64_t c = int64_t(blockIdx.y) * T::kChannels + T::channel_lane();
-  if (c >= cg.g.C) return;
-  int64_t n, u;
-  cg.row_of(blockIdx.x, &n, &u);
-  const int64_t v0 = cg.first_v();
-  const int64_t cols = cg.cols();
-  for (int64_t col = T::column_lane(); col < cols; col += T::kColumns) f(n, u, v0 + col, c);
+LaneMap lane_map(int64_t runs, bool channels_fastest_layout) {
+  if (!channels_fastest_layout) return LaneMap{8, true};
+  int lanes = 1;
+  while (lanes < 32 && lanes < runs) lanes *= 2;
+  return LaneMap{lanes, false};
 }
 
-// Grid (chunks, channel tiles): block `chunk` sums f's partial sums over its cell rows into
-// the [2, chunks, C] partial sums (store_partial). Within a block the column lanes are summed in order.
-template <bool kChannelsFastest, typename sum_t, typename F>
-__global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, int64_t rows_per_chunk, F f,
+// Grid (cell rows, run tiles): calls f.run<V>(n, u, v, c0) for every cell and run of V channels.
+template <int V, typename F>
+__global__ void __launch_bounds__(kThreads) cells_kernel(CellGrid cg, LaneMap lanes, F f) {
+  const int64_t c0 = (int64_t(blockIdx.y) * lanes.run_lanes + lanes.run_lane()) * V;
+  if (c0 >= cg.g.C) return;
+  int64_t n, u;
+  cg.row_of(blockIdx.x, &n, &u);
+  const int64_t v0 = cg.first_v(), cols = cg.cols();
+  for (int64_t col = lanes.column_lane(); col < cols; col += lanes.column_lanes()) f.template run<V>(n, u, v0 + col, c0);
+}
+
+// Grid (chunks, run tiles): block `chunk` sums the cells' partial sums over its cell rows into the [2, chunks, C]
+// partial sums (store_partial). Within a block the column lanes are summed in order.
+template <int V, typename sum_t, typename F>
+__global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, LaneMap lanes, int64_t rows_per_chunk, F f,
                                                              sum_t* partial) {
-  using T = Tile<kChannelsFastest>;
-  __shared__ SumPair<sum_t> lanes[T::kColumns][T::kChannels];
-  const int cl = T::channel_lane(), vl = T::column_lane();
+  __shared__ SumPair<sum_t> lane_sums[kThreads][V];
+  const int rl = lanes.run_lane(), cl = lanes.column_lane(), slot = cl * lanes.run_lanes + rl;
   const int64_t C = cg.g.C, chunks = gridDim.x, chunk = blockIdx.x;
-  const int64_t c = int64_t(blockIdx.y) * T::kChannels + cl;
-  SumPair<sum_t> acc{0, 0};
-  if (c < C) {
-    const sum_t constant = f.channel_constant(c);
-    const int64_t first = chunk * rows_per_chunk, last = min(first + rows_per_chunk, cg.rows()), cols = cg.cols();
+  const int64_t c0 = (int64_t(blockIdx.y) * lanes.run_lanes + rl) * V;
+  SumPair<sum_t> acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = SumPair<sum_t>{0, 0};
+  if (c0 < C) {
+    sum_t constants[V];
+    for (int i = 0; i < V; ++i) constants[i] = f.channel_constant(c0 + i);
+    const int64_t first = chunk * rows_per_chunk, last = min(first + rows_per_chunk, cg.rows());
+    const int64_t v0 = cg.first_v(), cols = cg.cols();
     for (int64_t row = first; row < last; ++row) {
       int64_t n, u;
       cg.row_of(row, &n, &u);
-      const int64_t v0 = cg.first_v();
-      for (int64_t col = vl; col < cols; col += T::kColumns) f(n, u, v0 + col, c, constant, &acc);
+      for (int64_t col = cl; col < cols; col += lanes.column_lanes()) f.template run<V>(n, u, v0 + col, c0, constants, acc);
     }
   }
-  lanes[vl][cl] = acc;
+  for (int i = 0; i < V; ++i) lane_sums[slot][i] = acc[i];
   __syncthreads();
-  if (vl != 0 || c >= C) return;
-  SumPair<sum_t> total{0, 0};
-  for (int i = 0; i < T::kColumns; ++i) {
-    total.first += lanes[i][cl].first;
-    total.second += lanes[i][cl].second;
+  if (cl != 0 || c0 >= C) return;
+  for (int i = 0; i < V; ++i) {
+    SumPair<sum_t> total{0, 0};
+    for (int j = 0; j < lanes.column_lanes(); ++j) {
+      total.first += lane_sums[j * lanes.run_lanes + rl][i].first;
+      total.second += lane_sums[j * lanes.run_lanes + rl][i].second;
+    }
+    store_partial(partial, chunks, C, chunk, c0 + i, total);
   }
-  store_partial(partial, chunks, C, chunk, c, total);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -96,48 +107,48 @@ __global__ void finish_sums_kernel(const acc_t* partial, int64_t chunks, int64_t
   second[c] = static_cast<acc_t>(total.second);
 }
 
-template <bool kChannelsFastest>
-dim3 tile_grid(int64_t rows, int64_t channels) {
-  const int64_t tiles = (channels + Tile<kChannelsFastest>::kChannels - 1) / Tile<kChannelsFastest>::kChannels;
+dim3 tile_grid(int64_t rows, int64_t runs, const LaneMap& lanes) {
+  const int64_t tiles = (runs + lanes.run_lanes - 1) / lanes.run_lanes;
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max() && tiles <= 65535, "fastunet: ", rows, " cell rows x ",
               tiles, " channel tiles exceed the CUDA grid");
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
 }
 
-// Launches cells_kernel over the grid, with the lane layout that matches z's.
-template <typename F>
-void launch_cells(const CellGrid& cg, bool channels_fastest_layout, const F& f) {
+// Launches cells_kernel over the grid, with runs of `width` channels and the lane layout that matches z's.
+template <typename scalar_t, typename F>
+void launch_cells(const CellGrid& cg, bool channels_fastest_layout, int width, const F& f) {
   if (cg.rows() == 0 || cg.g.C == 0) return;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (channels_fastest_layout) {
-    cells_kernel<true><<<tile_grid<true>(cg.rows(), cg.g.C), kThreads, 0, stream>>>(cg, f);
-  } else {
-    cells_kernel<false><<<tile_grid<false>(cg.rows(), cg.g.C), kThreads, 0, stream>>>(cg, f);
-  }
+  with_run_width<scalar_t>(width, [&](auto run) {
+    constexpr int V = decltype(run)::value;
+    const LaneMap lanes = lane_map(cg.g.C / V, channels_fastest_layout);
+    cells_kernel<V><<<tile_grid(cg.rows(), cg.g.C / V, lanes), kThreads, 0, stream>>>(cg, lanes, f);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Launches cell_sums_kernel; returns the [2, chunks, C] partial sums and the chunk count.
-template <typename sum_t, typename F>
-std::tuple<Tensor, int64_t> launch_cell_sums(const CellGrid& cg, bool channels_fastest_layout, const F& f,
+template <typename scalar_t, typename sum_t, typename F>
+std::tuple<Tensor, int64_t> launch_cell_sums(const CellGrid& cg, bool channels_fastest_layout, int width, const F& f,
                                              const at::TensorOptions& opts) {
-  const int64_t tile_channels = channels_fastest_layout ? Tile<true>::kChannels : Tile<false>::kChannels;
-  const int64_t channel_tiles = (cg.g.C + tile_channels - 1) / tile_channels;
   // About eight resident blocks per SM in all (more chunks only lengthen the final sum).
   const int64_t target_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const ReductionPlan plan = plan_reduction(cg.rows(), std::max<int64_t>(1, target_blocks / channel_tiles));
-  Tensor partial = at::empty({2, plan.chunks, cg.g.C}, opts);
+  Tensor partial;
+  int64_t chunks = 0;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  sum_t* p = partial.mutable_data_ptr<sum_t>();
-  if (channels_fastest_layout) {
-    dim3 grid = tile_grid<true>(plan.chunks, cg.g.C);
-    cell_sums_kernel<true, sum_t><<<grid, kThreads, 0, stream>>>(cg, plan.rows_per_chunk, f, p);
-  } else {
-    dim3 grid = tile_grid<false>(plan.chunks, cg.g.C);
-    cell_sums_kernel<false, sum_t><<<grid, kThreads, 0, stream>>>(cg, plan.rows_per_chunk, f, p);
-  }
+  with_run_width<scalar_t>(width, [&](auto run) {
+    constexpr int V = decltype(run)::value;
+    const int64_t runs = cg.g.C / V;
+    const LaneMap lanes = lane_map(runs, channels_fastest_layout);
+    const int64_t tiles = (runs + lanes.run_lanes - 1) / lanes.run_lanes;
+    const ReductionPlan plan = plan_reduction(cg.rows(), std::max<int64_t>(1, target_blocks / tiles));
+    partial = at::empty({2, plan.chunks, cg.g.C}, opts);
+    chunks = plan.chunks;
+    cell_sums_kernel<V, sum_t><<<tile_grid(plan.chunks, runs, lanes), kThreads, 0, stream>>>(
+        cg, lanes, plan.rows_per_chunk, f, partial.mutable_data_ptr<sum_t>());
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {partial, plan.chunks};
+  return {partial, chunks};
 }
 
 unsigned vector_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
@@ -152,7 +163,8 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& z, int64_t upscale) {
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const StatsCells<scalar_t, acc_t> f{cell_tensors<scalar_t>(z), g};
-    auto [partial, chunks] = launch_cell_sums<acc_t>(CellGrid{g, 0}, channels_fastest(z), f, opts);
+    auto [partial, chunks] =
+        launch_cell_sums<scalar_t, acc_t>(CellGrid{g, 0}, channels_fastest(z), run_width<scalar_t>(g.C, {&z}), f, opts);
     finish_stats_kernel<scalar_t, acc_t><<<vector_blocks(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         f, partial.const_data_ptr<acc_t>(), chunks, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -167,7 +179,8 @@ void bn_relu_pool_cuda(const Tensor& z, const Tensor& scale, const Tensor& shift
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = bn_relu_pool_cells<scalar_t, acc_t>(z, g, scale, shift, out, pooled);
-    launch_cells(CellGrid{g, 0}, channels_fastest(z), f);
+    launch_cells<scalar_t>(CellGrid{g, 0}, channels_fastest(z),
+                           run_width<scalar_t>(g.C, {&z, &out, optional_ptr(pooled)}), f);
   });
 }
 
@@ -181,7 +194,8 @@ Tensor z_grad_cuda(const Tensor& grad, const optional<Tensor>& grad_pooled, cons
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = z_grad_cells<scalar_t, acc_t>(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu,
                                                  g, dz);
-    launch_cells(CellGrid{g, 1}, channels_fastest(z), f);
+    launch_cells<scalar_t>(CellGrid{g, 1}, channels_fastest(z),
+                           run_width<scalar_t>(g.C, {&z, &grad, optional_ptr(grad_pooled), &dz}), f);
   });
   return dz;
 }
@@ -204,7 +218,8 @@ std::tuple<Tensor, Tensor> bn_relu_backward_reduce_cuda(const Tensor& grad, cons
   FASTUNET_DISPATCH_FLOATING(z.scalar_type(), "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto f = backward_sum_cells<scalar_t, acc_t, acc_t>(grad, grad_pooled, z, scale, shift, mean, g);
-    auto [partial, chunks] = launch_cell_sums<acc_t>(CellGrid{g, 0}, channels_fastest(z), f, opts);
+    auto [partial, chunks] = launch_cell_sums<scalar_t, acc_t>(
+        CellGrid{g, 0}, channels_fastest(z), run_width<scalar_t>(g.C, {&z, &grad, optional_ptr(grad_pooled)}), f, opts);
     finish_sums_kernel<acc_t><<<vector_blocks(g.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         partial.const_data_ptr<acc_t>(), chunks, g.C, sum_dy.mutable_data_ptr<acc_t>(),
         sum_dy_xmu.mutable_data_ptr<acc_t>());

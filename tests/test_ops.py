@@ -28,38 +28,46 @@ def case(upscale, n=2, c=3, h=4, w=6, dtype=torch.float32, memory_format=torch.c
     return z, scale, shift
 
 
-def slice_of_buffer(n, c, h, w, dtype, memory_format, extra=2, fill=float("nan")):
-    """A NaN-poisoned concat buffer and the channel slice [extra, extra + c) of it."""
+def slice_of_buffer(n, c, h, w, dtype, memory_format, extra=None, fill=float("nan")):
+    """A NaN-poisoned concat buffer and the channel slice [extra, extra + c) of it. extra defaults to 2 channels
+    (a slice starting off the 16-byte grid: one-channel runs) for c = 3, to 8 (on the grid) otherwise."""
+    extra = (2 if c == 3 else 8) if extra is None else extra
     buf = torch.full((n, c + 2 * extra, h, w), fill, dtype=dtype).contiguous(memory_format=memory_format)
     return buf, buf.narrow(1, extra, c)
 
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
+# 3 channels: runs of one channel; 16: 16-byte runs of channels (csrc/fastunet_math.h) where the layout allows.
+CHANNELS = [3, 16]
 
 
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("values", [random, quantised])
-def test_bn_relu_pool_matches_reference_bitwise(upscale, memory_format, pool, values):
-    z, scale, shift = case(upscale, memory_format=memory_format, values=values)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_bn_relu_pool_matches_reference_bitwise(upscale, memory_format, pool, values, c):
+    z, scale, shift = case(upscale, c=c, memory_format=memory_format, values=values)
     shape = ops.logical_shape(z, upscale)
     buf, out = slice_of_buffer(*shape, torch.float32, memory_format)
-    pooled = torch.full((shape[0], shape[1], shape[2] // 2, shape[3] // 2), -7.0) if pool else None
+    pooled = torch.full((shape[0], shape[1], shape[2] // 2, shape[3] // 2), -7.0).contiguous(
+        memory_format=memory_format) if pool else None
     LIB.bn_relu_pool(z, scale, shift, upscale, out, pooled)
     want = torch.empty(shape)
     want_pool = torch.empty_like(pooled) if pool else None
     ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
     assert torch.equal(out.nan_to_num(123.0), want.nan_to_num(123.0))
-    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, -2:]).all(), "wrote outside its channel slice"
+    extra = (buf.shape[1] - c) // 2
+    assert torch.isnan(buf[:, :extra]).all() and torch.isnan(buf[:, -extra:]).all(), "wrote outside its channel slice"
     if pool:
         assert torch.equal(pooled.nan_to_num(123.0), want_pool.nan_to_num(123.0))
 
 
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_bn_stats_matches_reference(upscale, memory_format):
-    z, _, _ = case(upscale, n=3, c=4, h=6, w=5, memory_format=memory_format)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_bn_stats_matches_reference(upscale, memory_format, c):
+    z, _, _ = case(upscale, n=3, c=c, h=6, w=5, memory_format=memory_format)
     z = z + 40.0  # a mean large next to the spread: a naive sum-of-squares variance loses digits here
     mean, var = LIB.bn_stats(z, upscale)
     z64 = ops.to_logical(z, upscale).double()
@@ -72,7 +80,7 @@ def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float
     n, c, h, w = ops.logical_shape(z, upscale)
     _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
     grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
-    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype) if pool else None
+    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format) if pool else None
     return grad, grad_pooled, z, scale, shift
 
 
@@ -80,8 +88,9 @@ def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("values", [random, quantised])
-def test_relu_pool_backward_matches_reference_bitwise(upscale, memory_format, pool, values):
-    args = backward_case(upscale, pool, memory_format, values)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_relu_pool_backward_matches_reference_bitwise(upscale, memory_format, pool, values, c):
+    args = backward_case(upscale, pool, memory_format, values, c=c)
     got = LIB.relu_pool_backward(*args, upscale)
     want = ops.relu_pool_backward_ref(*args, upscale)
     assert got.shape == want.shape and got.stride() == want.stride()
@@ -91,8 +100,9 @@ def test_relu_pool_backward_matches_reference_bitwise(upscale, memory_format, po
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("pool", [False, True])
-def test_bn_relu_backward_matches_reference(upscale, memory_format, pool):
-    grad, grad_pooled, z, scale, shift = backward_case(upscale, pool, memory_format)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_bn_relu_backward_matches_reference(upscale, memory_format, pool, c):
+    grad, grad_pooled, z, scale, shift = backward_case(upscale, pool, memory_format, c=c)
     c = scale.numel()
     mean, invstd = torch.randn(c), torch.rand(c) + 0.5
     sums = LIB.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
@@ -109,8 +119,9 @@ def test_bn_relu_backward_matches_reference(upscale, memory_format, pool):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_other_dtypes_match_reference(dtype):
-    grad, grad_pooled, z, scale, shift = backward_case(2, False, torch.channels_last, dtype=dtype)
+@pytest.mark.parametrize("c", CHANNELS)
+def test_other_dtypes_match_reference(dtype, c):
+    grad, grad_pooled, z, scale, shift = backward_case(2, False, torch.channels_last, dtype=dtype, c=c)
     assert torch.equal(LIB.relu_pool_backward(grad, None, z, scale, shift, 2),
                        ops.relu_pool_backward_ref(grad, None, z, scale, shift, 2))
     out, want = torch.empty_like(grad), torch.empty_like(grad)
@@ -217,10 +228,11 @@ def test_sub_pixel_weights_equal_upsample_then_conv():
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_reductions_over_many_chunks_do_not_depend_on_the_thread_count(memory_format):
+@pytest.mark.parametrize("c", CHANNELS)
+def test_reductions_over_many_chunks_do_not_depend_on_the_thread_count(memory_format, c):
     """Enough cell rows for every chunk of the CPU reductions (and uneven ones); bitwise the same results
     with one thread and with several, since the chunks are fixed and summed in order."""
-    grad, grad_pooled, z, scale, shift = backward_case(1, True, memory_format, h=154, w=10)
+    grad, grad_pooled, z, scale, shift = backward_case(1, True, memory_format, c=c, h=154, w=10)
     mean = torch.randn(scale.numel())
     threads = torch.get_num_threads()
     results = []
