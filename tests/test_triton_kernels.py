@@ -298,8 +298,9 @@ def test_bad_arguments_are_refused(what):
 
 
 # Compiles the elementwise kernels for sm_90 in a process without TRITON_INTERPRET (no GPU needed).
-_COMPILE_FOR_SM90 = """
+_COMPILE_FOR_SM90 = r"""
 import importlib
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -331,6 +332,30 @@ for activation in ("fp32", "fp64", "bf16"):
     ):
         assert "mul.rn.f" + width in text and "fma.rn.f" + width not in text, activation
 
+# As the JIT specializes them on a GPU for channels_last tensors (channel strides equal to 1, a constexpr; pointers
+# and other integers divisible by 16), the elementwise kernels move bf16 activations in 8- and 16-byte accesses.
+def channels_last_ptx(module, kernel, constexprs):
+    fn = getattr(importlib.import_module("fastunet.kernels." + module), kernel)
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_sc"):
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = ("*bf16" if name in ACTIVATIONS else "*fp32") if name.endswith("_ptr") else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+for upscale, pool in ((1, True), (2, False)):
+    tile = dict(S=upscale, POOL=pool, BLOCK_V=8, BLOCK_C=64)
+    for text in (channels_last_ptx("bn_relu_pool", "_bn_relu_pool_kernel", tile),
+                 channels_last_ptx("bn_relu_backward", "_backward_z_kernel", dict(tile, APPLY_BN=True))):
+        assert "ld.global.v4.b32" in text and "st.global.v4.b32" in text, (upscale, pool)
+        assert not re.search(r"(ld|st)\.global\.(b16|u16)", text), (upscale, pool)
+
 # The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores.
 for activation in ("fp32", "bf16"):
     text = ptx("conv3x3_bn_relu", "_conv_kernel", activation, dict(STATS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
@@ -340,8 +365,9 @@ for activation in ("fp32", "bf16"):
 
 def test_gpu_code_rounds_the_bn_product_on_its_own():
     """On a GPU, Triton would contract z*scale + shift into an FMA (one rounding) where PyTorch rounds twice;
-    the forward and relu_pool_backward kernels must compile to a separate mul.rn for bit equality (and the
-    Triton conv, compiled for sm_90 here without a GPU, to tensor-core instructions)."""
+    the forward and relu_pool_backward kernels must compile to a separate mul.rn for bit equality. Also, compiled
+    for sm_90 here without a GPU: the elementwise kernels' 16-byte accesses on channels_last, and the Triton
+    conv's tensor-core instructions."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
