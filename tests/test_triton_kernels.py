@@ -355,6 +355,9 @@ for upscale, pool in ((1, True), (2, False)):
                  channels_last_ptx("bn_relu_backward", "_backward_z_kernel", dict(tile, APPLY_BN=True))):
         assert "ld.global.v4.b32" in text and "st.global.v4.b32" in text, (upscale, pool)
         assert not re.search(r"(ld|st)\.global\.(b16|u16)", text), (upscale, pool)
+    for text in (channels_last_ptx("bn_stats", "_bn_stats_partial_kernel", dict(S=upscale, BLOCK_V=8, BLOCK_C=64)),
+                 channels_last_ptx("bn_relu_backward", "_backward_reduce_partial_kernel", tile)):
+        assert "ld.global.v4.b32" in text and not re.search(r"ld\.global\.(b16|u16)", text), (upscale, pool)
 
 # The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores.
 for activation in ("fp32", "bf16"):
