@@ -143,16 +143,6 @@ struct CellTensors {
 // where every tensor of the op has channel stride 1, all its other strides multiples of V, a 16-byte aligned
 // start and V dividing C (the host's run_width() decides), so that a run is V contiguous elements: on the GPU
 // one 16-byte access, on the CPU a short loop the compiler vectorizes. V = 1 walks any strides.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Run {
-  T v[V];
-};
-
-#if defined(__CUDA_ARCH__)
-constexpr bool kRunsAsVectors = true;  // device code: a run of V > 1 moves as one aligned vector
-#else
-constexpr bool kRunsAsVectors = false;
-#endif
 
 // 16 bytes moved as one access on the GPU (the type only carries the bits).
 struct alignas(16) Bits16 {
@@ -161,14 +151,14 @@ struct alignas(16) Bits16 {
 
 template <int V, typename T>
 FU_HD void load_run(const T* p, int64_t stride, T (&out)[V]) {
-  if constexpr (kRunsAsVectors && V > 1) {
-    static_assert(sizeof(Run<T, V>) == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
+#if defined(__CUDA_ARCH__)
+  if constexpr (V > 1) {
+    static_assert(sizeof(T) * V == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
     const Bits16 bits = *reinterpret_cast<const Bits16*>(p);
-    Run<T, V> r;
-    memcpy(&r, &bits, sizeof(r));
-    FU_UNROLL
-    for (int i = 0; i < V; ++i) out[i] = r.v[i];
-  } else {
+    memcpy(out, &bits, sizeof(bits));
+  } else
+#endif
+  {
     FU_UNROLL
     for (int i = 0; i < V; ++i) out[i] = p[i * stride];
   }
@@ -177,12 +167,12 @@ FU_HD void load_run(const T* p, int64_t stride, T (&out)[V]) {
 template <int V, typename T>
 FU_HD void store_run(T* p, int64_t stride, const T (&in)[V]) {
 #if defined(__CUDA_ARCH__)
-  // One 16-byte store, written out: from C++ the compiler splits it where the values come from several branches.
+  // Written out as one st.global.v4: from C++ the compiler splits the store where the values come from several
+  // branches.
   if constexpr (V > 1) {
-    static_assert(sizeof(Run<T, V>) == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
+    static_assert(sizeof(T) * V == sizeof(Bits16), "a run of V > 1 channels is 16 bytes");
     uint32_t w[4];
-    FU_UNROLL
-    for (int j = 0; j < 4; ++j) memcpy(&w[j], reinterpret_cast<const char*>(in) + 4 * j, 4);
+    memcpy(w, in, sizeof(w));
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                  : "memory");
   } else
