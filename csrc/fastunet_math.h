@@ -457,4 +457,30 @@ struct BackwardSumCells {
   }
 };
 
+// What a reduction does with channel c's totals (sum_over_chunks): bn_stats' mean and biased variance, or
+// bn_relu_backward_reduce's two sums as they are. Run per channel on the CPU and by the CUDA finishing kernel.
+template <typename scalar_t, typename acc_t, typename sum_t>
+struct StatsFinish {
+  StatsCells<scalar_t, sum_t> cells;
+  acc_t* mean;
+  acc_t* var;
+  FU_HD void operator()(int64_t c, const SumPair<double>& total) const {
+    double m, v;
+    finish_stats(static_cast<double>(cells.channel_constant(c)), total.first, total.second,
+                 static_cast<double>(cells.g.count_per_channel()), &m, &v);
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(v);
+  }
+};
+
+template <typename acc_t>
+struct SumsFinish {
+  acc_t* first;
+  acc_t* second;
+  FU_HD void operator()(int64_t c, const SumPair<double>& total) const {
+    first[c] = static_cast<acc_t>(total.first);
+    second[c] = static_cast<acc_t>(total.second);
+  }
+};
+
 }  // namespace fastunet

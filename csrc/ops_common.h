@@ -135,35 +135,38 @@ inline void check_pooled(const c10::optional<at::Tensor>& p, const char* name, c
               z.device());
 }
 
-// Every check of the backward ops, in one place.
+// The checks every cell op shares: z's geometry, the tensor laid out as the logical output (out, or grad in the
+// backward ops), its optional max-pooled twin (pooled, grad_pooled), and BN's scale and shift.
+inline Geom check_cell_args(const at::Tensor& z, int64_t upscale, const at::Tensor& out_like, const char* out_name,
+                            const c10::optional<at::Tensor>& pooled_like, const char* pooled_name,
+                            const at::Tensor& scale, const at::Tensor& shift) {
+  const Geom g = geom_of(z, upscale);
+  check_out_like(out_like, out_name, g, z);
+  check_pooled(pooled_like, pooled_name, g, z);
+  check_vec(scale, "scale", g, z);
+  check_vec(shift, "shift", g, z);
+  return g;
+}
+
+inline Geom check_bn_relu_pool_args(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                                    int64_t upscale, const at::Tensor& out, const c10::optional<at::Tensor>& pooled) {
+  return check_cell_args(z, upscale, out, "out", pooled, "pooled", scale, shift);
+}
+
 inline Geom check_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_pooled,
                                 const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                                 int64_t upscale) {
-  const Geom g = geom_of(z, upscale);
-  check_out_like(grad, "grad", g, z);
-  check_pooled(grad_pooled, "grad_pooled", g, z);
-  check_vec(scale, "scale", g, z);
-  check_vec(shift, "shift", g, z);
-  return g;
+  return check_cell_args(z, upscale, grad, "grad", grad_pooled, "grad_pooled", scale, shift);
 }
 
-// The per-cell functors of the ops (fastunet_math.h), built from checked arguments: one place for the CPU and
-// CUDA hosts. z_grad's and backward_sums' vector pointers may be null (relu_pool_backward has no BN vectors).
-inline Geom check_bn_relu_pool_args(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                                    int64_t upscale, const at::Tensor& out, const c10::optional<at::Tensor>& pooled) {
-  const Geom g = geom_of(z, upscale);
-  check_vec(scale, "scale", g, z);
-  check_vec(shift, "shift", g, z);
-  check_out_like(out, "out", g, z);
-  check_pooled(pooled, "pooled", g, z);
-  return g;
-}
-
+// The per-channel vectors of BN's backward, each checked as scale and shift are.
 inline void check_bn_vectors(std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, const Geom& g,
                              const at::Tensor& z) {
   for (const auto& [v, name] : vectors) check_vec(*v, name, g, z);
 }
 
+// The per-cell functors of the ops (fastunet_math.h), built from checked arguments: one place for the CPU and
+// CUDA hosts. z_grad_cells' vector pointers may be null (relu_pool_backward has no BN vectors).
 template <typename scalar_t, typename acc_t>
 BnReluPoolCells<scalar_t, acc_t> bn_relu_pool_cells(const at::Tensor& z, const Geom& g, const at::Tensor& scale,
                                                     const at::Tensor& shift, at::Tensor& out,
