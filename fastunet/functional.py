@@ -82,11 +82,18 @@ def _autocast_dtype(device_type):
     return None
 
 
+def _cast_dtype(t, dtype):
+    """The dtype autocast gives conv argument ``t`` (floating tensors other than float64 go to ``dtype``)."""
+    if dtype is None or t.dtype == torch.float64 or not t.is_floating_point():
+        return t.dtype
+    return dtype
+
+
 def _cast(t, dtype):
-    """Autocast's cast of a conv argument: floating tensors other than float64 go to ``dtype``."""
-    if t is None or dtype is None or t.dtype in (dtype, torch.float64) or not t.is_floating_point():
+    """Autocast's cast of a conv argument (see _cast_dtype); None stays None."""
+    if t is None or t.dtype == _cast_dtype(t, dtype):
         return t
-    return t.to(dtype)
+    return t.to(_cast_dtype(t, dtype))
 
 
 def _grad_as(g, like):
@@ -321,7 +328,9 @@ class DoubleConvBNReLU(torch.autograd.Function):
         ctx.cfg = (training, exact, pool, eps1, eps2)
         ctx.bn_dtypes = (g1.dtype, g2.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            xc, w1c, w2c = _cast(x, cast), _cast(w1, cast), _cast(w2, cast)
+            xc = _cast(x, cast)
+            if not fold or exact:  # the fold path reads its weights, cast, from _memoised_fold
+                w1c, w2c = _cast(w1, cast), _cast(w2, cast)
             if exact:
                 z1 = _conv(xc, w1c, _cast(b1, cast))
                 t1, saved1, impl1 = _exact_bn(z1, bn1, training)
@@ -338,8 +347,8 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 stats = ()
             elif fold:
                 w1f, shift1, ones1, w2f, shift2, ones2 = _memoised_fold(
-                    (w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2), (eps1, eps2, w1c.dtype, w2c.dtype),
-                    lambda: _fold_double_block(w1, b1, bn1, w1c.dtype, w2, b2, bn2, w2c.dtype))
+                    (w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2), (eps1, eps2, cast),
+                    lambda: _fold_double_block(w1, b1, bn1, _cast_dtype(w1, cast), w2, b2, bn2, _cast_dtype(w2, cast)))
                 z1 = _conv(xc, w1f, None)
                 z2, _ = _second_conv(z1, ones1, shift1, w2f, False)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
@@ -437,7 +446,9 @@ class UpsampleConvCat(torch.autograd.Function):
         ctx.cfg = (training, exact, eps, cskip)
         ctx.bn_dtype = g.dtype
         with torch.autocast(d.device.type, enabled=False):
-            dc, wc = _cast(d, cast), _cast(w, cast)
+            dc = _cast(d, cast)
+            if not fold or exact:  # the fold path reads its weights, cast, from _memoised_fold
+                wc = _cast(w, cast)
             if exact:
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
                 z = _conv(u, wc, _cast(b, cast))
@@ -447,8 +458,8 @@ class UpsampleConvCat(torch.autograd.Function):
                 ctx.save_for_backward(d, dc, w, wc, b, z, t, g, rm, rv, *saved)
                 stats = ()
             elif fold:
-                w4f, shift, ones = _memoised_fold((w, b, g, be, rm, rv), (eps, wc.dtype),
-                                                  lambda: _fold_up_block(w, b, bn, wc.dtype))
+                w4f, shift, ones = _memoised_fold((w, b, g, be, rm, rv), (eps, cast),
+                                                  lambda: _fold_up_block(w, b, bn, _cast_dtype(w, cast)))
                 z4 = _conv(dc, w4f, None)
                 ops.bn_relu_pool(z4, ones, shift, 2, out, None)
                 stats = ()
