@@ -7,7 +7,6 @@ elsewhere, and says so once. Whether the library holds code for the GPU at hand 
 use of a CUDA device (asking at import would initialise CUDA), by ``cuda_arch_problem``.
 """
 
-import functools
 import re
 import warnings
 
@@ -130,12 +129,7 @@ def cuda_arch_problem(capability, archs=None):
     Machine code for sm_XY runs on sm_XZ with Z >= Y (same major); arch-specific code (``9.0a``) only on its
     own arch; PTX for sm_XY is compiled by the driver for any newer GPU.
     """
-    return _arch_problem(tuple(capability), built_info()["archs"] if archs is None else archs)
-
-
-@functools.lru_cache(maxsize=None)
-def _arch_problem(capability, archs):
-    """cuda_arch_problem, parsed once per (GPU, arch list): it is asked at every op call on CUDA."""
+    archs = built_info()["archs"] if archs is None else archs
     if not archs:
         return "fastunet._C has no CUDA kernels (a CPU-only build)"
     entries = [e for e in re.split(r"[;\s]+", archs) if e]

@@ -250,8 +250,9 @@ class U_Net(reference.U_Net):
         _check_input(x, self.img_ch, self.Conv_1x1.weight)
         if exporting():
             return super().forward(x)
-        if self.training and not any(sync_group(m) is not None for m in self.modules()):
-            _check_bn_batch(x)  # synchronized BN counts every rank's values
+        if self.training and _one_value_per_channel(x):
+            if not any(sync_group(m) is not None for m in self.modules()):  # synchronized BN counts every rank's
+                _check_bn_batch(x)
         fold = not self.training and not self.exact and not self._grad_needed(x)
         run = _checkpoint if self.checkpointing and self.training and self._grad_needed(x) else _call
         x1, p = run(self.Conv1, x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
@@ -295,9 +296,15 @@ def _check_input(x, img_ch, param):
                            f"{param.device}; move one of them with .to()")
 
 
+def _one_value_per_channel(x):
+    """Whether the bottleneck's BatchNorms would see one value per channel (a 1x1 bottleneck of one sample)."""
+    n, _, h, w = x.shape
+    return n * (h // 16) * (w // 16) == 1
+
+
 def _check_bn_batch(x):
     """nn.BatchNorm2d's error for a training batch with one value per channel (the 1x1 bottleneck)."""
     n, _, h, w = x.shape
-    if n * (h // 16) * (w // 16) == 1:
+    if _one_value_per_channel(x):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([n, 1024, h // 16, w // 16])}")
