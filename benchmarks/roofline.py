@@ -38,9 +38,6 @@ def copy_bandwidth_gbs(device, reps):
     return 2 * src.nbytes / (timed_ms(lambda: dst.copy_(src), device, reps) * 1e-3) / 1e9
 
 
-OP_NAMES = ("bn_stats", "bn_relu_pool", "bn_relu_backward_reduce", "bn_relu_backward_apply")
-
-
 def implementations(device):
     """{backend name: namespace holding the fused ops} of every implementation that runs on ``device``."""
     found = {}
@@ -54,7 +51,7 @@ def implementations(device):
             found["triton"] = kernels
     elif _ext.available():
         found["compiled"] = torch.ops.fastunet
-    return found or {"reference": types.SimpleNamespace(**{op: getattr(ops, op + "_ref") for op in OP_NAMES})}
+    return found or {"reference": types.SimpleNamespace(**{op: getattr(ops, op + "_ref") for op in ops.FUSED_OPS})}
 
 
 def fused_op_cases(impl, n, c, h, w, upscale, pool, dtype, device):

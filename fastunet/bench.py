@@ -389,7 +389,7 @@ def environment(device):
         "tf32_convs": torch.backends.cudnn.allow_tf32 if cuda else None,
         "cpu_threads": torch.get_num_threads(),
         "fused_ops_backend": ops.backend_for(device),
-        "second_conv": os.environ.get("FASTUNET_CONV", "aten"),
+        "second_conv": ops.conv3x3_mode(),
     }
 
 

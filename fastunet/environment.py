@@ -51,7 +51,8 @@ def info(file=None):
     for device in _devices():
         result["devices"][str(device)] = {
             "name": _describe(device),
-            "ops": {op: ops.backend_for(device) for op in ops.__all__ if op != "backend_for"},
+            "ops": {op: ops.backend_for(device) for op in ops.FUSED_OPS},
+            "second_conv": ops.conv3x3_mode(),
         }
 
     out = file if file is not None else sys.stdout
@@ -69,5 +70,6 @@ def info(file=None):
     for name, device in result["devices"].items():
         backends = sorted(set(device["ops"].values()))
         where = backends[0] if len(backends) == 1 else ", ".join(f"{op}: {b}" for op, b in device["ops"].items())
-        print(f"  {name} ({device['name']}): fused ops {', '.join(device['ops'])} -> {where}", file=out)
+        print(f"  {name} ({device['name']}): fused ops {', '.join(device['ops'])} -> {where}; double blocks' "
+              f"second conv: {device['second_conv']} (FASTUNET_CONV)", file=out)
     return result

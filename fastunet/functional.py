@@ -158,7 +158,7 @@ def _second_conv(z1, scale1, shift1, w2, stats):
     """Layer 2's conv of ``relu(z1*scale1 + shift1)`` and, if ``stats``, its batch (mean, var) (else None),
     by ops.conv3x3_backend's pick: Triton forms the activation in its input load (never written) and gathers
     the statistics in its epilogue; otherwise a BN+ReLU pass, ATen's conv, and the statistics pass."""
-    if ops.conv3x3_backend(z1, w2) == "triton":
+    if ops.conv3x3_backend(z1, w2, stats) == "triton":
         from . import kernels
 
         z2, mean, var = kernels.conv3x3_bn_relu_stats(z1, scale1, shift1, w2, stats)

@@ -21,14 +21,19 @@ import torch.nn.functional as F
 
 from . import _ext
 
+# The five fused ops, each in three implementations (module docstring).
+FUSED_OPS = ("bn_stats", "bn_relu_pool", "relu_pool_backward", "bn_relu_backward_reduce", "bn_relu_backward_apply")
+
 __all__ = [
     "bn_stats",
     "bn_relu_pool",
     "relu_pool_backward",
     "bn_relu_backward_reduce",
     "bn_relu_backward_apply",
+    "FUSED_OPS",
     "backend_for",
     "conv3x3_backend",
+    "conv3x3_mode",
 ]
 
 
@@ -258,8 +263,14 @@ def _cuda_backend(index, prefer_compiled):
 _CONV_CHOICES = {}
 
 
-def conv3x3_backend(x, weight):
-    """What runs a fast-mode double block's second 3x3 conv on ``x`` (layer 1's pre-BN output) with ``weight``:
+def conv3x3_mode():
+    """``FASTUNET_CONV`` as read: "aten" (the default), "triton" or "auto" (see conv3x3_backend)."""
+    return os.environ.get("FASTUNET_CONV", "aten").strip().lower()
+
+
+def conv3x3_backend(x, weight, stats=True):
+    """What runs a fast-mode double block's second 3x3 conv on ``x`` (layer 1's pre-BN output) with ``weight``,
+    with (``stats``, training) or without (inference) layer 2's batch statistics:
     "aten" (a BN-apply + ReLU pass writing layer 1's activation, then ATen's convolution: cuDNN on CUDA) or
     "triton" (fastunet.kernels.conv3x3_bn_relu_stats: the activation is formed in the conv's input load and
     never written, and layer 2's BN statistics come from the conv's epilogue).
@@ -269,7 +280,7 @@ def conv3x3_backend(x, weight):
     kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten, and under
     torch.use_deterministic_algorithms(True) every shape does).
     """
-    mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
+    mode = conv3x3_mode()
     if (mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable()
             or backend_for(x.device) == "reference"):  # forced, or a GPU the kernels do not run on
         return "aten"
@@ -277,18 +288,19 @@ def conv3x3_backend(x, weight):
         return "triton"
     if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
         return "aten"  # a pick by timing could differ from run to run
-    key = (tuple(x.shape), weight.shape[0], x.dtype, memory_format_of(x) == torch.channels_last, x.device.index)
+    key = (tuple(x.shape), weight.shape[0], x.dtype, memory_format_of(x) == torch.channels_last, x.device.index,
+           stats)
     if key not in _CONV_CHOICES and not torch.compiler.is_compiling():
-        _CONV_CHOICES[key] = _time_conv3x3(x, weight)
+        _CONV_CHOICES[key] = _time_conv3x3(x, weight, stats)
     return _CONV_CHOICES.get(key, "aten")
 
 
 def conv3x3_choices():
-    """The ``FASTUNET_CONV=auto`` picks so far: {(x shape, Cout, dtype, channels_last, device): backend}."""
+    """The ``FASTUNET_CONV=auto`` picks so far: {(x shape, Cout, dtype, channels_last, device, stats): backend}."""
     return dict(_CONV_CHOICES)
 
 
-def _time_conv3x3(x, weight, reps=5):
+def _time_conv3x3(x, weight, stats, reps=5):
     from . import kernels
 
     c = x.shape[1]
@@ -298,9 +310,9 @@ def _time_conv3x3(x, weight, reps=5):
         a = torch.empty_like(x)
         bn_relu_pool(x, scale, shift, 1, a, None)
         z = torch.nn.functional.conv2d(a, weight, padding=1)
-        return bn_stats(z, 1)
+        return bn_stats(z, 1) if stats else z
 
-    candidates = {"aten": unfused, "triton": lambda: kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, True)}
+    candidates = {"aten": unfused, "triton": lambda: kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, stats)}
     times = {}
     for name, fn in candidates.items():
         fn()
