@@ -13,9 +13,7 @@ The wheel's local version names what it was built against: 0.1.0+cu130torch2.14,
 (the sdist is plain 0.1.0).
 """
 
-import glob
 import os
-import shutil
 import sys
 
 from setuptools import setup
@@ -23,29 +21,15 @@ from setuptools import setup
 BASE_VERSION = "0.1.0"
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import cuda_toolchain  # noqa: E402  (tools/cuda_toolchain.py, shared with tests/test_cuda_codegen.py)
 
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _find_cuda_home():
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
-        ):
-            return home
-    return None
-
-
-CUDA_HOME = _find_cuda_home()
+CUDA_HOME = cuda_toolchain.find_cuda_home()
 if CUDA_HOME:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
@@ -62,17 +46,6 @@ def _max_jobs():
     except (ValueError, OSError):
         mem_gib = 8
     return str(max(1, min(os.cpu_count() or 1, int(mem_gib // 4))))
-
-
-def _nvidia_wheel_includes():
-    """Header folders of the nvidia-* wheels (cuBLAS, cuSPARSE, cuDNN, ... that ATen's CUDA headers include):
-    nvidia/cu13/include for CUDA 13, one folder per library (nvidia/cublas/include, ...) for CUDA 12."""
-    dirs = []
-    for site in sys.path:
-        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
-            if os.path.isdir(d) and d not in dirs:
-                dirs.append(d)
-    return dirs
 
 
 def _decide_cuda():
@@ -113,10 +86,9 @@ def _extension(with_cuda):
     return CUDAExtension(
         "fastunet._C",
         sources + [os.path.join("csrc", "ops_cuda.cu")],
-        include_dirs=_nvidia_wheel_includes(),
+        include_dirs=cuda_toolchain.nvidia_wheel_includes(),
         define_macros=macros,
-        # --fmad=false: no FMA contraction in the CUDA kernels either (z*scale + shift rounds twice).
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]},
+        extra_compile_args={"cxx": cxx, "nvcc": cuda_toolchain.NVCC_FLAGS},
         extra_link_args=link,
     )
 

@@ -5,10 +5,8 @@ per-cell arrays stay in registers (no local memory), and BN's z*scale + shift is
 Skipped where there is no nvcc.
 """
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -17,33 +15,22 @@ import torch
 import torch.utils.cpp_extension as cpp_extension
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import cuda_toolchain  # noqa: E402  (the build's toolchain settings: setup.py uses them too)
 
-
-def find_nvcc():
-    candidates = [shutil.which("nvcc")]
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            candidates.append(os.path.join(os.environ[env], "bin", "nvcc"))
-    candidates.append("/usr/local/cuda/bin/nvcc")
-    return next((c for c in candidates if c and os.path.exists(c)), None)
-
-
-NVCC = find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None or torch.version.cuda is None,
+CUDA_HOME = cuda_toolchain.find_cuda_home()
+pytestmark = pytest.mark.skipif(CUDA_HOME is None or torch.version.cuda is None,
                                 reason="needs nvcc and a CUDA build of torch")
 
 
 @pytest.fixture(scope="module")
 def ptx(tmp_path_factory):
-    """{kernel entry name: its PTX} of csrc/ops_cuda.cu for sm_90, with setup.py's CUDA flags."""
-    includes = cpp_extension.include_paths(device_type="cpu")
-    for site in sys.path:
-        includes += sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+    """{kernel entry name: its PTX} of csrc/ops_cuda.cu for sm_90, with the build's nvcc flags."""
+    includes = cpp_extension.include_paths(device_type="cpu") + cuda_toolchain.nvidia_wheel_includes()
     out = tmp_path_factory.mktemp("ptx") / "ops_cuda.ptx"
-    command = [NVCC, "-std=c++20", "-arch=sm_90", "-ptx", os.path.join(REPO, "csrc", "ops_cuda.cu"), "-o", str(out),
-               "-O3", "--expt-relaxed-constexpr", "--fmad=false", "-DTORCH_EXTENSION_NAME=_C",
-               "-DTORCH_API_INCLUDE_EXTENSION_H", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    command = [os.path.join(CUDA_HOME, "bin", "nvcc"), "-std=c++20", "-arch=sm_90", "-ptx",
+               os.path.join(REPO, "csrc", "ops_cuda.cu"), "-o", str(out), *cuda_toolchain.NVCC_FLAGS,
+               *cpp_extension.COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
     command += [f"-I{d}" for d in includes]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
