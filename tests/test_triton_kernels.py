@@ -308,18 +308,24 @@ from triton.compiler import ASTSource
 ACTIVATIONS = ("z_ptr", "out_ptr", "pooled_ptr", "grad_ptr", "grad_pooled_ptr", "dz_ptr", "x_ptr", "w_ptr")
 
 
-def ptx(module, kernel, activation, constexprs):
+# The kernel's sm_90 PTX. channels_last: specialized as the JIT does on a GPU for channels_last tensors (channel
+# strides equal to 1, a constexpr; pointers and other integers divisible by 16).
+def ptx(module, kernel, activation, constexprs, channels_last=False):
     fn = getattr(importlib.import_module("fastunet.kernels." + module), kernel)
     vectors = "fp64" if activation == "fp64" else "fp32"
-    signature = {}
-    for name, param in zip(fn.arg_names, fn.params):
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
             signature[name] = "constexpr"
+        elif channels_last and name.endswith("_sc"):
+            signature[name], constexprs[name] = "constexpr", 1
         elif name.endswith("_ptr"):
             signature[name] = "*" + (activation if name in ACTIVATIONS else vectors)
         else:
-            signature[name] = "i64"
-    source = ASTSource(fn, signature, constexprs)
+            signature[name] = "i32" if channels_last else "i64"
+        if channels_last and signature[name] != "constexpr":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
@@ -332,31 +338,16 @@ for activation in ("fp32", "fp64", "bf16"):
     ):
         assert "mul.rn.f" + width in text and "fma.rn.f" + width not in text, activation
 
-# As the JIT specializes them on a GPU for channels_last tensors (channel strides equal to 1, a constexpr; pointers
-# and other integers divisible by 16), the elementwise kernels move bf16 activations in 8- and 16-byte accesses.
-def channels_last_ptx(module, kernel, constexprs):
-    fn = getattr(importlib.import_module("fastunet.kernels." + module), kernel)
-    signature, attrs, constexprs = {}, {}, dict(constexprs)
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-        elif name.endswith("_sc"):
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = ("*bf16" if name in ACTIVATIONS else "*fp32") if name.endswith("_ptr") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-
-
+# Specialized for channels_last, the kernels move bf16 activations in 8- and 16-byte accesses.
 for upscale, pool in ((1, True), (2, False)):
     tile = dict(S=upscale, POOL=pool, BLOCK_V=8, BLOCK_C=64)
-    for text in (channels_last_ptx("bn_relu_pool", "_bn_relu_pool_kernel", tile),
-                 channels_last_ptx("bn_relu_backward", "_backward_z_kernel", dict(tile, APPLY_BN=True))):
+    for text in (ptx("bn_relu_pool", "_bn_relu_pool_kernel", "bf16", tile, channels_last=True),
+                 ptx("bn_relu_backward", "_backward_z_kernel", "bf16", dict(tile, APPLY_BN=True), channels_last=True)):
         assert "ld.global.v4.b32" in text and "st.global.v4.b32" in text, (upscale, pool)
         assert not re.search(r"(ld|st)\.global\.(b16|u16)", text), (upscale, pool)
-    for text in (channels_last_ptx("bn_stats", "_bn_stats_partial_kernel", dict(S=upscale, BLOCK_V=8, BLOCK_C=64)),
-                 channels_last_ptx("bn_relu_backward", "_backward_reduce_partial_kernel", tile)):
+    for text in (ptx("bn_stats", "_bn_stats_partial_kernel", "bf16", dict(S=upscale, BLOCK_V=8, BLOCK_C=64),
+                     channels_last=True),
+                 ptx("bn_relu_backward", "_backward_reduce_partial_kernel", "bf16", tile, channels_last=True)):
         assert "ld.global.v4.b32" in text and not re.search(r"ld\.global\.(b16|u16)", text), (upscale, pool)
 
 # The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores.
