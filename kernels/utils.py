@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import acc_dtype
+
 # Whether @triton.jit built interpreted (CPU) kernels: decided once, when triton decorates them.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -204,11 +206,6 @@ def load_channels(ptr, c, C):
 # ----------------------------------------------------------------------------------------------------
 # Host side: geometry, checks, launch sizes
 # ----------------------------------------------------------------------------------------------------
-
-
-def acc_dtype(dtype):
-    """dtype of the per-channel vectors and of accumulation for activations of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Geometry(NamedTuple):
