@@ -30,7 +30,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
-from .sync_batchnorm import all_reduce_sums, sync_batch_stats
+from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased
 
 _aten = torch.ops.aten
 _CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
@@ -224,8 +224,7 @@ def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bia
 
 def _batch_stats(mean, var, conv_bias, count):
     """Mean of the biased conv output and unbiased variance, for the caller's running-stats update."""
-    unbiased = var * (count / max(count - 1, 1)) if isinstance(count, int) else var * (count / (count - 1).clamp_min(1))
-    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), unbiased.to(var.dtype)
+    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), unbiased(var, count).to(var.dtype)
 
 
 def _fold_bn(conv_bias, bn):

@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from . import _ext, functional
 from . import ops as fastunet_ops
 from . import reference
-from .sync_batchnorm import SyncBatchNorm, sync_group
+from .sync_batchnorm import SyncBatchNorm, sync_group, update_running_stats
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,13 +59,6 @@ def _bn_call_args(bn):
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, sync_group(bn))
-
-
-def _update_running_stats(bn, batch_mean, batch_var_unbiased, factor):
-    """Fast mode: the running-stats update nn.BatchNorm2d makes."""
-    with torch.no_grad():
-        bn.running_mean.mul_(1.0 - factor).add_(batch_mean.to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1.0 - factor).add_(batch_var_unbiased.to(bn.running_var.dtype), alpha=factor)
 
 
 def _fusable_bn(bn):
@@ -136,8 +129,8 @@ class conv_block(reference.conv_block):
             fold=fold, cat_channels=cat_channels, pool=pool,
         )
         if stats and not _recomputing.active:
-            _update_running_stats(b1, stats[0], stats[1], bn1[4])
-            _update_running_stats(b2, stats[2], stats[3], bn2[4])
+            update_running_stats(b1.running_mean, b1.running_var, stats[0], stats[1], bn1[4])
+            update_running_stats(b2.running_mean, b2.running_var, stats[2], stats[3], bn2[4])
         return (buf, pooled) if pool else buf
 
 
@@ -176,7 +169,7 @@ class up_conv(reference.up_conv):
         buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
                                                   exact=self.exact, fold=fold)
         if stats and not _recomputing.active:
-            _update_running_stats(bn, stats[0], stats[1], bn_args[4])
+            update_running_stats(bn.running_mean, bn.running_var, stats[0], stats[1], bn_args[4])
         return buf
 
 

@@ -17,6 +17,20 @@ from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunc
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+
+def unbiased(var, count):
+    """Bessel's correction of a biased variance over ``count`` values (an int or a tensor; 1 value: as is)."""
+    if isinstance(count, torch.Tensor):
+        return var * (count / (count - 1).clamp_min(1))
+    return var * (count / max(count - 1, 1))
+
+
+def update_running_stats(running_mean, running_var, mean, unbiased_var, factor):
+    """nn.BatchNorm2d's running-stats update with momentum ``factor``."""
+    with torch.no_grad():
+        running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1.0 - factor).add_(unbiased_var.to(running_var.dtype), alpha=factor)
+
 def sync_batch_stats(mean, var, count, group):
     """nn.SyncBatchNorm's statistics: every rank's per-channel (mean, biased variance, count) all-gathered and
     merged (Chan et al.'s pairwise formula, in float64).
@@ -58,9 +72,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean, var, total = sync_batch_stats(mean, var, x.numel() // x.shape[1], group)
         if running_mean is not None:
             with torch.no_grad():
-                running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-                unbiased = var * (total / (total - 1).clamp_min(1))
-                running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+                update_running_stats(running_mean, running_var, mean, unbiased(var, total), factor)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
         y = (xf - _channel(mean)) * _channel(scale)
