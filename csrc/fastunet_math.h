@@ -371,12 +371,13 @@ FU_HD sum_t stats_ref(const CellTensors<scalar_t>& t, const Geom& g, int64_t c) 
   return static_cast<sum_t>(t.z[cell_z_offset(g, t.zs, 0, 0, 0, 0, c)]);
 }
 
-// Mean and biased variance from the shifted sums of count values.
+// Mean and biased variance from the shifted sums of count values. A negative variance (cancellation) becomes
+// 0; a NaN stays NaN, as in nn.BatchNorm2d (a NaN in the batch makes the statistics NaN).
 FU_HD void finish_stats(double ref, double sum_d, double sum_d2, double count, double* mean, double* var) {
   const double mean_d = sum_d / count;
   const double v = sum_d2 / count - mean_d * mean_d;
   *mean = ref + mean_d;
-  *var = v > 0.0 ? v : 0.0;
+  *var = v < 0.0 ? 0.0 : v;
 }
 
 // bn_relu_backward_reduce partial sums for one cell of channels c0..: sum(dy) and sum(dy * (z - mean)).

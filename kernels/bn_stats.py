@@ -68,7 +68,7 @@ def _bn_stats_finalize_kernel(z_ptr, partial_ptr, mean_ptr, var_ptr, C, count, c
     var = sum_partials(partial_ptr, 1, chunks, channels, C, BLOCK_K) * inv_count - mean_d * mean_d
     shift = _channel_shift(z_ptr, channels.to(tl.int64), C, z_sc, acc)
     tl.store(mean_ptr + channels, shift + mean_d, mask=channels < C)
-    tl.store(var_ptr + channels, tl.maximum(var, 0.0), mask=channels < C)
+    tl.store(var_ptr + channels, tl.where(var < 0.0, 0.0, var), mask=channels < C)  # NaN stays NaN
 
 
 @triton_op("fastunet_triton::bn_stats", mutates_args=())
