@@ -29,7 +29,7 @@ def block_kind(name):
     return "up" if name.startswith("Up") else "encoder"
 
 
-def block_call(model, name, variant, phase):
+def block_call(model, name, variant):
     """``call(*inputs) -> outputs`` of block ``name`` as the variant's U-Net forward runs it."""
     block, kind = getattr(model, name), block_kind(name)
     if variant == "reference_eager":
@@ -38,13 +38,12 @@ def block_call(model, name, variant, phase):
         if kind == "up":
             return lambda d, skip: torch.cat((skip, block(d)), dim=1)
         return block
-    fold = phase == "inference" and variant.startswith("fastunet_fast")
     if kind == "encoder":
         cat_channels = getattr(model, f"Up{int(name[-1]) + 1}").out_channels
-        return lambda x: block(x, cat_channels=cat_channels, pool=True, fold=fold)
+        return lambda x: block(x, cat_channels=cat_channels, pool=True)
     if kind == "up":
-        return lambda d, buf: block(d, buf, fold=fold)
-    return lambda x: block(x, fold=fold)
+        return lambda d, buf: block(d, buf)
+    return block
 
 
 def block_input_shapes(model, name, batch, size):
@@ -107,5 +106,5 @@ def test_block(timed, benchmark, models, device, shape, name, phase, variant, mo
         d, skip = inputs
         return d, torch.cat((skip, torch.empty_like(skip)), dim=1)
 
-    call = block_call(model, name, variant, phase)
+    call = block_call(model, name, variant)
     timed(training_step(call) if training else inference_step(call), input_sets, prepare)

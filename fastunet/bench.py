@@ -462,8 +462,7 @@ def format_table(report):
         f"of peak: against the measured {report['dtype']} matmul peak of this device "
         f"({report['matmul_peak_tflops']:.1f} TF/s).",
         "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
-        f"before it ({report['memory_method']}); fastunet fast's inference also keeps one BN-folded copy of "
-        "the weights from call to call (the weights' size in the compute dtype), made at the first call.",
+        f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
         "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them).",
         "first calls, s (train / infer; compilation, autotuning, lazy set-up): " + ", ".join(

@@ -9,16 +9,19 @@ Two modes:
   exact=True   the same ATen calls as torch.nn's modules (convolution, _batch_norm_impl_index,
                upsample_nearest2d and their backwards), so every rounding is the reference's. Fused are
                only steps that round nothing: ReLU, max-pool, the concat write and their backward masks.
-               ATen updates the running stats, as in nn.BatchNorm2d.
   exact=False  own BN (statistics from shifted sums, reduced in a fixed order; BN-apply+ReLU(+pool) in
                one pass; backward in two passes that recompute the activations from the pre-BN conv
                output instead of storing them); the up-conv as one 2x2 conv on the low-resolution input
-               with 4x output channels (sub-pixel form, 2.25x fewer FLOPs); BN folded into the conv
-               weights for inference (``fold``, kept from call to call while the weights are unchanged). A
-               conv bias in front of a training-mode BN cancels exactly: it is not added, its gradient
-               is exactly zero, and it still enters the running mean. The Functions return the batch
-               mean and unbiased variance; the caller updates the running stats.
-Synchronized BN (nn.SyncBatchNorm's semantics, fast mode): where a BN tuple carries a process group, each
+               with 4x output channels (sub-pixel form, 2.25x fewer FLOPs). In eval the BN scale and shift
+               (running stats and conv bias folded in) are per-channel vectors made at every call and applied
+               by the BN+ReLU pass, so every write to a weight or a running stat, ``.data`` writes included,
+               is seen. A conv bias in front of a training-mode BN cancels exactly: it is not added, its
+               gradient is exactly zero, and it still enters the running mean.
+In both modes the Functions own the BN running-stats update (``BatchNormArgs.factor``), as nn.BatchNorm2d's
+own call does. The Functions are in the ``forward`` + ``setup_context`` form, so torch.func.grad, vjp and
+jacrev run them; where autograd records their backward (double backward, torch.func), the backward is the
+seed's pure-PyTorch block differentiated by autograd, so its result is itself differentiable.
+Synchronized BN (nn.SyncBatchNorm's semantics, fast mode): where a BatchNormArgs carries a process group, each
 rank's per-channel (mean, variance, count) is all-gathered and merged, and in backward the per-channel
 sum(dy) and sum(dy * (z - mean)) are all-reduced; BN's own weight and bias gradients stay per rank (DDP
 reduces them), as in nn.SyncBatchNorm.
@@ -26,14 +29,42 @@ Under autocast the convolutions get autocast's casts (done here explicitly, as a
 statistics stay in float32.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+import torch.nn.functional as F
 
 from . import ops
-from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased
+from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased, update_running_stats
 
 _aten = torch.ops.aten
 _CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
+
+
+class BatchNormArgs(NamedTuple):
+    """One BatchNorm layer as a fused block takes it for one call.
+
+    weight, bias, running_mean, running_var: the layer's ``[C]`` tensors. factor: the running-stats momentum
+    of this call (``momentum``, or ``1/num_batches_tracked`` for ``momentum=None``), None to leave the running
+    stats alone (eval, or a checkpointing recomputation). training: normalize with the batch statistics (True)
+    or the running ones. group: the process group the training statistics are synchronized over, or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    eps: float = 1e-5
+    factor: Optional[float] = None
+    training: bool = True
+    group: object = None
+
+    def tensors(self):
+        return self.weight, self.bias, self.running_mean, self.running_var
+
+    def settings(self):
+        return self.eps, self.factor, self.training, self.group
+
 
 def _fold_taps(w, dim):
     """Sub-pixel decomposition of upsample2x + conv3x3 along ``dim`` (3 taps r0, r1, r2): output phase 0 (even
@@ -96,6 +127,12 @@ def _cast(t, dtype):
     return t.to(_cast_dtype(t, dtype))
 
 
+def _cast_copy(t, dtype):
+    """_cast(t, dtype) where it makes a new tensor, else None (what a Function returns to be saved)."""
+    cast = _cast(t, dtype)
+    return None if cast is t else cast
+
+
 def _grad_as(g, like):
     """A gradient in the dtype of the tensor (or dtype) it belongs to (the backward of autocast's cast)."""
     if g is None or like is None:
@@ -115,43 +152,11 @@ def _conv(x, w, b):
     return _aten.convolution(x, w, b, *_CONV_ARGS)
 
 
-class _InferenceCtx:
-    """Stands in for an autograd ctx where no gradient is needed: the Functions' forward runs as is."""
-
-    needs_input_grad = ()
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def mark_dirty(self, *tensors):
-        pass
-
-    def mark_non_differentiable(self, *tensors):
-        pass
-
-
 def _apply(function, *args):
     """function.apply(*args), or its forward alone when autograd has nothing to record."""
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return function.apply(*args)
-    return function.forward(_InferenceCtx(), *args)
-
-
-class _BN:
-    """One BatchNorm layer's tensors and settings, as passed by the module; ``group`` is the process group
-    its statistics are synchronized over (None: this process's batch alone)."""
-
-    __slots__ = ("gamma", "beta", "running_mean", "running_var", "momentum", "eps", "group")
-
-    def __init__(self, gamma, beta, running_mean, running_var, momentum, eps, group=None):
-        self.gamma, self.beta = gamma, beta
-        self.running_mean, self.running_var = running_mean, running_var
-        self.momentum, self.eps, self.group = momentum, eps, group
-
-
-def _group(bn):
-    """The process group of a BN tuple ``(gamma, beta, running_mean, running_var, momentum, eps[, group])``."""
-    return bn[6] if len(bn) > 6 else None
+    return function.forward(*args)
 
 
 def _second_conv(z1, scale1, shift1, w2, stats):
@@ -174,27 +179,30 @@ def _check_no_exact_sync(exact, *bns):
                          "themselves (nn.SyncBatchNorm), as fastunet.U_Net(exact=True) does")
 
 
-def _fast_bn(z, bn, conv_bias, training, upscale, stats=None):
-    """Fast-mode BN of a bias-free conv output: (mean, var, invstd, scale, shift) float32 vectors, and the
-    number of values per channel the statistics cover (all ranks' when synchronized). ``stats``: z's batch
-    (mean, var) where the conv already gathered them.
+def _fast_bn(z, bn, conv_bias, upscale, stats=None):
+    """Fast-mode BN of a bias-free conv output: (mean, invstd, scale, shift) float32 vectors and the number of
+    values per channel the statistics cover (all ranks' when synchronized); in training it updates the
+    running stats by ``bn.factor``. ``stats``: z's batch (mean, var) where the conv already gathered them.
 
     In eval the conv bias is folded into the mean, so that z*scale + shift is BN(z + bias).
     """
     n, _, h, w = ops.logical_shape(z, upscale)
     count = n * h * w
-    if training:
+    if bn.training:
         mean, var = ops.bn_stats(z, upscale) if stats is None else stats
         if bn.group is not None:
             mean, var, count = sync_batch_stats(mean, var, count, bn.group)
+        if bn.factor is not None:
+            batch_mean = mean if conv_bias is None else mean + conv_bias.to(mean.dtype)
+            update_running_stats(bn.running_mean, bn.running_var, batch_mean, unbiased(var, count), bn.factor)
     else:
         acc = ops.acc_dtype(z.dtype)
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
         if conv_bias is not None:
             mean = mean - conv_bias.to(acc)
     invstd = torch.rsqrt(var + bn.eps)
-    scale = bn.gamma.to(mean.dtype) * invstd
-    return mean, var, invstd, scale, bn.beta.to(mean.dtype) - mean * scale, count
+    scale = bn.weight.to(mean.dtype) * invstd
+    return mean, invstd, scale, bn.bias.to(mean.dtype) - mean * scale, count
 
 
 def _sync_sums(sum_dy, sum_dy_xmu, z, upscale, sync):
@@ -222,71 +230,36 @@ def _fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift, conv_bia
     return dz, sum_dy_xmu * invstd, sum_dy, dbias
 
 
-def _batch_stats(mean, var, conv_bias, count):
-    """Mean of the biased conv output and unbiased variance, for the caller's running-stats update."""
-    return (mean if conv_bias is None else mean + conv_bias.to(mean.dtype)), unbiased(var, count).to(var.dtype)
+def _sync_of(bn, count):
+    """``(group, global count)`` for _fast_bn_backward where ``bn`` is synchronized, else None."""
+    return None if bn.group is None or not bn.training else (bn.group, count)
 
 
-def _fold_bn(conv_bias, bn):
-    """Eval BN folded into the conv before it: per-channel (weight scale, bias), float32."""
-    scale = bn.gamma.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    bias = 0.0 if conv_bias is None else conv_bias.float()
-    return scale, bn.beta.float() + (bias - bn.running_mean.float()) * scale
+def _exact_running_stats(bn):
+    """The running stats ATen's BN call reads (eval) or updates (training with a factor), else None."""
+    if bn.training and bn.factor is None:
+        return None, None
+    return bn.running_mean, bn.running_var
 
 
-_FOLDED = WeakIdKeyDictionary()  # first tensor read -> (key, BN-folded inference weights)
-
-
-def _memoised_fold(tensors, extra, compute):
-    """``compute()``, the BN-folded inference weights of a block, memoised while ``tensors`` (every weight, bias,
-    BN parameter and buffer it reads) are the same tensors at the same versions and ``extra`` (eps, dtypes) is
-    the same: an optimizer step, load_state_dict or any in-place change bumps a version and recomputes it. One
-    copy per block, freed with its weights. Computed afresh under torch.compile (which traces it) and for
-    inference-mode tensors (they have no version counter)."""
-    present = [t for t in tensors if t is not None]
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in present):
-        return compute()
-    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
-    key += tuple(extra)
-    hit = _FOLDED.get(present[0])
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = compute()
-    _FOLDED[present[0]] = (key, value)
-    return value
-
-
-def _fold_double_block(w1, b1, bn1, dtype1, w2, b2, bn2, dtype2):
-    """Inference weights of a double block: (conv1 weight * BN1 scale, BN1 shift, ones, the same for layer 2)."""
-    scale1, shift1 = _fold_bn(b1, bn1)
-    scale2, shift2 = _fold_bn(b2, bn2)
-    return ((w1.float() * scale1.view(-1, 1, 1, 1)).to(dtype1), shift1, torch.ones_like(shift1),
-            (w2.float() * scale2.view(-1, 1, 1, 1)).to(dtype2), shift2, torch.ones_like(shift2))
-
-
-def _fold_up_block(w, b, bn, dtype):
-    """Inference weights of an up block: (sub-pixel weights * BN scale, BN shift, ones)."""
-    scale, shift = _fold_bn(b, bn)
-    return (phase_weights(w) * scale.repeat(4).view(-1, 1, 1, 1)).to(dtype), shift, torch.ones_like(shift)
-
-
-def _exact_bn(z, bn, training):
-    """ATen's own BN call (the one F.batch_norm makes): output and what its backward needs."""
+def _exact_bn(z, bn):
+    """ATen's own BN call (the one F.batch_norm makes): output, what its backward needs, and the impl index."""
+    running_mean, running_var = _exact_running_stats(bn)
     t, save_mean, save_invstd, reserve, impl = _aten._batch_norm_impl_index(
-        z, bn.gamma, bn.beta, bn.running_mean, bn.running_var, training, bn.momentum, bn.eps,
+        z, bn.weight, bn.bias, running_mean, running_var, bn.training, bn.factor or 0.0, bn.eps,
         torch.backends.cudnn.enabled,
     )
-    return t, (save_mean, save_invstd, reserve), impl
+    return t, save_mean, save_invstd, reserve, impl
 
 
-def _exact_bn_backward(dy, z, gamma, running_mean, running_var, saved, impl, training, eps, mask):
-    """The backward autograd runs for _batch_norm_impl_index: (dz, dgamma, dbeta)."""
-    save_mean, save_invstd, reserve = saved
-    if training:
-        return _aten._batch_norm_impl_index_backward(
-            impl, z, dy, gamma, running_mean, running_var, save_mean, save_invstd, True, eps, mask, reserve
-        )
-    return _aten.native_batch_norm_backward(dy, z, gamma, running_mean, running_var, save_mean, save_invstd, False, eps, mask)
+def _exact_bn_backward(dy, z, bn, save_mean, save_invstd, reserve, impl, mask):
+    """The backward autograd runs for _batch_norm_impl_index: (dz, dgamma, dbeta). In training it reads the
+    saved batch statistics, not the running stats (which later forwards may update before this backward)."""
+    if bn.training:
+        return _aten._batch_norm_impl_index_backward(impl, z, dy, bn.weight, None, None, save_mean, save_invstd, True,
+                                                     bn.eps, mask, reserve)
+    return _aten.native_batch_norm_backward(dy, z, bn.weight, bn.running_mean, bn.running_var, save_mean, save_invstd,
+                                            False, bn.eps, mask)
 
 
 def _relu_pool_exact(t, out, pooled=None):
@@ -309,121 +282,174 @@ def _block_outputs(z, cat_channels, pool):
     return buf, out, pooled
 
 
+def _eval_running_stats(running_mean, running_var, settings):
+    """What backward reads of a BN's running stats: both in eval (so an in-place change before backward is
+    caught, as for nn.BatchNorm2d), none in training."""
+    training = settings[2]
+    return (None, None) if training else (running_mean, running_var)
+
+
+def _conv_dtype(x, x_cast):
+    """The dtype a block's convs ran in: autocast's where it cast the input, else the input's."""
+    return x.dtype if x_cast is None else x_cast.dtype
+
+
+def _reference_layer(x, w, b, bn, conv_dtype):
+    """One conv3x3 + BN + ReLU layer with the seed's pure-PyTorch ops, convs in ``conv_dtype`` (autocast's
+    casts), leaving the running stats alone."""
+    z = F.conv2d(x.to(conv_dtype), w.to(conv_dtype), None if b is None else b.to(conv_dtype), padding=1)
+    running_mean, running_var = (None, None) if bn.training else (bn.running_mean, bn.running_var)
+    return torch.relu(F.batch_norm(z, running_mean, running_var, bn.weight, bn.bias, bn.training, 0.0, bn.eps))
+
+
+def _differentiable_backward(ctx, reference, inputs, grad_outputs):
+    """The Function's input gradients as ``reference(*inputs)``'s vector-Jacobian product, recorded by autograd:
+    the backward of a fused block when autograd records the backward itself (double backward, torch.func). The
+    seed's pure-PyTorch ops run again and autograd (torch.func.vjp, which nests in transforms) differentiates
+    them, so the gradients are differentiable in turn. Returns one entry per Function input."""
+    need = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+
+    def run(*primals):
+        args = list(inputs)
+        for i, primal in zip(need, primals):
+            args[i] = primal
+        return reference(*args)
+
+    outputs, vjp = torch.func.vjp(run, *(inputs[i] for i in need))
+    cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs))
+    grads = [None] * len(ctx.needs_input_grad)
+    for i, g in zip(need, vjp(cotangents)):
+        grads[i] = g
+    return grads
+
+
+def _check_double_backward_unsynchronized(*bns):
+    if any(bn.group is not None and bn.training for bn in bns):
+        raise NotImplementedError("fastunet: double backward (create_graph=True) and torch.func transforms are not "
+                                  "supported through synchronized BatchNorm (nor are they by nn.SyncBatchNorm)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Double block
 # ----------------------------------------------------------------------------------------------------
 
 
 class DoubleConvBNReLU(torch.autograd.Function):
-    """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu."""
+    """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu. Inputs: x, conv1 (weight, bias), bn1's tensors, the
+    same for layer 2, both BatchNormArgs.settings(), exact, cat_channels, pool. Outputs: buf, pooled (or None)
+    and what backward needs (returned, as torch.func asks, rather than stashed on a ctx)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, g1, be1, w2, b2, g2, be2, rm1, rv1, rm2, rv2,
-                momentum1, momentum2, eps1, eps2, group1, group2, training, exact, fold, cat_channels, pool):
-        bn1 = _BN(g1, be1, rm1, rv1, momentum1, eps1, group1 if training else None)
-        bn2 = _BN(g2, be2, rm2, rv2, momentum2, eps2, group2 if training else None)
+    def forward(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, settings1, settings2, exact, cat_channels,
+                pool):
+        bn1, bn2 = BatchNormArgs(g1, be1, rm1, rv1, *settings1), BatchNormArgs(g2, be2, rm2, rv2, *settings2)
         _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
-        ctx.cfg = (training, exact, pool, eps1, eps2)
-        ctx.bn_dtypes = (g1.dtype, g2.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            xc = _cast(x, cast)
-            if not fold or exact:  # the fold path reads its weights, cast, from _memoised_fold
-                w1c, w2c = _cast(w1, cast), _cast(w2, cast)
+            casts = (_cast_copy(x, cast), _cast_copy(w1, cast), _cast_copy(w2, cast))
+            xc, w1c, w2c = (c if c is not None else t for c, t in zip(casts, (x, w1, w2)))
             if exact:
                 z1 = _conv(xc, w1c, _cast(b1, cast))
-                t1, saved1, impl1 = _exact_bn(z1, bn1, training)
+                t1, *bn1_saved = _exact_bn(z1, bn1)
                 a1 = torch.empty_like(t1)
                 _relu_pool_exact(t1, a1)
                 del t1
                 z2 = _conv(a1, w2c, _cast(b2, cast))
-                t2, saved2, impl2 = _exact_bn(z2, bn2, training)
+                t2, *bn2_saved = _exact_bn(z2, bn2)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 _relu_pool_exact(t2, out, pooled)
-                ctx.impl = (impl1, impl2)
-                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, *saved1,
-                                      w2, w2c, b2, z2, t2, g2, rm2, rv2, *saved2)
-                stats = ()
-            elif fold:
-                w1f, shift1, ones1, w2f, shift2, ones2 = _memoised_fold(
-                    (w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2), (eps1, eps2, cast),
-                    lambda: _fold_double_block(w1, b1, bn1, _cast_dtype(w1, cast), w2, b2, bn2, _cast_dtype(w2, cast)))
-                z1 = _conv(xc, w1f, None)
-                z2, _ = _second_conv(z1, ones1, shift1, w2f, False)
-                buf, out, pooled = _block_outputs(z2, cat_channels, pool)
-                ops.bn_relu_pool(z2, ones2, shift2, 1, out, pooled)
-                stats = ()
-            else:
-                z1 = _conv(xc, w1c, None)
-                m1, v1, i1, s1, h1, n1 = _fast_bn(z1, bn1, b1, training, 1)
-                z2, stats2 = _second_conv(z1, s1, h1, w2c, training)  # layer 1's activation: recomputed in backward
-                m2, v2, i2, s2, h2, n2 = _fast_bn(z2, bn2, b2, training, 1, stats2)
-                buf, out, pooled = _block_outputs(z2, cat_channels, pool)
-                ops.bn_relu_pool(z2, s2, h2, 1, out, pooled)
-                ctx.save_for_backward(x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2)
-                ctx.sync = (None if bn1.group is None else (bn1.group, n1), None if bn2.group is None else (bn2.group, n2))
-                stats = (*_batch_stats(m1, v1, b1, n1), *_batch_stats(m2, v2, b2, n2)) if training else ()
-        ctx.mark_non_differentiable(*stats)
-        return (buf, pooled, *stats) if pool else (buf, *stats)
+                return (buf, pooled, *casts, z1, a1, *bn1_saved, z2, t2, *bn2_saved)
+            z1 = _conv(xc, w1c, None)
+            mean1, invstd1, scale1, shift1, count1 = _fast_bn(z1, bn1, b1, 1)
+            # Layer 1's activation is not kept: backward recomputes it from z1.
+            z2, stats2 = _second_conv(z1, scale1, shift1, w2c, bn2.training)
+            mean2, invstd2, scale2, shift2, count2 = _fast_bn(z2, bn2, b2, 1, stats2)
+            buf, out, pooled = _block_outputs(z2, cat_channels, pool)
+            ops.bn_relu_pool(z2, scale2, shift2, 1, out, pooled)
+            return (buf, pooled, *casts, z1, mean1, invstd1, scale1, shift1, count1,
+                    z2, mean2, invstd2, scale2, shift2, count2)
 
     @staticmethod
-    def backward(ctx, grad_buf, *more):
-        training, exact, pool, eps1, eps2 = ctx.cfg
-        grad_pooled = more[0] if pool else None
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, settings1, settings2, exact, _, pool = inputs
+        buf, pooled, x_cast, w1_cast, w2_cast, *saved = output
+        ctx.exact, ctx.pool, ctx.settings = exact, pool, (settings1, settings2)
+        ctx.conv_dtype = _conv_dtype(x, x_cast)
+        ctx.out_channels = w2.shape[0]
+        ctx.extra = (saved[5], saved[11])  # exact: ATen's BN impl indices; fast: the values per channel
+        saved = saved[:5] + saved[6:11]
+        ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
+        casts = tuple(t if c is None else c for c, t in zip((x_cast, w1_cast, w2_cast), (x, w1, w2)))
+        ctx.save_for_backward(x, w1, b1, g1, be1, *_eval_running_stats(rm1, rv1, settings1),
+                              w2, b2, g2, be2, *_eval_running_stats(rm2, rv2, settings2), *casts, *saved)
+
+    @staticmethod
+    def backward(ctx, grad_buf, grad_pooled, *unused_saved_grads):
+        x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, xc, w1c, w2c, *saved = ctx.saved_tensors
+        bn1 = BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0])
+        bn2 = BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1])
+        grad_out = grad_buf.narrow(1, 0, ctx.out_channels)
+        inputs = (x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2)
+        if torch.is_grad_enabled():
+            _check_double_backward_unsynchronized(bn1, bn2)
+
+            def reference(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2):
+                y = _reference_layer(x, w1, b1, BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0]), ctx.conv_dtype)
+                y = _reference_layer(y, w2, b2, BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1]), ctx.conv_dtype)
+                return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
+
+            grads = _differentiable_backward(ctx, reference, inputs, (grad_out, grad_pooled))
+            return tuple(grads[:13]) + (None,) * 5
         need = ctx.needs_input_grad
         with torch.autocast(grad_buf.device.type, enabled=False):
-            if exact:
-                (x, xc, w1, w1c, b1, z1, a1, g1, rm1, rv1, sm1, si1, r1,
-                 w2, w2c, b2, z2, t2, g2, rm2, rv2, sm2, si2, r2) = ctx.saved_tensors
-                grad_out = grad_buf.narrow(1, 0, z2.shape[1])
+            if ctx.exact:
+                z1, a1, *bn1_saved = saved[:5]
+                z2, t2, *bn2_saved = saved[5:]
+                impl1, impl2 = ctx.extra
                 # Each activation-sized gradient is dropped once used, as the autograd engine would.
                 dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
-                dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, g2, rm2, rv2, (sm2, si2, r2), ctx.impl[1], training, eps2,
-                                                    [True, need[7], need[8]])
+                dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impl2, [True, need[9], need[10]])
                 del dy2
                 da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2.shape[0]], *_CONV_ARGS,
-                                                           [True, need[5], need[6]])
+                                                           [True, need[7], need[8]])
                 del dz2
                 dy1 = _relu_pool_exact_backward(da1, None, a1)
                 del da1
-                dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, g1, rm1, rv1, (sm1, si1, r1), ctx.impl[0], training, eps1,
-                                                    [True, need[3], need[4]])
+                dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impl1, [True, need[3], need[4]])
                 del dy1
                 dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1.shape[0]], *_CONV_ARGS,
                                                           [need[0], need[1], need[2]])
             else:
-                x, xc, w1, w1c, b1, z1, m1, i1, s1, h1, w2, w2c, b2, z2, m2, i2, s2, h2 = ctx.saved_tensors
-                grad_out = grad_buf.narrow(1, 0, z2.shape[1])
-                sync1, sync2 = ctx.sync
-                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, m2, i2, s2, h2, b2, training, 1, sync2)
+                z1, mean1, invstd1, scale1, shift1 = saved[:5]
+                z2, mean2, invstd2, scale2, shift2 = saved[5:]
+                count1, count2 = ctx.extra
+                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
+                                                        bn2.training, 1, _sync_of(bn2, count2))
                 a1 = torch.empty_like(z1)
-                ops.bn_relu_pool(z1, s1, h1, 1, a1, None)
-                da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[5], False])
+                ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
+                da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[7], False])
                 del a1, dz2  # activation-sized: dropped once used, as the autograd engine would
-                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, m1, i1, s1, h1, b1, training, 1, sync1)
+                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1,
+                                                        bn1.training, 1, _sync_of(bn1, count1))
                 del da1
                 dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
-        bn1_dtype, bn2_dtype = ctx.bn_dtypes
-        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, bn1_dtype), _grad_as(dbe1, bn1_dtype),
-                _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, bn2_dtype), _grad_as(dbe2, bn2_dtype)) + (None,) * 15
+        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, g1), _grad_as(dbe1, be1),
+                None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, g2), _grad_as(dbe2, be2),
+                None, None) + (None,) * 5
 
 
-def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fold=False, cat_channels=0,
-                        pool=False):
+def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
     """(conv3x3 + BN + ReLU) x 2 over ``x`` ``[N, Cin, H, W]`` (float32/bfloat16/float16, NCHW or NHWC).
 
-    conv1/conv2 are ``(weight, bias)`` pairs, bn1/bn2 ``_BN``-like tuples ``(gamma, beta, running_mean,
-    running_var, momentum, eps[, process_group])``; with a process group (fast mode, training) the BN
-    statistics are synchronized over it. Returns ``(buf, pooled, batch_stats)``: ``buf`` is ``[N, Cout +
-    cat_channels, H, W]`` whose first Cout channels hold the block output (the rest is for
-    upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None, and
-    ``batch_stats`` the fast-mode training ``(mean1, unbiased var1, mean2, unbiased var2)`` (empty otherwise).
+    conv1/conv2 are ``(weight [Cout, C, 3, 3], bias [Cout] or None)`` pairs, bn1/bn2 BatchNormArgs (their
+    running stats are updated here in training, by their ``factor``; with a process group, fast mode, the
+    training statistics are synchronized over it). Returns ``(buf, pooled)``: ``buf`` is ``[N, Cout +
+    cat_channels, H, W]`` in x's layout whose first Cout channels hold the block output (the rest is for
+    upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None.
     """
-    outs = _apply(DoubleConvBNReLU, x, *conv1, *bn1[:2], *conv2, *bn2[:2], *bn1[2:4], *bn2[2:4],
-                  bn1[4], bn2[4], bn1[5], bn2[5], _group(bn1), _group(bn2), training, exact, fold, cat_channels, pool)
-    if pool:
-        return outs[0], outs[1], outs[2:]
-    return outs[0], None, outs[1:]
+    outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
+                     bn2.settings(), exact, cat_channels, pool)
+    return outputs[0], outputs[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,88 +458,95 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, training, exact=False, fol
 
 
 class UpsampleConvCat(torch.autograd.Function):
-    """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat."""
+    """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat. Inputs: d, buf,
+    conv (weight, bias), the BN's tensors and BatchNormArgs.settings(), exact. Outputs: buf (written in place)
+    and what backward needs."""
 
     @staticmethod
-    def forward(ctx, d, buf, w, b, g, be, rm, rv, momentum, eps, group, training, exact, fold):
-        bn = _BN(g, be, rm, rv, momentum, eps, group if training else None)
+    def forward(d, buf, w, b, g, be, rm, rv, settings, exact):
+        bn = BatchNormArgs(g, be, rm, rv, *settings)
         _check_no_exact_sync(exact, bn)
         cast = _autocast_dtype(d.device.type)
         cout = w.shape[0]
-        cskip = buf.shape[1] - cout
-        out = buf.narrow(1, cskip, cout)
-        ctx.cfg = (training, exact, eps, cskip)
-        ctx.bn_dtype = g.dtype
+        out = buf.narrow(1, buf.shape[1] - cout, cout)
         with torch.autocast(d.device.type, enabled=False):
-            dc = _cast(d, cast)
-            if not fold or exact:  # the fold path reads its weights, cast, from _memoised_fold
-                wc = _cast(w, cast)
+            casts = (_cast_copy(d, cast), _cast_copy(w, cast))
+            dc, wc = (c if c is not None else t for c, t in zip(casts, (d, w)))
             if exact:
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
                 z = _conv(u, wc, _cast(b, cast))
                 del u  # recomputed in backward: an exact copy
-                t, saved, ctx.impl = _exact_bn(z, bn, training)
+                t, *bn_saved = _exact_bn(z, bn)
                 _relu_pool_exact(t, out)
-                ctx.save_for_backward(d, dc, w, wc, b, z, t, g, rm, rv, *saved)
-                stats = ()
-            elif fold:
-                w4f, shift, ones = _memoised_fold((w, b, g, be, rm, rv), (eps, cast),
-                                                  lambda: _fold_up_block(w, b, bn, _cast_dtype(w, cast)))
-                z4 = _conv(dc, w4f, None)
-                ops.bn_relu_pool(z4, ones, shift, 2, out, None)
-                stats = ()
-            else:
-                w4 = phase_weights(w).to(wc.dtype)
-                z4 = _conv(dc, w4, None)
-                m, v, i, s, h, count = _fast_bn(z4, bn, b, training, 2)
-                ops.bn_relu_pool(z4, s, h, 2, out, None)
-                ctx.save_for_backward(d, dc, w, w4, b, z4, m, i, s, h)
-                ctx.sync = None if bn.group is None else (bn.group, count)
-                stats = _batch_stats(m, v, b, count) if training else ()
-        ctx.mark_dirty(buf)
-        ctx.mark_non_differentiable(*stats)
-        return (buf, *stats)
+                return (buf, *casts, z, t, *bn_saved)
+            w4 = phase_weights(w).to(wc.dtype)
+            z4 = _conv(dc, w4, None)
+            mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, 2)
+            ops.bn_relu_pool(z4, scale, shift, 2, out, None)
+            return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
 
     @staticmethod
-    def backward(ctx, grad_buf, *unused_stat_grads):
-        training, exact, eps, cskip = ctx.cfg
+    def setup_context(ctx, inputs, output):
+        d, buf, w, b, g, be, rm, rv, settings, exact = inputs
+        _, d_cast, w_cast, *saved = output
+        ctx.exact, ctx.settings = exact, settings
+        ctx.conv_dtype = _conv_dtype(d, d_cast)
+        ctx.skip_channels = buf.shape[1] - w.shape[0]
+        ctx.extra = saved.pop()  # exact: ATen's BN impl index; fast: the values per channel
+        ctx.mark_dirty(buf)
+        ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
+        casts = tuple(t if c is None else c for c, t in zip((d_cast, w_cast), (d, w)))
+        ctx.save_for_backward(d, w, b, g, be, *_eval_running_stats(rm, rv, settings), *casts, *saved)
+
+    @staticmethod
+    def backward(ctx, grad_buf, *unused_saved_grads):
+        d, w, b, g, be, rm, rv, dc, wc, *saved = ctx.saved_tensors
+        bn = BatchNormArgs(g, be, rm, rv, *ctx.settings)
+        cout = w.shape[0]
+        grad_out = grad_buf.narrow(1, ctx.skip_channels, cout)
+        # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
+        # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
+        if torch.is_grad_enabled():
+            _check_double_backward_unsynchronized(bn)
+
+            def reference(d, unused_buf, w, b, g, be, rm, rv):
+                u = F.interpolate(d, scale_factor=2.0, mode="nearest")
+                return (_reference_layer(u, w, b, BatchNormArgs(g, be, rm, rv, *ctx.settings), ctx.conv_dtype),)
+
+            dd, _, dw, db, dg, dbe, *_ = _differentiable_backward(ctx, reference, (d, None, w, b, g, be, rm, rv),
+                                                                  (grad_out,))
+            return dd, grad_buf, dw, db, dg, dbe, None, None, None, None
         need = ctx.needs_input_grad
         with torch.autocast(grad_buf.device.type, enabled=False):
-            if exact:
-                d, dc, w, wc, b, z, t, g, rm, rv, *saved = ctx.saved_tensors
-                grad_out = grad_buf.narrow(1, cskip, w.shape[0])
+            if ctx.exact:
+                z, t, *bn_saved = saved
                 dy = _relu_pool_exact_backward(grad_out, None, t)
-                dz, dg, dbe = _exact_bn_backward(dy, z, g, rm, rv, saved, ctx.impl, training, eps, [True, need[4], need[5]])
+                dz, dg, dbe = _exact_bn_backward(dy, z, bn, *bn_saved, ctx.extra, [True, need[4], need[5]])
                 del dy  # activation-sized gradients and the recomputed upsample: dropped once used
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                du, dw, db = _aten.convolution_backward(dz, u, wc, [w.shape[0]], *_CONV_ARGS, [need[0], need[2], need[3]])
+                du, dw, db = _aten.convolution_backward(dz, u, wc, [cout], *_CONV_ARGS, [need[0], need[2], need[3]])
                 size = list(u.shape[2:])
                 del dz, u
                 dd = None
                 if du is not None:
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
-                d, dc, w, w4, b, z4, m, i, s, h = ctx.saved_tensors
-                cout = w.shape[0]
-                grad_out = grad_buf.narrow(1, cskip, cout)
-                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, m, i, s, h, b, training, 2, ctx.sync)
+                w4, z4, mean, invstd, scale, shift = saved
+                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b, bn.training, 2,
+                                                     _sync_of(bn, ctx.extra))
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
                 del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
-        # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
-        # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
-        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, ctx.bn_dtype), _grad_as(dbe, ctx.bn_dtype),
-                None, None, None, None, None, None, None, None)
+        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, g), _grad_as(dbe, be),
+                None, None, None, None)
 
 
-def upsample_conv_cat(d, buf, conv, bn, *, training, exact=False, fold=False):
-    """Up block: writes ``relu(BN(conv3x3(upsample2x(d))))`` into ``buf[:, Cskip:]`` in place.
+def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
+    """Up block: writes ``relu(BN(conv3x3(upsample2x(d))))`` into ``buf[:, Cskip:]`` in place and returns ``buf``.
 
     d: ``[N, Cin, h, w]``; buf: ``[N, Cskip + Cout, 2h, 2w]`` of the block's activation dtype whose
     first Cskip channels hold the skip (written by double_conv_bn_relu with cat_channels=Cout); conv is
-    ``(weight [Cout, Cin, 3, 3], bias)``, bn ``(gamma, beta, running_mean, running_var, momentum, eps[,
-    process_group])`` (a process group synchronizes the fast-mode training statistics over it).
-    Returns ``(buf, batch_stats)`` with ``batch_stats`` = fast-mode training ``(mean, unbiased var)`` or empty.
+    ``(weight [Cout, Cin, 3, 3], bias)``, bn a BatchNormArgs (its running stats are updated here in training;
+    a process group synchronizes the fast-mode training statistics over it).
     """
-    outs = _apply(UpsampleConvCat, d, buf, *conv, *bn[:6], _group(bn), training, exact, fold)
-    return outs[0], outs[1:]
+    return _apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact)[0]

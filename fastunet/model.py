@@ -2,21 +2,24 @@
 
 The submodules are the seed's (``nn.Sequential`` of ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.ReLU``), so
 ``state_dict`` keys, parameter initialisation, ``init_weights``-style visitors and ``.to()`` behave as on
-the reference; only ``forward`` differs. Where a fused kernel does not apply (float64, a non-default
-BatchNorm, an empty batch), the block runs the pure-PyTorch path of the same modules.
+the reference; only ``forward`` differs. ``fused_refusal`` is the one place that decides whether a block runs
+its fused kernels; where it says no, the block runs its own modules, as the seed does.
 """
 
 import threading
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize
 
 from . import _ext, functional
 from . import ops as fastunet_ops
 from . import reference
-from .sync_batchnorm import SyncBatchNorm, sync_group, update_running_stats
+from .sync_batchnorm import SyncBatchNorm, sync_group
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,35 +54,170 @@ def _call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _bn_call_args(bn):
-    """BN tensors, momentum factor and process group for this call, as nn.BatchNorm2d / nn.SyncBatchNorm
-    compute them (and count); a checkpointing recomputation counts nothing and moves no running stat."""
-    factor = 0.0
-    if bn.training and bn.track_running_stats and not _recomputing.active:
+def batch_norm_args(bn):
+    """``functional.BatchNormArgs`` for this call of BN module ``bn``, counting the batch in
+    ``num_batches_tracked`` as nn.BatchNorm2d's forward does; a checkpointing recomputation counts nothing and
+    moves no running stat. The module's own ``training`` flag decides batch or running statistics."""
+    factor = None
+    if bn.training and not _recomputing.active:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, sync_group(bn))
+    return functional.BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, factor, bn.training,
+                                    sync_group(bn))
 
 
-def _fusable_bn(bn):
-    return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm) and bn.affine and bn.track_running_stats
+# ----------------------------------------------------------------------------------------------------
+# Whether a block runs fused: the one place that decides
+# ----------------------------------------------------------------------------------------------------
 
 
-def _runs_fused(block, x, *bns):
-    """Whether ``block`` runs its fused kernels on ``x``; else it runs the pure-PyTorch path of its modules,
-    with one warning per reason where that is a fallback (an unsupported dtype or layer), not a choice (an empty
-    batch, export, exact-mode synchronized BN)."""
-    if x.shape[0] == 0 or exporting() or not _fusable_in_mode(block.exact, *bns):
-        return False
+def global_hooks():
+    """Whether global module hooks (torch.nn.modules.module.register_module_*_hook) are registered."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def has_hooks(module):
+    """Whether calling ``module`` would run hooks (its own forward/backward hooks or global module hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or global_hooks())
+
+
+def _plain_class(layer):
+    """The layer's class, seen through torch.nn.utils.parametrize (which subclasses it)."""
+    cls = type(layer)
+    return cls.__bases__[0] if parametrize.is_parametrized(layer) else cls
+
+
+def _parametrization_refusal(layer):
+    """Parametrizations of a conv's or BN's weight and bias are honoured (the fused path reads each once per
+    call, as the layer's forward does); of anything else they are not."""
+    if not parametrize.is_parametrized(layer):
+        return None
+    others = sorted(set(layer.parametrizations) - {"weight", "bias"})
+    return f"has a parametrization of {', '.join(others)}" if others else None
+
+
+def _conv_refusal(layer):
+    if _plain_class(layer) is not nn.Conv2d:
+        return f"is a {type(layer).__name__}, not an nn.Conv2d"
+    settings = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+    if settings != ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
+        return ("is not a 3x3 conv with stride 1, padding 1, no dilation or groups and zero padding (kernel_size="
+                f"{layer.kernel_size}, stride={layer.stride}, padding={layer.padding}, dilation={layer.dilation}, "
+                f"groups={layer.groups}, padding_mode={layer.padding_mode!r})")
+    return _parametrization_refusal(layer)
+
+
+def _bn_refusal(layer):
+    if _plain_class(layer) not in (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm):
+        return f"is a {type(layer).__name__}, not an nn.BatchNorm2d or SyncBatchNorm"
+    if not (layer.affine and layer.track_running_stats):
+        return (f"has affine={layer.affine}, track_running_stats={layer.track_running_stats} (the fused BN takes an "
+                "affine BatchNorm that tracks running stats)")
+    return _parametrization_refusal(layer)
+
+
+def _relu_refusal(layer):
+    return None if type(layer) is nn.ReLU else f"is a {type(layer).__name__}, not an nn.ReLU"
+
+
+def _upsample_refusal(layer):
+    if type(layer) is not nn.Upsample:
+        return f"is a {type(layer).__name__}, not an nn.Upsample"
+    if layer.mode != "nearest" or layer.size is not None or layer.scale_factor not in (2, 2.0, (2, 2), (2.0, 2.0)):
+        return (f"is not a nearest 2x upsample (mode={layer.mode!r}, size={layer.size}, "
+                f"scale_factor={layer.scale_factor})")
+    return None
+
+
+def is_plain_maxpool(layer):
+    """Whether ``layer`` is the seed's nn.MaxPool2d(2, 2), without hooks (the encoder blocks then pool fused)."""
+    return (type(layer) is nn.MaxPool2d and not has_hooks(layer)
+            and (layer.kernel_size, layer.stride, layer.padding, layer.dilation) in {(2, 2, 0, 1), ((2, 2), (2, 2),
+                                                                                                   (0, 0), (1, 1))}
+            and not layer.ceil_mode and not layer.return_indices)
+
+
+def _layers_refusal(sequence, name, checks):
+    """Why the layers of ``sequence`` (``name``) are not the ones the fused kernels replace, or None: each layer's
+    type and settings (``checks``), hooks on it or on the sequence, parametrizations."""
+    if type(sequence) is not nn.Sequential or len(sequence) != len(checks):
+        return f"{name} is not the seed's nn.Sequential of {len(checks)} layers"
+    if has_hooks(sequence):
+        return f"{name} has hooks"
+    for i, (layer, check) in enumerate(zip(sequence, checks)):
+        reason = check(layer) or ("has hooks" if has_hooks(layer) else None)
+        if reason:
+            return f"{name}[{i}] {reason}"
+    return None
+
+
+class Refusal(NamedTuple):
+    """Why a block runs its own modules instead of its fused kernels. ``warn``: a fallback the user is told about
+    once per reason (an unsupported layer, hook, dtype or transform), not a choice (an empty batch, export)."""
+
+    reason: str
+    warn: bool = True
+
+
+@torch.compiler.assume_constant_result
+def _transform_refusal():
+    """A torch.func transform or forward-mode AD the fused Functions do not take, or None (a constant for
+    torch.compile, which traces a call under the transforms it runs under)."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    keys = {interpreter.key() for interpreter in stack}
+    if torch._C._functorch.TransformType.Vmap in keys:
+        return "it runs under torch.func.vmap (the fused ops have no batching rule)"
+    if torch._C._functorch.TransformType.Jvp in keys or torch.autograd.forward_ad._current_level >= 0:
+        return "it runs under forward-mode AD (torch.func.jvp, jacfwd, hessian or torch.autograd.forward_ad)"
+    return None
+
+
+def fused_refusal(block, x) -> Optional[Refusal]:
+    """Why fastunet ``block`` (a conv_block or up_conv) cannot run its fused kernels on ``x`` now, or None where it
+    can. The one place that decides: the input's dtype (an input whose dtype differs from the weights' outside
+    autocast is an error, as in the seed), torch.func transforms, the block's layers (type, settings, hooks,
+    parametrizations: ``block.layers_refusal()``), an empty batch, export, exact-mode synchronized BN."""
+    if x.shape[0] == 0:
+        return Refusal("the batch is empty", warn=False)
+    if exporting():
+        return Refusal("the model is being exported", warn=False)
+    check_dtypes(x, next(block.parameters(), None))
     if x.dtype not in _FUSED_DTYPES:
-        _ext.warn_once(("dtype", x.dtype), f"fastunet: {x.dtype} input runs the pure-PyTorch path of the U-Net (the "
-                                           "fused kernels take float32, bfloat16 and float16)")
-        return False
-    if not block.fusable():
-        _ext.warn_once(("layers", type(block).__name__), f"fastunet: a {type(block).__name__} holds a layer the fused "
-                       f"kernels do not take (they take {block.fused_layers}); such blocks run the pure-PyTorch path")
-        return False
-    return True
+        return Refusal(f"a {x.dtype} input runs the pure-PyTorch path (the fused kernels take float32, bfloat16 and "
+                       "float16)")
+    reason = _transform_refusal() or ("global module hooks are registered (they fire on every layer)"
+                                      if global_hooks() else None)
+    if reason:
+        return Refusal(f"the blocks run their own modules because {reason}")
+    reason = block.layers_refusal()
+    if reason:
+        return Refusal(f"{block.describe()} runs its own modules instead of its fused kernels: its {reason}")
+    if block.exact and any(sync_group(bn) is not None for bn in block.batch_norms()):
+        return Refusal("exact mode leaves synchronized BatchNorm to nn.SyncBatchNorm itself", warn=False)
+    return None
+
+
+def _runs_fused(block, x):
+    """Whether ``block`` runs its fused kernels on ``x``; a refusal that is a fallback warns once per reason (a
+    reason of a block's layers names the block)."""
+    refusal = fused_refusal(block, x)
+    if refusal is None:
+        return True
+    if refusal.warn:
+        _ext.warn_once(("unfused", refusal.reason), f"fastunet: {refusal.reason}")
+    return False
+
+
+def check_dtypes(x, param):
+    """The seed's error, worded to say what to do, for an input whose dtype is not the parameters' outside
+    autocast (a conv would fail on it deep inside)."""
+    if param is None or x.dtype == param.dtype or functional._autocast_dtype(x.device.type) is not None:
+        return
+    raise RuntimeError(f"fastunet: Input type ({x.dtype}) and weight type ({param.dtype}) should be the same: "
+                       f"convert the input (x.to({param.dtype})) or the model (model.to({x.dtype})), or run the "
+                       "model under torch.autocast")
 
 
 def exporting():
@@ -88,18 +226,24 @@ def exporting():
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
-def _fusable_in_mode(exact, *bns):
-    """Exact mode leaves synchronized BN to nn.SyncBatchNorm itself (its rounding is the reference)."""
-    return not (exact and any(sync_group(bn) is not None for bn in bns))
+_NOT_SCRIPTABLE = ("fastunet cannot be compiled by torch.jit.script: its forward dispatches to fused autograd "
+                   "Functions in Python. Use torch.jit.trace(model.eval(), x) or torch.export.export(model.eval(), "
+                   "(x,)) (both record the seed's pure-PyTorch graph), or script fastunet.reference.U_Net loaded "
+                   "with the same state_dict")
 
 
-def _fusable_conv(conv):
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+class _NotScriptable:
+    def __prepare_scriptable__(self):
+        """Called by torch.jit.script before compiling: says at once that scripting is not supported."""
+        raise RuntimeError(_NOT_SCRIPTABLE)
 
 
-class conv_block(reference.conv_block):
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+class conv_block(_NotScriptable, reference.conv_block):
     """(Conv3x3 + BN + ReLU) x 2 through the fused double block: ``[N, ch_in, H, W] -> [N, ch_out, H, W]``.
 
     ``forward(x)`` returns what the seed's conv_block returns. The U-Net calls it with ``cat_channels``
@@ -107,39 +251,43 @@ class conv_block(reference.conv_block):
     and ``pool`` (also returns the 2x2 max-pool), see fastunet.functional.double_conv_bn_relu.
     """
 
+    _LAYER_CHECKS = (_conv_refusal, _bn_refusal, _relu_refusal, _conv_refusal, _bn_refusal, _relu_refusal)
+
     def __init__(self, ch_in, ch_out):
         super().__init__(ch_in, ch_out)
         self.exact = False
 
-    fused_layers = ("3x3 convs with padding 1, stride 1, no dilation or groups, zero padding; affine BatchNorm2d or "
-                    "SyncBatchNorm tracking running stats")
+    def describe(self):
+        """``conv_block(Cin -> Cout)`` (Conv2: ``conv_block(64 -> 128)``), as warnings name it."""
+        convs = [m for m in self.conv.modules() if isinstance(m, nn.Conv2d)]
+        return f"conv_block({convs[0].in_channels} -> {convs[-1].out_channels})" if convs else "a conv_block"
 
-    def fusable(self):
-        """Whether the layers are those the fused kernels take (``fused_layers``)."""
-        c1, b1, _, c2, b2, _ = self.conv
-        return _fusable_conv(c1) and _fusable_conv(c2) and _fusable_bn(b1) and _fusable_bn(b2)
+    def layers_refusal(self):
+        """Why ``self.conv`` is not (Conv3x3 + BN + ReLU) x 2 as the fused kernels take it, or None."""
+        return _layers_refusal(self.conv, "conv", self._LAYER_CHECKS)
 
-    def forward(self, x, cat_channels=0, pool=False, fold=False):
-        c1, b1, _, c2, b2, _ = self.conv
-        if not _runs_fused(self, x, b1, b2):
+    def batch_norms(self):
+        return self.conv[1], self.conv[4]
+
+    def forward(self, x, cat_channels=0, pool=False):
+        if not _runs_fused(self, x):
             return _unfused_block(self.conv(x), cat_channels, pool)
-        bn1, bn2 = _bn_call_args(b1), _bn_call_args(b2)
-        buf, pooled, stats = functional.double_conv_bn_relu(
-            x, (c1.weight, c1.bias), bn1, (c2.weight, c2.bias), bn2, training=self.training, exact=self.exact,
-            fold=fold, cat_channels=cat_channels, pool=pool,
+        c1, b1, _, c2, b2, _ = self.conv
+        buf, pooled = functional.double_conv_bn_relu(
+            x, (c1.weight, c1.bias), batch_norm_args(b1), (c2.weight, c2.bias), batch_norm_args(b2),
+            exact=self.exact, cat_channels=cat_channels, pool=pool,
         )
-        if stats and not _recomputing.active:
-            update_running_stats(b1.running_mean, b1.running_var, stats[0], stats[1], bn1[4])
-            update_running_stats(b2.running_mean, b2.running_var, stats[2], stats[3], bn2[4])
         return (buf, pooled) if pool else buf
 
 
-class up_conv(reference.up_conv):
+class up_conv(_NotScriptable, reference.up_conv):
     """Nearest upsample x2 + Conv3x3 + BN + ReLU through the fused up block: ``[N, ch_in, h, w] -> [N, ch_out, 2h, 2w]``.
 
     ``forward(x)`` returns what the seed's up_conv returns; ``forward(x, buf)`` writes the result into
     the channels after the skip in the concat buffer ``buf`` and returns ``buf`` (= torch.cat((skip, up), 1)).
     """
+
+    _LAYER_CHECKS = (_upsample_refusal, _conv_refusal, _bn_refusal, _relu_refusal)
 
     def __init__(self, ch_in, ch_out):
         super().__init__(ch_in, ch_out)
@@ -149,28 +297,26 @@ class up_conv(reference.up_conv):
     def out_channels(self):
         return self.up[1].out_channels
 
-    fused_layers = ("a nearest 2x Upsample; a 3x3 conv with padding 1, stride 1, no dilation or groups, zero "
-                    "padding; an affine BatchNorm2d or SyncBatchNorm tracking running stats")
+    def describe(self):
+        """``up_conv(Cin -> Cout)`` (Up2: ``up_conv(128 -> 64)``), as warnings name it."""
+        convs = [m for m in self.up.modules() if isinstance(m, nn.Conv2d)]
+        return f"up_conv({convs[0].in_channels} -> {convs[0].out_channels})" if convs else "an up_conv"
 
-    def fusable(self):
-        """Whether the layers are those the fused kernels take (``fused_layers``)."""
-        up, conv, bn, _ = self.up
-        return (type(up) is nn.Upsample and up.mode == "nearest" and up.scale_factor in (2, 2.0, (2.0, 2.0))
-                and _fusable_conv(conv) and _fusable_bn(bn))
+    def layers_refusal(self):
+        """Why ``self.up`` is not nearest-upsample x2 + Conv3x3 + BN + ReLU as the fused kernels take it, or None."""
+        return _layers_refusal(self.up, "up", self._LAYER_CHECKS)
 
-    def forward(self, x, buf=None, fold=False):
-        if not _runs_fused(self, x, self.up[2]):
+    def batch_norms(self):
+        return (self.up[2],)
+
+    def forward(self, x, buf=None):
+        if not _runs_fused(self, x):
             up = self.up(x)
             return up if buf is None else torch.cat((buf.narrow(1, 0, buf.shape[1] - up.shape[1]), up), dim=1)
         _, conv, bn, _ = self.up
-        bn_args = _bn_call_args(bn)
         if buf is None:
             buf = _empty_buffer(x, self.out_channels)
-        buf, stats = functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), bn_args, training=self.training,
-                                                  exact=self.exact, fold=fold)
-        if stats and not _recomputing.active:
-            update_running_stats(bn.running_mean, bn.running_var, stats[0], stats[1], bn_args[4])
-        return buf
+        return functional.upsample_conv_cat(x, buf, (conv.weight, conv.bias), batch_norm_args(bn), exact=self.exact)
 
 
 def _empty_buffer(x, channels):
@@ -191,17 +337,33 @@ def _unfused_block(y, cat_channels, pool):
     return buf
 
 
-class U_Net(reference.U_Net):
+def _fused_glue(block, kind):
+    """Whether the U-Net may call ``block`` with the fused glue's extra arguments (a concat buffer, the pool):
+    a fastunet block of ``kind`` without hooks of its own. Otherwise it is called as the seed calls it, so its
+    hooks see (and may replace) exactly the seed's inputs and outputs."""
+    return type(block) is kind and not has_hooks(block)
+
+
+# ----------------------------------------------------------------------------------------------------
+# U-Net
+# ----------------------------------------------------------------------------------------------------
+
+
+class U_Net(_NotScriptable, reference.U_Net):
     """Drop-in fastunet replacement of the seed's U-Net: ``[N, img_ch, H, W] -> [N, output_ch, H, W]``.
 
     Same positional signature, parameters, buffers, ``state_dict`` keys and BatchNorm semantics as
     ``fastunet.reference.U_Net``; H and W must be multiples of 16. ``exact=True`` makes the forward and
     every gradient and BN buffer bit-identical to the reference on the same device and dtype; the default
-    fast mode re-associates arithmetic (sub-pixel up-conv, own BN, BN folded into the convs in inference)
-    and stays within 2x of the reference's float32 error against a float64 run.
+    fast mode re-associates arithmetic (sub-pixel up-conv, own BN) and stays within 2x of the reference's
+    float32 error against a float64 run.
     Input: float32, or bfloat16/float16 under autocast or with a model converted by ``.to(dtype)``;
     NCHW or channels_last. float64 runs the pure-PyTorch path (so gradcheck works). Under DDP,
     ``convert_sync_batchnorm`` synchronizes the BatchNorm statistics across ranks.
+
+    What users do to an nn.Module is honoured: hooks on the U-Net, a block or a layer (a hooked block is
+    called as the seed calls it; a hooked layer makes its block run its own modules), swapped layers or
+    blocks, parametrizations, ``.data`` writes, double backward, torch.func (see ``fused_refusal``).
 
     ``checkpointing=True``: in training, each double block (the five encoder levels and the four decoder ones)
     keeps only its input and recomputes the rest in backward (``torch.utils.checkpoint``, non-reentrant):
@@ -240,25 +402,45 @@ class U_Net(reference.U_Net):
         return self._forward(x)
 
     def _forward(self, x):
-        _check_input(x, self.img_ch, self.Conv_1x1.weight)
-        if exporting():
-            return super().forward(x)
+        _check_input(x, self.img_ch, next(self.parameters(), None))
+        if exporting() or _transform_refusal():
+            return super().forward(x)  # the seed's graph; each block still decides for itself
         if self.training and _one_value_per_channel(x):
             if not any(sync_group(m) is not None for m in self.modules()):  # synchronized BN counts every rank's
                 _check_bn_batch(x)
-        fold = not self.training and not self.exact and not self._grad_needed(x)
         run = _checkpoint if self.checkpointing and self.training and self._grad_needed(x) else _call
-        x1, p = run(self.Conv1, x, cat_channels=self.Up2.out_channels, pool=True, fold=fold)
-        x2, p = run(self.Conv2, p, cat_channels=self.Up3.out_channels, pool=True, fold=fold)
-        x3, p = run(self.Conv3, p, cat_channels=self.Up4.out_channels, pool=True, fold=fold)
-        x4, p = run(self.Conv4, p, cat_channels=self.Up5.out_channels, pool=True, fold=fold)
-        d = run(self.Conv5, p, fold=fold)
-        # The up blocks write into the skip buffers in place, so they stay outside the checkpointed regions.
-        d = run(self.Up_conv5, self.Up5(d, x4, fold=fold), fold=fold)
-        d = run(self.Up_conv4, self.Up4(d, x3, fold=fold), fold=fold)
-        d = run(self.Up_conv3, self.Up3(d, x2, fold=fold), fold=fold)
-        d = run(self.Up_conv2, self.Up2(d, x1, fold=fold), fold=fold)
+        pool = is_plain_maxpool(self.Maxpool)
+        encoders = (self.Conv1, self.Conv2, self.Conv3, self.Conv4)
+        ups = (self.Up2, self.Up3, self.Up4, self.Up5)
+        decoders = (self.Up_conv2, self.Up_conv3, self.Up_conv4, self.Up_conv5)
+        skips = []
+        h = x
+        for encoder, up in zip(encoders, ups):
+            skip, h = self._encode(run, encoder, h, up, pool)
+            skips.append(skip)
+        d = run(self.Conv5, h)
+        for up, decoder, skip in reversed(tuple(zip(ups, decoders, skips))):
+            d = run(decoder, self._up_cat(up, d, skip))
         return self.Conv_1x1(d)
+
+    def _encode(self, run, encoder, x, up, pool):
+        """One encoder level: (skip, pooled). The skip is ``(buf, channels)``: the level's output in the first
+        ``channels`` channels of ``buf``, whose other channels are room for ``up`` to write into."""
+        # Where the max-pool is not the fused one, it may save its input, which then must not share a buffer that
+        # the up block writes into later.
+        if not (pool and _fused_glue(encoder, conv_block)):
+            y = run(encoder, x)
+            return (y, y.shape[1]), self.Maxpool(y)
+        room = up.out_channels if _fused_glue(up, up_conv) and up.layers_refusal() is None else 0
+        buf, pooled = run(encoder, x, cat_channels=room, pool=True)
+        return (buf, buf.shape[1] - room), pooled
+
+    def _up_cat(self, up, d, skip):
+        """``torch.cat((skip, up(d)), 1)``: written into the skip's buffer by a fused up block where it has room."""
+        buf, channels = skip
+        if buf.shape[1] > channels and _fused_glue(up, up_conv):
+            return up(d, buf)
+        return torch.cat((buf.narrow(1, 0, channels), up(d)), dim=1)
 
     def _grad_needed(self, x):
         if not torch.is_grad_enabled():
@@ -284,9 +466,10 @@ def _check_input(x, img_ch, param):
         raise ValueError(f"fastunet.U_Net needs H and W that are multiples of 16 (four 2x2 poolings, and the skip "
                          f"concatenations must line up); got {h}x{w}. Pad or resize the input, e.g. to "
                          f"{-(-h // 16) * 16}x{-(-w // 16) * 16}, or build the model with pad_to_multiple=True")
-    if x.device != param.device:
+    if param is not None and x.device != param.device:
         raise RuntimeError(f"fastunet.U_Net: the input is on {x.device} but the model's parameters are on "
                            f"{param.device}; move one of them with .to()")
+    check_dtypes(x, param)
 
 
 def _one_value_per_channel(x):

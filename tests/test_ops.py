@@ -75,6 +75,21 @@ def test_bn_stats_matches_reference(upscale, memory_format, c):
     torch.testing.assert_close(var.double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_bn_stats_keep_a_nan(upscale, where):
+    """A NaN in a channel makes its mean and variance NaN, as in nn.BatchNorm2d (the variance's clamp at 0 must
+    not turn it into 0); the other channels keep their statistics."""
+    z, _, _ = case(upscale, n=2, c=3, h=4, w=5)
+    z[1 if where == "later" else 0, upscale * upscale * 3 - 2 if upscale == 1 else 1, 2 if where == "later" else 0,
+      3 if where == "later" else 0] = float("nan")
+    mean, var = LIB.bn_stats(z, upscale)
+    want_mean, want_var = ops.bn_stats_ref(z, upscale)
+    assert want_var.isnan().sum() == 1
+    assert torch.equal(var.isnan(), want_var.isnan()) and torch.equal(mean.isnan(), want_mean.isnan())
+    torch.testing.assert_close(var, want_var, rtol=1e-5, atol=0, equal_nan=True)
+
+
 def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32, n=2, c=3, h=4, w=6):
     z, scale, shift = case(upscale, n=n, c=c, h=h, w=w, dtype=dtype, memory_format=memory_format, values=values)
     n, c, h, w = ops.logical_shape(z, upscale)
@@ -181,42 +196,70 @@ def bn_state(c):
     return torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
 
 
+def double_block_function(training, exact, pool, rm, rv):
+    """The fused double block as a function of its input and parameters, for gradcheck/gradgradcheck."""
+
+    def f(x, w1, b1, g1, be1, w2, b2, g2, be2):
+        # Running stats are copied per call: training updates them in place.
+        bn1 = functional.BatchNormArgs(g1, be1, rm.clone(), rv.clone(), 1e-5, 0.1 if training else None, training)
+        bn2 = functional.BatchNormArgs(g2, be2, rm.clone(), rv.clone(), 1e-5, 0.1 if training else None, training)
+        buf, pooled = functional.double_conv_bn_relu(x, (w1, b1), bn1, (w2, b2), bn2, exact=exact, cat_channels=2,
+                                                     pool=pool)
+        return (buf[:, :3], pooled) if pool else buf[:, :3]
+
+    return f
+
+
+def up_block_function(training, exact, rm, rv):
+    """The fused up block as a function of its input, skip and parameters, for gradcheck/gradgradcheck."""
+
+    def f(d, skip, w, b, g, be):
+        buf = torch.cat((skip, torch.empty(2, 2, 6, 4, dtype=torch.float64)), dim=1)
+        bn = functional.BatchNormArgs(g, be, rm.clone(), rv.clone(), 1e-5, 0.1 if training else None, training)
+        return functional.upsample_conv_cat(d, buf, (w, b), bn, exact=exact)
+
+    return f
+
+
+def double_block_inputs():
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    layer1 = (t.detach().requires_grad_() for t in block_params(2, 3))
+    layer2 = (t.detach().requires_grad_() for t in block_params(3, 3))
+    return (x, *layer1, *layer2), bn_state(3)
+
+
+def up_block_inputs():
+    d = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    return (d, skip, *(t.detach().requires_grad_() for t in block_params(3, 2))), bn_state(2)
+
+
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("pool", [False, True])
 def test_gradcheck_double_conv_bn_relu(exact, training, pool):
-    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    w1, b1, g1, be1 = (t.detach().requires_grad_() for t in block_params(2, 3))
-    w2, b2, g2, be2 = (t.detach().requires_grad_() for t in block_params(3, 3))
-    rm1, rv1 = bn_state(3)
-    rm2, rv2 = bn_state(3)
-
-    def f(x, w1, b1, g1, be1, w2, b2, g2, be2):
-        # Running stats are copied per call: exact mode's ATen BN updates them in place.
-        bn1 = (g1, be1, rm1.clone(), rv1.clone(), 0.1, 1e-5)
-        bn2 = (g2, be2, rm2.clone(), rv2.clone(), 0.1, 1e-5)
-        buf, pooled, _ = functional.double_conv_bn_relu(x, (w1, b1), bn1, (w2, b2), bn2, training=training,
-                                                        exact=exact, cat_channels=2, pool=pool)
-        return (buf[:, :3], pooled) if pool else buf[:, :3]
-
-    torch.autograd.gradcheck(f, (x, w1, b1, g1, be1, w2, b2, g2, be2), eps=1e-6, atol=1e-5, rtol=1e-4)
+    inputs, (rm, rv) = double_block_inputs()
+    f = double_block_function(training, exact, pool, rm, rv)
+    torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_upsample_conv_cat(exact, training):
-    d = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
-    skip = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
-    w, b, g, be = (t.detach().requires_grad_() for t in block_params(3, 2))
-    rm, rv = bn_state(2)
+    inputs, (rm, rv) = up_block_inputs()
+    torch.autograd.gradcheck(up_block_function(training, exact, rm, rv), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
-    def f(d, skip, w, b, g, be):
-        buf = torch.cat((skip, torch.empty(2, 2, 6, 4, dtype=torch.float64)), dim=1)
-        out, _ = functional.upsample_conv_cat(d, buf, (w, b), (g, be, rm.clone(), rv.clone(), 0.1, 1e-5),
-                                              training=training, exact=exact)
-        return out
 
-    torch.autograd.gradcheck(f, (d, skip, w, b, g, be), eps=1e-6, atol=1e-5, rtol=1e-4)
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradgradcheck_both_blocks(exact, training):
+    """Double backward: where autograd records the backward (create_graph=True), the fused blocks' gradients are
+    differentiable and right (float64 finite differences of the first derivative)."""
+    inputs, (rm, rv) = double_block_inputs()
+    torch.autograd.gradgradcheck(double_block_function(training, exact, True, rm, rv), inputs, eps=1e-6, atol=1e-4,
+                                 rtol=1e-3)
+    inputs, (rm, rv) = up_block_inputs()
+    torch.autograd.gradgradcheck(up_block_function(training, exact, rm, rv), inputs, eps=1e-6, atol=1e-4, rtol=1e-3)
 
 
 def test_sub_pixel_weights_equal_upsample_then_conv():

@@ -184,6 +184,20 @@ def test_bn_stats_matches_reference(upscale, layout, dtype):
 
 
 @upscales
+def test_bn_stats_keep_a_nan(upscale):
+    """A NaN makes its channel's mean and variance NaN, as in nn.BatchNorm2d; the other channels are unaffected."""
+    z = Case(upscale, "channels_last", torch.float32, pool=False).z.clone()
+    z[1, upscale * upscale - 1, 2, 1] = float("nan")
+    expected_mean, expected_var = ops.bn_stats_ref(z, upscale)
+
+    mean, var = kernels.bn_stats(z, upscale)
+
+    assert expected_var.isnan().sum() == 1
+    torch.testing.assert_close(mean, expected_mean, equal_nan=True, **sum_tol(torch.float32))
+    torch.testing.assert_close(var, expected_var, equal_nan=True, **sum_tol(torch.float32))
+
+
+@upscales
 def test_bn_stats_is_robust_to_a_large_mean(upscale):
     s = upscale
     shape = (4, s * s * 3, 9 + s - 1, 7 + s - 1)
@@ -437,7 +451,7 @@ def test_conv3x3_bn_relu_stats_matches_specification(shape, layout, dtype):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monkeypatch):
-    """FASTUNET_CONV=triton: the fast double block's output, pool, batch stats and every gradient match the
+    """FASTUNET_CONV=triton: the fast double block's output, pool, running stats and every gradient match the
     default path's (a BN+ReLU pass, then ATen's conv) to float32 rounding."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -450,12 +464,14 @@ def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monk
         assert ops.conv3x3_backend(x, params[4]) == conv
         xs = x.clone().requires_grad_()
         ps = [p.to(DEVICE).requires_grad_() for p in params]
-        bn1 = (ps[2], ps[3], torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE), 0.1, 1e-5)
-        bn2 = (ps[6], ps[7], torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE), 0.1, 1e-5)
-        buf, pooled, stats = functional.double_conv_bn_relu(xs, ps[:2], bn1, ps[4:6], bn2, training=training,
-                                                            cat_channels=4, pool=True)
+        running = [torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE),
+                   torch.ones(16, device=DEVICE)]
+        factor = 0.1 if training else None
+        bn1 = functional.BatchNormArgs(ps[2], ps[3], running[0], running[1], 1e-5, factor, training)
+        bn2 = functional.BatchNormArgs(ps[6], ps[7], running[2], running[3], 1e-5, factor, training)
+        buf, pooled = functional.double_conv_bn_relu(xs, ps[:2], bn1, ps[4:6], bn2, cat_channels=4, pool=True)
         torch.autograd.backward([buf[:, :16], pooled], [grad_buf[:, :16], grad_pooled])
-        return [buf[:, :16].detach(), pooled.detach(), *stats, xs.grad, *(p.grad for p in ps)]
+        return [buf[:, :16].detach(), pooled.detach(), *running, xs.grad, *(p.grad for p in ps)]
 
     for got, want in zip(run("triton"), run("aten")):
         torch.testing.assert_close(got, want, **CONV_TOL[torch.float32])
