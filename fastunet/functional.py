@@ -66,16 +66,20 @@ class BatchNormArgs(NamedTuple):
         return self.eps, self.factor, self.training, self.group
 
 
-def _fold_taps(w, dim):
-    """Sub-pixel decomposition of upsample2x + conv3x3 along ``dim`` (3 taps r0, r1, r2): output phase 0 (even
-    rows) sees the 2-tap kernel (r0, r1 + r2), phase 1 (odd rows) (r0 + r1, r2). Returns both, stacked in a new
-    leading phase dimension, with ``dim`` of size 2. Plain tensor arithmetic: no constant to copy to the GPU."""
-    r0, r1, r2 = w.unbind(dim)
-    return torch.stack((torch.stack((r0, r1 + r2), dim), torch.stack((r0 + r1, r2), dim)))
+# The sub-pixel decomposition of upsample2x + conv3x3 along one axis: output phase 0 (even rows) sees the 2-tap
+# kernel (r0, r1 + r2) of the 3 taps r0, r1, r2, phase 1 (odd rows) (r0 + r1, r2). [phase][tap] -> the taps summed.
+_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def _tap_sum(t, dim, taps):
+    """The sum of ``t``'s ``taps`` along ``dim`` (a view where it is one tap)."""
+    first = t.select(dim, taps[0])
+    return first if len(taps) == 1 else first + t.select(dim, taps[1])
 
 
 def _unfold_taps(g, dim):
-    """The adjoint of _fold_taps: ``[2 phases, ..., 2 taps at dim, ...]`` -> ``[..., 3 taps at dim, ...]``."""
+    """The adjoint of the sub-pixel decomposition along one axis (_PHASE_TAPS): ``[2 phases, ..., 2 taps at dim,
+    ...]`` -> ``[..., 3 taps at dim, ...]``."""
     even, odd = g.unbind(0)
     e0, e1 = even.unbind(dim)
     o0, o1 = odd.unbind(dim)
@@ -84,15 +88,23 @@ def _unfold_taps(g, dim):
 
 def phase_weights(w):
     """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32 (float64 stays), in w's
-    memory format (a channels_last model's convs then take them without a layout copy).
+    memory format (a channels_last model's convs then take them without a layout copy). Made at every call: one
+    output allocation, each tap written once (the rows' tap sums, then the columns' into place).
 
     ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
     ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
     """
     o, i = w.shape[:2]
-    rows = _fold_taps(w.to(ops.acc_dtype(w.dtype)), 2)  # [a, O, I, 2, 3]
-    w4 = _fold_taps(rows, 4).transpose(0, 1).reshape(4 * o, i, 2, 2)  # [b, a, ...] -> [a, b, ...]
-    return w4.contiguous(memory_format=ops.memory_format_of(w))
+    w = w.to(ops.acc_dtype(w.dtype))
+    w4 = torch.empty((4 * o, i, 2, 2), dtype=w.dtype, device=w.device, memory_format=ops.memory_format_of(w))
+    phases = w4.unflatten(0, (2, 2, o))  # [a, b, O, I, row tap, column tap]
+    for a in range(2):
+        for row_tap in range(2):
+            rows = _tap_sum(w, 2, _PHASE_TAPS[a][row_tap])  # [O, I, 3 column taps]
+            for b in range(2):
+                for column_tap in range(2):
+                    phases[a, b, :, :, row_tap, column_tap] = _tap_sum(rows, 2, _PHASE_TAPS[b][column_tap])
+    return w4
 
 
 def phase_weights_backward(dw4, out_channels):
