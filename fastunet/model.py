@@ -139,6 +139,12 @@ def is_plain_maxpool(layer):
             and not layer.ceil_mode and not layer.return_indices)
 
 
+def _describe(kind, layers):
+    """``kind(Cin -> Cout)`` from the first and last convs among ``layers``' modules, as warnings name a block."""
+    convs = [m for m in layers.modules() if isinstance(m, nn.Conv2d)]
+    return f"{kind}({convs[0].in_channels} -> {convs[-1].out_channels})" if convs else f"a {kind}"
+
+
 def _layers_refusal(sequence, name, checks):
     """Why the layers of ``sequence`` (``name``) are not the ones the fused kernels replace, or None: each layer's
     type and settings (``checks``), hooks on it or on the sequence, parametrizations."""
@@ -259,8 +265,7 @@ class conv_block(_NotScriptable, reference.conv_block):
 
     def describe(self):
         """``conv_block(Cin -> Cout)`` (Conv2: ``conv_block(64 -> 128)``), as warnings name it."""
-        convs = [m for m in self.conv.modules() if isinstance(m, nn.Conv2d)]
-        return f"conv_block({convs[0].in_channels} -> {convs[-1].out_channels})" if convs else "a conv_block"
+        return _describe("conv_block", self.conv)
 
     def layers_refusal(self):
         """Why ``self.conv`` is not (Conv3x3 + BN + ReLU) x 2 as the fused kernels take it, or None."""
@@ -299,8 +304,7 @@ class up_conv(_NotScriptable, reference.up_conv):
 
     def describe(self):
         """``up_conv(Cin -> Cout)`` (Up2: ``up_conv(128 -> 64)``), as warnings name it."""
-        convs = [m for m in self.up.modules() if isinstance(m, nn.Conv2d)]
-        return f"up_conv({convs[0].in_channels} -> {convs[0].out_channels})" if convs else "an up_conv"
+        return _describe("up_conv", self.up)
 
     def layers_refusal(self):
         """Why ``self.up`` is not nearest-upsample x2 + Conv3x3 + BN + ReLU as the fused kernels take it, or None."""

@@ -69,17 +69,22 @@ def assert_change_matches_seed(exact, change, steps=1):
     checked(exact, lambda: assert_matches_seed(exact, *models(exact, change), steps=steps))
 
 
+def assert_step_matches(exact, got, want, ref64, x, g):
+    """A fastunet training step's results against the seed's: bit for bit in exact mode, within the error rule
+    against the float64 seed model's step on ``x``, ``g`` in fast mode."""
+    if exact:
+        assert_results_bitwise(got, want)
+    else:
+        assert_within_twice_reference_error(got, want, train_step(ref64, x.double(), g.double()))
+
+
 def assert_matches_seed(exact, ref, model, ref64, steps=1):
     """Training steps (forward, backward, an SGD update) of both models, compared after each: bit for bit in exact
     mode, where the models' states evolve alike; in fast mode within the error rule against the float64 seed
     model, each step from the seed model's state (so that one step's rounding does not carry into the next)."""
     for _ in range(steps):
         x, g = batch()
-        got, want = train_step(model, x, g), train_step(ref, x, g)
-        if exact:
-            assert_results_bitwise(got, want)
-        else:
-            assert_within_twice_reference_error(got, want, train_step(ref64, x.double(), g.double()))
+        assert_step_matches(exact, train_step(model, x, g), train_step(ref, x, g), ref64, x, g)
         with torch.no_grad():
             for m in (ref, model, ref64):
                 for p in m.parameters():
@@ -313,10 +318,7 @@ def test_forward_hooks_see_what_they_see_on_the_seed(exact):
                     assert_bitwise(a, b, f"{name} input")
             else:
                 torch.testing.assert_close(output, output_ref, rtol=1e-4, atol=1e-4)
-        if exact:
-            assert_results_bitwise(got, want)
-        else:
-            assert_within_twice_reference_error(got, want, train_step(ref64, x.double(), g.double()))
+        assert_step_matches(exact, got, want, ref64, x, g)
 
     checked(exact, check)
 
@@ -357,10 +359,7 @@ def test_forward_pre_hook_and_full_backward_hooks(exact):
                 assert_bitwise(a, b, f"gradient seen by the backward hook of {name}")
             else:
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-        if exact:
-            assert_results_bitwise(got, want)
-        else:
-            assert_within_twice_reference_error(got, want, train_step(ref64, x.double(), g.double()))
+        assert_step_matches(exact, got, want, ref64, x, g)
 
     checked(exact, check)
 
