@@ -257,11 +257,8 @@ def _exact_running_stats(bn):
 def _exact_bn(z, bn):
     """ATen's own BN call (the one F.batch_norm makes): output, what its backward needs, and the impl index."""
     running_mean, running_var = _exact_running_stats(bn)
-    t, save_mean, save_invstd, reserve, impl = _aten._batch_norm_impl_index(
-        z, bn.weight, bn.bias, running_mean, running_var, bn.training, bn.factor or 0.0, bn.eps,
-        torch.backends.cudnn.enabled,
-    )
-    return t, save_mean, save_invstd, reserve, impl
+    return _aten._batch_norm_impl_index(z, bn.weight, bn.bias, running_mean, running_var, bn.training,
+                                        bn.factor or 0.0, bn.eps, torch.backends.cudnn.enabled)
 
 
 def _exact_bn_backward(dy, z, bn, save_mean, save_invstd, reserve, impl, mask):
@@ -320,6 +317,9 @@ def _differentiable_backward(ctx, reference, inputs, grad_outputs):
     seed's pure-PyTorch ops run again and autograd (torch.func.vjp, which nests in transforms) differentiates
     them, so the gradients are differentiable in turn. Returns one entry per Function input."""
     need = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+    grads = [None] * len(ctx.needs_input_grad)
+    if not need:
+        return grads
 
     def run(*primals):
         args = list(inputs)
@@ -329,7 +329,6 @@ def _differentiable_backward(ctx, reference, inputs, grad_outputs):
 
     outputs, vjp = torch.func.vjp(run, *(inputs[i] for i in need))
     cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype) for o, g in zip(outputs, grad_outputs))
-    grads = [None] * len(ctx.needs_input_grad)
     for i, g in zip(need, vjp(cotangents)):
         grads[i] = g
     return grads
