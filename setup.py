@@ -5,12 +5,13 @@ CPU-only, and says so. Environment switches:
 
   FASTUNET_FORCE_CUDA=1   a CPU-only build is an error
   FASTUNET_SKIP_CUDA=1    build the CPU ops only, even where CUDA is available
-  TORCH_CUDA_ARCH_LIST    GPU archs (default "8.0;8.6;8.9;9.0+PTX": A100, A10/3090, L4/4090, H100, PTX for newer)
+  TORCH_CUDA_ARCH_LIST    GPU archs (default: cuda_arch_list in tools/build_settings.json)
   MAX_JOBS                parallel compile jobs (default: as many as cores and RAM allow, 4 GiB each)
   CUDA_HOME               the CUDA toolkit (default: the folder of `nvcc` on PATH, else /usr/local/cuda)
 
 The wheel's local version names what it was built against: 0.1.0+cu130torch2.14, or 0.1.0+cputorch2.14
-(the sdist is plain 0.1.0).
+(the sdist is plain 0.1.0). The compiler flags and the default archs are in tools/build_settings.json, shared with
+CMakeLists.txt.
 """
 
 import os
@@ -19,10 +20,9 @@ import sys
 from setuptools import setup
 
 BASE_VERSION = "0.1.0"
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-import cuda_toolchain  # noqa: E402  (tools/cuda_toolchain.py, shared with tests/test_cuda_codegen.py)
+import cuda_toolchain  # noqa: E402  (tools/cuda_toolchain.py: tools/build_settings.json, the CUDA toolkit)
 
 
 def _flag(name):
@@ -70,9 +70,9 @@ def _version(with_cuda):
 def _extension(with_cuda):
     sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp")]
     # OpenMP: at::parallel_for is inline, and without -fopenmp the CPU kernels would run on one thread. The
-    # runtime is torch's own libgomp.so.1 (already loaded, same soname). No FMA contraction (GCC's default
-    # where the target has FMA, e.g. aarch64): BN's z*scale + shift rounds twice, as PyTorch's.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # runtime is torch's own libgomp.so.1 (already loaded, same soname). CMake links OpenMP its own way, hence
+    # not in tools/build_settings.json.
+    cxx = [*cuda_toolchain.CXX_FLAGS, "-fopenmp"]
     link = ["-fopenmp"]
     macros = []
     if not with_cuda:
@@ -110,7 +110,7 @@ if not with_cuda and _flag("FASTUNET_FORCE_CUDA"):
     sys.exit(f"fastunet: FASTUNET_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
 os.environ.setdefault("MAX_JOBS", _max_jobs())
 if with_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_toolchain.DEFAULT_CUDA_ARCHS)
 print(
     f"fastunet: building the {'CUDA + CPU' if with_cuda else 'CPU-only'} ops library ({why}); "
     f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if with_cuda else '-'}, MAX_JOBS={os.environ['MAX_JOBS']}",

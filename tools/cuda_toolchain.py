@@ -1,13 +1,18 @@
-"""The CUDA toolchain settings of fastunet's build, in one place: setup.py builds with them and
+"""fastunet's build settings for Python: the default GPU archs and the compiler flags of tools/build_settings.json
+(CMakeLists.txt reads that file too), and where the CUDA toolchain is. setup.py builds with them and
 tests/test_cuda_codegen.py compiles csrc/ops_cuda.cu to PTX with them. Plain Python, importable without torch."""
 
 import glob
+import json
 import os
 import shutil
 import sys
 
-# -O3; --fmad=false: no FMA contraction in the CUDA kernels (BN's z*scale + shift rounds twice, as PyTorch's).
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_settings.json")) as _file:
+    _SETTINGS = json.load(_file)
+DEFAULT_CUDA_ARCHS = _SETTINGS["cuda_arch_list"]["default"]
+CXX_FLAGS = [entry["flag"] for entry in _SETTINGS["cxx_flags"]]
+NVCC_FLAGS = [entry["flag"] for entry in _SETTINGS["nvcc_flags"]]
 
 
 def find_cuda_home():
