@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastunet import ops
 from fastunet.bench import N_BATCHES
 
 VARIANTS = ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_triton_conv")
@@ -85,7 +86,7 @@ def test_block(timed, benchmark, models, device, shape, name, phase, variant, mo
     if variant == "fastunet_fast_triton_conv":
         if block_kind(name) == "up" or device.type != "cuda":
             pytest.skip("the Triton conv is a double block's second conv, on CUDA")
-        monkeypatch.setenv("FASTUNET_CONV", "triton")  # fast mode with fastunet's Triton second conv
+        monkeypatch.setattr(ops, "_conv3x3_mode", "triton")  # fast mode with fastunet's Triton second conv
     model = models("fastunet_fast" if variant == "fastunet_fast_triton_conv" else variant)
     benchmark.group = f"{name} {phase}"
     training = phase == "train"

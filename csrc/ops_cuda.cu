@@ -5,8 +5,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <limits>
 
 #include "ops_host.h"
 
@@ -98,12 +100,43 @@ dim3 tile_grid(int64_t rows, int64_t runs, const LaneMap& lanes) {
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
 }
 
+#ifdef FASTUNET_CUDA_ARCHS
+constexpr const char* kBuiltArchs = FASTUNET_CUDA_ARCHS;
+#else
+constexpr const char* kBuiltArchs = "the archs of TORCH_CUDA_ARCH_LIST at build time";
+#endif
+
+// Where this build holds no code for the current GPU, an error that says what to do instead of CUDA's "no kernel
+// image is available"; checked once per device.
+void check_code_for_current_device() {
+  constexpr int kDevices = 128;
+  static std::array<std::atomic<bool>, kDevices> has_code{};
+  const int index = at::cuda::current_device();
+  if (index < kDevices && has_code[index].load(std::memory_order_relaxed)) return;
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, finish_kernel<float, SumsFinish<float>>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    const cudaDeviceProp* gpu = at::cuda::getDeviceProperties(index);
+    TORCH_CHECK(false, "fastunet's compiled CUDA kernels hold no code for ", gpu->name, " (sm_", gpu->major,
+                gpu->minor, "; built for ", kBuiltArchs, "). Run fastunet's Triton kernels instead (the default: "
+                "leave FASTUNET_CUDA_BACKEND unset, or call fastunet.ops.select_cuda_kernels(\"triton\")), or rebuild "
+                "with TORCH_CUDA_ARCH_LIST=\"", gpu->major, ".", gpu->minor, "\"");
+  }
+  if (index < kDevices) has_code[index].store(true, std::memory_order_relaxed);
+}
+
 // The CUDA backend of ops_host.h.
 struct CudaBackend {
   template <typename acc_t>
   using sum_type = acc_t;
 
-  static c10::cuda::CUDAGuard guard(const Tensor& z) { return c10::cuda::CUDAGuard(z.device()); }
+  // The device guard of an op's call, which also checks that this build has code for the device.
+  struct Guard {
+    c10::cuda::CUDAGuard device;
+    explicit Guard(const Tensor& z) : device(z.device()) { check_code_for_current_device(); }
+  };
+
+  static Guard guard(const Tensor& z) { return Guard(z); }
 
   // cells_kernel over the grid, with runs of `width` channels and the lane layout that matches z's.
   template <typename scalar_t, typename F>

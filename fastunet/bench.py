@@ -539,10 +539,13 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Here, and in the environment of the memory-measuring subprocess, which reads it at import.
     if args.conv:
         os.environ["FASTUNET_CONV"] = args.conv
+        ops.set_conv3x3_mode(args.conv)
     if args.ops_backend:
         os.environ["FASTUNET_CUDA_BACKEND"] = args.ops_backend
+        ops.select_cuda_kernels(args.ops_backend)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

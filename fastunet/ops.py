@@ -1,10 +1,18 @@
-"""The fused memory-bound ops around a U-Net block's convolutions, and where each one runs.
+"""The fused memory-bound ops around a U-Net block's convolutions: their one registry, ``FUSED_OPS``, and the
+dispatcher as their one door (``torch.ops.fastunet.<op>``; the functions of the same name here call it).
 
-Every op exists three times:
-  * ``torch.ops.fastunet.<op>``: compiled CPU and CUDA kernels (csrc/), schema declared in C++;
-  * ``fastunet.kernels``: Triton kernels (CUDA; CPU under TRITON_INTERPRET=1);
-  * ``<op>_ref`` here: pure PyTorch, the specification the other two are tested against, and the
-    fallback where neither is available.
+Each op has, under its one name:
+  * its schema, ``FUSED_OPS[<op>].schema`` (the compiled library declares the same in csrc/ops.cpp, for
+    libtorch users; tests/test_ops.py holds the two equal);
+  * its specification ``<op>_ref`` here: pure PyTorch, what the kernels are tested against, and the kernel of
+    every device that has no other (registered under CompositeExplicitAutograd);
+  * its fake ``<op>_fake`` here (output shapes for torch.compile and torch.export);
+  * its kernels: on the CPU the compiled one (csrc/ops_host.h ``CellOps::<op>``, csrc/ops.cpp); on CUDA the
+    Triton one (``fastunet.kernels.<op>``, in kernels/``FUSED_OPS[<op>].triton_module``.py) or, with
+    FASTUNET_CUDA_BACKEND=cuda, the compiled CUDA one (csrc/ops_cuda.cu). The per-element math is defined
+    once per language: csrc/fastunet_math.h, kernels/utils.py, and the helpers above the references here.
+Which kernel serves which device is registered with the dispatcher once, at import (environment variables are
+read then; ``select_cuda_kernels`` and ``set_conv3x3_mode`` change the choice later).
 
 Geometry (see csrc/fastunet_math.h): ``z`` is a conv output ``[N, S*S*C, H+S-1, W+S-1]`` with
 ``upscale`` S = 1 (plain block) or 2 (sub-pixel up block, phase p = 2a+b in channel block p); the
@@ -14,15 +22,14 @@ Activations may be NCHW-contiguous, channels_last or any strided view (e.g. a co
 """
 
 import functools
+import importlib.util
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import _ext
-
-# The five fused ops, each in three implementations (module docstring).
-FUSED_OPS = ("bn_stats", "bn_relu_pool", "relu_pool_backward", "bn_relu_backward_reduce", "bn_relu_backward_apply")
 
 __all__ = [
     "bn_stats",
@@ -32,8 +39,10 @@ __all__ = [
     "bn_relu_backward_apply",
     "FUSED_OPS",
     "backend_for",
+    "select_cuda_kernels",
     "conv3x3_backend",
     "conv3x3_mode",
+    "set_conv3x3_mode",
 ]
 
 
@@ -140,19 +149,20 @@ def bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, upscal
     return d.sum(dim=(0, 2, 3)), (d * xmu).sum(dim=(0, 2, 3))
 
 
+def bn_backward_dz(dy, xmu, scale, invstd, sum_dy, sum_dy_xmu, count):
+    """BatchNorm's training-mode input gradient from the gradient ``dy`` of its output and ``xmu = x - mean``
+    (``[N, C, H, W]``), given the per-channel ``[C]`` sums over ``count`` values: ``sum(dy)``, ``sum(dy * xmu)``:
+    ``scale * (dy - sum_dy/count - xmu * invstd^2 * sum_dy_xmu/count)``, with ``scale = weight * invstd``."""
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    return v(scale) * (dy - v(sum_dy) / count - xmu * v(invstd) * v(invstd) * v(sum_dy_xmu) / count)
+
+
 def bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale):
     acc = acc_dtype(z.dtype)
     d = _relu_pool_dy(grad, grad_pooled, z, scale, shift, upscale)
-    m = d.shape[0] * d.shape[2] * d.shape[3]
-    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-    xmu = to_logical(z, upscale).to(acc) - v(mean)
-    dz = v(scale) * (d - v(sum_dy) / m - xmu * v(invstd) * v(invstd) * v(sum_dy_xmu) / m)
-    return from_logical(dz, z, upscale)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fake (meta) kernels of the compiled ops, so torch.compile traces them without a graph break
-# ----------------------------------------------------------------------------------------------------
+    xmu = to_logical(z, upscale).to(acc) - mean.view(1, -1, 1, 1)
+    count = d.shape[0] * d.shape[2] * d.shape[3]
+    return from_logical(bn_backward_dz(d, xmu, scale, invstd, sum_dy, sum_dy_xmu, count), z, upscale)
 
 
 def _check_geometry(z, upscale):
@@ -161,111 +171,209 @@ def _check_geometry(z, upscale):
     torch._check(z.shape[1] % (upscale * upscale) == 0, lambda: "conv channels not a multiple of upscale^2")
 
 
-def _register_fakes():
-    lib = "fastunet::"
-
-    @torch.library.register_fake(lib + "bn_stats")
-    def _(z, upscale):
-        _check_geometry(z, upscale)
-        c = z.shape[1] // (upscale * upscale)
-        return z.new_empty(c, dtype=acc_dtype(z.dtype)), z.new_empty(c, dtype=acc_dtype(z.dtype))
-
-    @torch.library.register_fake(lib + "bn_relu_pool")
-    def _(z, scale, shift, upscale, out, pooled):
-        _check_geometry(z, upscale)
-        torch._check(tuple(out.shape) == logical_shape(z, upscale), lambda: "out has the wrong shape")
-        return None
-
-    @torch.library.register_fake(lib + "relu_pool_backward")
-    def _(grad, grad_pooled, z, scale, shift, upscale):
-        _check_geometry(z, upscale)
-        return torch.empty_like(z)
-
-    @torch.library.register_fake(lib + "bn_relu_backward_reduce")
-    def _(grad, grad_pooled, z, scale, shift, mean, upscale):
-        _check_geometry(z, upscale)
-        return torch.empty_like(mean), torch.empty_like(mean)
-
-    @torch.library.register_fake(lib + "bn_relu_backward_apply")
-    def _(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale):
-        _check_geometry(z, upscale)
-        return torch.empty_like(z)
+def bn_stats_fake(z, upscale):
+    _check_geometry(z, upscale)
+    c = z.shape[1] // (upscale * upscale)
+    return z.new_empty(c, dtype=acc_dtype(z.dtype)), z.new_empty(c, dtype=acc_dtype(z.dtype))
 
 
-if _ext.available():
-    _register_fakes()
+def bn_relu_pool_fake(z, scale, shift, upscale, out, pooled):
+    _check_geometry(z, upscale)
+    torch._check(tuple(out.shape) == logical_shape(z, upscale), lambda: "out has the wrong shape")
+
+
+def relu_pool_backward_fake(grad, grad_pooled, z, scale, shift, upscale):
+    _check_geometry(z, upscale)
+    return torch.empty_like(z)
+
+
+def bn_relu_backward_reduce_fake(grad, grad_pooled, z, scale, shift, mean, upscale):
+    _check_geometry(z, upscale)
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+def bn_relu_backward_apply_fake(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale):
+    _check_geometry(z, upscale)
+    return torch.empty_like(z)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Backend choice
+# The registry
 # ----------------------------------------------------------------------------------------------------
 
-_BACKENDS = ("compiled", "triton", "reference")
+
+class FusedOp(NamedTuple):
+    """One fused op: ``torch.ops.fastunet.<name>`` with ``schema``, specified by ``reference`` (its ``<name>_ref``),
+    shaped by ``fake``; its Triton kernel is ``<name>`` in kernels/``triton_module``.py."""
+
+    name: str
+    schema: str
+    reference: Callable
+    fake: Callable
+    triton_module: str
 
 
-def _triton_usable():
-    try:
-        from . import kernels  # noqa: F401
-    except ImportError:
-        return False
-    return kernels.available()
+FUSED_OPS = {op.name: op for op in (
+    FusedOp("bn_stats", "bn_stats(Tensor z, int upscale) -> (Tensor mean, Tensor var)",
+            bn_stats_ref, bn_stats_fake, "bn_stats"),
+    FusedOp("bn_relu_pool",
+            "bn_relu_pool(Tensor z, Tensor scale, Tensor shift, int upscale, Tensor(a!) out, Tensor(b!)? pooled) -> ()",
+            bn_relu_pool_ref, bn_relu_pool_fake, "bn_relu_pool"),
+    FusedOp("relu_pool_backward",
+            "relu_pool_backward(Tensor grad, Tensor? grad_pooled, Tensor z, Tensor scale, Tensor shift, int upscale) "
+            "-> Tensor",
+            relu_pool_backward_ref, relu_pool_backward_fake, "bn_relu_backward"),
+    FusedOp("bn_relu_backward_reduce",
+            "bn_relu_backward_reduce(Tensor grad, Tensor? grad_pooled, Tensor z, Tensor scale, Tensor shift, "
+            "Tensor mean, int upscale) -> (Tensor sum_dy, Tensor sum_dy_xmu)",
+            bn_relu_backward_reduce_ref, bn_relu_backward_reduce_fake, "bn_relu_backward"),
+    FusedOp("bn_relu_backward_apply",
+            "bn_relu_backward_apply(Tensor grad, Tensor? grad_pooled, Tensor z, Tensor scale, Tensor shift, "
+            "Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int upscale) -> Tensor",
+            bn_relu_backward_apply_ref, bn_relu_backward_apply_fake, "bn_relu_backward"),
+)}
 
 
-def backend_for(device):
-    """Which implementation the ops use on ``device``: "compiled", "triton" or "reference".
-
-    On CUDA: Triton by default, the compiled CUDA kernels with ``FASTUNET_CUDA_BACKEND=cuda``; on the
-    CPU: the compiled kernels. Whatever is missing falls back, in that order, to pure PyTorch, with one
-    warning where a GPU cannot run the kernels (below sm_80, or an arch the build lacks).
-    ``FASTUNET_BACKEND=reference`` forces pure PyTorch everywhere.
-    """
-    device = torch.device(device)
-    forced = os.environ.get("FASTUNET_BACKEND", "").strip().lower()
-    if forced == "reference":
-        return "reference"
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_backend(index, os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower() == "cuda")
-    if device.type == "cpu" and _ext.available():
-        return "compiled"
-    return "reference"
-
+# ----------------------------------------------------------------------------------------------------
+# Which kernel serves which device: registered with the dispatcher at import
+# ----------------------------------------------------------------------------------------------------
 
 MIN_CUDA_CAPABILITY = (8, 0)
+CUDA_KERNELS = ("triton", "compiled", "reference")
+
+# Schemas (without the compiled library), fakes, the references as the fallback kernels.
+_LIBRARY = torch.library.Library("fastunet", "FRAGMENT")
+_cuda_library = None  # the CUDA kernels registered from Python (Triton or the references), or None: compiled
+_cuda_kernels = None  # what serves CUDA: one of CUDA_KERNELS
+_forced_reference = os.environ.get("FASTUNET_BACKEND", "").strip().lower() == "reference"
+
+
+def _triton_installed():
+    """Whether the Triton kernels can be registered: triton is installed and torch can launch it (2.6+)."""
+    return importlib.util.find_spec("triton") is not None and hasattr(torch.library, "triton_op")
+
+
+def _register_ops():
+    for op in FUSED_OPS.values():
+        if not _ext.available():
+            _LIBRARY.define(op.schema)
+        torch.library.register_fake(f"fastunet::{op.name}", op.fake, lib=_LIBRARY)
+        _LIBRARY.impl(op.name, op.reference, "CompositeExplicitAutograd")
+        if _forced_reference and _ext.available():
+            _LIBRARY.impl(op.name, op.reference, "CPU")
+
+
+def select_cuda_kernels(kernels):
+    """Registers which kernels serve the fused ops on CUDA tensors and returns the choice made: "triton" (the
+    default; a GPU below sm_80 runs the references, with one warning), "compiled" (csrc/ops_cuda.cu; "cuda" is
+    taken for it, as in FASTUNET_CUDA_BACKEND=cuda) or "reference". A choice this install cannot serve gives way,
+    with one warning: compiled to Triton, Triton to compiled, either to the references."""
+    global _cuda_library, _cuda_kernels
+    kernels = {"cuda": "compiled"}.get(kernels, kernels)
+    if kernels not in CUDA_KERNELS:
+        raise ValueError(f"fastunet: the CUDA kernels are one of {', '.join(CUDA_KERNELS)} ('cuda' = compiled); "
+                         f"got {kernels!r}")
+    available = {"triton": _triton_installed(), "compiled": _ext.has_cuda_kernels(), "reference": True}
+    if not available[kernels]:
+        fallback = next(k for k in ("compiled", "triton", "reference") if k != kernels and available[k])
+        _ext.warn_once(("cuda-kernels", kernels), f"fastunet: the {kernels} CUDA kernels are not in this install "
+                                                  f"({_ext.built_info()['error'] or 'not built'}); the {fallback} "
+                                                  "kernels serve CUDA instead")
+        kernels = fallback
+    if _cuda_library is not None:
+        _cuda_library._destroy()
+    _cuda_library = None
+    if kernels != "compiled":
+        _cuda_library = torch.library.Library("fastunet", "FRAGMENT")
+        for op in FUSED_OPS.values():
+            _cuda_library.impl(op.name, _triton_kernel(op) if kernels == "triton" else op.reference, "CUDA")
+    _cuda_kernels = kernels
+    _gpu_runs_triton.cache_clear()
+    return kernels
+
+
+def _triton_kernel(op):
+    """The CUDA kernel registered for ``op`` with the Triton kernels: Triton's, or the reference on a GPU below
+    sm_80 (decided once per GPU)."""
+
+    def run(*args):
+        if _gpu_runs_triton(args[0].device.index):
+            from . import kernels
+
+            return getattr(kernels, op.name)(*args)
+        return op.reference(*args)
+
+    return run
 
 
 @torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
-def _cuda_backend(index, prefer_compiled):
-    """backend_for on CUDA device ``index``: decided once per device and preference (it is asked at every op
-    call), a constant for torch.compile."""
+def _gpu_runs_triton(index):
+    """Whether the Triton kernels run on CUDA device ``index`` (compute capability 8.0 or newer); decided at the
+    first call on it (asking at import would initialise CUDA), a constant for torch.compile."""
     capability = tuple(torch.cuda.get_device_capability(index))
+    if capability >= MIN_CUDA_CAPABILITY:
+        return True
     gpu = f"{torch.cuda.get_device_name(index)} (sm_{capability[0]}{capability[1]})"
-    if capability < MIN_CUDA_CAPABILITY:
-        _ext.warn_once(("old-gpu", capability), f"fastunet's kernels need a GPU of compute capability 8.0 or newer; "
-                                                f"{gpu} runs fastunet's pure-PyTorch path")
+    _ext.warn_once(("old-gpu", capability), f"fastunet's kernels need a GPU of compute capability 8.0 or newer; "
+                                            f"{gpu} runs fastunet's pure-PyTorch ops")
+    return False
+
+
+def backend_for(device):
+    """Which kernels serve the fused ops on ``device``: "compiled" (csrc/), "triton" or "reference" (pure PyTorch).
+
+    The CPU: the compiled kernels, or the references without the compiled library or with
+    ``FASTUNET_BACKEND=reference``. CUDA: ``select_cuda_kernels``'s choice (at import: FASTUNET_CUDA_BACKEND,
+    default triton; the references with FASTUNET_BACKEND=reference); with Triton, the references on a GPU below
+    sm_80. Other devices: the references.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "compiled" if _ext.available() and not _forced_reference else "reference"
+    if device.type != "cuda":
         return "reference"
-    arch_problem = _ext.cuda_arch_problem(capability) if _ext.has_cuda_kernels() else "no compiled CUDA kernels"
-    if prefer_compiled and arch_problem is None:
-        return "compiled"
-    if prefer_compiled and _ext.has_cuda_kernels():
-        _ext.warn_once(("arch", capability), f"{arch_problem}. fastunet runs its Triton kernels on {gpu} instead")
-    if _triton_usable():
-        return "triton"
-    if arch_problem is None:
-        return "compiled"
-    _ext.warn_once(("no-kernels", capability), f"fastunet has no kernels for {gpu}: triton is not usable and "
-                                               f"{arch_problem[0].lower()}{arch_problem[1:]}; running its "
-                                               "pure-PyTorch path")
-    return "reference"
+    if _cuda_kernels != "triton":
+        return _cuda_kernels
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "triton" if _gpu_runs_triton(index) else "reference"
 
 
+def _triton_usable():
+    """Whether the Triton kernels run here (fastunet.kernels.available())."""
+    if not _triton_installed():
+        return False
+    from . import kernels
+
+    return kernels.available()
+
+
+_register_ops()
+select_cuda_kernels("reference" if _forced_reference else os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The second conv of a fast-mode double block
+# ----------------------------------------------------------------------------------------------------
+
+CONV3X3_MODES = ("aten", "triton", "auto")
+_conv3x3_mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
 _CONV_CHOICES = {}
 
 
 def conv3x3_mode():
-    """``FASTUNET_CONV`` as read: "aten" (the default), "triton" or "auto" (see conv3x3_backend)."""
-    return os.environ.get("FASTUNET_CONV", "aten").strip().lower()
+    """What runs a fast-mode double block's second conv: "aten" (the default), "triton" or "auto" (see
+    conv3x3_backend); FASTUNET_CONV at import, or ``set_conv3x3_mode``."""
+    return _conv3x3_mode
+
+
+def set_conv3x3_mode(mode):
+    """Sets conv3x3_mode() to ``mode`` (one of CONV3X3_MODES) and returns the previous mode."""
+    global _conv3x3_mode
+    if mode not in CONV3X3_MODES:
+        raise ValueError(f"fastunet: the second conv's mode is one of {', '.join(CONV3X3_MODES)}, got {mode!r}")
+    previous, _conv3x3_mode = _conv3x3_mode, mode
+    return previous
 
 
 def conv3x3_backend(x, weight, stats=True):
@@ -275,7 +383,7 @@ def conv3x3_backend(x, weight, stats=True):
     "triton" (fastunet.kernels.conv3x3_bn_relu_stats: the activation is formed in the conv's input load and
     never written, and layer 2's BN statistics come from the conv's epilogue).
 
-    ``FASTUNET_CONV=aten`` (default until the Triton conv is measured at parity), ``triton`` (wherever the
+    conv3x3_mode() ``aten`` (default until the Triton conv is measured at parity), ``triton`` (wherever the
     Triton kernels run), or ``auto``: on CUDA, both are timed on the first call of each shape and the faster is
     kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten, and under
     torch.use_deterministic_algorithms(True) every shape does).
@@ -326,15 +434,9 @@ def _time_conv3x3(x, weight, stats, reps=5):
     return min(times, key=times.get)
 
 
-def _impl(name, device):
-    backend = backend_for(device)
-    if backend == "compiled":
-        return getattr(torch.ops.fastunet, name)
-    if backend == "triton":
-        from . import kernels
-
-        return getattr(kernels, name)
-    return globals()[name + "_ref"]
+# ----------------------------------------------------------------------------------------------------
+# The ops, through the dispatcher
+# ----------------------------------------------------------------------------------------------------
 
 
 def bn_stats(z, upscale):
@@ -343,7 +445,7 @@ def bn_stats(z, upscale):
     z: ``[N, S*S*C, H+S-1, W+S-1]`` float32/bfloat16/float16/float64, any layout. Returns two ``[C]``
     tensors in float32 (float64 for float64 input). Needs at least one element per channel.
     """
-    return _impl("bn_stats", z.device)(z, upscale)
+    return torch.ops.fastunet.bn_stats(z, upscale)
 
 
 def bn_relu_pool(z, scale, shift, upscale, out, pooled=None):
@@ -352,7 +454,7 @@ def bn_relu_pool(z, scale, shift, upscale, out, pooled=None):
     out: ``[N, C, S*H, S*W]`` of z's dtype, any strides (a concat-buffer slice works);
     pooled: ``[N, C, S*H/2, S*W/2]`` or None. Max-pool ties and NaNs follow ATen's max_pool2d.
     """
-    _impl("bn_relu_pool", z.device)(z, scale, shift, upscale, out, pooled)
+    torch.ops.fastunet.bn_relu_pool(z, scale, shift, upscale, out, pooled)
 
 
 def relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale):
@@ -361,12 +463,12 @@ def relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale):
     ``y`` is recomputed from z, scale, shift (rounded to grad's dtype, as the forward stored it).
     z entries no output pixel reads get 0.
     """
-    return _impl("relu_pool_backward", z.device)(grad, grad_pooled, z, scale, shift, upscale)
+    return torch.ops.fastunet.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale)
 
 
 def bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale):
     """Per-channel ``sum(dy)`` and ``sum(dy * (z - mean))`` of the pre-ReLU gradient dy (float32 ``[C]``)."""
-    return _impl("bn_relu_backward_reduce", z.device)(grad, grad_pooled, z, scale, shift, mean, upscale)
+    return torch.ops.fastunet.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
 
 
 def bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale):
@@ -375,6 +477,5 @@ def bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum
     ``dz = scale * (dy - sum_dy/M - (z-mean) * invstd^2 * sum_dy_xmu/M)``, M = N*(S*H)*(S*W); with zero
     sums it is the eval-mode gradient ``scale * dy``. Laid out like z; unread z entries get 0.
     """
-    return _impl("bn_relu_backward_apply", z.device)(
-        grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, upscale
-    )
+    return torch.ops.fastunet.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy,
+                                                     sum_dy_xmu, upscale)

@@ -12,6 +12,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunction
 
+from .ops import bn_backward_dz
+
 
 # torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -92,7 +94,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dbias = None if weight is None else sum_dy.to(weight.dtype)
         all_dy, all_dy_xmu = all_reduce_sums(sum_dy, sum_dy_xmu, ctx.group)
         scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-        dx = (dyf - _channel(all_dy / total) - xmu * _channel(invstd.square() * all_dy_xmu / total)) * _channel(scale)
+        dx = bn_backward_dz(dyf, xmu, scale, invstd, all_dy, all_dy_xmu, total)
         return dx.to(x.dtype), dweight, dbias, None, None, None, None, None
 
 

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from .utils import (
+    bn_backward_dz,
     channel_sum,
     check_activation,
     elementwise_grid,
@@ -50,11 +50,8 @@ def _backward_z_kernel(grad_ptr, grad_pooled_ptr, z_ptr, scale_ptr, shift_ptr, m
                                n, u, k, v, c, C, H, W, g_sn, g_sc, g_sh, g_sw, p_sn, p_sc, p_sh, p_sw,
                                z_sn, z_sc, z_sh, z_sw, S, POOL)
     if APPLY_BN:
-        inv_count = 1.0 / tl.cast(count, scale.dtype)
-        invstd = load_channels(invstd_ptr, c, C)
-        projection = invstd * invstd * load_channels(sum_dy_xmu_ptr, c, C) * inv_count
-        mean_dy = load_channels(sum_dy_ptr, c, C) * inv_count
-        dz = scale * (dy - mean_dy - (x - load_channels(mean_ptr, c, C)) * projection)
+        dz = bn_backward_dz(dy, x, load_channels(mean_ptr, c, C), load_channels(invstd_ptr, c, C), scale,
+                            load_channels(sum_dy_ptr, c, C), load_channels(sum_dy_xmu_ptr, c, C), count)
     else:
         dz = dy
     tl.store(dz_ptr + z_offsets(n, u, k, v, c, C, d_sn, d_sc, d_sh, d_sw, S),
@@ -115,7 +112,7 @@ def _launch_backward_z(grad, grad_pooled, z, scale, shift, upscale, bn_args):
     dz = torch.empty_like(z)
     grad_pooled_arg, grad_pooled_strides = optional_tensor(grad_pooled, grad)
     mean, invstd, sum_dy, sum_dy_xmu = (scale,) * 4 if bn_args is None else bn_args
-    wrap_triton(_backward_z_kernel)[elementwise_grid(g, t, border)](
+    _backward_z_kernel[elementwise_grid(g, t, border)](
         grad, grad_pooled_arg, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu, dz,
         g.channels, g.height, g.width, g.cell_rows + 2 * border, g.count,
         *grad.stride(), *grad_pooled_strides, *z.stride(), *dz.stride(),
@@ -125,7 +122,6 @@ def _launch_backward_z(grad, grad_pooled, z, scale, shift, upscale, bn_args):
     return dz
 
 
-@triton_op("fastunet_triton::relu_pool_backward", mutates_args=())
 def relu_pool_backward(grad: torch.Tensor, grad_pooled: Optional[torch.Tensor], z: torch.Tensor,
                        scale: torch.Tensor, shift: torch.Tensor, upscale: int) -> torch.Tensor:
     """Gradient w.r.t. the pre-ReLU values, laid out like z: ``(grad + unpool(grad_pooled)) * (y > 0)``.
@@ -137,7 +133,6 @@ def relu_pool_backward(grad: torch.Tensor, grad_pooled: Optional[torch.Tensor], 
     return _launch_backward_z(grad, grad_pooled, z, scale, shift, upscale, None)
 
 
-@triton_op("fastunet_triton::bn_relu_backward_reduce", mutates_args=())
 def bn_relu_backward_reduce(grad: torch.Tensor, grad_pooled: Optional[torch.Tensor], z: torch.Tensor,
                             scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
                             upscale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,18 +145,17 @@ def bn_relu_backward_reduce(grad: torch.Tensor, grad_pooled: Optional[torch.Tens
     r = plan_reduction(g, z, _PARTIALS)
     sum_dy, sum_dy_xmu = r.results
     grad_pooled_arg, grad_pooled_strides = optional_tensor(grad_pooled, grad)
-    wrap_triton(_backward_reduce_partial_kernel)[r.chunk_grid](
+    _backward_reduce_partial_kernel[r.chunk_grid](
         grad, grad_pooled_arg, z, scale, shift, mean, r.partial, g.channels, g.height, g.width, g.cell_rows,
         g.cell_cols, r.rows, r.rows_per_chunk, r.chunks, *grad.stride(), *grad_pooled_strides, *z.stride(),
         S=upscale, POOL=grad_pooled is not None, BLOCK_V=r.tiles.block_v, BLOCK_C=r.tiles.block_c,
     )
-    wrap_triton(_sum_chunks_kernel)[r.combine_grid](
+    _sum_chunks_kernel[r.combine_grid](
         r.partial, sum_dy, sum_dy_xmu, g.channels, r.chunks, BLOCK_K=_BLOCK_CHUNKS, BLOCK_C=r.tiles.block_c,
     )
     return sum_dy, sum_dy_xmu
 
 
-@triton_op("fastunet_triton::bn_relu_backward_apply", mutates_args=())
 def bn_relu_backward_apply(grad: torch.Tensor, grad_pooled: Optional[torch.Tensor], z: torch.Tensor,
                            scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                            sum_dy: torch.Tensor, sum_dy_xmu: torch.Tensor, upscale: int) -> torch.Tensor:

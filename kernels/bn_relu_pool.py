@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from .utils import (
     bn_relu_tile,
@@ -45,7 +44,6 @@ def _bn_relu_pool_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, pooled_ptr, C, H,
                  mask=cell_mask(u, v, c, C, H, W, S))
 
 
-@triton_op("fastunet_triton::bn_relu_pool", mutates_args={"out", "pooled"})
 def bn_relu_pool(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, upscale: int, out: torch.Tensor,
                  pooled: Optional[torch.Tensor] = None) -> None:
     """Writes ``out = relu(z*scale + shift)`` in the logical layout and, if given, ``pooled = maxpool2x2(out)``.
@@ -60,7 +58,7 @@ def bn_relu_pool(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, upsc
         check_activation(pooled, g, z, "pooled", pooled=True)
     t = tiles(g, z)
     pooled_arg, pooled_strides = optional_tensor(pooled, out)
-    wrap_triton(_bn_relu_pool_kernel)[elementwise_grid(g, t)](
+    _bn_relu_pool_kernel[elementwise_grid(g, t)](
         z, scale, shift, out, pooled_arg, g.channels, g.height, g.width, g.cell_rows,
         *z.stride(), *out.stride(), *pooled_strides,
         S=upscale, POOL=pooled is not None, BLOCK_V=t.block_v, BLOCK_C=t.block_c,

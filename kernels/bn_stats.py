@@ -10,7 +10,6 @@ per-channel sum over the chunks that also forms mean and variance.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from .utils import (
     channel_sum,
@@ -71,7 +70,6 @@ def _bn_stats_finalize_kernel(z_ptr, partial_ptr, mean_ptr, var_ptr, C, count, c
     tl.store(var_ptr + channels, tl.where(var < 0.0, 0.0, var), mask=channels < C)  # NaN stays NaN
 
 
-@triton_op("fastunet_triton::bn_stats", mutates_args=())
 def bn_stats(z: torch.Tensor, upscale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance of the logical BN input read from conv output ``z``.
 
@@ -82,11 +80,11 @@ def bn_stats(z: torch.Tensor, upscale: int) -> tuple[torch.Tensor, torch.Tensor]
     torch._check(g.count > 0, lambda: "fastunet.bn_stats: empty batch")
     r = plan_reduction(g, z, _PARTIALS)
     mean, var = r.results
-    wrap_triton(_bn_stats_partial_kernel)[r.chunk_grid](
+    _bn_stats_partial_kernel[r.chunk_grid](
         z, r.partial, g.channels, g.height, g.width, g.cell_rows, g.cell_cols, r.rows, r.rows_per_chunk, r.chunks,
         *z.stride(), S=upscale, BLOCK_V=r.tiles.block_v, BLOCK_C=r.tiles.block_c,
     )
-    wrap_triton(_bn_stats_finalize_kernel)[r.combine_grid](
+    _bn_stats_finalize_kernel[r.combine_grid](
         z, r.partial, mean, var, g.channels, g.count, r.chunks, z.stride(1), BLOCK_K=_BLOCK_CHUNKS,
         BLOCK_C=r.tiles.block_c,
     )

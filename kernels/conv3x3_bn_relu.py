@@ -90,7 +90,7 @@ def _blocks(device):
     return (128, 64, 32) if device.type == "cuda" else (32, 16, 16)
 
 
-@triton_op("fastunet_triton::conv3x3_bn_relu_stats", mutates_args=())
+@triton_op("fastunet::conv3x3_bn_relu_stats", mutates_args=())
 def conv3x3_bn_relu_stats(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
                           stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z = conv3x3(relu(x*scale + shift), weight)`` (padding 1, no bias) and, if ``stats``, the per-channel

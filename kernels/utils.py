@@ -156,6 +156,15 @@ def bn_relu(x, scale, shift):
 
 
 @triton.jit
+def bn_backward_dz(dy, x, mean, invstd, scale, sum_dy, sum_dy_xmu, count):
+    """BatchNorm's training-mode input gradient (as fastunet_math.h's bn_backward_dz and fastunet.ops.bn_backward_dz):
+    ``scale * (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count)``."""
+    inv_count = 1.0 / tl.cast(count, scale.dtype)
+    projection = invstd * invstd * sum_dy_xmu * inv_count
+    return scale * (dy - sum_dy * inv_count - (x - mean) * projection)
+
+
+@triton.jit
 def bn_relu_tile(z_ptr, scale, shift, n, u, k, v, c, C, mask, z_sn, z_sc, z_sh, z_sw, S: tl.constexpr,
                  ROUND_TO: tl.constexpr):
     """z of the tile pixels and their BN+ReLU output rounded through ROUND_TO (the stored dtype), both in

@@ -28,12 +28,14 @@ BACKENDS = ["cuda", "triton"]
 
 
 @pytest.fixture(params=BACKENDS)
-def cuda_backend(request, monkeypatch):
+def cuda_backend(request):
     if request.param == "cuda" and not _ext.has_cuda_kernels():
         pytest.skip("the compiled library has no CUDA kernels")
-    monkeypatch.setenv("FASTUNET_CUDA_BACKEND", request.param)
+    previous = ops.backend_for("cuda")
+    ops.select_cuda_kernels(request.param)
     assert ops.backend_for("cuda") == ("compiled" if request.param == "cuda" else "triton")
-    return request.param
+    yield request.param
+    ops.select_cuda_kernels(previous)
 
 
 def on_gpu(*tensors):

@@ -97,17 +97,17 @@ def test_mismatched_library_is_refused(monkeypatch, torch_version, cuda_version,
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """Pretends cuda:0 is a GPU of the given compute capability; returns the warnings seen afterwards."""
+    """Pretends cuda:0 is a GPU of the given compute capability, with the Triton kernels serving CUDA."""
     monkeypatch.setattr(_ext, "_warned", set())
-    monkeypatch.delenv("FASTUNET_BACKEND", raising=False)
-    ops._cuda_backend.cache_clear()  # the decision is cached per device: forget the real GPU's, and the fake's
+    previous = ops._cuda_kernels
+    ops.select_cuda_kernels("triton")  # also forgets the per-GPU decisions: the real GPU's, and the fake's
 
     def make(capability):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
 
     yield make
-    ops._cuda_backend.cache_clear()
+    ops.select_cuda_kernels(previous)
 
 
 def _backend_and_warnings(times=2):
@@ -118,29 +118,18 @@ def _backend_and_warnings(times=2):
     return backends.pop(), [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
 
 
-def test_gpu_below_sm80_runs_pure_pytorch_with_one_warning(fake_gpu, monkeypatch):
+@pytest.mark.skipif(not ops._triton_installed(), reason="needs triton")
+def test_gpu_below_sm80_runs_pure_pytorch_with_one_warning(fake_gpu):
     fake_gpu((7, 5))
-    monkeypatch.setenv("FASTUNET_CUDA_BACKEND", "cuda")
     backend, seen = _backend_and_warnings()
     assert backend == "reference"
     assert len(seen) == 1 and "8.0 or newer" in seen[0] and "Fake GPU (sm_75)" in seen[0]
 
 
-@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="needs a build with the CUDA kernels")
-def test_gpu_the_build_has_code_for_runs_the_compiled_kernels(fake_gpu, monkeypatch):
+@pytest.mark.skipif(not ops._triton_installed(), reason="needs triton")
+def test_gpu_of_sm80_or_newer_runs_the_triton_kernels(fake_gpu):
     fake_gpu((9, 0))
-    monkeypatch.setenv("FASTUNET_CUDA_BACKEND", "cuda")
-    assert _backend_and_warnings() == ("compiled", [])
-
-
-@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="needs a build with the CUDA kernels")
-def test_gpu_the_build_lacks_falls_back_with_one_warning(fake_gpu, monkeypatch):
-    fake_gpu((9, 0))
-    monkeypatch.setenv("FASTUNET_CUDA_BACKEND", "cuda")
-    monkeypatch.setattr(_ext, "built_info", lambda: {"torch": None, "cuda": "13.0", "archs": "8.0;8.6", "error": None})
-    backend, seen = _backend_and_warnings()
-    assert backend == ("triton" if ops._triton_usable() else "reference")
-    assert len(seen) == 1 and "GPU archs 8.0;8.6" in seen[0] and "sm_90" in seen[0] and "9.0" in seen[0]
+    assert _backend_and_warnings() == ("triton", [])
 
 
 def test_info_reports_build_runtime_and_backends(capsys):

@@ -283,16 +283,6 @@ def test_all_ops_on_more_channels_than_a_block(upscale, dtype, size, monkeypatch
     assert_exact(kernels.bn_relu_backward_reduce(*case.backward_args(), mean, upscale), sums)
 
 
-def test_ops_are_registered_with_their_mutations():
-    arguments = {a.name: a for a in torch.ops.fastunet_triton.bn_relu_pool.default._schema.arguments}
-    assert [name for name, a in arguments.items() if a.alias_info is not None and a.alias_info.is_write] == [
-        "out",
-        "pooled",
-    ]
-    for name in ("bn_stats", "relu_pool_backward", "bn_relu_backward_reduce", "bn_relu_backward_apply"):
-        assert not getattr(torch.ops.fastunet_triton, name).default._schema.is_mutable
-
-
 @pytest.mark.parametrize("what", ["upscale", "out_shape", "out_dtype", "odd_pool"])
 def test_bad_arguments_are_refused(what):
     z = torch.randn(1, 2, 3 if what == "odd_pool" else 4, 4, device=DEVICE)
@@ -381,25 +371,21 @@ def test_gpu_code_rounds_the_bn_product_on_its_own():
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-@pytest.mark.skipif(
-    not HAS_GPU,
-    reason="under TRITON_INTERPRET=1 torch.library.wrap_triton hands back the interpreted kernel unwrapped, so "
-    "tracing a triton_op with FakeTensors runs the interpreter on them ('Cannot access data pointer of Tensor'); "
-    "tracing needs compiled Triton on a CUDA GPU",
-)
+@pytest.mark.skipif(not HAS_GPU, reason="the ops' CUDA kernels are the Triton ones: on a CUDA GPU")
 @pools
 @upscales
 def test_ops_trace_under_torch_compile_fullgraph(upscale, pool):
+    """The ops through the dispatcher (their CUDA kernels: Triton) under torch.compile(fullgraph=True)."""
     case = Case(upscale, "channels_last", torch.float32, pool=pool)
 
     def step(z, scale, shift, buf, pooled, grad, grad_pooled):
-        mean, var = kernels.bn_stats(z, upscale)
-        kernels.bn_relu_pool(z, scale, shift, upscale, buf[:, SLICE_AT : SLICE_AT + scale.shape[0]], pooled)
-        dy = kernels.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale)
-        sum_dy, sum_dy_xmu = kernels.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
+        mean, var = ops.bn_stats(z, upscale)
+        ops.bn_relu_pool(z, scale, shift, upscale, buf[:, SLICE_AT : SLICE_AT + scale.shape[0]], pooled)
+        dy = ops.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale)
+        sum_dy, sum_dy_xmu = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
         invstd = torch.rsqrt(var + 1e-5)
-        dz = kernels.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu,
-                                            upscale)
+        dz = ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, sum_dy, sum_dy_xmu,
+                                        upscale)
         return mean, var, dy, sum_dy, sum_dy_xmu, dz
 
     def run(fn):
@@ -460,7 +446,7 @@ def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monk
     grad_buf, grad_pooled = torch.randn(2, 20, 8, 8, device=DEVICE), torch.randn(2, 16, 4, 4, device=DEVICE)
 
     def run(conv):
-        monkeypatch.setenv("FASTUNET_CONV", conv)
+        monkeypatch.setattr(ops, "_conv3x3_mode", conv)
         assert ops.conv3x3_backend(x, params[4]) == conv
         xs = x.clone().requires_grad_()
         ps = [p.to(DEVICE).requires_grad_() for p in params]

@@ -15,9 +15,6 @@ import sys
 
 import torch
 
-OPS = ("bn_stats", "bn_relu_pool", "relu_pool_backward", "bn_relu_backward_reduce", "bn_relu_backward_apply")
-
-
 def fail(message):
     sys.exit(f"smoke test FAILED: {message}")
 
@@ -80,12 +77,14 @@ def main():
     tag = _ext.wheel_tag_for_running_torch() if _ext.has_cuda_kernels() else "+cputorch" + _ext._minor(torch.__version__)
     if not version.endswith(tag):
         fail(f"installed version {version!r} does not carry the tag {tag!r} of the running torch")
-    keys = ["CPU"] + (["CUDA"] if _ext.has_cuda_kernels() else [])
-    for op in OPS:
-        for key in keys:
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastunet::{op}", key):
-                fail(f"fastunet::{op} has no {key} kernel registered")
-    print(f"  ops {', '.join(OPS)} registered for {' and '.join(keys)}: ok")
+    # The compiled kernels the library registers: csrc/ops.cpp (CPU) and csrc/ops_cuda.cu (CUDA).
+    sources = ["ops.cpp"] + (["ops_cuda.cu"] if _ext.has_cuda_kernels() else [])
+    for op in fastunet.ops.FUSED_OPS:
+        registrations = torch._C._dispatch_dump(f"fastunet::{op}")
+        for source in sources:
+            if source not in registrations:
+                fail(f"fastunet::{op} has no kernel from {source}:\n{registrations}")
+    print(f"  ops {', '.join(fastunet.ops.FUSED_OPS)} have their kernels from {' and '.join(sources)}: ok")
     import fastunet.kernels  # noqa: F401  (the Triton kernels ship in the wheel)
 
     torch.backends.cudnn.deterministic = True  # bit equality of two runs needs cuDNN's deterministic algorithms
