@@ -282,13 +282,24 @@ def _relu_pool_exact_backward(grad, grad_pooled, t):
     return ops.relu_pool_backward(grad, grad_pooled, t, _vec(1.0, c, t), _vec(0.0, c, t), 1)
 
 
+def concat_parts(buf, skip_channels):
+    """The two parts of a concat buffer ``buf`` ``[N, skip_channels + C_up, H, W]`` = torch.cat((skip, up), 1), as
+    views (skip, up): the contract of the buffer between the two blocks, kept here. The encoder's double block
+    writes the skip part (``cat_channels`` = C_up), the up block the up part; in backward the up block hands the
+    whole buffer's gradient on as the skip's, and the double block reads only its skip part of it (the up part's
+    gradient is the up block's own)."""
+    channels = buf.shape[1]
+    torch._check(0 <= skip_channels <= channels,
+                 lambda: f"a concat buffer of {channels} channels has no skip part of {skip_channels} channels")
+    return buf.narrow(1, 0, skip_channels), buf.narrow(1, skip_channels, channels - skip_channels)
+
+
 def _block_outputs(z, cat_channels, pool):
-    """A block's output buffer (with room for the up block's channels), its written slice, the pool."""
+    """A block's output buffer (with room for the up block's channels), its written part, the pool."""
     n, c, h, w = z.shape
     buf = _empty((n, c + cat_channels, h, w), z)
-    out = buf.narrow(1, 0, c) if cat_channels else buf
     pooled = _empty((n, c, h // 2, w // 2), z) if pool else None
-    return buf, out, pooled
+    return buf, concat_parts(buf, c)[0], pooled
 
 
 def _eval_running_stats(running_mean, running_var, settings):
@@ -399,54 +410,69 @@ class DoubleConvBNReLU(torch.autograd.Function):
         x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, xc, w1c, w2c, *saved = ctx.saved_tensors
         bn1 = BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0])
         bn2 = BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1])
-        grad_out = grad_buf.narrow(1, 0, ctx.out_channels)
-        inputs = (x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2)
+        grad_out = concat_parts(grad_buf, ctx.out_channels)[0]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn1, bn2)
-
-            def reference(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2):
-                y = _reference_layer(x, w1, b1, BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0]), ctx.conv_dtype)
-                y = _reference_layer(y, w2, b2, BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1]), ctx.conv_dtype)
-                return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
-
-            grads = _differentiable_backward(ctx, reference, inputs, (grad_out, grad_pooled))
+            inputs = (x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2)
+            grads = _differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled))
             return tuple(grads[:13]) + (None,) * 5
-        need = ctx.needs_input_grad
+        layers = ((xc, w1c, b1, bn1), (w2c, b2, bn2))
         with torch.autocast(grad_buf.device.type, enabled=False):
-            if ctx.exact:
-                z1, a1, *bn1_saved = saved[:5]
-                z2, t2, *bn2_saved = saved[5:]
-                impl1, impl2 = ctx.extra
-                # Each activation-sized gradient is dropped once used, as the autograd engine would.
-                dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
-                dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impl2, [True, need[9], need[10]])
-                del dy2
-                da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2.shape[0]], *_CONV_ARGS,
-                                                           [True, need[7], need[8]])
-                del dz2
-                dy1 = _relu_pool_exact_backward(da1, None, a1)
-                del da1
-                dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impl1, [True, need[3], need[4]])
-                del dy1
-                dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1.shape[0]], *_CONV_ARGS,
-                                                          [need[0], need[1], need[2]])
-            else:
-                z1, mean1, invstd1, scale1, shift1 = saved[:5]
-                z2, mean2, invstd2, scale2, shift2 = saved[5:]
-                count1, count2 = ctx.extra
-                dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
-                                                        bn2.training, 1, _sync_of(bn2, count2))
-                a1 = torch.empty_like(z1)
-                ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-                da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[7], False])
-                del a1, dz2  # activation-sized: dropped once used, as the autograd engine would
-                dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1,
-                                                        bn1.training, 1, _sync_of(bn1, count1))
-                del da1
-                dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
+            backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
+            dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2 = backward(grad_out, grad_pooled, saved, ctx.extra, layers,
+                                                                    ctx.needs_input_grad)
         return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, g1), _grad_as(dbe1, be1),
                 None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, g2), _grad_as(dbe2, be2),
                 None, None) + (None,) * 5
+
+
+def _double_block_reference(ctx):
+    """The seed's conv_block (and max-pool) over the Function's tensor inputs, for _differentiable_backward."""
+
+    def reference(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2):
+        y = _reference_layer(x, w1, b1, BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0]), ctx.conv_dtype)
+        y = _reference_layer(y, w2, b2, BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1]), ctx.conv_dtype)
+        return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
+
+    return reference
+
+
+def _exact_double_block_backward(grad_out, grad_pooled, saved, impls, layers, need):
+    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2). Each
+    activation-sized gradient is dropped once used, as the autograd engine would."""
+    (xc, w1c, _, bn1), (w2c, _, bn2) = layers
+    z1, a1, *bn1_saved = saved[:5]
+    z2, t2, *bn2_saved = saved[5:]
+    dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
+    dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impls[1], [True, need[9], need[10]])
+    del dy2
+    da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2c.shape[0]], *_CONV_ARGS, [True, need[7], need[8]])
+    del dz2
+    dy1 = _relu_pool_exact_backward(da1, None, a1)
+    del da1
+    dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impls[0], [True, need[3], need[4]])
+    del dy1
+    dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1c.shape[0]], *_CONV_ARGS, [need[0], need[1], need[2]])
+    return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2
+
+
+def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, need):
+    """Fast mode's backward: (dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2). Layer 1's activation is recomputed
+    from its pre-BN output; each activation-sized tensor is dropped once used."""
+    (xc, w1c, b1, bn1), (w2c, b2, bn2) = layers
+    z1, mean1, invstd1, scale1, shift1 = saved[:5]
+    z2, mean2, invstd2, scale2, shift2 = saved[5:]
+    dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
+                                            bn2.training, 1, _sync_of(bn2, counts[1]))
+    a1 = torch.empty_like(z1)
+    ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
+    da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[7], False])
+    del a1, dz2
+    dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
+                                            _sync_of(bn1, counts[0]))
+    del da1
+    dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
+    return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
@@ -479,7 +505,7 @@ class UpsampleConvCat(torch.autograd.Function):
         _check_no_exact_sync(exact, bn)
         cast = _autocast_dtype(d.device.type)
         cout = w.shape[0]
-        out = buf.narrow(1, buf.shape[1] - cout, cout)
+        out = concat_parts(buf, buf.shape[1] - cout)[1]
         with torch.autocast(d.device.type, enabled=False):
             casts = (_cast_copy(d, cast), _cast_copy(w, cast))
             dc, wc = (c if c is not None else t for c, t in zip(casts, (d, w)))
@@ -514,9 +540,7 @@ class UpsampleConvCat(torch.autograd.Function):
         d, w, b, g, be, rm, rv, dc, wc, *saved = ctx.saved_tensors
         bn = BatchNormArgs(g, be, rm, rv, *ctx.settings)
         cout = w.shape[0]
-        grad_out = grad_buf.narrow(1, ctx.skip_channels, cout)
-        # The skip channels pass their gradient through; the overwritten channels' entries of grad_buf are
-        # not read by the buffer's producer (double_conv_bn_relu reads only its own channels).
+        grad_out = concat_parts(grad_buf, ctx.skip_channels)[1]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn)
 
@@ -548,6 +572,7 @@ class UpsampleConvCat(torch.autograd.Function):
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
                 del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
+        # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).
         return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, g), _grad_as(dbe, be),
                 None, None, None, None)
 

@@ -251,6 +251,29 @@ def test_gradcheck_upsample_conv_cat(exact, training):
 
 
 @pytest.mark.parametrize("exact", [False, True])
+def test_the_concat_buffer_contract(exact):
+    """The up block hands the whole concat buffer's gradient on as the skip's: the double block that wrote the skip
+    part must read only that part of it (concat_parts). A NaN-poisoned up part changes none of its gradients, and a
+    skip part larger than the buffer is refused."""
+    inputs, (rm, rv) = double_block_inputs()
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+
+    def gradients(up_part_fill):
+        x, w1, b1, g1, be1, w2, b2, g2, be2 = inputs
+        bn = [functional.BatchNormArgs(g, be, rm.float().clone(), rv.float().clone(), 1e-5, 0.1, True)
+              for g, be in ((g1, be1), (g2, be2))]
+        buf, _ = functional.double_conv_bn_relu(x, (w1, b1), bn[0], (w2, b2), bn[1], exact=exact, cat_channels=2)
+        grad_buf = torch.randn(buf.shape, generator=torch.Generator().manual_seed(0))
+        functional.concat_parts(grad_buf, 3)[1].fill_(up_part_fill)
+        return torch.autograd.grad(buf, inputs, grad_buf)
+
+    for got, want in zip(gradients(float("nan")), gradients(0.0)):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="no skip part of 6 channels"):
+        functional.concat_parts(torch.empty(1, 5, 2, 2), 6)
+
+
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradgradcheck_both_blocks(exact, training):
     """Double backward: where autograd records the backward (create_graph=True), the fused blocks' gradients are
