@@ -96,7 +96,8 @@ def layers(batch, size):
     return out
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The command-line options (batch and size default to None: main picks them by device)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, help="default 16 on CUDA, 1 on the CPU")
@@ -104,39 +105,48 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", help="also write the rows as JSON here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    batch = args.batch or (16 if device.type == "cuda" else 1)
-    size = args.size or (256 if device.type == "cuda" else 64)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    bandwidth = copy_bandwidth_gbs(device, args.reps)
-    peak = matmul_peak_tflops(device, dtype)
-    impls = implementations(device)
+    return parser.parse_args(argv)
+
+
+def fused_op_rows(name, impls, batch, c, h, w, s, pool, dtype, device, reps, bandwidth):
+    """The rows of one layer's fused ops: bytes, each backend's time, the fastest one's GB/s and the floor."""
+    timed = {}  # op -> (bytes, {backend: ms})
+    for backend, impl in impls.items():
+        for op, fn, nbytes in fused_op_cases(impl, batch, c, h, w, s, pool, dtype, device):
+            timed.setdefault(op, (nbytes, {}))[1][backend] = timed_ms(fn, device, reps)
+    rows = []
+    for op, (nbytes, by_backend) in timed.items():
+        best = min(by_backend, key=by_backend.get)
+        ms = by_backend[best]
+        rows.append(dict(layer=name, op=op, mbytes=nbytes / 1e6, ms_by_backend=by_backend, fastest=best, ms=ms,
+                         gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / bandwidth / 1e6))
+    return rows
+
+
+def conv_row(name, batch, c, h, w, cin, dtype, device, reps, peak):
+    """The row of one layer's 3x3 convolution forward: GFLOP, time, TF/s and the floor at the matmul peak."""
+    x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, cin, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    flops = 2 * batch * h * w * cin * c * 9
+    ms = timed_ms(lambda: F.conv2d(x, weight, padding=1), device, reps)
+    return dict(layer=name, op="conv3x3 forward", gflop=flops / 1e9, ms=ms,
+                tflops=flops / (ms * 1e-3) / 1e12, floor_ms=flops / (peak * 1e12) * 1e3)
+
+
+def measure_rows(impls, batch, size, dtype, device, reps, bandwidth, peak):
+    """The rows of every layer (its fused ops, and its conv where it has no upsampling), with their of_floor."""
     rows = []
     for name, c, h, w, s, pool, cin in layers(batch, size):
-        timed = {}  # op -> (bytes, {backend: ms})
-        for backend, impl in impls.items():
-            for op, fn, nbytes in fused_op_cases(impl, batch, c, h, w, s, pool, dtype, device):
-                timed.setdefault(op, (nbytes, {}))[1][backend] = timed_ms(fn, device, args.reps)
-        for op, (nbytes, by_backend) in timed.items():
-            best = min(by_backend, key=by_backend.get)
-            ms = by_backend[best]
-            rows.append(dict(layer=name, op=op, mbytes=nbytes / 1e6, ms_by_backend=by_backend, fastest=best, ms=ms,
-                             gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / bandwidth / 1e6))
+        rows += fused_op_rows(name, impls, batch, c, h, w, s, pool, dtype, device, reps, bandwidth)
         if s == 1:
-            x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            weight = torch.randn(c, cin, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            flops = 2 * batch * h * w * cin * c * 9
-            ms = timed_ms(lambda: F.conv2d(x, weight, padding=1), device, args.reps)
-            rows.append(dict(layer=name, op="conv3x3 forward", gflop=flops / 1e9, ms=ms,
-                             tflops=flops / (ms * 1e-3) / 1e12, floor_ms=flops / (peak * 1e12) * 1e3))
+            rows.append(conv_row(name, batch, c, h, w, cin, dtype, device, reps, peak))
     for row in rows:
         row["of_floor"] = row["floor_ms"] / row["ms"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, fused ops timed in: {', '.join(impls)} (the model uses "
-          f"{ops.backend_for(device)}), batch {batch} x 3 x {size} x {size}, {args.dtype}, channels_last; copy "
-          f"bandwidth {bandwidth:.0f} GB/s, matmul {peak:.1f} TF/s\n")
+    return rows
+
+
+def print_table(rows, impls):
+    """Prints the markdown table, a time column per backend, then each backend's fused-op total against the floor."""
     print(f"| layer | op | MB or GFLOP | {' | '.join(b + ' ms' for b in impls)} | GB/s or TF/s (fastest) | floor ms "
           "| floor / time |")
     print("|---|---|---:|" + "---:|" * len(impls) + "---:|---:|---:|")
@@ -153,6 +163,24 @@ def main(argv=None):
         total = sum(r["ms_by_backend"][backend] for r in fused)
         print(f"\nfused ops in {backend}, one call of each per layer: {total:.2f} ms against a floor of {floor:.2f} "
               f"ms ({floor / total:.0%})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (16 if device.type == "cuda" else 1)
+    size = args.size or (256 if device.type == "cuda" else 64)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_gbs(device, args.reps)
+    peak = matmul_peak_tflops(device, dtype)
+    impls = implementations(device)
+    rows = measure_rows(impls, batch, size, dtype, device, args.reps, bandwidth, peak)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, fused ops timed in: {', '.join(impls)} (the model uses "
+          f"{ops.backend_for(device)}), batch {batch} x 3 x {size} x {size}, {args.dtype}, channels_last; copy "
+          f"bandwidth {bandwidth:.0f} GB/s, matmul {peak:.1f} TF/s\n")
+    print_table(rows, impls)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, batch=batch, size=size, dtype=args.dtype,

@@ -23,16 +23,19 @@ def _describe(device):
     return platform.processor() or platform.machine()
 
 
-def info(file=None):
-    """Prints (to ``file``, default stdout) and returns a dict of: the fastunet version and install path, what
-    ``fastunet._C`` was built against (or why it did not load), the running Python/torch/CUDA/cuDNN/Triton,
-    each device, and the backend ("compiled", "triton" or "reference") each fused op uses on it."""
+def _triton_version():
+    """The installed Triton's version, or None."""
     try:
         import triton
 
-        triton_version = triton.__version__
+        return triton.__version__
     except ImportError:
-        triton_version = None
+        return None
+
+
+def _gather():
+    """The dict info() returns: version, path, build, running versions, environment, devices and their backends."""
+    triton_version = _triton_version()
     built = _ext.built_info()
     result = {
         "fastunet": _ext.installed_version(),
@@ -54,9 +57,12 @@ def info(file=None):
             "ops": {op: ops.backend_for(device) for op in ops.FUSED_OPS},
             "second_conv": ops.conv3x3_mode(),
         }
+    return result
 
-    out = file if file is not None else sys.stdout
-    run = result["running"]
+
+def _print_info(result, out):
+    """Prints ``result`` of _gather to ``out``, one line per topic and per device."""
+    built, run = result["built"], result["running"]
     print(f"fastunet {result['fastunet'] or '(not installed: source tree)'} at {result['path']}", file=out)
     if built["error"]:
         print(f"  compiled ops: not loaded: {built['error']}", file=out)
@@ -72,4 +78,12 @@ def info(file=None):
         where = backends[0] if len(backends) == 1 else ", ".join(f"{op}: {b}" for op, b in device["ops"].items())
         print(f"  {name} ({device['name']}): fused ops {', '.join(device['ops'])} -> {where}; double blocks' "
               f"second conv: {device['second_conv']} (FASTUNET_CONV)", file=out)
+
+
+def info(file=None):
+    """Prints (to ``file``, default stdout) and returns a dict of: the fastunet version and install path, what
+    ``fastunet._C`` was built against (or why it did not load), the running Python/torch/CUDA/cuDNN/Triton,
+    each device, and the backend ("compiled", "triton" or "reference") each fused op uses on it."""
+    result = _gather()
+    _print_info(result, file if file is not None else sys.stdout)
     return result

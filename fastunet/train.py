@@ -364,6 +364,57 @@ def save_checkpoint(path, model, optimizer, epoch, history, args):
     os.replace(path + ".tmp", path)
 
 
+def train_step(model, optimizer, scaler, x, target, device, *, loss, amp, channels_last, world):
+    """One optimizer step on a batch; returns its loss (a float, the mean over ranks)."""
+    x, target = _to_device(x, device, channels_last), target.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp):
+        logits = model(x)
+    value = segmentation_loss(logits, target, loss)
+    scaler.scale(value).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    value = value.detach()
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def train_epoch(model, loader, steps, optimizer, scaler, history, step_times, *, epoch, epochs, device, loss, amp,
+                channels_last, log_every, progress, name):
+    """One epoch of ``steps`` steps: appends each step's loss to ``history`` and its time to ``step_times``."""
+    rank, world = _rank_and_world()
+    bar = progress_bar(steps, f"{name} epoch {epoch}/{epochs}", progress and rank == 0)
+    for step, (x, target) in enumerate(itertools.islice(loader, steps), 1):
+        start = time.perf_counter()
+        step_loss = train_step(model, optimizer, scaler, x, target, device, loss=loss, amp=amp,
+                               channels_last=channels_last, world=world)
+        step_times.append(time.perf_counter() - start)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"{name}: the loss is {step_loss} at epoch {epoch} step {step}; "
+                                     f"try a lower --lr")
+        history["losses"].append(step_loss)
+        if bar:
+            bar.update(step_loss)
+        elif log_every and step % log_every == 0:
+            log(f"{name} epoch {epoch} step {step}/{steps}: loss {step_loss:.4f}", rank)
+    if bar:
+        bar.close()
+
+
+def record_epoch(model, val_loader, history, *, epoch, epochs, steps, seconds, device, amp, channels_last, name):
+    """Validates, appends the epoch's mean loss, Dice, IoU and seconds to ``history`` and logs them."""
+    rank, _ = _rank_and_world()
+    dice, iou = None, None
+    if val_loader is not None:
+        dice, iou = evaluate(model, val_loader, device, amp=amp, channels_last=channels_last)
+    epoch_loss = statistics.fmean(history["losses"][-steps:])
+    history["epochs"].append({"epoch": epoch, "loss": epoch_loss, "dice": dice, "iou": iou, "seconds": seconds})
+    metrics = f", val Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else ""
+    log(f"{name} epoch {epoch}/{epochs}: mean loss {epoch_loss:.4f}{metrics} ({seconds:.1f}s)", rank)
+
+
 def train(model, loader, *, epochs, lr, device, val_loader=None, loss="bce_dice", amp="none", channels_last=False,
           steps_per_epoch=None, log_every=10, progress=True, name="model", checkpoint=None, args=None):
     """Trains ``model`` (on ``device``, DDP-wrapped or not) with Adam(lr) for ``epochs`` passes over ``loader``.
@@ -390,41 +441,12 @@ def train(model, loader, *, epochs, lr, device, val_loader=None, loss="bce_dice"
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         epoch_start = time.perf_counter()
-        bar = progress_bar(steps, f"{name} epoch {epoch}/{epochs}", progress and rank == 0)
-        for step, (x, target) in enumerate(itertools.islice(loader, steps), 1):
-            start = time.perf_counter()
-            x, target = _to_device(x, device, channels_last), target.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                logits = model(x)
-            value = segmentation_loss(logits, target, loss)
-            scaler.scale(value).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            value = value.detach()
-            if world > 1:
-                dist.all_reduce(value)
-                value /= world
-            step_loss = value.item()
-            step_times.append(time.perf_counter() - start)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"{name}: the loss is {step_loss} at epoch {epoch} step {step}; "
-                                         f"try a lower --lr")
-            history["losses"].append(step_loss)
-            if bar:
-                bar.update(step_loss)
-            elif log_every and step % log_every == 0:
-                log(f"{name} epoch {epoch} step {step}/{steps}: loss {step_loss:.4f}", rank)
-        if bar:
-            bar.close()
-        seconds = time.perf_counter() - epoch_start
-        dice, iou = None, None
-        if val_loader is not None:
-            dice, iou = evaluate(model, val_loader, device, amp=amp, channels_last=channels_last)
-        epoch_loss = statistics.fmean(history["losses"][-steps:])
-        history["epochs"].append({"epoch": epoch, "loss": epoch_loss, "dice": dice, "iou": iou, "seconds": seconds})
-        metrics = f", val Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else ""
-        log(f"{name} epoch {epoch}/{epochs}: mean loss {epoch_loss:.4f}{metrics} ({seconds:.1f}s)", rank)
+        train_epoch(model, loader, steps, optimizer, scaler, history, step_times, epoch=epoch, epochs=epochs,
+                    device=device, loss=loss, amp=amp, channels_last=channels_last, log_every=log_every,
+                    progress=progress, name=name)
+        record_epoch(model, val_loader, history, epoch=epoch, epochs=epochs, steps=steps,
+                     seconds=time.perf_counter() - epoch_start, device=device, amp=amp, channels_last=channels_last,
+                     name=name)
         if checkpoint and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, epoch, history, args)
     history["step_s"] = statistics.median(step_times)
@@ -546,19 +568,7 @@ def parse_args(argv):
     parser.add_argument("--exact", action="store_true", help="fastunet in exact mode (bit for bit the reference)")
     parser.add_argument("--compare", action="store_true",
                         help="train the reference and fastunet from the same initialisation on the same data")
-    parser.add_argument("--data", default="synthetic",
-                        help="'synthetic' (shapes generated on the fly) or a folder with images/ and masks/")
-    parser.add_argument("--size", type=int, help="image side, a multiple of 16 (default 32 on the CPU, 256 on CUDA)")
-    parser.add_argument("--batch", type=int, help="batch size per process (default 4 on the CPU, 16 on CUDA)")
-    parser.add_argument("--epochs", type=int, help="epochs (default 2 on the CPU, 5 on CUDA)")
-    amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("--steps-per-epoch", type=int,
-                        help="synthetic: steps per epoch (default 15 on the CPU, 100 on CUDA), the training set "
-                             "holds steps x batch x processes images; folder: at most this many steps per epoch")
-    amount.add_argument("--train-samples", type=int, help="synthetic: training images (instead of --steps-per-epoch)")
-    parser.add_argument("--val-samples", type=int,
-                        help="held-out validation images (default synthetic: 16 on the CPU, 64 on CUDA; "
-                             "folder: 20%%, at least 1)")
+    add_data_options(parser)
     parser.add_argument("--loss", choices=("bce_dice", "bce"), default="bce_dice",
                         help="BCE-with-logits plus soft Dice (default), or BCE alone")
     parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
@@ -575,6 +585,29 @@ def parse_args(argv):
     parser.add_argument("--log-every", type=int, default=10, help="without a progress bar, log every N steps")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on the CPU, 4 on CUDA)")
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def add_data_options(parser):
+    """The options of the data and its amount: --data, --size, --batch, --epochs, --steps-per-epoch and the rest."""
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (shapes generated on the fly) or a folder with images/ and masks/")
+    parser.add_argument("--size", type=int, help="image side, a multiple of 16 (default 32 on the CPU, 256 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size per process (default 4 on the CPU, 16 on CUDA)")
+    parser.add_argument("--epochs", type=int, help="epochs (default 2 on the CPU, 5 on CUDA)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--steps-per-epoch", type=int,
+                        help="synthetic: steps per epoch (default 15 on the CPU, 100 on CUDA), the training set "
+                             "holds steps x batch x processes images; folder: at most this many steps per epoch")
+    amount.add_argument("--train-samples", type=int, help="synthetic: training images (instead of --steps-per-epoch)")
+    parser.add_argument("--val-samples", type=int,
+                        help="held-out validation images (default synthetic: 16 on the CPU, 64 on CUDA; "
+                             "folder: 20%%, at least 1)")
+
+
+def check_args(parser, args):
+    """Exits through ``parser.error`` on a size that is not a multiple of 16, a misplaced or out-of-range count."""
     if args.size is not None and (args.size <= 0 or args.size % 16):
         parser.error("--size must be a positive multiple of 16 (four 2x2 max-pools)")
     if args.data != "synthetic" and args.train_samples is not None:
@@ -585,7 +618,6 @@ def parse_args(argv):
     for name in ("val_samples", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0")
-    return args
 
 
 def setup_distributed(device_arg):
@@ -648,26 +680,71 @@ def prepare(model, args, device, world):
     return model
 
 
-def run(args, device, rank, world):
-    """Trains the model(s) of ``args``; returns the history dict that history.json holds."""
+def fill_defaults(args, device):
+    """Sets the options left unset to default_plan's values for ``device`` and the data, in place."""
     plan = default_plan(device, args.data)
     for key, value in plan.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.train_samples:
         args.steps_per_epoch = None
-    names = ["reference", "fastunet"] if args.compare else [args.model]
-    config = {**vars(args), "device": str(device), "world_size": world, "models": names}
-    log(f"config: {json.dumps(config)}", rank)
-    if args.sync_bn and world == 1:
-        log("--sync-bn in a single process: synchronized BN computes plain BatchNorm", rank)
 
+
+def load_data(args, rank, world):
+    """(training set, validation set) of build_datasets, checked to hold a batch per process, and logged."""
     train_set, val_set = build_datasets(args, world)
     if len(train_set) < args.batch * world:
         raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {args.batch} "
                          f"per process ({world} processes); lower --batch or add images")
     log(f"data: {args.data}, {len(train_set)} training and {len(val_set)} validation images of "
         f"{args.img_ch} x {args.size} x {args.size}", rank)
+    return train_set, val_set
+
+
+def train_model(name, model, train_set, val_set, args, config, device, rank, world):
+    """Trains one model of ``run`` from the seeded RNG state; its history with the final loss and checkpoint path."""
+    torch.manual_seed(args.seed)  # the same global RNG state for each model (DataLoader base seeds)
+    train_loader, val_loader = build_loaders(train_set, val_set, args, device, rank, world)
+    checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
+    history = train(
+        prepare(model, args, device, world), train_loader, epochs=args.epochs, lr=args.lr, device=device,
+        val_loader=val_loader, loss=args.loss, amp=args.amp, channels_last=args.channels_last,
+        steps_per_epoch=args.steps_per_epoch, log_every=args.log_every,
+        progress=not args.no_progress and sys.stderr.isatty(), name=name, checkpoint=checkpoint,
+        args=config,
+    )
+    history["final_loss"] = statistics.fmean(history["losses"][-final_window(len(history["losses"])):])
+    history["checkpoint"] = checkpoint
+    return history
+
+
+def write_results(result, names, args, device, world):
+    """Writes history.json and loss.png, prints the table and logs what was written (rank 0's part of run)."""
+    histories = result["models"]
+    with open(result["history"], "w") as out:
+        json.dump(result, out, indent=2)
+    title = (f"{' vs '.join(names)}: {args.data} {args.img_ch}x{args.size}x{args.size}, batch {args.batch}"
+             f"{f' x {world}' if world > 1 else ''}, Adam lr {args.lr:g}, {args.loss} loss, {device.type}")
+    if args.compare:
+        c = result["comparison"]
+        title += (f"\nfinal losses (last {c['window']} steps): fastunet - reference = {c['gap']:+.4f} "
+                  f"({100 * c['relative_gap']:+.1f}%), {c['gap_over_noise']:.2f} x noise {c['noise']:.4f}")
+    plot_losses(histories, result["plot"], title)
+    print(format_table(histories, result.get("comparison")))
+    log(f"wrote {', '.join(h['checkpoint'] for h in histories.values())}, {result['history']} and "
+        f"{result['plot']}")
+
+
+def run(args, device, rank, world):
+    """Trains the model(s) of ``args``; returns the history dict that history.json holds."""
+    fill_defaults(args, device)
+    names = ["reference", "fastunet"] if args.compare else [args.model]
+    config = {**vars(args), "device": str(device), "world_size": world, "models": names}
+    log(f"config: {json.dumps(config)}", rank)
+    if args.sync_bn and world == 1:
+        log("--sync-bn in a single process: synchronized BN computes plain BatchNorm", rank)
+
+    train_set, val_set = load_data(args, rank, world)
     torch.manual_seed(args.seed)
     models = {names[0]: build_model(names[0], args)}
     if args.compare:
@@ -676,37 +753,14 @@ def run(args, device, rank, world):
     os.makedirs(args.out, exist_ok=True)
     histories = {}
     for name, model in models.items():
-        torch.manual_seed(args.seed)  # the same global RNG state for each model (DataLoader base seeds)
-        train_loader, val_loader = build_loaders(train_set, val_set, args, device, rank, world)
-        checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
-        history = train(
-            prepare(model, args, device, world), train_loader, epochs=args.epochs, lr=args.lr, device=device,
-            val_loader=val_loader, loss=args.loss, amp=args.amp, channels_last=args.channels_last,
-            steps_per_epoch=args.steps_per_epoch, log_every=args.log_every,
-            progress=not args.no_progress and sys.stderr.isatty(), name=name, checkpoint=checkpoint,
-            args=config,
-        )
-        history["final_loss"] = statistics.fmean(history["losses"][-final_window(len(history["losses"])):])
-        history["checkpoint"] = checkpoint
-        histories[name] = history
+        histories[name] = train_model(name, model, train_set, val_set, args, config, device, rank, world)
 
     result = {"config": config, "models": histories}
     if args.compare:
         result["comparison"] = compare_losses(histories["reference"]["losses"], histories["fastunet"]["losses"])
     result["history"], result["plot"] = os.path.join(args.out, "history.json"), os.path.join(args.out, "loss.png")
     if rank == 0:
-        with open(result["history"], "w") as out:
-            json.dump(result, out, indent=2)
-        title = (f"{' vs '.join(names)}: {args.data} {args.img_ch}x{args.size}x{args.size}, batch {args.batch}"
-                 f"{f' x {world}' if world > 1 else ''}, Adam lr {args.lr:g}, {args.loss} loss, {device.type}")
-        if args.compare:
-            c = result["comparison"]
-            title += (f"\nfinal losses (last {c['window']} steps): fastunet - reference = {c['gap']:+.4f} "
-                      f"({100 * c['relative_gap']:+.1f}%), {c['gap_over_noise']:.2f} x noise {c['noise']:.4f}")
-        plot_losses(histories, result["plot"], title)
-        print(format_table(histories, result.get("comparison")))
-        log(f"wrote {', '.join(h['checkpoint'] for h in histories.values())}, {result['history']} and "
-            f"{result['plot']}", rank)
+        write_results(result, names, args, device, world)
     return result
 
 
