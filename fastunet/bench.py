@@ -221,8 +221,9 @@ def float64_reference(state, batch, device):
 
 
 def relative_error(value, exact):
-    """``||value - exact|| / ||exact||`` in float64."""
-    return ((value.double() - exact).norm() / exact.norm()).item()
+    """``||value - exact|| / ||exact||`` in float64 (a Python float; tensors of any dtype and device)."""
+    exact = exact.double()
+    return ((value.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
 
 
 def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last):
@@ -428,8 +429,8 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(report):
-    """The side-by-side table with a header naming the set-up and a legend."""
+def table_rows(report):
+    """The table's cells: the column titles, then one row per config (label and reason for a skipped one)."""
     rows = [[title for title, _, _ in TABLE_COLUMNS]]
     for result in report["configs"]:
         if "skipped" in result:
@@ -437,10 +438,13 @@ def format_table(report):
         else:
             rows.append([fmt.format(result[key]) if result.get(key) is not None else "n/a"
                          for _, key, fmt in TABLE_COLUMNS])
-    full_rows = [row for row in rows if len(row) == len(TABLE_COLUMNS)]
-    widths = [max(len(row[i]) for row in full_rows) for i in range(len(TABLE_COLUMNS))]
+    return rows
+
+
+def table_header(report):
+    """The two lines above the table naming the device, software and input, and a blank line."""
     hardware = report["device_name"] if report["cuda"] else f"{report['device_name']}, {report['cpu_threads']} threads"
-    lines = [
+    return [
         f"device: {report['device']} ({hardware}) | torch {report['torch']} | "
         f"triton {report['triton'] or 'not installed'} | fused ops backend: {report['fused_ops_backend']}"
         f"{' | TF32 convs' if report['tf32_convs'] else ''} | double blocks' second conv: {report['second_conv']}"
@@ -450,13 +454,11 @@ def format_table(report):
         f"after {report['warmup']} warm-up, {N_BATCHES} rotating random batches",
         "",
     ]
-    for row in rows:
-        if len(row) == len(TABLE_COLUMNS):
-            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
-            lines.append("  ".join(cells))
-        else:
-            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
-    lines += [
+
+
+def table_legend(report):
+    """The lines below the table: a blank line, what each column means, and the first calls' times."""
+    return [
         "",
         f"TF/s: the reference's model FLOPs of a training step ({report['train_gflop']:.0f} GFLOP) per second; "
         f"of peak: against the measured {report['dtype']} matmul peak of this device "
@@ -470,7 +472,21 @@ def format_table(report):
             for r in report["configs"] if "skipped" not in r
         ),
     ]
-    return "\n".join(lines)
+
+
+def format_table(report):
+    """The side-by-side table with a header naming the set-up and a legend."""
+    rows = table_rows(report)
+    full_rows = [row for row in rows if len(row) == len(TABLE_COLUMNS)]
+    widths = [max(len(row[i]) for row in full_rows) for i in range(len(TABLE_COLUMNS))]
+    lines = table_header(report)
+    for row in rows:
+        if len(row) == len(TABLE_COLUMNS):
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells))
+        else:
+            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
+    return "\n".join(lines + table_legend(report))
 
 
 def plot_speedups(report, path):
@@ -529,41 +545,40 @@ def parse_args(argv):
     if args.size is not None and args.size % 16:
         parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
     if args.configs is not None:
-        args.configs = [name.strip() for name in args.configs.split(",") if name.strip()]
-        unknown = sorted(set(args.configs) - set(CONFIGS))
-        if unknown or not args.configs:
-            parser.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
-        args.configs = ["reference_eager"] + [name for name in args.configs if name != "reference_eager"]
+        args.configs = parse_configs(parser, args.configs)
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # Here, and in the environment of the memory-measuring subprocess, which reads it at import.
+def parse_configs(parser, value):
+    """The config names of ``--configs`` (comma-separated), reference_eager first; a parser error on unknown ones."""
+    configs = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or not configs:
+        parser.error(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+    return ["reference_eager"] + [name for name in configs if name != "reference_eager"]
+
+
+def select_kernels(args):
+    """Applies ``--conv`` and ``--ops-backend`` here and in the environment, which the memory subprocess reads."""
     if args.conv:
         os.environ["FASTUNET_CONV"] = args.conv
         ops.set_conv3x3_mode(args.conv)
     if args.ops_backend:
         os.environ["FASTUNET_CUDA_BACKEND"] = args.ops_backend
         ops.select_cuda_kernels(args.ops_backend)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def select_device(name):
+    """The device of ``--device`` (default cuda if available, else cpu), made current on CUDA."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)  # the timing events record on the current device
-    batch, size, warmup, reps = default_plan(device, args.quick)
-    args.batch, args.size = args.batch or batch, args.size or size
-    report = environment(device)
-    progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
-             f"fused ops backend: {report['fused_ops_backend']}")
-    report.update(
-        shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
-        warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
-    )
-    torch.manual_seed(0)
-    batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
-    state = initial_state(batches, device)
-    progress("float64 reference training step (for the errors)")
-    exact_step = float64_reference(state, batches[0], device)
+    return device
+
+
+def measure_configs(args, device, state, batches, exact_step, warmup, reps):
+    """The result of every config in CONFIGS order: measured, or skipped with why (a compiler failure included)."""
     autocast = autocast_for(device, args.dtype)
     skipped = skipped_configs(args, device)
     results = []
@@ -583,26 +598,30 @@ def main(argv=None):
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
                                    args.channels_last))
-    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:
-        measured = [result for result in results if "skipped" not in result]
-        progress("peak memory: every config in one fresh subprocess")
-        peaks, error = cpu_peak_memory([result["config"] for result in measured], args)
-        if error:
-            report["memory_method"] = f"n/a: the memory subprocess failed: {error}"
-        for result in measured:
-            result.update(peaks[result["config"]] if peaks else {})
-    add_speedups(results)
-    progress(f"{args.dtype} matmul peak of the device")
-    train_flops, infer_flops = reference_flops(args.batch, args.size)
-    report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
-                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
-    add_model_flops(results, train_flops, report["matmul_peak_tflops"])
+    return results
+
+
+def add_cpu_peak_memory(report, results, args):
+    """CPU peaks of the measured configs from the memory subprocess, in place (or why not, in the report)."""
+    measured = [result for result in results if "skipped" not in result]
+    progress("peak memory: every config in one fresh subprocess")
+    peaks, error = cpu_peak_memory([result["config"] for result in measured], args)
+    if error:
+        report["memory_method"] = f"n/a: the memory subprocess failed: {error}"
+    for result in measured:
+        result.update(peaks[result["config"]] if peaks else {})
+
+
+def second_conv_picks():
+    """The shapes for which ``--conv auto`` picked each backend so far, as one line (empty if none)."""
     picks = {}
     for (shape, cout, *_), backend in ops.conv3x3_choices().items():
         picks.setdefault(backend, []).append(f"{shape[1]}->{cout}@{shape[2]}x{shape[3]}")
-    report["second_conv_picks"] = "; ".join(f"{b}: {', '.join(v)}" for b, v in sorted(picks.items()))
-    report["configs"] = results
+    return "; ".join(f"{b}: {', '.join(v)}" for b, v in sorted(picks.items()))
 
+
+def write_outputs(report, args):
+    """Writes results.json and speedup.png into ``--out``, then prints the table (or the JSON)."""
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "results.json"), os.path.join(args.out, "speedup.png")
     with open(json_path, "w") as out:
@@ -610,6 +629,38 @@ def main(argv=None):
     plot_speedups(report, png_path)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     progress(f"wrote {json_path} and {png_path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    select_kernels(args)
+    device = select_device(args.device)
+    batch, size, warmup, reps = default_plan(device, args.quick)
+    args.batch, args.size = args.batch or batch, args.size or size
+    report = environment(device)
+    progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
+             f"fused ops backend: {report['fused_ops_backend']}")
+    report.update(
+        shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
+        warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
+    )
+    torch.manual_seed(0)
+    batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
+    state = initial_state(batches, device)
+    progress("float64 reference training step (for the errors)")
+    exact_step = float64_reference(state, batches[0], device)
+    results = measure_configs(args, device, state, batches, exact_step, warmup, reps)
+    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:
+        add_cpu_peak_memory(report, results, args)
+    add_speedups(results)
+    progress(f"{args.dtype} matmul peak of the device")
+    train_flops, infer_flops = reference_flops(args.batch, args.size)
+    report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
+                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
+    add_model_flops(results, train_flops, report["matmul_peak_tflops"])
+    report["second_conv_picks"] = second_conv_picks()
+    report["configs"] = results
+    write_outputs(report, args)
     return 0
 
 

@@ -4,6 +4,7 @@ must be set before triton (or any fastunet kernel) is imported, hence here, at t
 import os
 import subprocess
 import sys
+import warnings
 import zlib
 
 
@@ -20,6 +21,8 @@ if not HAS_GPU:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastunet import _ext  # noqa: E402
+
 requires_cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
@@ -28,3 +31,13 @@ def _fresh_seed(request):
     """Each test draws fresh random inputs, reproducibly from its own name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forgets the warnings already given, and records fastunet's RuntimeWarnings given from here on."""
+    monkeypatch.setattr(_ext, "_warned", set())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield lambda: [str(w.message) for w in seen
+                       if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("fastunet")]

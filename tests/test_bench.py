@@ -7,11 +7,22 @@ import os
 import subprocess
 import sys
 
+from helpers import PNG_SIGNATURE, REPO
+
 from fastunet.bench import CONFIGS, reference_flops
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED_KEYS = ("train_ms", "infer_ms", "train_speedup", "infer_speedup", "train_peak_mib", "infer_peak_mib",
                  "out_rel_err", "grad_rel_err", "train_tflops", "train_peak_fraction")
+
+
+def assert_speedups_over_reference_eager(configs):
+    """Each measured config's speedups are reference eager's time over its own."""
+    base = configs["reference_eager"]
+    for result in configs.values():
+        if "skipped" not in result:
+            for key in ("train", "infer"):
+                want = base[f"{key}_ms"] / result[f"{key}_ms"]
+                assert math.isclose(result[f"{key}_speedup"], want, rel_tol=1e-12), (result["config"], key)
 
 
 def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
@@ -27,7 +38,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
         assert label in run.stdout
     assert "fastunet fast: training step" in run.stderr  # progress lines
 
-    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "speedup.png").read_bytes()[:8] == PNG_SIGNATURE
     report = json.loads((out / "results.json").read_text())
     assert report["device"] == "cpu" and report["shape"] == [2, 3, 64, 64]
     configs = {result["config"]: result for result in report["configs"]}
@@ -38,7 +49,9 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
         for key in MEASURED_KEYS:
             value = configs[name][key]
             assert isinstance(value, float) and math.isfinite(value), (name, key, value)
-    assert configs["reference_eager"]["train_speedup"] == 1.0
+    assert_speedups_over_reference_eager(configs)
+    for name in ("reference_eager", "fastunet_exact", "fastunet_fast"):  # a step is a forward and a backward
+        assert configs[name]["train_ms"] > configs[name]["infer_ms"], configs[name]
     assert math.isclose(report["train_gflop"], 2 * 391.857 / 16, rel_tol=1e-4) and report["matmul_peak_tflops"] > 0
     for result in configs.values():
         if "skipped" not in result:
@@ -55,7 +68,7 @@ def test_bench_measures_a_subset_of_configs_and_refuses_unknown_ones(tmp_path):
     assert run.returncode == 0, run.stderr
     configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
     assert "skipped" not in configs["reference_eager"] and "skipped" not in configs["fastunet_fast"]
-    assert configs["fastunet_fast"]["train_speedup"] > 0
+    assert_speedups_over_reference_eager(configs)
     for name in ("reference_compile", "fastunet_exact", "fastunet_fast_checkpointing", "fastunet_fast_compile"):
         assert "not in --configs" in configs[name]["skipped"] or "torch.compile" in configs[name]["skipped"]
     bad = subprocess.run([sys.executable, "-m", "fastunet.bench", "--configs", "fastunet_fats"], cwd=REPO,
@@ -76,7 +89,8 @@ def test_a_compiler_failure_is_recorded_and_the_other_rows_still_run(tmp_path, m
                        "--out", str(tmp_path)]) == 0
     configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
     assert configs["fastunet_fast_compile"]["skipped"] == "failed: RuntimeError: inductor broke"
-    assert configs["reference_eager"]["train_ms"] > 0
+    for key in MEASURED_KEYS:
+        assert math.isfinite(configs["reference_eager"][key]), key
     assert "failed: RuntimeError: inductor broke" in capsys.readouterr().out
 
 
@@ -101,5 +115,10 @@ def test_roofline_prints_every_op_of_every_layer_against_its_floor(tmp_path):
         ops = {row["op"] for row in rows if row["layer"] == layer}
         assert {"bn_stats", "bn_relu_pool", "bn_relu_backward_reduce", "bn_relu_backward_apply"} <= ops
     for row in rows:
-        assert row["ms"] > 0 and 0 < row["of_floor"] and math.isfinite(row["floor_ms"])
+        assert math.isclose(row["of_floor"], row["floor_ms"] / row["ms"], rel_tol=1e-12), row
+        if "ms_by_backend" in row:  # a fused op: the fastest backend's time, and bytes over that time
+            assert row["ms"] == row["ms_by_backend"][row["fastest"]] == min(row["ms_by_backend"].values()), row
+            assert math.isclose(row["gbs"], row["mbytes"] / row["ms"], rel_tol=1e-12), row
+        else:
+            assert math.isclose(row["tflops"], row["gflop"] / row["ms"], rel_tol=1e-12), row
     assert "| Conv1.1 | bn_relu_pool |" in run.stdout and "against a floor of" in run.stdout

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(REPO, "tools", "build_settings.json")) as file:
     SETTINGS = json.load(file)
 DEFAULT_ARCHS = SETTINGS["cuda_arch_list"]["default"]

@@ -7,28 +7,14 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
-import torch.nn.init as init
-from test_model import assert_results_bitwise, pair, relative_error, train_step
+from helpers import (REPO, SIZE, assert_deterministic_run_to_run, assert_results_bitwise, pair, relative_error,
+                     seed_init_weights, train_step)
 
 import fastunet
-from fastunet import _ext
 from fastunet.reference import U_Net as Reference
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 32
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """Forgets the warnings already given, and records the RuntimeWarnings given from here on."""
-    monkeypatch.setattr(_ext, "_warned", set())
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        yield lambda: [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
 
 
 def test_float64_falls_back_with_one_warning(fresh_warnings):
@@ -52,19 +38,6 @@ def test_unsupported_layer_falls_back_with_one_warning(fresh_warnings):
     seen = fresh_warnings()
     assert len(seen) == 1, seen
     assert "conv_block(64 -> 128) runs its own modules" in seen[0] and "padding_mode='reflect'" in seen[0]
-
-
-def assert_deterministic_run_to_run(model, x, g):
-    """Under torch.use_deterministic_algorithms(True) two training steps give the same bits (forward, backward,
-    buffers)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = train_step(copy.deepcopy(model), x, g)
-        second = train_step(copy.deepcopy(model), x, g)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    assert_results_bitwise(second, first)
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -104,24 +77,6 @@ def test_empty_batch_in_training_leaves_running_stats_untouched(exact):
         if "running" in name:
             assert torch.equal(value, before[name]), name
         assert torch.equal(value, ref.state_dict()[name]), name  # num_batches_tracked counts, as in nn
-
-
-def seed_init_weights(net, init_type="normal", gain=0.02):
-    """The seed repository's init_weights, as its users call it: submodules matched by class name."""
-
-    def init_func(m):
-        classname = m.__class__.__name__
-        if hasattr(m, "weight") and (classname.find("Conv") != -1 or classname.find("Linear") != -1):
-            {"normal": lambda w: init.normal_(w, 0.0, gain), "xavier": lambda w: init.xavier_normal_(w, gain=gain),
-             "kaiming": lambda w: init.kaiming_normal_(w, a=0, mode="fan_in"),
-             "orthogonal": lambda w: init.orthogonal_(w, gain=gain)}[init_type](m.weight.data)
-            if getattr(m, "bias", None) is not None:
-                init.constant_(m.bias.data, 0.0)
-        elif classname.find("BatchNorm2d") != -1:
-            init.normal_(m.weight.data, 1.0, gain)
-            init.constant_(m.bias.data, 0.0)
-
-    net.apply(init_func)
 
 
 @pytest.mark.parametrize("init_type", ["normal", "kaiming"])

@@ -7,22 +7,12 @@ import copy
 import pytest
 import torch
 from conftest import HAS_GPU
+from helpers import (SIZE, assert_deterministic_run_to_run, assert_results_bitwise, assert_within_twice_reference_error,
+                     backward_case, pair, relative_error, slice_of_buffer, well_conditioned)
 
-import fastunet
 from fastunet import _ext, ops
 
 pytestmark = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-
-from test_model import (  # noqa: E402
-    SIZE,
-    assert_results_bitwise,
-    assert_within_twice_reference_error,
-    pair,
-    relative_error,
-    well_conditioned,
-)
-from test_compat import assert_deterministic_run_to_run  # noqa: E402
-from test_ops import backward_case, case, slice_of_buffer  # noqa: E402
 
 BACKENDS = ["cuda", "triton"]
 
@@ -55,24 +45,27 @@ def test_ops_match_specification_on_gpu(cuda_backend, upscale, memory_format, dt
     ops.bn_relu_pool(z, scale, shift, upscale, out, pooled)
     want, want_pool = torch.empty_like(out), torch.empty_like(pooled)
     ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(pooled, want_pool, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.nan_to_num(123.0), want.nan_to_num(123.0))
+    assert torch.equal(pooled.nan_to_num(123.0), want_pool.nan_to_num(123.0))
     assert torch.isnan(buf[:, :extra]).all() and torch.isnan(buf[:, -extra:]).all()
+    # The tolerances of the same ops in tests/test_ops.py and tests/test_triton_kernels.py: sums in float32 (the
+    # accumulation dtype of both float32 and bfloat16) to 1e-5, the BN backward formula to its output dtype's rounding.
     mean, var = ops.bn_stats(z, upscale)
     want_mean, want_var = ops.bn_stats_ref(z, upscale)
     torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, want_var, rtol=1e-5, atol=1e-5)
     invstd = torch.rsqrt(var + 1e-5)
     sums = ops.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, upscale)
     want_sums = ops.bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, upscale)
     for a, b in zip(sums, want_sums):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
-    torch.testing.assert_close(ops.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale),
-                               ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, upscale), **tol)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ops.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale),
+                       ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, upscale))
+    apply_tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(
         ops.bn_relu_backward_apply(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale),
-        ops.bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale), **tol)
+        ops.bn_relu_backward_apply_ref(grad, grad_pooled, z, scale, shift, mean, invstd, *want_sums, upscale),
+        **apply_tol)
 
 
 @pytest.mark.parametrize("upscale", [1, 2])

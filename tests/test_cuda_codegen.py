@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import cuda_toolchain  # noqa: E402  (the build's toolchain settings: setup.py uses them too)
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import HAS_GPU
-from test_model import conv_bias_before_bn, relative_error, train_step, well_conditioned
+from helpers import conv_bias_before_bn, relative_error, train_step, well_conditioned
 
 import fastunet
 from fastunet.reference import U_Net as Reference

@@ -6,30 +6,18 @@ warning naming why."""
 
 import copy
 import re
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 import torch.nn.utils.prune as prune
-from test_model import (SIZE, assert_bitwise, assert_results_bitwise, assert_within_twice_reference_error, pair,
-                        relative_error, train_step, well_conditioned)
+from helpers import (SIZE, assert_bitwise, assert_results_bitwise, assert_within_twice_reference_error, pair,
+                     relative_error, seed_init_weights, train_step, well_conditioned)
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fastunet
-from fastunet import _ext
 from fastunet.reference import U_Net as Reference
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """Forgets the warnings already given, and records fastunet's RuntimeWarnings given from here on."""
-    monkeypatch.setattr(_ext, "_warned", set())
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        yield lambda: [str(w.message) for w in seen
-                       if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("fastunet")]
 
 
 def models(exact, change=lambda m: None):
@@ -142,8 +130,6 @@ def test_eval_sees_writes_through_data(exact, write):
 def test_seed_init_weights_after_a_first_eval_call_is_seen():
     """The seed repository's init_weights writes ``m.weight.data``; a model that already ran in eval then runs the
     new weights (it used to keep BN-folded weights keyed on version counters that .data writes do not bump)."""
-    from test_compat import seed_init_weights
-
     model = fastunet.U_Net(3, 2).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():

@@ -3,6 +3,7 @@ two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
 
 import pytest
 import torch
+from helpers import backward_case, case, random, slice_of_buffer
 
 from fastunet import _ext, functional, ops
 
@@ -15,25 +16,6 @@ def quantised(*shape, dtype=torch.float32, memory_format=torch.contiguous_format
     t = torch.randint(-4, 5, shape).to(dtype) / 2
     t.view(-1)[torch.randint(0, t.numel(), (max(1, t.numel() // 97),))] = float("nan")
     return t.contiguous(memory_format=memory_format)
-
-
-def random(*shape, dtype=torch.float32, memory_format=torch.contiguous_format):
-    return (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format)
-
-
-def case(upscale, n=2, c=3, h=4, w=6, dtype=torch.float32, memory_format=torch.contiguous_format, values=random):
-    z = values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype, memory_format=memory_format)
-    acc = ops.acc_dtype(dtype)
-    scale, shift = torch.randn(c, dtype=acc), torch.randn(c, dtype=acc)
-    return z, scale, shift
-
-
-def slice_of_buffer(n, c, h, w, dtype, memory_format, extra=None, fill=float("nan")):
-    """A NaN-poisoned concat buffer and the channel slice [extra, extra + c) of it. extra defaults to 2 channels
-    (a slice starting off the 16-byte grid: one-channel runs) for c = 3, to 8 (on the grid) otherwise."""
-    extra = (2 if c == 3 else 8) if extra is None else extra
-    buf = torch.full((n, c + 2 * extra, h, w), fill, dtype=dtype).contiguous(memory_format=memory_format)
-    return buf, buf.narrow(1, extra, c)
 
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -88,15 +70,6 @@ def test_bn_stats_keep_a_nan(upscale, where):
     assert want_var.isnan().sum() == 1
     assert torch.equal(var.isnan(), want_var.isnan()) and torch.equal(mean.isnan(), want_mean.isnan())
     torch.testing.assert_close(var, want_var, rtol=1e-5, atol=0, equal_nan=True)
-
-
-def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32, n=2, c=3, h=4, w=6):
-    z, scale, shift = case(upscale, n=n, c=c, h=h, w=w, dtype=dtype, memory_format=memory_format, values=values)
-    n, c, h, w = ops.logical_shape(z, upscale)
-    _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
-    grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
-    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format) if pool else None
-    return grad, grad_pooled, z, scale, shift
 
 
 @pytest.mark.parametrize("upscale", [1, 2])

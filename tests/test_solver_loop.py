@@ -1,42 +1,23 @@
 """A third-party training loop replayed end to end with fastunet swapped in for the seed U-Net.
 
-``Solver`` is written here in the style of the seed repository's ``solver.py``: its ``init_weights`` (which writes
-``m.weight.data``), Adam with betas (0.5, 0.999), BCE on sigmoid outputs flattened per image, a linear learning-rate
-decay over the last epochs, accuracy/sensitivity/specificity/precision/F1/Jaccard/Dice on thresholded outputs, the
-best model (by Jaccard + Dice on the validation set) saved with ``torch.save(model.state_dict())``, then the model
-deleted, built anew, reloaded from that file and tested. It knows nothing of fastunet: it takes a U-Net class.
-Exact mode must give the seed's run bit for bit (every loss, metric, checkpoint tensor and test metric); fast mode
-must end close to it.
+``Solver`` is written here in the style of the seed repository's ``solver.py``: its ``init_weights``
+(``seed_init_weights``, which writes ``m.weight.data``), Adam with betas (0.5, 0.999), BCE on sigmoid outputs
+flattened per image, a linear learning-rate decay over the last epochs, accuracy/sensitivity/specificity/precision/
+F1/Jaccard/Dice on thresholded outputs, the best model (by Jaccard + Dice on the validation set) saved with
+``torch.save(model.state_dict())``, then the model deleted, built anew, reloaded from that file and tested. It knows
+nothing of fastunet: it takes a U-Net class. Exact mode must give the seed's run bit for bit (every loss, metric,
+checkpoint tensor and test metric); fast mode must end close to it.
 """
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.init as init
+from helpers import seed_init_weights
 from torch.utils.data import DataLoader
 
 import fastunet
 from fastunet.reference import U_Net as Reference
 from fastunet.train import SyntheticShapes
-
-
-def init_weights(net, init_type="normal", gain=0.02):
-    """The seed repository's initialisation: submodules matched by class name, written through ``.data``."""
-
-    def init_func(m):
-        classname = m.__class__.__name__
-        if hasattr(m, "weight") and (classname.find("Conv") != -1 or classname.find("Linear") != -1):
-            if init_type == "normal":
-                init.normal_(m.weight.data, 0.0, gain)
-            elif init_type == "kaiming":
-                init.kaiming_normal_(m.weight.data, a=0, mode="fan_in")
-            if hasattr(m, "bias") and m.bias is not None:
-                init.constant_(m.bias.data, 0.0)
-        elif classname.find("BatchNorm2d") != -1:
-            init.normal_(m.weight.data, 1.0, gain)
-            init.constant_(m.bias.data, 0.0)
-
-    net.apply(init_func)
 
 
 def segmentation_metrics(sr, gt, threshold=0.5):
@@ -65,7 +46,7 @@ class Solver:
 
     def build_model(self):
         self.unet = self.unet_class(img_ch=3, output_ch=1)
-        init_weights(self.unet, "normal")
+        seed_init_weights(self.unet, "normal")
         self.optimizer = torch.optim.Adam(list(self.unet.parameters()), self.lr, [self.beta1, self.beta2])
 
     def evaluate(self, loader):

@@ -11,13 +11,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from helpers import PNG_SIGNATURE, REPO
+from torch.utils.data import DataLoader, Subset
 
 import fastunet
 from fastunet.reference import U_Net as Reference
-from fastunet.train import ImageMaskFolder, SyntheticShapes, compare_losses, dice_iou, main
+from fastunet.train import ImageMaskFolder, SyntheticShapes, compare_losses, dice_iou, dice_iou_per_sample, main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 2 epochs x 10 steps of batch 4 at 32 x 32: about 20 s for both models on 2 cores.
 TINY = ["--device", "cpu", "--size", "32", "--batch", "4", "--epochs", "2", "--steps-per-epoch", "10",
         "--val-samples", "8", "--no-progress", "--log-every", "0"]
@@ -29,6 +29,16 @@ def load_checkpoint_into_reference(path):
     model = Reference(3, 1)
     model.load_state_dict(checkpoint["model"], strict=True)
     return checkpoint, model
+
+
+def dice_iou_of(model, dataset, batch):
+    """[Dice, IoU] of ``model`` in eval mode, the means over ``dataset``'s samples taken in batches of ``batch``."""
+    model.eval()
+    per_sample = []
+    with torch.no_grad():
+        for images, masks in DataLoader(dataset, batch_size=batch):
+            per_sample.append(torch.stack(dice_iou_per_sample(model(images), masks), 1))
+    return torch.cat(per_sample).double().mean(0).tolist()
 
 
 def test_synthetic_shapes_are_deterministic_binary_and_never_empty():
@@ -85,9 +95,12 @@ def test_compare_trains_both_models_to_the_same_loss_within_noise(tmp_path):
     for name, model_history in history["models"].items():
         assert model_history["losses"] == result["models"][name]["losses"] and len(model_history["losses"]) == 20
         assert [e["epoch"] for e in model_history["epochs"]] == [1, 2]
-        for epoch in model_history["epochs"]:
-            assert 0 <= epoch["dice"] <= 1 and 0 <= epoch["iou"] <= epoch["dice"]
         checkpoint, _ = load_checkpoint_into_reference(tmp_path / f"checkpoint_{name}.pt")
+        model = (Reference if name == "reference" else fastunet.U_Net)(3, 1)
+        model.load_state_dict(checkpoint["model"])
+        # the last epoch's metrics are those of the model it saved, on the 8 validation images after the 40 trained
+        want = dice_iou_of(model, Subset(SyntheticShapes(48, size=32, img_ch=3, seed=0), range(40, 48)), batch=4)
+        assert [model_history["epochs"][-1][key] for key in ("dice", "iou")] == pytest.approx(want, rel=1e-6)
         assert checkpoint["epoch"] == 2 and checkpoint["losses"] == model_history["losses"]
         assert checkpoint["args"]["compare"] and "state" in checkpoint["optimizer"]
     # Same initialisation: the first step (same weights, same batch) has the same loss up to rounding.
@@ -172,13 +185,19 @@ def test_one_epoch_on_an_image_folder(tmp_path):
                    "--epochs", "1", "--no-progress", "--out", str(out)])
     history = result["models"]["fastunet"]
     assert len(history["losses"]) == 2  # 5 images: 1 held out, 4 in 2 batches of 2
-    assert 0 <= history["epochs"][0]["dice"] <= 1
     assert (out / "loss.png").read_bytes()[:8] == PNG_SIGNATURE
     checkpoint, model = load_checkpoint_into_reference(out / "checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["args"]["data"] == str(tmp_path / "data")
+    trained = fastunet.U_Net(3, 1)
+    trained.load_state_dict(checkpoint["model"])
+    data = ImageMaskFolder(tmp_path / "data", size=32)
+    held_out = torch.randperm(5, generator=torch.Generator().manual_seed(0))[:1].tolist()  # build_datasets' split
+    want = dice_iou_of(trained, Subset(data, held_out), batch=2)
+    assert [history["epochs"][0][key] for key in ("dice", "iou")] == pytest.approx(want, rel=1e-6)
+    x = data[held_out[0]][0].unsqueeze(0)
     model.eval()
-    with torch.no_grad():
-        assert model(ImageMaskFolder(tmp_path / "data", size=32)[0][0].unsqueeze(0)).shape == (1, 1, 32, 32)
+    with torch.no_grad():  # the checkpoint in the seed U-Net gives the trained model's logits
+        torch.testing.assert_close(model(x), trained(x), rtol=1e-4, atol=1e-4)
 
 
 def test_torchrun_two_processes_on_gloo_with_sync_bn(tmp_path):

@@ -1,0 +1,158 @@
+"""What the test files share: the reference/fastunet pair and its training step, the bit-for-bit and 2x-error
+assertions, the seed repository's init_weights, and the op inputs of the CPU and CUDA op tests."""
+
+import copy
+import os
+
+import torch
+import torch.nn.init as init
+
+import fastunet
+from fastunet import ops
+from fastunet.bench import relative_error  # noqa: F401  (the test files import it from here)
+from fastunet.reference import U_Net as Reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIZE = 32  # H = W: the smallest size with a 2x2 bottleneck
+
+
+def pair(exact, img_ch=3, output_ch=2):
+    ref = Reference(img_ch, output_ch)
+    fast = fastunet.U_Net(img_ch, output_ch, exact=exact)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def train_step(model, x, grad_out, dtype=None, autocast=None):
+    """Forward + backward; returns output, input grad, parameter grads, buffers (copies)."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        out = model(x)
+    (out.to(grad_out.dtype) * grad_out).sum().backward()
+    module = getattr(model, "_orig_mod", model)  # a torch.compile'd module's names are its module's
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    return out.detach(), x.grad, grads, buffers
+
+
+def assert_bitwise(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a, b), f"{what}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}"
+
+
+def assert_results_bitwise(got, want):
+    """Output, input gradient, every parameter gradient and every buffer of two train_step results."""
+    assert_bitwise(got[0], want[0], "output")
+    assert_bitwise(got[1], want[1], "input gradient")
+    for name in want[2]:
+        assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
+    for name in want[3]:
+        assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+
+
+def well_conditioned(*models):
+    """BN shifts of about 2.5: almost no pre-ReLU value lies within rounding of 0.
+
+    Near zero, one ReLU mask (or max-pool argmax) flipping between float32 and float64 moves a gradient by
+    far more than any rounding, at random in the reference and in fastunet alike; the 2x rule judges the
+    arithmetic, so it is checked where no such flip happens. (Masks and ties are tested bit for bit in
+    exact mode and per op.)
+    """
+    shifts = None
+    for m in models:
+        bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        if shifts is None:
+            shifts = [2.5 + 0.5 * torch.rand(b.num_features) for b in bns]
+        with torch.no_grad():
+            for bn, shift in zip(bns, shifts):
+                bn.bias.copy_(shift)
+
+
+def conv_bias_before_bn(name):
+    return name.endswith(("conv.0.bias", "conv.3.bias", "up.1.bias"))
+
+
+def assert_within_twice_reference_error(fast_result, ref_result, exact_result, slack=1e-7):
+    """flash-attention's rule: error(fast, float64) <= 2 * error(float32 reference, float64) (+ slack).
+
+    Conv biases feeding a training-mode BN have a zero gradient in exact arithmetic (their float values are
+    rounding noise): they are held to an absolute bound scaled by the whole gradient's norm.
+    """
+    out_f, gx_f, grads_f, bufs_f = fast_result
+    out_r, gx_r, grads_r, bufs_r = ref_result
+    out_e, gx_e, grads_e, bufs_e = exact_result
+    assert relative_error(out_f, out_e) <= 2 * relative_error(out_r, out_e) + slack
+    assert relative_error(gx_f, gx_e) <= 2 * relative_error(gx_r, gx_e) + slack
+    total = torch.cat([g.double().flatten() for g in grads_e.values()]).norm().item()
+    for name, g_e in grads_e.items():
+        if conv_bias_before_bn(name):
+            bound = max(2 * (grads_r[name].double() - g_e).norm().item(), 1e-6 * total)
+            assert (grads_f[name].double() - g_e).norm().item() <= bound, name
+        else:
+            assert relative_error(grads_f[name], g_e) <= 2 * relative_error(grads_r[name], g_e) + slack, name
+    for name, b_e in bufs_e.items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(bufs_f[name], b_e), name
+        else:
+            assert relative_error(bufs_f[name], b_e) <= 2 * relative_error(bufs_r[name], b_e) + slack, name
+
+
+def assert_deterministic_run_to_run(model, x, g):
+    """Under torch.use_deterministic_algorithms(True) two training steps give the same bits (forward, backward,
+    buffers)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = train_step(copy.deepcopy(model), x, g)
+        second = train_step(copy.deepcopy(model), x, g)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_results_bitwise(second, first)
+
+
+def seed_init_weights(net, init_type="normal", gain=0.02):
+    """The seed repository's init_weights, as its users call it: submodules matched by class name."""
+
+    def init_func(m):
+        classname = m.__class__.__name__
+        if hasattr(m, "weight") and (classname.find("Conv") != -1 or classname.find("Linear") != -1):
+            {"normal": lambda w: init.normal_(w, 0.0, gain), "xavier": lambda w: init.xavier_normal_(w, gain=gain),
+             "kaiming": lambda w: init.kaiming_normal_(w, a=0, mode="fan_in"),
+             "orthogonal": lambda w: init.orthogonal_(w, gain=gain)}[init_type](m.weight.data)
+            if getattr(m, "bias", None) is not None:
+                init.constant_(m.bias.data, 0.0)
+        elif classname.find("BatchNorm2d") != -1:
+            init.normal_(m.weight.data, 1.0, gain)
+            init.constant_(m.bias.data, 0.0)
+
+    net.apply(init_func)
+
+
+def random(*shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    return (torch.randn(shape, dtype=dtype) * 2 + 0.5).contiguous(memory_format=memory_format)
+
+
+def case(upscale, n=2, c=3, h=4, w=6, dtype=torch.float32, memory_format=torch.contiguous_format, values=random):
+    z = values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype, memory_format=memory_format)
+    acc = ops.acc_dtype(dtype)
+    scale, shift = torch.randn(c, dtype=acc), torch.randn(c, dtype=acc)
+    return z, scale, shift
+
+
+def slice_of_buffer(n, c, h, w, dtype, memory_format, extra=None, fill=float("nan")):
+    """A NaN-poisoned concat buffer and the channel slice [extra, extra + c) of it. extra defaults to 2 channels
+    (a slice starting off the 16-byte grid: one-channel runs) for c = 3, to 8 (on the grid) otherwise."""
+    extra = (2 if c == 3 else 8) if extra is None else extra
+    buf = torch.full((n, c + 2 * extra, h, w), fill, dtype=dtype).contiguous(memory_format=memory_format)
+    return buf, buf.narrow(1, extra, c)
+
+
+def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float32, n=2, c=3, h=4, w=6):
+    z, scale, shift = case(upscale, n=n, c=c, h=h, w=w, dtype=dtype, memory_format=memory_format, values=values)
+    n, c, h, w = ops.logical_shape(z, upscale)
+    _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
+    grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
+    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format) if pool else None
+    return grad, grad_pooled, z, scale, shift
