@@ -362,9 +362,9 @@ class DoubleConvBNReLU(torch.autograd.Function):
     and what backward needs (returned, as torch.func asks, rather than stashed on a ctx)."""
 
     @staticmethod
-    def forward(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, settings1, settings2, exact, cat_channels,
+    def forward(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, settings1, settings2, exact, cat_channels,
                 pool):
-        bn1, bn2 = BatchNormArgs(g1, be1, rm1, rv1, *settings1), BatchNormArgs(g2, be2, rm2, rv2, *settings2)
+        bn1, bn2 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *settings1), BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *settings2)
         _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
@@ -393,7 +393,7 @@ class DoubleConvBNReLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, settings1, settings2, exact, _, pool = inputs
+        x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, settings1, settings2, exact, _, pool = inputs
         buf, pooled, x_cast, w1_cast, w2_cast, *saved = output
         ctx.exact, ctx.pool, ctx.settings = exact, pool, (settings1, settings2)
         ctx.conv_dtype = _conv_dtype(x, x_cast)
@@ -402,77 +402,77 @@ class DoubleConvBNReLU(torch.autograd.Function):
         saved = saved[:5] + saved[6:11]
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         casts = tuple(t if c is None else c for c, t in zip((x_cast, w1_cast, w2_cast), (x, w1, w2)))
-        ctx.save_for_backward(x, w1, b1, g1, be1, *_eval_running_stats(rm1, rv1, settings1),
-                              w2, b2, g2, be2, *_eval_running_stats(rm2, rv2, settings2), *casts, *saved)
+        ctx.save_for_backward(x, w1, b1, gamma1, beta1, *_eval_running_stats(running_mean1, running_var1, settings1),
+                              w2, b2, gamma2, beta2, *_eval_running_stats(running_mean2, running_var2, settings2), *casts, *saved)
 
     @staticmethod
     def backward(ctx, grad_buf, grad_pooled, *unused_saved_grads):
-        x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, xc, w1c, w2c, *saved = ctx.saved_tensors
-        bn1 = BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0])
-        bn2 = BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1])
+        x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, xc, w1c, w2c, *saved = ctx.saved_tensors
+        bn1 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0])
+        bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
         grad_out = concat_parts(grad_buf, ctx.out_channels)[0]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn1, bn2)
-            inputs = (x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2)
+            inputs = (x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2)
             grads = _differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled))
             return tuple(grads[:13]) + (None,) * 5
         layers = ((xc, w1c, b1, bn1), (w2c, b2, bn2))
         with torch.autocast(grad_buf.device.type, enabled=False):
             backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
-            dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2 = backward(grad_out, grad_pooled, saved, ctx.extra, layers,
+            dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2 = backward(grad_out, grad_pooled, saved, ctx.extra, layers,
                                                                     ctx.needs_input_grad)
-        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dg1, g1), _grad_as(dbe1, be1),
-                None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dg2, g2), _grad_as(dbe2, be2),
+        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dgamma1, gamma1), _grad_as(dbeta1, beta1),
+                None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dgamma2, gamma2), _grad_as(dbeta2, beta2),
                 None, None) + (None,) * 5
 
 
 def _double_block_reference(ctx):
     """The seed's conv_block (and max-pool) over the Function's tensor inputs, for _differentiable_backward."""
 
-    def reference(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2):
-        y = _reference_layer(x, w1, b1, BatchNormArgs(g1, be1, rm1, rv1, *ctx.settings[0]), ctx.conv_dtype)
-        y = _reference_layer(y, w2, b2, BatchNormArgs(g2, be2, rm2, rv2, *ctx.settings[1]), ctx.conv_dtype)
+    def reference(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2):
+        y = _reference_layer(x, w1, b1, BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0]), ctx.conv_dtype)
+        y = _reference_layer(y, w2, b2, BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1]), ctx.conv_dtype)
         return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
 
     return reference
 
 
 def _exact_double_block_backward(grad_out, grad_pooled, saved, impls, layers, need):
-    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2). Each
+    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Each
     activation-sized gradient is dropped once used, as the autograd engine would."""
     (xc, w1c, _, bn1), (w2c, _, bn2) = layers
     z1, a1, *bn1_saved = saved[:5]
     z2, t2, *bn2_saved = saved[5:]
     dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
-    dz2, dg2, dbe2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impls[1], [True, need[9], need[10]])
+    dz2, dgamma2, dbeta2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impls[1], [True, need[9], need[10]])
     del dy2
     da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2c.shape[0]], *_CONV_ARGS, [True, need[7], need[8]])
     del dz2
     dy1 = _relu_pool_exact_backward(da1, None, a1)
     del da1
-    dz1, dg1, dbe1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impls[0], [True, need[3], need[4]])
+    dz1, dgamma1, dbeta1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impls[0], [True, need[3], need[4]])
     del dy1
     dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1c.shape[0]], *_CONV_ARGS, [need[0], need[1], need[2]])
-    return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2
+    return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
 
 
 def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, need):
-    """Fast mode's backward: (dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2). Layer 1's activation is recomputed
+    """Fast mode's backward: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Layer 1's activation is recomputed
     from its pre-BN output; each activation-sized tensor is dropped once used."""
     (xc, w1c, b1, bn1), (w2c, b2, bn2) = layers
     z1, mean1, invstd1, scale1, shift1 = saved[:5]
     z2, mean2, invstd2, scale2, shift2 = saved[5:]
-    dz2, dg2, dbe2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
+    dz2, dgamma2, dbeta2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
                                             bn2.training, 1, _sync_of(bn2, counts[1]))
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
     da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[7], False])
     del a1, dz2
-    dz1, dg1, dbe1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
+    dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
                                             _sync_of(bn1, counts[0]))
     del da1
     dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
-    return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2
+    return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
@@ -500,8 +500,8 @@ class UpsampleConvCat(torch.autograd.Function):
     and what backward needs."""
 
     @staticmethod
-    def forward(d, buf, w, b, g, be, rm, rv, settings, exact):
-        bn = BatchNormArgs(g, be, rm, rv, *settings)
+    def forward(d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact):
+        bn = BatchNormArgs(gamma, beta, running_mean, running_var, *settings)
         _check_no_exact_sync(exact, bn)
         cast = _autocast_dtype(d.device.type)
         cout = w.shape[0]
@@ -524,7 +524,7 @@ class UpsampleConvCat(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        d, buf, w, b, g, be, rm, rv, settings, exact = inputs
+        d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact = inputs
         _, d_cast, w_cast, *saved = output
         ctx.exact, ctx.settings = exact, settings
         ctx.conv_dtype = _conv_dtype(d, d_cast)
@@ -533,30 +533,30 @@ class UpsampleConvCat(torch.autograd.Function):
         ctx.mark_dirty(buf)
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         casts = tuple(t if c is None else c for c, t in zip((d_cast, w_cast), (d, w)))
-        ctx.save_for_backward(d, w, b, g, be, *_eval_running_stats(rm, rv, settings), *casts, *saved)
+        ctx.save_for_backward(d, w, b, gamma, beta, *_eval_running_stats(running_mean, running_var, settings), *casts, *saved)
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_saved_grads):
-        d, w, b, g, be, rm, rv, dc, wc, *saved = ctx.saved_tensors
-        bn = BatchNormArgs(g, be, rm, rv, *ctx.settings)
+        d, w, b, gamma, beta, running_mean, running_var, dc, wc, *saved = ctx.saved_tensors
+        bn = BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings)
         cout = w.shape[0]
         grad_out = concat_parts(grad_buf, ctx.skip_channels)[1]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn)
 
-            def reference(d, unused_buf, w, b, g, be, rm, rv):
+            def reference(d, unused_buf, w, b, gamma, beta, running_mean, running_var):
                 u = F.interpolate(d, scale_factor=2.0, mode="nearest")
-                return (_reference_layer(u, w, b, BatchNormArgs(g, be, rm, rv, *ctx.settings), ctx.conv_dtype),)
+                return (_reference_layer(u, w, b, BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings), ctx.conv_dtype),)
 
-            dd, _, dw, db, dg, dbe, *_ = _differentiable_backward(ctx, reference, (d, None, w, b, g, be, rm, rv),
+            dd, _, dw, db, dgamma, dbeta, *_ = _differentiable_backward(ctx, reference, (d, None, w, b, gamma, beta, running_mean, running_var),
                                                                   (grad_out,))
-            return dd, grad_buf, dw, db, dg, dbe, None, None, None, None
+            return dd, grad_buf, dw, db, dgamma, dbeta, None, None, None, None
         need = ctx.needs_input_grad
         with torch.autocast(grad_buf.device.type, enabled=False):
             if ctx.exact:
                 z, t, *bn_saved = saved
                 dy = _relu_pool_exact_backward(grad_out, None, t)
-                dz, dg, dbe = _exact_bn_backward(dy, z, bn, *bn_saved, ctx.extra, [True, need[4], need[5]])
+                dz, dgamma, dbeta = _exact_bn_backward(dy, z, bn, *bn_saved, ctx.extra, [True, need[4], need[5]])
                 del dy  # activation-sized gradients and the recomputed upsample: dropped once used
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
                 du, dw, db = _aten.convolution_backward(dz, u, wc, [cout], *_CONV_ARGS, [need[0], need[2], need[3]])
@@ -567,13 +567,13 @@ class UpsampleConvCat(torch.autograd.Function):
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
                 w4, z4, mean, invstd, scale, shift = saved
-                dz4, dg, dbe, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b, bn.training, 2,
+                dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b, bn.training, 2,
                                                      _sync_of(bn, ctx.extra))
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
                 del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).
-        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dg, g), _grad_as(dbe, be),
+        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dgamma, gamma), _grad_as(dbeta, beta),
                 None, None, None, None)
 
 

@@ -48,8 +48,8 @@ def sync_batch_stats(mean, var, count, group):
     means, variances, counts = gathered[:, :c], gathered[:, c:2 * c], gathered[:, 2 * c:]
     total = counts.sum()
     global_mean = (means * counts).sum(0) / total
-    m2 = (variances * counts).sum(0) + ((means - global_mean).square() * counts).sum(0)
-    return global_mean.to(mean.dtype), (m2 / total).to(var.dtype), total
+    sum_sq_dev = (variances * counts).sum(0) + ((means - global_mean).square() * counts).sum(0)
+    return global_mean.to(mean.dtype), (sum_sq_dev / total).to(var.dtype), total
 
 
 def all_reduce_sums(sum_dy, sum_dy_xmu, group):
