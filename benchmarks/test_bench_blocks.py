@@ -4,7 +4,8 @@ and phase comparing the reference's modules with fastunet's fused blocks (exact 
 Encoder blocks Conv1-4: reference conv_block + 2x2 max-pool vs fastunet conv_block writing into the
 concat buffer and pooling in the same pass. Conv5 and the decoder blocks Up_conv5-2: conv_block vs
 conv_block. On CUDA the fast double blocks are also timed with FASTUNET_CONV=triton (their second conv in
-Triton, layer 1's BN+ReLU in its input load, layer 2's statistics in its epilogue). Up blocks Up5-2: ``torch.cat((skip, up_conv(d)), 1)`` vs fastunet ``up_conv(d, buf)``
+Triton, layer 1's BN+ReLU in its input load, layer 2's statistics in its epilogue). Up blocks Up5-2:
+``torch.cat((skip, up_conv(d)), 1)`` vs fastunet ``up_conv(d, buf)``
 writing into the buffer that already holds the skip (made untimed, as the encoder makes it in the U-Net).
 """
 

@@ -33,9 +33,7 @@ namespace fastunet {
 
 struct Strides4 {
   int64_t n, c, h, w;
-  FU_HD int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
-    return in * n + ic * c + ih * h + iw * w;
-  }
+  FU_HD int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const { return in * n + ic * c + ih * h + iw * w; }
 };
 
 struct Geom {
@@ -115,8 +113,8 @@ FU_HD int pool_argmax4(const acc_t v[4], acc_t* max_value = nullptr) {
 // sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (z - mean)) over the M elements of the channel.
 // With sum_dy = sum_dy_xmu = 0 this is the eval-mode gradient scale * dy.
 template <typename acc_t>
-FU_HD acc_t bn_backward_dz(acc_t dy, acc_t z, acc_t mean, acc_t invstd, acc_t scale, acc_t sum_dy,
-                           acc_t sum_dy_xmu, acc_t inv_m) {
+FU_HD acc_t bn_backward_dz(acc_t dy, acc_t z, acc_t mean, acc_t invstd, acc_t scale, acc_t sum_dy, acc_t sum_dy_xmu,
+                           acc_t inv_m) {
   const acc_t proj = (z - mean) * invstd * invstd * sum_dy_xmu * inv_m;
   return scale * (dy - sum_dy * inv_m - proj);
 }
@@ -222,8 +220,8 @@ FU_HD int cell_argmax(const acc_t (&y)[4][V], int i, acc_t* max_value = nullptr)
 // bn_relu_pool for one cell of channels c0..: out = relu(z*scale + shift) and, if pooled is given, the
 // window's max (the pixel ATen's max_pool2d picks).
 template <typename scalar_t, typename acc_t, int V>
-FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                             int64_t c0, const acc_t* scale, const acc_t* shift, scalar_t* out, const Strides4& os,
+FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c0,
+                             const acc_t* scale, const acc_t* shift, scalar_t* out, const Strides4& os,
                              scalar_t* pooled, const Strides4& ps) {
   acc_t y[4][V], zv[4][V];
   cell_bn_relu<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, y, zv);
@@ -250,9 +248,8 @@ FU_HD void cell_bn_relu_pool(const CellTensors<scalar_t>& t, const Geom& g, int6
 // plus, at the window's max-pool argmax, the pooled gradient; zero where the ReLU was off and outside the
 // image. zv receives the z values read.
 template <typename scalar_t, typename acc_t, int V>
-FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                             int64_t c0, const acc_t* scale, const acc_t* shift, acc_t (&dy)[4][V],
-                             acc_t (&zv)[4][V]) {
+FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c0,
+                             const acc_t* scale, const acc_t* shift, acc_t (&dy)[4][V], acc_t (&zv)[4][V]) {
   acc_t y[4][V];
   cell_bn_relu<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, y, zv);
   scalar_t pooled_grad[V];
@@ -349,8 +346,8 @@ FU_HD SumPair<double> sum_over_chunks(const sum_t* partial, int64_t chunks, int6
 // the image, with ref[i] a value of channel c0+i itself (shifted sums: exact-ish even when the mean is large
 // against the spread).
 template <typename scalar_t, typename sum_t, int V>
-FU_HD void cell_stats_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v,
-                           int64_t c0, const sum_t* ref, SumPair<sum_t>* acc) {
+FU_HD void cell_stats_sums(const CellTensors<scalar_t>& t, const Geom& g, int64_t n, int64_t u, int64_t v, int64_t c0,
+                           const sum_t* ref, SumPair<sum_t>* acc) {
   FU_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (!pixel_in_image(g, u, v, k)) continue;

@@ -84,8 +84,7 @@ struct CpuBackend {
 
 TORCH_LIBRARY(fastunet, m) {
   m.def("bn_stats(Tensor z, int upscale) -> (Tensor mean, Tensor var)");
-  m.def(
-      "bn_relu_pool(Tensor z, Tensor scale, Tensor shift, int upscale, Tensor(a!) out, Tensor(b!)? pooled) -> ()");
+  m.def("bn_relu_pool(Tensor z, Tensor scale, Tensor shift, int upscale, Tensor(a!) out, Tensor(b!)? pooled) -> ()");
   m.def(
       "relu_pool_backward(Tensor grad, Tensor? grad_pooled, Tensor z, Tensor scale, Tensor shift, int upscale) -> "
       "Tensor");

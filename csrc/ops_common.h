@@ -7,22 +7,18 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "fastunet_math.h"
 
 namespace fastunet {
 
-inline Strides4 strides_of(const at::Tensor& t) {
-  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
+inline Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // The dtype of per-channel vectors (scale, shift, mean, ...) for a given activation dtype.
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline bool channels_fastest(const at::Tensor& t) { return t.dim() == 4 && t.stride(1) == 1 && t.size(1) > 1; }
 
@@ -30,8 +26,8 @@ inline bool channels_fastest(const at::Tensor& t) { return t.dim() == 4 && t.str
 template <typename scalar_t>
 CellTensors<scalar_t> cell_tensors(const at::Tensor& z, const at::Tensor* grad = nullptr,
                                    const c10::optional<at::Tensor>* grad_pooled = nullptr) {
-  CellTensors<scalar_t> t{z.const_data_ptr<scalar_t>(), strides_of(z), nullptr, Strides4{0, 0, 0, 0}, nullptr,
-                          Strides4{0, 0, 0, 0}};
+  CellTensors<scalar_t> t{z.const_data_ptr<scalar_t>(), strides_of(z), nullptr,
+                          Strides4{0, 0, 0, 0},         nullptr,       Strides4{0, 0, 0, 0}};
   if (grad != nullptr) {
     t.grad = grad->const_data_ptr<scalar_t>();
     t.gs = strides_of(*grad);
@@ -87,20 +83,17 @@ inline ReductionPlan plan_reduction(int64_t rows, int64_t max_chunks) {
 inline Geom geom_of(const at::Tensor& z, int64_t upscale) {
   TORCH_CHECK(z.dim() == 4, "fastunet: expected a 4-D conv output [N, C, H, W], got ", z.dim(), "-D");
   TORCH_CHECK(upscale == 1 || upscale == 2, "fastunet: upscale must be 1 or 2, got ", upscale);
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "fastunet: expected a floating-point tensor, got ",
-              z.scalar_type());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "fastunet: expected a floating-point tensor, got ", z.scalar_type());
   const int64_t phases = upscale * upscale;
   TORCH_CHECK(z.size(1) % phases == 0, "fastunet: conv output channels ", z.size(1),
               " are not a multiple of upscale^2 = ", phases);
   const int64_t H = z.size(2) - (upscale - 1), W = z.size(3) - (upscale - 1);
-  TORCH_CHECK(H > 0 && W > 0, "fastunet: conv output spatial size ", z.sizes(), " too small for upscale ",
-              upscale);
+  TORCH_CHECK(H > 0 && W > 0, "fastunet: conv output spatial size ", z.sizes(), " too small for upscale ", upscale);
   return Geom{z.size(0), z.size(1) / phases, H, W, upscale};
 }
 
 inline void check_vec(const at::Tensor& v, const char* name, const Geom& g, const at::Tensor& z) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == g.C, "fastunet: ", name, " must have shape [", g.C, "], got ",
-              v.sizes());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == g.C, "fastunet: ", name, " must have shape [", g.C, "], got ", v.sizes());
   TORCH_CHECK(v.scalar_type() == acc_dtype(z.scalar_type()), "fastunet: ", name, " must be ",
               acc_dtype(z.scalar_type()), " for ", z.scalar_type(), " activations, got ", v.scalar_type());
   TORCH_CHECK(v.device() == z.device(), "fastunet: ", name, " is on ", v.device(), " but the activations on ",
@@ -110,8 +103,7 @@ inline void check_vec(const at::Tensor& v, const char* name, const Geom& g, cons
 
 // A tensor laid out as the logical output [N, C, S*H, S*W] (out or its gradient).
 inline void check_out_like(const at::Tensor& t, const char* name, const Geom& g, const at::Tensor& z) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() &&
-                  t.size(3) == g.out_w(),
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() && t.size(3) == g.out_w(),
               "fastunet: ", name, " must have shape [", g.N, ", ", g.C, ", ", g.out_h(), ", ", g.out_w(), "], got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == z.scalar_type(), "fastunet: ", name, " has dtype ", t.scalar_type(),
@@ -123,12 +115,12 @@ inline void check_out_like(const at::Tensor& t, const char* name, const Geom& g,
 inline void check_pooled(const c10::optional<at::Tensor>& p, const char* name, const Geom& g, const at::Tensor& z) {
   if (!p.has_value()) return;
   const at::Tensor& t = *p;
-  TORCH_CHECK(g.out_h() % 2 == 0 && g.out_w() % 2 == 0, "fastunet: max-pool needs an even output size, got ",
-              g.out_h(), "x", g.out_w());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() / 2 &&
-                  t.size(3) == g.out_w() / 2,
-              "fastunet: ", name, " must have shape [", g.N, ", ", g.C, ", ", g.out_h() / 2, ", ", g.out_w() / 2,
-              "], got ", t.sizes());
+  TORCH_CHECK(g.out_h() % 2 == 0 && g.out_w() % 2 == 0, "fastunet: max-pool needs an even output size, got ", g.out_h(),
+              "x", g.out_w());
+  TORCH_CHECK(
+      t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.out_h() / 2 && t.size(3) == g.out_w() / 2,
+      "fastunet: ", name, " must have shape [", g.N, ", ", g.C, ", ", g.out_h() / 2, ", ", g.out_w() / 2, "], got ",
+      t.sizes());
   TORCH_CHECK(t.scalar_type() == z.scalar_type(), "fastunet: ", name, " has dtype ", t.scalar_type(),
               " but the conv output has ", z.scalar_type());
   TORCH_CHECK(t.device() == z.device(), "fastunet: ", name, " is on ", t.device(), " but the conv output on ",
@@ -171,8 +163,12 @@ template <typename scalar_t, typename acc_t>
 BnReluPoolCells<scalar_t, acc_t> bn_relu_pool_cells(const at::Tensor& z, const Geom& g, const at::Tensor& scale,
                                                     const at::Tensor& shift, at::Tensor& out,
                                                     const c10::optional<at::Tensor>& pooled) {
-  return {cell_tensors<scalar_t>(z), g, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-          out.mutable_data_ptr<scalar_t>(), strides_of(out),
+  return {cell_tensors<scalar_t>(z),
+          g,
+          scale.const_data_ptr<acc_t>(),
+          shift.const_data_ptr<acc_t>(),
+          out.mutable_data_ptr<scalar_t>(),
+          strides_of(out),
           pooled.has_value() ? pooled->mutable_data_ptr<scalar_t>() : nullptr,
           pooled.has_value() ? strides_of(*pooled) : Strides4{0, 0, 0, 0}};
 }
@@ -185,8 +181,13 @@ ZGradCells<scalar_t, acc_t> z_grad_cells(const at::Tensor& grad, const c10::opti
   auto vec = [](const at::Tensor* t) { return t ? t->const_data_ptr<acc_t>() : nullptr; };
   const BnBackwardVectors<acc_t> bn{vec(mean), vec(invstd), vec(sum_dy), vec(sum_dy_xmu),
                                     acc_t(1) / static_cast<acc_t>(g.count_per_channel())};
-  return {cell_tensors<scalar_t>(z, &grad, &grad_pooled), g, scale.const_data_ptr<acc_t>(),
-          shift.const_data_ptr<acc_t>(), bn, dz.mutable_data_ptr<scalar_t>(), strides_of(dz)};
+  return {cell_tensors<scalar_t>(z, &grad, &grad_pooled),
+          g,
+          scale.const_data_ptr<acc_t>(),
+          shift.const_data_ptr<acc_t>(),
+          bn,
+          dz.mutable_data_ptr<scalar_t>(),
+          strides_of(dz)};
 }
 
 template <typename scalar_t, typename acc_t, typename sum_t>

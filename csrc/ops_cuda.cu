@@ -48,14 +48,15 @@ __global__ void __launch_bounds__(kThreads) cells_kernel(CellGrid cg, LaneMap la
   int64_t n, u;
   cg.row_of(blockIdx.x, &n, &u);
   const int64_t v0 = cg.first_v(), cols = cg.cols();
-  for (int64_t col = lanes.column_lane(); col < cols; col += lanes.column_lanes()) f.template run<V>(n, u, v0 + col, c0);
+  for (int64_t col = lanes.column_lane(); col < cols; col += lanes.column_lanes())
+    f.template run<V>(n, u, v0 + col, c0);
 }
 
 // Grid (chunks, run tiles): block `chunk` sums the cells' partial sums over its cell rows into the [2, chunks, C]
 // partial sums (store_partial). Within a block the column lanes are summed in order.
 template <int V, typename sum_t, typename F>
-__global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, LaneMap lanes, int64_t rows_per_chunk, F f,
-                                                             sum_t* partial) {
+__global__ void __launch_bounds__(kThreads)
+    cell_sums_kernel(CellGrid cg, LaneMap lanes, int64_t rows_per_chunk, F f, sum_t* partial) {
   __shared__ SumPair<sum_t> lane_sums[kThreads][V];
   const int rl = lanes.run_lane(), cl = lanes.column_lane(), slot = cl * lanes.run_lanes + rl;
   const int64_t C = cg.g.C, chunks = gridDim.x, chunk = blockIdx.x;
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(kThreads) cell_sums_kernel(CellGrid cg, LaneMa
     for (int64_t row = first; row < last; ++row) {
       int64_t n, u;
       cg.row_of(row, &n, &u);
-      for (int64_t col = cl; col < cols; col += lanes.column_lanes()) f.template run<V>(n, u, v0 + col, c0, constants, acc);
+      for (int64_t col = cl; col < cols; col += lanes.column_lanes())
+        f.template run<V>(n, u, v0 + col, c0, constants, acc);
     }
   }
   for (int i = 0; i < V; ++i) lane_sums[slot][i] = acc[i];
@@ -95,8 +97,8 @@ __global__ void finish_kernel(const sum_t* partial, int64_t chunks, int64_t C, F
 
 dim3 tile_grid(int64_t rows, int64_t runs, const LaneMap& lanes) {
   const int64_t tiles = (runs + lanes.run_lanes - 1) / lanes.run_lanes;
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max() && tiles <= 65535, "fastunet: ", rows, " cell rows x ",
-              tiles, " channel tiles exceed the CUDA grid");
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max() && tiles <= 65535, "fastunet: ", rows, " cell rows x ", tiles,
+              " channel tiles exceed the CUDA grid");
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(tiles));
 }
 
@@ -117,10 +119,12 @@ void check_code_for_current_device() {
   if (cudaFuncGetAttributes(&attributes, finish_kernel<float, SumsFinish<float>>) != cudaSuccess) {
     (void)cudaGetLastError();
     const cudaDeviceProp* gpu = at::cuda::getDeviceProperties(index);
-    TORCH_CHECK(false, "fastunet's compiled CUDA kernels hold no code for ", gpu->name, " (sm_", gpu->major,
-                gpu->minor, "; built for ", kBuiltArchs, "). Run fastunet's Triton kernels instead (the default: "
+    TORCH_CHECK(false, "fastunet's compiled CUDA kernels hold no code for ", gpu->name, " (sm_", gpu->major, gpu->minor,
+                "; built for ", kBuiltArchs,
+                "). Run fastunet's Triton kernels instead (the default: "
                 "leave FASTUNET_CUDA_BACKEND unset, or call fastunet.ops.select_cuda_kernels(\"triton\")), or rebuild "
-                "with TORCH_CUDA_ARCH_LIST=\"", gpu->major, ".", gpu->minor, "\"");
+                "with TORCH_CUDA_ARCH_LIST=\"",
+                gpu->major, ".", gpu->minor, "\"");
   }
   if (index < kDevices) has_code[index].store(true, std::memory_order_relaxed);
 }
@@ -154,8 +158,8 @@ struct CudaBackend {
   // cell_sums_kernel into [2, chunks, C] partial sums, about eight resident blocks per SM in all (more chunks
   // only lengthen the final sum), then finish_kernel.
   template <typename scalar_t, typename sum_t, typename F, typename Finish>
-  static void reduce(const CellGrid& cg, bool channels_fastest_layout, int width, const F& cells,
-                     const Finish& finish, const at::TensorOptions& opts) {
+  static void reduce(const CellGrid& cg, bool channels_fastest_layout, int width, const F& cells, const Finish& finish,
+                     const at::TensorOptions& opts) {
     const int64_t target_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
     const auto stream = at::cuda::getCurrentCUDAStream();
     with_run_width<scalar_t>(width, [&](auto run) {

@@ -61,9 +61,8 @@ struct CellOps {
   }
 
   static std::tuple<Tensor, Tensor> bn_relu_backward_reduce(const Tensor& grad, const OptionalTensor& grad_pooled,
-                                                            const Tensor& z, const Tensor& scale,
-                                                            const Tensor& shift, const Tensor& mean,
-                                                            int64_t upscale) {
+                                                            const Tensor& z, const Tensor& scale, const Tensor& shift,
+                                                            const Tensor& mean, int64_t upscale) {
     const Geom g = check_backward_args(grad, grad_pooled, z, scale, shift, upscale);
     check_vec(mean, "mean", g, z);
     const auto guard = Backend::guard(z);

@@ -534,11 +534,12 @@ def parse_args(argv):
                              "input load and the BN statistics in its epilogue; or the faster of the two per shape "
                              "on CUDA (default: FASTUNET_CONV, else aten)")
     parser.add_argument("--ops-backend", choices=("triton", "cuda"),
-                        help="on CUDA, which kernels run the fused ops (sets FASTUNET_CUDA_BACKEND): the Triton kernels "
-                             "or the compiled CUDA kernels (default: FASTUNET_CUDA_BACKEND, else triton)")
+                        help="on CUDA, which kernels run the fused ops (sets FASTUNET_CUDA_BACKEND): the Triton "
+                             "kernels or the compiled CUDA kernels (default: FASTUNET_CUDA_BACKEND, else triton)")
     parser.add_argument("--configs", help="comma-separated subset of the configs to measure (default: all; "
                                           "reference_eager, the speedups' base, always runs): " + ", ".join(CONFIGS))
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (reference and fastunet)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile rows (reference and fastunet)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)

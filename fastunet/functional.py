@@ -362,9 +362,10 @@ class DoubleConvBNReLU(torch.autograd.Function):
     and what backward needs (returned, as torch.func asks, rather than stashed on a ctx)."""
 
     @staticmethod
-    def forward(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, settings1, settings2, exact, cat_channels,
-                pool):
-        bn1, bn2 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *settings1), BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *settings2)
+    def forward(x, w1, b1, gamma1, beta1, running_mean1, running_var1,
+                w2, b2, gamma2, beta2, running_mean2, running_var2, settings1, settings2, exact, cat_channels, pool):
+        bn1 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *settings1)
+        bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *settings2)
         _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
@@ -393,7 +394,8 @@ class DoubleConvBNReLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, settings1, settings2, exact, _, pool = inputs
+        x, w1, b1, gamma1, beta1, running_mean1, running_var1, *layer2, settings1, settings2, exact, _, pool = inputs
+        w2, b2, gamma2, beta2, running_mean2, running_var2 = layer2
         buf, pooled, x_cast, w1_cast, w2_cast, *saved = output
         ctx.exact, ctx.pool, ctx.settings = exact, pool, (settings1, settings2)
         ctx.conv_dtype = _conv_dtype(x, x_cast)
@@ -403,43 +405,48 @@ class DoubleConvBNReLU(torch.autograd.Function):
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         casts = tuple(t if c is None else c for c, t in zip((x_cast, w1_cast, w2_cast), (x, w1, w2)))
         ctx.save_for_backward(x, w1, b1, gamma1, beta1, *_eval_running_stats(running_mean1, running_var1, settings1),
-                              w2, b2, gamma2, beta2, *_eval_running_stats(running_mean2, running_var2, settings2), *casts, *saved)
+                              w2, b2, gamma2, beta2, *_eval_running_stats(running_mean2, running_var2, settings2),
+                              *casts, *saved)
 
     @staticmethod
     def backward(ctx, grad_buf, grad_pooled, *unused_saved_grads):
-        x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2, xc, w1c, w2c, *saved = ctx.saved_tensors
-        bn1 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0])
+        saved_tensors = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
+        inputs, (xc, w1c, w2c), saved = saved_tensors[:13], saved_tensors[13:16], saved_tensors[16:]
+        x, w1, b1, *bn1_tensors, w2, b2, gamma2, beta2, running_mean2, running_var2 = inputs
+        gamma1, beta1 = bn1_tensors[:2]
+        bn1 = BatchNormArgs(*bn1_tensors, *ctx.settings[0])
         bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
         grad_out = concat_parts(grad_buf, ctx.out_channels)[0]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn1, bn2)
-            inputs = (x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2)
             grads = _differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled))
             return tuple(grads[:13]) + (None,) * 5
         layers = ((xc, w1c, b1, bn1), (w2c, b2, bn2))
         with torch.autocast(grad_buf.device.type, enabled=False):
             backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
-            dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2 = backward(grad_out, grad_pooled, saved, ctx.extra, layers,
-                                                                    ctx.needs_input_grad)
-        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dgamma1, gamma1), _grad_as(dbeta1, beta1),
-                None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dgamma2, gamma2), _grad_as(dbeta2, beta2),
-                None, None) + (None,) * 5
+            grads = backward(grad_out, grad_pooled, saved, ctx.extra, layers, ctx.needs_input_grad)
+        dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2 = grads
+        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dgamma1, gamma1),
+                _grad_as(dbeta1, beta1), None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dgamma2, gamma2),
+                _grad_as(dbeta2, beta2), None, None) + (None,) * 5
 
 
 def _double_block_reference(ctx):
     """The seed's conv_block (and max-pool) over the Function's tensor inputs, for _differentiable_backward."""
 
-    def reference(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2, running_var2):
-        y = _reference_layer(x, w1, b1, BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0]), ctx.conv_dtype)
-        y = _reference_layer(y, w2, b2, BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1]), ctx.conv_dtype)
+    def reference(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2,
+                  running_var2):
+        bn1 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0])
+        bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
+        y = _reference_layer(_reference_layer(x, w1, b1, bn1, ctx.conv_dtype), w2, b2, bn2, ctx.conv_dtype)
         return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
 
     return reference
 
 
 def _exact_double_block_backward(grad_out, grad_pooled, saved, impls, layers, need):
-    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Each
-    activation-sized gradient is dropped once used, as the autograd engine would."""
+    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2,
+    dbeta2). Each activation-sized gradient is dropped once used, as the autograd engine would."""
     (xc, w1c, _, bn1), (w2c, _, bn2) = layers
     z1, a1, *bn1_saved = saved[:5]
     z2, t2, *bn2_saved = saved[5:]
@@ -457,8 +464,8 @@ def _exact_double_block_backward(grad_out, grad_pooled, saved, impls, layers, ne
 
 
 def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, need):
-    """Fast mode's backward: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Layer 1's activation is recomputed
-    from its pre-BN output; each activation-sized tensor is dropped once used."""
+    """Fast mode's backward: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Layer 1's activation is
+    recomputed from its pre-BN output; each activation-sized tensor is dropped once used."""
     (xc, w1c, b1, bn1), (w2c, b2, bn2) = layers
     z1, mean1, invstd1, scale1, shift1 = saved[:5]
     z2, mean2, invstd2, scale2, shift2 = saved[5:]
@@ -533,7 +540,8 @@ class UpsampleConvCat(torch.autograd.Function):
         ctx.mark_dirty(buf)
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
         casts = tuple(t if c is None else c for c, t in zip((d_cast, w_cast), (d, w)))
-        ctx.save_for_backward(d, w, b, gamma, beta, *_eval_running_stats(running_mean, running_var, settings), *casts, *saved)
+        running_stats = _eval_running_stats(running_mean, running_var, settings)
+        ctx.save_for_backward(d, w, b, gamma, beta, *running_stats, *casts, *saved)
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_saved_grads):
@@ -546,10 +554,11 @@ class UpsampleConvCat(torch.autograd.Function):
 
             def reference(d, unused_buf, w, b, gamma, beta, running_mean, running_var):
                 u = F.interpolate(d, scale_factor=2.0, mode="nearest")
-                return (_reference_layer(u, w, b, BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings), ctx.conv_dtype),)
+                bn = BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings)
+                return (_reference_layer(u, w, b, bn, ctx.conv_dtype),)
 
-            dd, _, dw, db, dgamma, dbeta, *_ = _differentiable_backward(ctx, reference, (d, None, w, b, gamma, beta, running_mean, running_var),
-                                                                  (grad_out,))
+            inputs = (d, None, w, b, gamma, beta, running_mean, running_var)
+            dd, _, dw, db, dgamma, dbeta, *_ = _differentiable_backward(ctx, reference, inputs, (grad_out,))
             return dd, grad_buf, dw, db, dgamma, dbeta, None, None, None, None
         need = ctx.needs_input_grad
         with torch.autocast(grad_buf.device.type, enabled=False):
@@ -567,14 +576,14 @@ class UpsampleConvCat(torch.autograd.Function):
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
                 w4, z4, mean, invstd, scale, shift = saved
-                dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b, bn.training, 2,
-                                                     _sync_of(bn, ctx.extra))
+                dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b,
+                                                           bn.training, 2, _sync_of(bn, ctx.extra))
                 dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
                 del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).
-        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dgamma, gamma), _grad_as(dbeta, beta),
-                None, None, None, None)
+        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dgamma, gamma),
+                _grad_as(dbeta, beta), None, None, None, None)
 
 
 def upsample_conv_cat(d, buf, conv, bn, *, exact=False):

@@ -16,9 +16,8 @@ import torch.utils.checkpoint
 from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
-from . import _ext, functional
+from . import _ext, functional, reference
 from . import ops as fastunet_ops
-from . import reference
 from .sync_batchnorm import SyncBatchNorm, sync_group
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -286,7 +285,8 @@ class conv_block(_NotScriptable, reference.conv_block):
 
 
 class up_conv(_NotScriptable, reference.up_conv):
-    """Nearest upsample x2 + Conv3x3 + BN + ReLU through the fused up block: ``[N, ch_in, h, w] -> [N, ch_out, 2h, 2w]``.
+    """Nearest upsample x2 + Conv3x3 + BN + ReLU through the fused up block:
+    ``[N, ch_in, h, w] -> [N, ch_out, 2h, 2w]``.
 
     ``forward(x)`` returns what the seed's up_conv returns; ``forward(x, buf)`` writes the result into
     the channels after the skip in the concat buffer ``buf`` and returns ``buf`` (= torch.cat((skip, up), 1)).

@@ -349,7 +349,9 @@ def _triton_usable():
 
 
 _register_ops()
-select_cuda_kernels("reference" if _forced_reference else os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower())
+select_cuda_kernels(
+    "reference" if _forced_reference else os.environ.get("FASTUNET_CUDA_BACKEND", "triton").strip().lower()
+)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunc
 
 from .ops import bn_backward_dz
 
-
 # torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

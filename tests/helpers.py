@@ -154,5 +154,7 @@ def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float
     n, c, h, w = ops.logical_shape(z, upscale)
     _, grad = slice_of_buffer(n, c, h, w, dtype, memory_format, fill=0.0)
     grad.copy_(torch.randn(n, c, h, w, dtype=dtype))
-    grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format) if pool else None
+    grad_pooled = None
+    if pool:
+        grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format)
     return grad, grad_pooled, z, scale, shift

@@ -10,8 +10,16 @@ import sys
 
 import pytest
 import torch
-from helpers import (REPO, SIZE, assert_deterministic_run_to_run, assert_results_bitwise, pair, relative_error,
-                     seed_init_weights, train_step)
+from helpers import (
+    REPO,
+    SIZE,
+    assert_deterministic_run_to_run,
+    assert_results_bitwise,
+    pair,
+    relative_error,
+    seed_init_weights,
+    train_step,
+)
 
 import fastunet
 from fastunet.reference import U_Net as Reference

@@ -7,8 +7,17 @@ import copy
 import pytest
 import torch
 from conftest import HAS_GPU
-from helpers import (SIZE, assert_deterministic_run_to_run, assert_results_bitwise, assert_within_twice_reference_error,
-                     backward_case, pair, relative_error, slice_of_buffer, well_conditioned)
+from helpers import (
+    SIZE,
+    assert_deterministic_run_to_run,
+    assert_results_bitwise,
+    assert_within_twice_reference_error,
+    backward_case,
+    pair,
+    relative_error,
+    slice_of_buffer,
+    well_conditioned,
+)
 
 from fastunet import _ext, ops
 

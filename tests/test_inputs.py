@@ -21,7 +21,8 @@ def model():
         (torch.randn(2, 3, 40, 32), ValueError, "multiples of 16.*40x32.*48x32"),
         (torch.randn(2, 3, 32, 20), ValueError, "multiples of 16.*32x20"),
         (torch.randint(0, 255, (2, 3, 32, 32)), TypeError, "floating-point input.*torch.int64"),
-        (torch.randn(2, 3, 32, 32, device="meta"), RuntimeError, "input is on meta but the model's parameters are on cpu"),
+        (torch.randn(2, 3, 32, 32, device="meta"), RuntimeError,
+         "input is on meta but the model's parameters are on cpu"),
     ],
 )
 def test_bad_input_names_the_problem(model, x, error, message):

@@ -6,8 +6,17 @@ import copy
 
 import pytest
 import torch
-from helpers import (SIZE, assert_bitwise, assert_results_bitwise, assert_within_twice_reference_error,
-                     conv_bias_before_bn, pair, relative_error, train_step, well_conditioned)
+from helpers import (
+    SIZE,
+    assert_bitwise,
+    assert_results_bitwise,
+    assert_within_twice_reference_error,
+    conv_bias_before_bn,
+    pair,
+    relative_error,
+    train_step,
+    well_conditioned,
+)
 
 import fastunet
 from fastunet.reference import U_Net as Reference
@@ -36,7 +45,7 @@ def test_exact_mode_is_bitwise_the_reference_in_training(memory_format, momentum
             if isinstance(bn, torch.nn.BatchNorm2d):
                 bn.momentum = momentum
         m.to(memory_format=memory_format)
-    for step in range(2):  # the second step runs on updated running stats and weights
+    for _ in range(2):  # the second step runs on updated running stats and weights
         x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
         g = torch.randn(2, 2, SIZE, SIZE)
         assert_results_bitwise(train_step(fast, x, g), train_step(ref, x, g))

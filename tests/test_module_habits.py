@@ -12,8 +12,17 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 import torch.nn.utils.prune as prune
-from helpers import (SIZE, assert_bitwise, assert_results_bitwise, assert_within_twice_reference_error, pair,
-                     relative_error, seed_init_weights, train_step, well_conditioned)
+from helpers import (
+    SIZE,
+    assert_bitwise,
+    assert_results_bitwise,
+    assert_within_twice_reference_error,
+    pair,
+    relative_error,
+    seed_init_weights,
+    train_step,
+    well_conditioned,
+)
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fastunet
@@ -387,7 +396,8 @@ SWAPS = {
     "AvgPool2d": swap("Maxpool", lambda: nn.AvgPool2d(2)),
     "bilinear upsample": swap("Up4.up.0", lambda: nn.Upsample(scale_factor=2, mode="bilinear")),
     "GroupNorm": swap("Up_conv4.conv.4", lambda: nn.GroupNorm(8, 256)),
-    "dilated conv": lambda m: setattr(m.Conv3.conv[3], "dilation", (2, 2)) or setattr(m.Conv3.conv[3], "padding", (2, 2)),
+    "dilated conv": lambda m: setattr(m.Conv3.conv[3], "dilation", (2, 2))
+    or setattr(m.Conv3.conv[3], "padding", (2, 2)),
     "Dropout appended": lambda m: m.Up_conv3.conv.append(nn.Dropout2d(0.0)),
     "seed block": lambda m: setattr(m, "Conv3", _copy_into(Reference(3, 2).Conv3, m.Conv3)),
     "BN momentum None, eps 1e-3": lambda m: [setattr(b, "momentum", None) or setattr(b, "eps", 1e-3)

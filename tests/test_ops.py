@@ -278,7 +278,8 @@ def test_reductions_over_many_chunks_do_not_depend_on_the_thread_count(memory_fo
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            results.append((LIB.bn_stats(z, 1), LIB.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, 1)))
+            sums = LIB.bn_relu_backward_reduce(grad, grad_pooled, z, scale, shift, mean, 1)
+            results.append((LIB.bn_stats(z, 1), sums))
     finally:
         torch.set_num_threads(threads)
     (stats, sums), (stats2, sums2) = results

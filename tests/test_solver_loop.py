@@ -28,7 +28,8 @@ def segmentation_metrics(sr, gt, threshold=0.5):
     eps = 1e-6
     se, pc = tp / (tp + fn + eps), tp / (tp + fp + eps)
     return {"acc": (tp + tn) / gt.numel(), "SE": se, "SP": tn / (tn + fp + eps), "PC": pc,
-            "F1": 2 * se * pc / (se + pc + eps), "JS": tp / (tp + fp + fn + eps), "DC": 2 * tp / (2 * tp + fp + fn + eps)}
+            "F1": 2 * se * pc / (se + pc + eps), "JS": tp / (tp + fp + fn + eps),
+            "DC": 2 * tp / (2 * tp + fp + fn + eps)}
 
 
 class Solver:

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import HAS_GPU, requires_cuda
 
 pytest.importorskip("triton")

@@ -76,7 +76,8 @@ def main():
     if args.expect_cuda and not _ext.has_cuda_kernels():
         fail("the build holds no CUDA kernels")
     version = _ext.installed_version() or ""
-    tag = _ext.wheel_tag_for_running_torch() if _ext.has_cuda_kernels() else "+cputorch" + _ext._minor(torch.__version__)
+    cpu_tag = "+cputorch" + _ext._minor(torch.__version__)
+    tag = _ext.wheel_tag_for_running_torch() if _ext.has_cuda_kernels() else cpu_tag
     if not version.endswith(tag):
         fail(f"installed version {version!r} does not carry the tag {tag!r} of the running torch")
     # The compiled kernels the library registers: csrc/ops.cpp (CPU) and csrc/ops_cuda.cu (CUDA).
