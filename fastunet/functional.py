@@ -16,7 +16,10 @@ Two modes:
                (running stats and conv bias folded in) are per-channel vectors made at every call and applied
                by the BN+ReLU pass, so every write to a weight or a running stat, ``.data`` writes included,
                is seen. A conv bias in front of a training-mode BN cancels exactly: it is not added, its
-               gradient is exactly zero, and it still enters the running mean.
+               gradient is exactly zero, and it still enters the running mean. CPU inference (float32, eval
+               BN, nothing for autograd to record) skips the Functions: ATen's convs with the BN folded into
+               their weights and bias at the call where that pays, the sub-pixel up-conv where that pays
+               (_cpu_inference).
 In both modes the Functions own the BN running-stats update (``BatchNormArgs.factor``), as nn.BatchNorm2d's
 own call does. The Functions are in the ``forward`` + ``setup_context`` form, so torch.func.grad, vjp and
 jacrev run them; where autograd records their backward (double backward, torch.func), the backward is the
@@ -482,6 +485,93 @@ def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, ne
     return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
 
 
+# ----------------------------------------------------------------------------------------------------
+# CPU inference
+# ----------------------------------------------------------------------------------------------------
+
+_CPU_INFERENCE = True  # benchmarks/cpu_inference.py switches it off to time the Functions' path
+
+
+def _cpu_inference(exact, x, tensors, bns):
+    """Whether a fast-mode block runs as CPU inference (_double_block_inference, _up_block_inference): float32 on
+    the CPU, every BN in eval, nothing for autograd to record (the Function would not be recorded either), no
+    autocast, eager."""
+    return (not exact and _CPU_INFERENCE and x.device.type == "cpu" and x.dtype == torch.float32
+            and all(t is None or t.dtype == torch.float32 for t in tensors) and not any(bn.training for bn in bns)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+# The sub-pixel up-conv's 2x2 convolution (oneDNN's, as ATen's CPU convolutions are) runs in about half the time
+# of the 3x3 one on the upsampled input from
+# 32 x 32 low-resolution pixels per batch up; below, making its weights costs more than it saves (measured on a
+# 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
+_SUBPIXEL_MIN_PIXELS = 1024
+
+
+def _folded(conv, bn):
+    """(weight, bias) of the conv followed by an eval-mode BN: BN's scale folded into the weights, its shift (the
+    conv bias included) as the bias; made at every call."""
+    weight, bias = conv
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    mean = bn.running_mean if bias is None else bn.running_mean - bias
+    return weight * scale.view(-1, 1, 1, 1), bn.bias - mean * scale
+
+
+def _conv_relu(x, weight, bias):
+    """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place (oneDNN's
+    fused ReLU would turn a NaN into 0, where the seed keeps it)."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "").relu_()
+
+
+def _unfolded_conv_bn_relu(x, conv, bn):
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it: ATen's conv, BN, ReLU in place."""
+    z = _conv(x, *conv)
+    return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps).relu_()
+
+
+def _conv_bn_relu_inference(x, conv, bn):
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN: folded into the conv (_conv_relu) where folding (a pass over
+    the weights) costs less than the BN and ReLU passes over the output it saves (two per output value: where
+    the pixels outnumber 4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu (the
+    deep layers of small inputs). In NCHW the folded convs measured 2.1-2.5x the seed's error against float64
+    (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW runs unfolded."""
+    n, cin, h, w = x.shape
+    if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
+        return _unfolded_conv_bn_relu(x, conv, bn)
+    return _conv_relu(x, *_folded(conv, bn))
+
+
+def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool):
+    """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
+    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, conv1, bn1), conv2, bn2)
+    pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
+    if not cat_channels:
+        return y, pooled
+    buf, out, _ = _block_outputs(y, cat_channels, False)
+    out.copy_(y)
+    return buf, pooled
+
+
+def _up_block_inference(d, buf, conv, bn):
+    """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
+    conv+ReLU on ``d``, its four phases then interleaved into the buffer; below, _conv_bn_relu_inference
+    on ATen's nearest upsample of ``d``."""
+    n, _, h, w = d.shape
+    cout = conv[0].shape[0]
+    out = concat_parts(buf, buf.shape[1] - cout)[1]
+    if n * h * w < _SUBPIXEL_MIN_PIXELS:
+        out.copy_(_conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn))
+        return buf
+    weight, bias = _folded(conv, bn)
+    phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
+    for a in range(2):
+        for b in range(2):
+            k = 2 * a + b
+            out[:, :, a::2, b::2].copy_(phases[:, k * cout:(k + 1) * cout, a:a + h, b:b + w])
+    return buf
+
+
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
     """(conv3x3 + BN + ReLU) x 2 over ``x`` ``[N, Cin, H, W]`` (float32/bfloat16/float16, NCHW or NHWC).
 
@@ -491,6 +581,8 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     cat_channels, H, W]`` in x's layout whose first Cout channels hold the block output (the rest is for
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None.
     """
+    if _cpu_inference(exact, x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
+        return _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool)
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
     return outputs[0], outputs[1]
@@ -594,4 +686,6 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     ``(weight [Cout, Cin, 3, 3], bias)``, bn a BatchNormArgs (its running stats are updated here in training;
     a process group synchronizes the fast-mode training statistics over it).
     """
+    if _cpu_inference(exact, d, (d, buf, *conv, *bn.tensors()), (bn,)):
+        return _up_block_inference(d, buf, conv, bn)
     return _apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact)[0]

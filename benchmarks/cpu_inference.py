@@ -1,0 +1,64 @@
+"""Fast-mode CPU inference side by side, interleaved in one process: the seed U-Net eager, fastunet fast's CPU
+inference path (functional._cpu_inference: BN folded into the convs where that pays, the sub-pixel up-conv from
+32 x 32 low-resolution pixels up) and fastunet fast through its Functions (the path before), with each one's
+relative error against a float64 run of the seed U-Net.
+
+  python benchmarks/cpu_inference.py [--size 256] [--batch 1] [--channels-last] [--reps 7]
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import fastunet
+from fastunet import functional
+from fastunet.bench import relative_error
+from fastunet.reference import U_Net as Reference
+
+
+def through_functions(model, x):
+    """``model(x)`` with the CPU inference path switched off."""
+    functional._CPU_INFERENCE = False
+    try:
+        return model(x)
+    finally:
+        functional._CPU_INFERENCE = True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    reference = Reference(3, 1).eval().to(memory_format=memory_format)
+    fast = fastunet.U_Net(3, 1).eval().to(memory_format=memory_format)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=memory_format)
+    runs = {"seed U-Net eager": lambda: reference(x), "fastunet fast, CPU path": lambda: fast(x),
+            "fastunet fast, Functions": lambda: through_functions(fast, x)}
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double()(x.double())
+        errors = {name: relative_error(run(), exact) for name, run in runs.items()}
+        for _ in range(args.reps):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["seed U-Net eager"])
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.batch} x 3 x {args.size} x "
+          f"{args.size} float32, {'channels_last' if args.channels_last else 'NCHW'}, medians of {args.reps}")
+    for name, values in times.items():
+        ms = 1e3 * statistics.median(values)
+        print(f"{name:26s} {ms:9.1f} ms  {base * 1e3 / ms:5.2f}x  error vs float64 {errors[name]:.2e}")
+
+
+if __name__ == "__main__":
+    main()
