@@ -21,11 +21,11 @@ from fastunet.reference import U_Net as Reference
 
 def through_functions(model, x):
     """``model(x)`` with the CPU inference path switched off."""
-    functional._CPU_INFERENCE = False
+    enabled, functional._CPU_INFERENCE = functional._CPU_INFERENCE, False
     try:
         return model(x)
     finally:
-        functional._CPU_INFERENCE = True
+        functional._CPU_INFERENCE = enabled
 
 
 def main(argv=None):

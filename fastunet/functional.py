@@ -489,7 +489,8 @@ def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, ne
 # CPU inference
 # ----------------------------------------------------------------------------------------------------
 
-_CPU_INFERENCE = True  # benchmarks/cpu_inference.py switches it off to time the Functions' path
+# Where torch has oneDNN (benchmarks/cpu_inference.py switches it off to time the Functions' path).
+_CPU_INFERENCE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 def _cpu_inference(exact, x, tensors, bns):
@@ -503,9 +504,8 @@ def _cpu_inference(exact, x, tensors, bns):
 
 
 # The sub-pixel up-conv's 2x2 convolution (oneDNN's, as ATen's CPU convolutions are) runs in about half the time
-# of the 3x3 one on the upsampled input from
-# 32 x 32 low-resolution pixels per batch up; below, making its weights costs more than it saves (measured on a
-# 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
+# of the 3x3 one on the upsampled input from 32 x 32 low-resolution pixels per batch up; below, making its weights
+# costs more than it saves (measured on a 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
 _SUBPIXEL_MIN_PIXELS = 1024
 
 
