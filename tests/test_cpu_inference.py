@@ -76,3 +76,17 @@ def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, case):
         out, want = fast(x), ref(x)
     assert not conv_calls
     assert relative_error(out, want) < (3e-2 if case == "autocast" else 1e-4)  # the same model, other paths
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format):
+    ref, fast, _ = trained_state_models()
+    for model in (ref, fast):
+        model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 64, 64)
+    x[1, 0, 5, 7] = float("nan")
+    x = x.contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        out, want = fast(x), ref(x)
+    assert conv_calls and torch.isnan(want[1]).any() and not torch.isnan(want[0]).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
