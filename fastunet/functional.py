@@ -211,13 +211,21 @@ def _fast_bn(z, bn, conv_bias, upscale, stats=None):
             batch_mean = mean if conv_bias is None else mean + conv_bias.to(mean.dtype)
             update_running_stats(bn.running_mean, bn.running_var, batch_mean, unbiased(var, count), bn.factor)
     else:
-        acc = ops.acc_dtype(z.dtype)
-        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-        if conv_bias is not None:
-            mean = mean - conv_bias.to(acc)
+        return (*_eval_bn_vectors(bn, conv_bias, ops.acc_dtype(z.dtype)), count)
     invstd = torch.rsqrt(var + bn.eps)
     scale = bn.weight.to(mean.dtype) * invstd
     return mean, invstd, scale, bn.bias.to(mean.dtype) - mean * scale, count
+
+
+def _eval_bn_vectors(bn, conv_bias, dtype):
+    """(mean, invstd, scale, shift) ``dtype`` vectors of an eval-mode BN, the conv bias folded into the mean, so
+    that z*scale + shift is BN(z + bias)."""
+    mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    if conv_bias is not None:
+        mean = mean - conv_bias.to(dtype)
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = bn.weight.to(dtype) * invstd
+    return mean, invstd, scale, bn.bias.to(dtype) - mean * scale
 
 
 def _sync_sums(sum_dy, sum_dy_xmu, z, upscale, sync):
@@ -513,9 +521,8 @@ def _folded(conv, bn):
     """(weight, bias) of the conv followed by an eval-mode BN: BN's scale folded into the weights, its shift (the
     conv bias included) as the bias; made at every call."""
     weight, bias = conv
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    mean = bn.running_mean if bias is None else bn.running_mean - bias
-    return weight * scale.view(-1, 1, 1, 1), bn.bias - mean * scale
+    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 def _conv_relu(x, weight, bias):
@@ -525,9 +532,8 @@ def _conv_relu(x, weight, bias):
 
 
 def _unfolded_conv_bn_relu(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it: ATen's conv, BN, ReLU in place."""
-    z = _conv(x, *conv)
-    return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps).relu_()
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it (_reference_layer)."""
+    return _reference_layer(x, *conv, bn, x.dtype)
 
 
 def _conv_bn_relu_inference(x, conv, bn):
