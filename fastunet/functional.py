@@ -517,12 +517,20 @@ def _cpu_inference(exact, x, tensors, bns):
 _SUBPIXEL_MIN_PIXELS = 1024
 
 
+# Up to this many pixels per batch, a 3x3 conv's weights outweigh its input, and im2col with one GEMM against the
+# weights as they lie (_gemm_conv_bn_relu) beats oneDNN's convolution, which lays the weights out anew at every
+# call: 1.6-3.4x at 1024 channels, still 1.5x at 512 (a 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
+_GEMM_MAX_PIXELS = 256
+
+
 def _folded(conv, bn):
     """(weight, bias) of the conv followed by an eval-mode BN: BN's scale folded into the weights, its shift (the
-    conv bias included) as the bias; made at every call."""
+    conv bias included) as the bias; made at every call, the weights in channels_last (oneDNN lays those out for
+    its convs in about a quarter of the time NCHW ones take)."""
     weight, bias = conv
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    return weight * scale.view(-1, 1, 1, 1), shift
+    folded = torch.empty_like(weight, memory_format=torch.channels_last)
+    return torch.mul(weight, scale.view(-1, 1, 1, 1), out=folded), shift
 
 
 def _conv_relu(x, weight, bias):
@@ -536,13 +544,27 @@ def _unfolded_conv_bn_relu(x, conv, bn):
     return _reference_layer(x, *conv, bn, x.dtype)
 
 
+def _gemm_conv_bn_relu(x, conv, bn):
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col (``F.unfold``) and one GEMM against the weights as they
+    lie, the BN as a scale and shift of the product; the output in x's layout."""
+    weight, bias = conv
+    n, _, h, w = x.shape
+    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
+    product = torch.matmul(weight.reshape(weight.shape[0], -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]
+    out = torch.addcmul(shift.view(-1, 1), product, scale.view(-1, 1)).relu_()
+    return out.view(n, -1, h, w).contiguous(memory_format=ops.memory_format_of(x))
+
+
 def _conv_bn_relu_inference(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN: folded into the conv (_conv_relu) where folding (a pass over
-    the weights) costs less than the BN and ReLU passes over the output it saves (two per output value: where
-    the pixels outnumber 4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu (the
-    deep layers of small inputs). In NCHW the folded convs measured 2.1-2.5x the seed's error against float64
-    (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW runs unfolded."""
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN: up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu;
+    above, folded into the conv (_conv_relu) where folding (a pass over the weights) costs less than the BN and
+    ReLU passes over the output it saves (two per output value: where the pixels outnumber 4.5 x the input
+    channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x
+    the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW
+    runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference)."""
     n, cin, h, w = x.shape
+    if n * h * w <= _GEMM_MAX_PIXELS:
+        return _gemm_conv_bn_relu(x, conv, bn)
     if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
         return _unfolded_conv_bn_relu(x, conv, bn)
     return _conv_relu(x, *_folded(conv, bn))

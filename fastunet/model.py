@@ -353,6 +353,12 @@ def _fused_glue(block, kind):
 # ----------------------------------------------------------------------------------------------------
 
 
+# The module types of the seed U-Net with fastunet's blocks (a subclass, a parametrized layer or a swapped one is
+# none of them).
+_SEED_MODULE_TYPES = (conv_block, up_conv, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+                      nn.Upsample)
+
+
 class U_Net(_NotScriptable, reference.U_Net):
     """Drop-in fastunet replacement of the seed's U-Net: ``[N, img_ch, H, W] -> [N, output_ch, H, W]``.
 
@@ -417,15 +423,31 @@ class U_Net(_NotScriptable, reference.U_Net):
         encoders = (self.Conv1, self.Conv2, self.Conv3, self.Conv4)
         ups = (self.Up2, self.Up3, self.Up4, self.Up5)
         decoders = (self.Up_conv2, self.Up_conv3, self.Up_conv4, self.Up_conv5)
+        to_nchw = self._channels_last_inference(x)
         skips = []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if to_nchw else x
         for encoder, up in zip(encoders, ups):
             skip, h = self._encode(run, encoder, h, up, pool)
             skips.append(skip)
         d = run(self.Conv5, h)
         for up, decoder, skip in reversed(tuple(zip(ups, decoders, skips))):
             d = run(decoder, self._up_cat(up, d, skip))
-        return self.Conv_1x1(d)
+        out = self.Conv_1x1(d)
+        return out.clone(memory_format=torch.contiguous_format) if to_nchw else out
+
+    def _channels_last_inference(self, x):
+        """Whether fast-mode CPU inference (functional._cpu_inference) on an NCHW ``x`` runs in channels_last inside,
+        its output coming back NCHW: oneDNN's convs run 10-20% faster in channels_last and take the folded BN there
+        (benchmarks/RESULTS.md). Only where no layer could tell: every module the seed's own type, without hooks, no
+        block in exact mode, and every block running CPU inference."""
+        if x.is_contiguous(memory_format=torch.channels_last) or not x.is_contiguous() or global_hooks():
+            return False
+        modules = tuple(self.modules())
+        if any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:]):
+            return False
+        bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+        stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
+        return functional._cpu_inference(False, x, (*self.parameters(), *stats), bns)
 
     def _encode(self, run, encoder, x, up, pool):
         """One encoder level: (skip, pooled). The skip is ``(buf, channels)``: the level's output in the first

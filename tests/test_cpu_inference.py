@@ -16,21 +16,32 @@ CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-c
 
 @pytest.fixture
 def conv_calls(monkeypatch):
-    """The weight shapes of the convs of CPU inference: folded (functional._conv_relu) and unfolded."""
-    calls = []
-    folded, unfolded = functional._conv_relu, functional._unfolded_conv_bn_relu
+    """The weight shapes of the convs of CPU inference: folded (functional._conv_relu), unfolded and as a GEMM; in
+    ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, whether it ran as a GEMM)."""
+    calls = Calls()
+    folded, unfolded, gemm = functional._conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
 
-    def counted_folded(x, weight, bias):
-        calls.append(tuple(weight.shape))
-        return folded(x, weight, bias)
+    def counted(run, as_gemm):
+        def call(x, conv, *args):
+            weight = conv if isinstance(conv, torch.Tensor) else conv[0]
+            calls.append(tuple(weight.shape))
+            if weight.shape[2:] == (3, 3):
+                calls.pixels.append((x.shape[0] * x.shape[2] * x.shape[3], as_gemm))
+            return run(x, conv, *args)
+        return call
 
-    def counted_unfolded(x, conv, bn):
-        calls.append(tuple(conv[0].shape))
-        return unfolded(x, conv, bn)
-
-    monkeypatch.setattr(functional, "_conv_relu", counted_folded)
-    monkeypatch.setattr(functional, "_unfolded_conv_bn_relu", counted_unfolded)
+    monkeypatch.setattr(functional, "_conv_relu", counted(folded, False))
+    monkeypatch.setattr(functional, "_unfolded_conv_bn_relu", counted(unfolded, False))
+    monkeypatch.setattr(functional, "_gemm_conv_bn_relu", counted(gemm, True))
     return calls
+
+
+class Calls(list):
+    """conv_calls' list of weight shapes, with ``pixels``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pixels = []
 
 
 def trained_state_models():
@@ -59,6 +70,9 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
     # Up2's input has 2 x 32 x 32 pixels at 64 x 64: its up-conv is the sub-pixel one; the others' the 3x3 one.
     subpixel = [call for call in conv_calls if call[2:] == (2, 2)]
     assert subpixel == ([(4 * 64, 128, 2, 2)] if batch * (h // 2) * (w // 2) >= 1024 else [])
+    # Up to 256 pixels per batch (levels 4 and 5 here, and level 3 of one 48 x 64 image) the convs are GEMMs.
+    assert [as_gemm for _, as_gemm in conv_calls.pixels] == [pixels <= 256 for pixels, _ in conv_calls.pixels]
+    assert sum(as_gemm for _, as_gemm in conv_calls.pixels) == (7 if batch == 2 else 12)
     assert out.shape == want.shape and out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
     assert relative_error(fast(x).detach(), exact) <= 2 * relative_error(want, exact) + 1e-7  # the Functions' path
@@ -90,3 +104,35 @@ def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format
         out, want = fast(x), ref(x)
     assert conv_calls and torch.isnan(want[1]).any() and not torch.isnan(want[0]).any()
     assert torch.equal(torch.isnan(out), torch.isnan(want))
+
+
+@pytest.mark.parametrize("output_ch", [1, 3])
+def test_nchw_input_runs_channels_last_inside(conv_calls, output_ch):
+    """A plain fastunet U-Net turns an NCHW input into channels_last for CPU inference and gives its output back
+    in NCHW: the same bits as a channels_last input, the seed's strides."""
+    ref, fast = pair(exact=False, output_ch=output_ch)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, want = fast(x), ref(x)
+        out_cl = fast(x.contiguous(memory_format=torch.channels_last))
+    assert conv_calls and out.stride() == want.stride()
+    assert torch.equal(out, out_cl)
+
+
+def test_hooked_layers_see_nchw_as_in_the_seed(conv_calls):
+    ref, fast = pair(exact=False)
+    ref.eval(), fast.eval()
+    seen = {}
+
+    def strides(name):
+        def hook(module, args, out):
+            seen[name] = (args[0].stride(), out.stride())
+        return hook
+
+    for name, model in (("seed", ref), ("fast", fast)):
+        model.Conv3.conv[3].register_forward_hook(strides(name))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x), ref(x)
+    assert seen["fast"] == seen["seed"]
