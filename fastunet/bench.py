@@ -4,9 +4,10 @@ activation checkpointing, which trades time for memory) on one device.
 ``python -m fastunet.bench`` prints, for each configuration, the training-step time (forward + loss +
 backward) and the inference time (median of timed reps after warm-up, inputs rotating among pre-drawn
 random batches), the speedups over the reference in eager mode, the peak memory a step needs above the
-weights and inputs it starts from, and the relative error of the output and of the parameter gradients
-against a float64 run of the reference on the same weights and input. It writes the results as JSON and
-a bar chart of the speedups into ``--out``.
+weights and inputs it starts from, and the relative error of the training output, of the parameter gradients
+and of the inference output against a float64 run of the reference on the same weights and input. ``--peers``
+adds the reference exported to ONNX in ONNX Runtime (inference only). It writes the results as JSON and a bar
+chart of the speedups into ``--out``.
 """
 
 import argparse
@@ -20,7 +21,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +42,8 @@ CONFIGS = {
     "fastunet_fast_compile": "fastunet fast compile",
 }
 COMPILED = ("reference_compile", "fastunet_fast_compile")
+# Rows of ``--peers``: other runtimes of the reference U-Net, inference only.
+PEERS = {"reference_onnxruntime": "reference ONNX Runtime"}
 START = time.perf_counter()
 IMG_CH, OUTPUT_CH = 3, 1
 N_BATCHES = 3
@@ -210,14 +216,26 @@ def bn_cancelled_biases(model):
     return names
 
 
+class Float64Run(NamedTuple):
+    """The float64 reference run the errors are measured against."""
+
+    out: torch.Tensor  # training-step output
+    grads: dict  # parameter name -> gradient
+    excluded: set  # the conv biases BN cancels (bn_cancelled_biases)
+    infer_out: torch.Tensor  # eval-mode output
+
+
 def float64_reference(state, batch, device):
-    """Output and parameter gradients of a float64 training step of the reference on ``batch``."""
+    """Float64Run of the reference on ``batch``: a training step from ``state``, then inference in eval mode."""
     model = reference.U_Net(IMG_CH, OUTPUT_CH).to(device, torch.float64)
     model.load_state_dict(state)
-    train, _ = make_steps(model, contextlib.nullcontext)
+    train, infer = make_steps(model, contextlib.nullcontext)
     x, target = batch
     out = train(x.double(), target.double()).detach()
-    return out, parameter_grads(model), bn_cancelled_biases(model)
+    grads = parameter_grads(model)
+    model.load_state_dict(state)  # the step moved the running stats
+    model.eval()
+    return Float64Run(out, grads, bn_cancelled_biases(model), infer(x.double(), target))
 
 
 def relative_error(value, exact):
@@ -234,17 +252,16 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     model = build_model(config, device, channels_last, state)
     train, infer = make_steps(model, autocast)
     first_train, out = first_call_s(train, batches[0], device)
-    exact_out, exact_grads, excluded = exact_step
     grad_errors = {
-        name: relative_error(grad, exact_grads[name])
+        name: relative_error(grad, exact_step.grads[name])
         for name, grad in parameter_grads(model).items()
-        if name not in excluded
+        if name not in exact_step.excluded
     }
     worst_param = max(grad_errors, key=grad_errors.get)
     result = {
         "config": config,
         "label": label,
-        "out_rel_err": relative_error(out.detach(), exact_out),
+        "out_rel_err": relative_error(out.detach(), exact_step.out),
         "grad_rel_err": grad_errors[worst_param],
         "worst_grad_param": worst_param,
         "first_train_s": first_train,
@@ -252,13 +269,57 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     del out
     progress(f"{label}: training step, {warmup} warm-up + {reps} timed")
     result["train_ms"] = median_ms(train, batches, warmup, reps, device)
+    getattr(model, "_orig_mod", model).load_state_dict(state)  # the steps moved the running stats
     model.eval()
-    result["first_infer_s"], _ = first_call_s(infer, batches[0], device)
+    result["first_infer_s"], infer_out = first_call_s(infer, batches[0], device)
+    result["infer_rel_err"] = relative_error(infer_out, exact_step.infer_out)
     progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
     result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
     if device.type == "cuda":
         progress(f"{label}: peak memory")
         result.update(measure_peak_memory(model, batches[0], device, autocast))
+    return result
+
+
+def onnxruntime_refusal(device):
+    """Why the ONNX Runtime row cannot be measured on ``device``, or None."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "skipped: onnxruntime is not installed (pip install onnxruntime onnxscript)"
+    if device.type != "cpu":
+        return "skipped: measured with ONNX Runtime's CPU provider, on the CPU only"
+    return None
+
+
+def onnxruntime_session(model, x):
+    """An ONNX Runtime CPU session of ``model`` exported (torch.onnx.export, dynamo) at ``x``'s shape."""
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        path = os.path.join(folder, "unet.onnx")
+        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=True)
+        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def measure_onnxruntime(config, state, batches, exact_step, device, warmup, reps, channels_last):
+    """Inference time and error of the reference exported to ONNX in ONNX Runtime (no training step; its first
+    call counts the export and the session set-up)."""
+    label = PEERS[config]
+    progress(f"{label}: export to ONNX, session, first inference, error vs float64")
+    model = build_model("reference_eager", device, channels_last, state).eval()
+    start = time.perf_counter()
+    session = onnxruntime_session(model, batches[0][0])
+
+    def infer(x, target):
+        return torch.from_numpy(session.run(None, {"x": x.contiguous().numpy()})[0])
+
+    out = infer(*batches[0])
+    result = {"config": config, "label": label, "first_train_s": None, "first_infer_s": time.perf_counter() - start,
+              "infer_rel_err": relative_error(out, exact_step.infer_out)}
+    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
+    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
     return result
 
 
@@ -373,7 +434,7 @@ def matmul_peak_tflops(device, dtype):
 def add_model_flops(results, train_flops, peak_tflops):
     """Model TFLOP/s of each training step and its fraction of the matmul peak, in place."""
     for result in results:
-        if "skipped" not in result:
+        if "train_ms" in result:
             result["train_tflops"] = train_flops / (result["train_ms"] * 1e-3) / 1e12
             result["train_peak_fraction"] = result["train_tflops"] / peak_tflops
 
@@ -406,11 +467,12 @@ def skipped_configs(args, device):
 
 
 def add_speedups(results):
-    """Speedups over reference eager, in place."""
+    """Speedups over reference eager, in place (a row without a training step has none for it)."""
     base = results[0]
     for result in results:
         if "skipped" not in result:
-            result["train_speedup"] = base["train_ms"] / result["train_ms"]
+            if "train_ms" in result:
+                result["train_speedup"] = base["train_ms"] / result["train_ms"]
             result["infer_speedup"] = base["infer_ms"] / result["infer_ms"]
 
 
@@ -426,6 +488,7 @@ TABLE_COLUMNS = (
     ("infer MiB", "infer_peak_mib", "{:.0f}"),
     ("out err", "out_rel_err", "{:.1e}"),
     ("grad err", "grad_rel_err", "{:.1e}"),
+    ("infer err", "infer_rel_err", "{:.1e}"),
 )
 
 
@@ -466,10 +529,11 @@ def table_legend(report):
         "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
         f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
-        "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them).",
-        "first calls, s (train / infer; compilation, autotuning, lazy set-up): " + ", ".join(
-            f"{r['label']} {r['first_train_s']:.1f} / {r['first_infer_s']:.1f}"
-            for r in report["configs"] if "skipped" not in r
+        "input; grad err is the worst parameter's (conv biases feeding a BatchNorm left out: BN cancels them); "
+        "infer err: the eval-mode output's, against a float64 inference.",
+        "first calls, s (train / infer; compilation, export, autotuning, lazy set-up): " + ", ".join(
+            f"{r['label']} {'n/a' if r['first_train_s'] is None else format(r['first_train_s'], '.1f')} / "
+            f"{r['first_infer_s']:.1f}" for r in report["configs"] if "skipped" not in r
         ),
     ]
 
@@ -502,8 +566,9 @@ def plot_speedups(report, path):
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     phases = ((-width / 2, "train_speedup", "training step"), (width / 2, "infer_speedup", "inference"))
     for offset, key, name in phases:
-        bars = ax.bar([p + offset for p in positions], [r[key] for r in measured], width, label=name)
-        ax.bar_label(bars, fmt="%.2fx")
+        values = [r.get(key, float("nan")) for r in measured]  # nan: no bar (a row without a training step)
+        bars = ax.bar([p + offset for p in positions], values, width, label=name)
+        ax.bar_label(bars, labels=["" if v != v else f"{v:.2f}x" for v in values])
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ax.set_xticks(list(positions), [result["label"] for result in measured])
     ax.set_ylabel("speedup over reference eager")
@@ -540,6 +605,8 @@ def parse_args(argv):
                                           "reference_eager, the speedups' base, always runs): " + ", ".join(CONFIGS))
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile rows (reference and fastunet)")
+    parser.add_argument("--peers", action="store_true",
+                        help="add the reference exported to ONNX in ONNX Runtime (CPU provider; inference only)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)
@@ -599,12 +666,22 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
                                    args.channels_last))
-    return results
+    return results + (measure_peers(args, device, state, batches, exact_step, warmup, reps) if args.peers else [])
+
+
+def measure_peers(args, device, state, batches, exact_step, warmup, reps):
+    """The ``--peers`` rows: measured, or skipped with why."""
+    config, label = next(iter(PEERS.items()))
+    refusal = onnxruntime_refusal(device) or (args.dtype != "float32" and "skipped: the export is float32")
+    if refusal:
+        progress(f"{label}: {refusal}")
+        return [{"config": config, "label": label, "skipped": refusal}]
+    return [measure_onnxruntime(config, state, batches, exact_step, device, warmup, reps, args.channels_last)]
 
 
 def add_cpu_peak_memory(report, results, args):
     """CPU peaks of the measured configs from the memory subprocess, in place (or why not, in the report)."""
-    measured = [result for result in results if "skipped" not in result]
+    measured = [result for result in results if "skipped" not in result and result["config"] in CONFIGS]
     progress("peak memory: every config in one fresh subprocess")
     peaks, error = cpu_peak_memory([result["config"] for result in measured], args)
     if error:
