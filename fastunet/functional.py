@@ -550,7 +550,8 @@ def _gemm_conv_bn_relu(x, conv, bn):
     weight, bias = conv
     n, _, h, w = x.shape
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    product = torch.matmul(weight.reshape(weight.shape[0], -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]
+    # bmm, not matmul: matmul picks its kernel by requires_grad, and the bits must not depend on it.
+    product = torch.bmm(weight.reshape(weight.shape[0], -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))
     out = torch.addcmul(shift.view(-1, 1), product, scale.view(-1, 1)).relu_()
     return out.view(n, -1, h, w).contiguous(memory_format=ops.memory_format_of(x))
 
