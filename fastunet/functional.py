@@ -17,9 +17,10 @@ Two modes:
                by the BN+ReLU pass, so every write to a weight or a running stat, ``.data`` writes included,
                is seen. A conv bias in front of a training-mode BN cancels exactly: it is not added, its
                gradient is exactly zero, and it still enters the running mean. CPU inference (float32, eval
-               BN, nothing for autograd to record) skips the Functions: ATen's convs with the BN folded into
-               their weights and bias at the call where that pays, the sub-pixel up-conv where that pays
-               (_cpu_inference).
+               BN, nothing for autograd to record) skips the Functions: oneDNN's convs with the BN folded
+               into their weights and bias at the call where that pays, im2col GEMMs for the convs of few
+               pixels, the sub-pixel up-conv where that pays (_cpu_inference); a plain U-Net runs it in
+               channels_last whatever the input's layout.
 In both modes the Functions own the BN running-stats update (``BatchNormArgs.factor``), as nn.BatchNorm2d's
 own call does. The Functions are in the ``forward`` + ``setup_context`` form, so torch.func.grad, vjp and
 jacrev run them; where autograd records their backward (double backward, torch.func), the backward is the
