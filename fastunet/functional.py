@@ -502,11 +502,11 @@ def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, ne
 _CPU_INFERENCE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _cpu_inference(exact, x, tensors, bns):
-    """Whether a fast-mode block runs as CPU inference (_double_block_inference, _up_block_inference): float32 on
-    the CPU, every BN in eval, nothing for autograd to record (the Function would not be recorded either), no
-    autocast, eager."""
-    return (not exact and _CPU_INFERENCE and x.device.type == "cpu" and x.dtype == torch.float32
+def _cpu_inference(x, tensors, bns):
+    """Whether a block runs as CPU inference (_double_block_inference, _up_block_inference): float32 on the CPU,
+    every BN in eval, nothing for autograd to record (the Function would not be recorded either), no autocast,
+    eager. Exact mode runs the seed's own ATen ops there (its bits by construction), without the fused ops."""
+    return (_CPU_INFERENCE and x.device.type == "cpu" and x.dtype == torch.float32
             and all(t is None or t.dtype == torch.float32 for t in tensors) and not any(bn.training for bn in bns)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
@@ -572,9 +572,11 @@ def _conv_bn_relu_inference(x, conv, bn):
     return _conv_relu(x, *_folded(conv, bn))
 
 
-def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool):
-    """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
-    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, conv1, bn1), conv2, bn2)
+def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact):
+    """double_conv_bn_relu's result by two _conv_bn_relu_inference (exact mode: _unfolded_conv_bn_relu) and
+    ATen's max-pool."""
+    layer = _unfolded_conv_bn_relu if exact else _conv_bn_relu_inference
+    y = layer(layer(x, conv1, bn1), conv2, bn2)
     pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
     if not cat_channels:
         return y, pooled
@@ -583,15 +585,16 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool):
     return buf, pooled
 
 
-def _up_block_inference(d, buf, conv, bn):
+def _up_block_inference(d, buf, conv, bn, exact):
     """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
-    conv+ReLU on ``d``, its four phases then interleaved into the buffer; below, _conv_bn_relu_inference
-    on ATen's nearest upsample of ``d``."""
+    conv+ReLU on ``d``, its four phases then interleaved into the buffer; below (and in exact mode),
+    _conv_bn_relu_inference (exact mode: _unfolded_conv_bn_relu) on ATen's nearest upsample of ``d``."""
     n, _, h, w = d.shape
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
-    if n * h * w < _SUBPIXEL_MIN_PIXELS:
-        out.copy_(_conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn))
+    if exact or n * h * w < _SUBPIXEL_MIN_PIXELS:
+        layer = _unfolded_conv_bn_relu if exact else _conv_bn_relu_inference
+        out.copy_(layer(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn))
         return buf
     weight, bias = _folded(conv, bn)
     phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
@@ -611,8 +614,8 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     cat_channels, H, W]`` in x's layout whose first Cout channels hold the block output (the rest is for
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None.
     """
-    if _cpu_inference(exact, x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
-        return _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool)
+    if _cpu_inference(x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
+        return _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact)
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
     return outputs[0], outputs[1]
@@ -716,6 +719,6 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     ``(weight [Cout, Cin, 3, 3], bias)``, bn a BatchNormArgs (its running stats are updated here in training;
     a process group synchronizes the fast-mode training statistics over it).
     """
-    if _cpu_inference(exact, d, (d, buf, *conv, *bn.tensors()), (bn,)):
-        return _up_block_inference(d, buf, conv, bn)
+    if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
+        return _up_block_inference(d, buf, conv, bn, exact)
     return _apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact)[0]

@@ -447,7 +447,7 @@ class U_Net(_NotScriptable, reference.U_Net):
             return False
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
-        return functional._cpu_inference(False, x, (*self.parameters(), *stats), bns)
+        return functional._cpu_inference(x, (*self.parameters(), *stats), bns)
 
     def _encode(self, run, encoder, x, up, pool):
         """One encoder level: (skip, pooled). The skip is ``(buf, channels)``: the level's output in the first

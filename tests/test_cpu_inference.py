@@ -1,7 +1,7 @@
-"""Fast-mode inference on the CPU (functional._cpu_inference): ATen's convs with each eval BN folded in where
-that pays, the sub-pixel up-conv where that pays. Within 2x of the float32 reference's error against float64, in
-both layouts; a NaN stays where the seed puts it; taken only where nothing needs the Functions (no autograd, no
-autocast, eval BN, fast mode, float32)."""
+"""Inference on the CPU (functional._cpu_inference). Fast mode: oneDNN's convs with each eval BN folded in where
+that pays, GEMMs for convs of few pixels, the sub-pixel up-conv where that pays, within 2x of the float32
+reference's error against float64 in both layouts, a NaN where the seed puts it. Exact mode: the seed's ATen ops,
+its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32)."""
 
 import copy
 
@@ -78,9 +78,9 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
     assert relative_error(fast(x).detach(), exact) <= 2 * relative_error(want, exact) + 1e-7  # the Functions' path
 
 
-@pytest.mark.parametrize("case", ["grad", "training", "exact", "autocast", "float64"])
+@pytest.mark.parametrize("case", ["grad", "training", "autocast", "float64"])
 def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, case):
-    ref, fast = pair(exact=case == "exact")
+    ref, fast = pair(exact=False)
     if case != "training":
         ref.eval(), fast.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -136,3 +136,18 @@ def test_hooked_layers_see_nchw_as_in_the_seed(conv_calls):
     with torch.no_grad():
         fast(x), ref(x)
     assert seen["fast"] == seen["seed"]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 48, 64)])
+def test_exact_cpu_inference_is_the_seed_bit_for_bit(conv_calls, memory_format, shape):
+    ref, fast, _ = trained_state_models()
+    fast.exact = True
+    for model in (ref, fast):
+        model.to(memory_format=memory_format)
+    batch, h, w = shape
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        out, want = fast(x), ref(x)
+    assert len(conv_calls) == CONVS_3X3 and not any(as_gemm for _, as_gemm in conv_calls.pixels)
+    assert out.stride() == want.stride() and torch.equal(out, want)
