@@ -546,15 +546,25 @@ def _unfolded_conv_bn_relu(x, conv, bn):
 
 
 def _gemm_conv_bn_relu(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col (``F.unfold``) and one GEMM against the weights as they
-    lie, the BN as a scale and shift of the product; the output in x's layout."""
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM per image against the weights as they lie,
+    the BN as a scale and shift of the product; the output in x's layout. The im2col columns follow the weights'
+    layout (taps outside the channels for channels_last weights, F.unfold's channels outside the taps for NCHW
+    ones), so the weights are never copied. bmm, not matmul: matmul picks its kernel by requires_grad, and the
+    bits must not depend on that."""
     weight, bias = conv
-    n, _, h, w = x.shape
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    # bmm, not matmul: matmul picks its kernel by requires_grad, and the bits must not depend on it.
-    product = torch.bmm(weight.reshape(weight.shape[0], -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))
+    if ops.memory_format_of(weight) == torch.channels_last:
+        padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [N, H + 2, W + 2, Cin]
+        sn, sh, sw, sc = padded.stride()
+        cols = padded.as_strided((n, h, w, 3, 3, cin), (sn, sh, sw, sh, sw, sc)).reshape(n, h * w, 9 * cin)
+        product = torch.bmm(cols, weight.permute(0, 2, 3, 1).reshape(cout, -1).t().expand(n, -1, -1))
+        out = torch.addcmul(shift, product, scale).relu_()  # [N, H*W, Cout]
+        return out.view(n, h, w, cout).permute(0, 3, 1, 2).contiguous(memory_format=ops.memory_format_of(x))
+    product = torch.bmm(weight.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]
     out = torch.addcmul(shift.view(-1, 1), product, scale.view(-1, 1)).relu_()
-    return out.view(n, -1, h, w).contiguous(memory_format=ops.memory_format_of(x))
+    return out.view(n, cout, h, w).contiguous(memory_format=ops.memory_format_of(x))
 
 
 def _conv_bn_relu_inference(x, conv, bn):
