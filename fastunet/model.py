@@ -440,8 +440,9 @@ class U_Net(_NotScriptable, reference.U_Net):
         its output coming back NCHW: oneDNN's convs run 10-20% faster in channels_last and take the folded BN there
         (benchmarks/RESULTS.md). Only where no layer could tell: every module the seed's own type, without hooks, no
         block in exact mode, and every block running CPU inference."""
-        if x.is_contiguous(memory_format=torch.channels_last) or not x.is_contiguous() or global_hooks():
-            return False
+        if (self.training or x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last)
+                or not x.is_contiguous() or global_hooks()):
+            return False  # the cheap refusals first: every forward (training, CUDA) asks
         modules = tuple(self.modules())
         if any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:]):
             return False
