@@ -567,13 +567,16 @@ def _gemm_conv_bn_relu(x, conv, bn):
     return out.view(n, cout, h, w).contiguous(memory_format=ops.memory_format_of(x))
 
 
-def _conv_bn_relu_inference(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN: up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu;
+def _conv_bn_relu_inference(x, conv, bn, exact):
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
+    up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu;
     above, folded into the conv (_conv_relu) where folding (a pass over the weights) costs less than the BN and
     ReLU passes over the output it saves (two per output value: where the pixels outnumber 4.5 x the input
     channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x
     the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW
     runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference)."""
+    if exact:
+        return _unfolded_conv_bn_relu(x, conv, bn)
     n, cin, h, w = x.shape
     if n * h * w <= _GEMM_MAX_PIXELS:
         return _gemm_conv_bn_relu(x, conv, bn)
@@ -583,10 +586,8 @@ def _conv_bn_relu_inference(x, conv, bn):
 
 
 def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact):
-    """double_conv_bn_relu's result by two _conv_bn_relu_inference (exact mode: _unfolded_conv_bn_relu) and
-    ATen's max-pool."""
-    layer = _unfolded_conv_bn_relu if exact else _conv_bn_relu_inference
-    y = layer(layer(x, conv1, bn1), conv2, bn2)
+    """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
+    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, conv1, bn1, exact), conv2, bn2, exact)
     pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
     if not cat_channels:
         return y, pooled
@@ -598,13 +599,12 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact
 def _up_block_inference(d, buf, conv, bn, exact):
     """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
     conv+ReLU on ``d``, its four phases then interleaved into the buffer; below (and in exact mode),
-    _conv_bn_relu_inference (exact mode: _unfolded_conv_bn_relu) on ATen's nearest upsample of ``d``."""
+    _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
     n, _, h, w = d.shape
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
     if exact or n * h * w < _SUBPIXEL_MIN_PIXELS:
-        layer = _unfolded_conv_bn_relu if exact else _conv_bn_relu_inference
-        out.copy_(layer(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn))
+        out.copy_(_conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact))
         return buf
     weight, bias = _folded(conv, bn)
     phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
