@@ -7,12 +7,11 @@ moves all three alike), medians per point. Prints a markdown table, the rows slo
 
 import argparse
 import contextlib
-import statistics
-import time
+import functools
 
 import torch
 
-from fastunet.bench import build_model, initial_state, make_steps, random_batches
+from fastunet.bench import build_model, initial_state, interleaved_median_ms, make_steps, random_batches
 
 MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastunet_exact"}
 
@@ -20,21 +19,14 @@ MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastune
 def point_ms(size, batch, channels_last, phase, reps):
     """Median ms per model name at one grid point, the models' calls interleaved."""
     torch.manual_seed(size * 100 + batch)
-    batches = random_batches(2, batch, size, torch.device("cpu"), channels_last)
+    batches = random_batches(1, batch, size, torch.device("cpu"), channels_last)
     state = initial_state(batches, torch.device("cpu"))
-    steps = {}
+    runs = {}
     for name, config in MODELS.items():
         model = build_model(config, torch.device("cpu"), channels_last, state).train(phase == "train")
         train, infer = make_steps(model, contextlib.nullcontext)
-        steps[name] = train if phase == "train" else infer
-    times = {name: [] for name in steps}
-    for rep in range(reps + 1):  # the first round warms up
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(*batches[rep % 2])
-            if rep:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+        runs[name] = functools.partial(train if phase == "train" else infer, *batches[0])
+    return interleaved_median_ms(runs, reps)
 
 
 def main(argv=None):

@@ -10,14 +10,12 @@ several times slower on a CPU and flatter whichever path meets fewer of them.
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 import fastunet
 from fastunet import functional
-from fastunet.bench import initial_state, relative_error
+from fastunet.bench import initial_state, interleaved_median_ms, relative_error
 from fastunet.reference import U_Net as Reference
 
 
@@ -47,21 +45,15 @@ def main(argv=None):
         model.load_state_dict(state)
     runs = {"seed U-Net eager": lambda: reference(x), "fastunet fast, CPU path": lambda: fast(x),
             "fastunet fast, Functions": lambda: through_functions(fast, x)}
-    times = {name: [] for name in runs}
     with torch.no_grad():
         exact = copy.deepcopy(reference).double()(x.double())
         errors = {name: relative_error(run(), exact) for name, run in runs.items()}
-        for _ in range(args.reps):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["seed U-Net eager"])
+        times = interleaved_median_ms(runs, args.reps)
+    base = times["seed U-Net eager"]
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.batch} x 3 x {args.size} x "
           f"{args.size} float32, {'channels_last' if args.channels_last else 'NCHW'}, medians of {args.reps}")
-    for name, values in times.items():
-        ms = 1e3 * statistics.median(values)
-        print(f"{name:26s} {ms:9.1f} ms  {base * 1e3 / ms:5.2f}x  error vs float64 {errors[name]:.2e}")
+    for name, ms in times.items():
+        print(f"{name:26s} {ms:9.1f} ms  {base / ms:5.2f}x  error vs float64 {errors[name]:.2e}")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,19 @@ def median_ms(step, batches, warmup, reps, device):
     return statistics.median(times)
 
 
+def interleaved_median_ms(runs, reps):
+    """Median ms of each zero-argument call of ``runs`` (name -> call), the calls taken in turn ``reps`` times
+    after one untimed round, so that a noisy machine moves them alike (the CPU benchmarks' side-by-side timing)."""
+    times = {name: [] for name in runs}
+    for rep in range(reps + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if rep:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def proc_status_bytes(field):
     """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as status:
