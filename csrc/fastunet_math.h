@@ -93,17 +93,20 @@ FU_HD acc_t bn_relu(acc_t z, acc_t scale, acc_t shift) {
 }
 
 // Index (0..3, row-major in the 2x2 window) that ATen's max_pool2d picks: the first strict maximum,
-// any NaN overriding (the last NaN wins), exactly as `if (val > maxval || isnan(val))` from -inf.
-template <typename acc_t>
-FU_HD int pool_argmax4(const acc_t v[4], acc_t* max_value = nullptr) {
-  int idx = 0;
+// any NaN overriding (the last NaN wins), exactly as `if (val > maxval || isnan(val))` from -inf. Written as
+// selects and the index in index_t: the CPU's line loops (cpu_lines.h) take it as acc_t, the form GCC vectorizes
+// (a boolean or, or an int index beside float masks, it does not).
+template <typename acc_t, typename index_t = int>
+FU_HD index_t pool_argmax4(const acc_t v[4], acc_t* max_value = nullptr) {
+  index_t idx = 0;
   acc_t best = -INFINITY;
   FU_UNROLL
   for (int k = 0; k < 4; ++k) {
-    if (v[k] > best || v[k] != v[k]) {
-      best = v[k];
-      idx = k;
-    }
+    const acc_t previous = best;
+    best = v[k] > previous ? v[k] : previous;
+    best = v[k] != v[k] ? v[k] : best;
+    idx = v[k] > previous ? index_t(k) : idx;
+    idx = v[k] != v[k] ? index_t(k) : idx;
   }
   if (max_value != nullptr) *max_value = best;  // v[idx], without an indexed read
   return idx;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_lines.h"
 #include "ops_host.h"
 
 namespace fastunet {
@@ -31,8 +32,93 @@ void visit_row(const CellGrid& cg, int64_t row, bool channels_inner, const F& f)
   }
 }
 
-// The CPU backend of ops_host.h: cell rows in parallel (OpenMP through at::parallel_for); reductions sum in double
-// over a fixed number of chunks of cell rows, so that a result does not depend on the thread count.
+// The line kernel of each op (cpu_lines.h) and the line dimension its tensors allow.
+template <typename scalar_t, typename acc_t>
+cpu::LineDim line_dim_of(const BnReluPoolCells<scalar_t, acc_t>& f) {
+  return cpu::line_dim({&f.t.zs, &f.os, f.pooled != nullptr ? &f.ps : nullptr});
+}
+
+template <typename St, typename scalar_t, typename acc_t>
+void run_line(const BnReluPoolCells<scalar_t, acc_t>& f, const cpu::LineStart& l) {
+  if (f.pooled != nullptr) {
+    cpu::bn_relu_pool_line<St, scalar_t, acc_t, true>(f, l);
+  } else {
+    cpu::bn_relu_pool_line<St, scalar_t, acc_t, false>(f, l);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+cpu::LineDim line_dim_of(const ZGradCells<scalar_t, acc_t>& f) {
+  return cpu::line_dim({&f.t.zs, &f.t.gs, f.t.grad_pooled != nullptr ? &f.t.gps : nullptr, &f.ds});
+}
+
+template <typename St, typename scalar_t, typename acc_t>
+void run_line(const ZGradCells<scalar_t, acc_t>& f, const cpu::LineStart& l) {
+  const bool pool = f.t.grad_pooled != nullptr, bn = f.bn.sum_dy != nullptr;
+  if (pool && bn) {
+    cpu::z_grad_line<St, scalar_t, acc_t, true, true>(f, l);
+  } else if (pool) {
+    cpu::z_grad_line<St, scalar_t, acc_t, true, false>(f, l);
+  } else if (bn) {
+    cpu::z_grad_line<St, scalar_t, acc_t, false, true>(f, l);
+  } else {
+    cpu::z_grad_line<St, scalar_t, acc_t, false, false>(f, l);
+  }
+}
+
+template <typename scalar_t, typename sum_t>
+cpu::LineDim line_dim_of(const StatsCells<scalar_t, sum_t>& f) {
+  return cpu::line_dim({&f.t.zs});
+}
+
+template <typename St, typename scalar_t, typename sum_t>
+void run_sum_line(const StatsCells<scalar_t, sum_t>& f, const cpu::LineStart& l, const double* constants, double* first,
+                  double* second) {
+  cpu::stats_line<St>(f, l, constants, first, second);
+}
+
+template <typename scalar_t, typename acc_t, typename sum_t>
+cpu::LineDim line_dim_of(const BackwardSumCells<scalar_t, acc_t, sum_t>& f) {
+  return cpu::line_dim({&f.t.zs, &f.t.gs, f.t.grad_pooled != nullptr ? &f.t.gps : nullptr});
+}
+
+template <typename St, typename scalar_t, typename acc_t, typename sum_t>
+void run_sum_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const cpu::LineStart& l, const double* constants,
+                  double* first, double* second) {
+  if (f.t.grad_pooled != nullptr) {
+    cpu::backward_sums_line<St, scalar_t, acc_t, sum_t, true>(f, l, constants, first, second);
+  } else {
+    cpu::backward_sums_line<St, scalar_t, acc_t, sum_t, false>(f, l, constants, first, second);
+  }
+}
+
+// Calls line(steps, start) for the lines of interior cells of cell row `row`, and cell(v, c) for every channel of
+// the other cells (a pixel outside the image). Interior cells are u, v in [0, out/2) for both upscales.
+template <typename Line, typename Cell>
+void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, const Line& line, const Cell& cell) {
+  const Geom& g = cg.g;
+  int64_t n, u;
+  cg.row_of(row, &n, &u);
+  const int64_t first = cg.first_v(), last = first + cg.cols();
+  const bool interior_row = u >= 0 && u < g.out_h() / 2;
+  const int64_t lo = interior_row ? 0 : last, hi = interior_row ? g.out_w() / 2 : last;
+  for (int64_t v = first; v < last; ++v) {
+    if (v >= lo && v < hi) continue;
+    for (int64_t c = 0; c < g.C; ++c) cell(n, u, v, c);
+  }
+  if (lo >= hi) return;
+  if (dim == cpu::LineDim::Channels) {
+    for (int64_t v = lo; v < hi; ++v) line(cpu::ChannelSteps{}, cpu::LineStart{n, u, v, 0, g.C});
+  } else if (g.S == 1) {
+    for (int64_t c = 0; c < g.C; ++c) line(cpu::WidthSteps<1>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+  } else {
+    for (int64_t c = 0; c < g.C; ++c) line(cpu::WidthSteps<2>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+  }
+}
+
+// The CPU backend of ops_host.h: cell rows in parallel (OpenMP through at::parallel_for), each as vectorized lines
+// (cpu_lines.h) where the tensors have unit stride in channels or width, else cell by cell; reductions sum in
+// double over a fixed number of chunks of cell rows, so that a result does not depend on the thread count.
 struct CpuBackend {
   static constexpr int64_t kReductionChunks = 64;
 
@@ -43,13 +129,23 @@ struct CpuBackend {
 
   template <typename scalar_t, typename F>
   static void for_each_cell(const CellGrid& cg, bool channels_inner, int width, const F& cells) {
-    with_run_width<scalar_t>(width, [&](auto run) {
-      constexpr int V = decltype(run)::value;
-      at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t row = r0; row < r1; ++row)
-          visit_row<V>(cg, row, channels_inner,
-                       [&](int64_t n, int64_t u, int64_t v, int64_t c0) { cells.template run<V>(n, u, v, c0); });
+    const cpu::LineDim dim = line_dim_of(cells);
+    if (dim == cpu::LineDim::Strided) {
+      with_run_width<scalar_t>(width, [&](auto run) {
+        constexpr int V = decltype(run)::value;
+        at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t row = r0; row < r1; ++row)
+            visit_row<V>(cg, row, channels_inner,
+                         [&](int64_t n, int64_t u, int64_t v, int64_t c0) { cells.template run<V>(n, u, v, c0); });
+        });
       });
+      return;
+    }
+    at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row)
+        visit_row_lines(
+            cg, row, dim, [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l); },
+            [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); });
     });
   }
 
@@ -58,21 +154,40 @@ struct CpuBackend {
                      const at::TensorOptions&) {
     const int64_t C = cg.g.C;
     const ReductionPlan plan = plan_reduction(cg.rows(), kReductionChunks);
+    const cpu::LineDim dim = line_dim_of(cells);
     std::vector<sum_t> constants(C);
     for (int64_t c = 0; c < C; ++c) constants[c] = cells.channel_constant(c);
     std::vector<sum_t> partial(2 * plan.chunks * C);
-    with_run_width<scalar_t>(width, [&](auto run) {
+    with_run_width<scalar_t>(dim == cpu::LineDim::Strided ? width : 1, [&](auto run) {
       constexpr int V = decltype(run)::value;
       at::parallel_for(0, plan.chunks, 1, [&](int64_t k0, int64_t k1) {
         std::vector<SumPair<sum_t>> acc(C);
+        std::vector<double> first(C), second(C);
         for (int64_t chunk = k0; chunk < k1; ++chunk) {
           std::fill(acc.begin(), acc.end(), SumPair<sum_t>{0, 0});
-          const int64_t first = chunk * plan.rows_per_chunk, last = std::min(first + plan.rows_per_chunk, cg.rows());
-          for (int64_t row = first; row < last; ++row)
-            visit_row<V>(cg, row, channels_inner, [&](int64_t n, int64_t u, int64_t v, int64_t c0) {
-              cells.template run<V>(n, u, v, c0, constants.data() + c0, acc.data() + c0);
-            });
-          for (int64_t c = 0; c < C; ++c) store_partial(partial.data(), plan.chunks, C, chunk, c, acc[c]);
+          std::fill(first.begin(), first.end(), 0.0);
+          std::fill(second.begin(), second.end(), 0.0);
+          const int64_t begin = chunk * plan.rows_per_chunk, end = std::min(begin + plan.rows_per_chunk, cg.rows());
+          for (int64_t row = begin; row < end; ++row) {
+            if (dim == cpu::LineDim::Strided) {
+              visit_row<V>(cg, row, channels_inner, [&](int64_t n, int64_t u, int64_t v, int64_t c0) {
+                cells.template run<V>(n, u, v, c0, constants.data() + c0, acc.data() + c0);
+              });
+              continue;
+            }
+            visit_row_lines(
+                cg, row, dim,
+                [&](auto steps, const cpu::LineStart& l) {
+                  run_sum_line<decltype(steps)>(cells, l, constants.data() + l.c0, first.data() + l.c0,
+                                                second.data() + l.c0);
+                },
+                [&](int64_t n, int64_t u, int64_t v, int64_t c) {
+                  cells.template run<1>(n, u, v, c, constants.data() + c, acc.data() + c);
+                });
+          }
+          for (int64_t c = 0; c < C; ++c)
+            store_partial(partial.data(), plan.chunks, C, chunk, c,
+                          SumPair<sum_t>{acc[c].first + first[c], acc[c].second + second[c]});
         }
       });
     });

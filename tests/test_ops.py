@@ -291,3 +291,61 @@ def test_reductions_over_many_chunks_do_not_depend_on_the_thread_count(memory_fo
     want_sums = ops.bn_relu_backward_reduce_ref(grad, grad_pooled, z, scale, shift, mean, 1)
     for got, want in zip(sums, want_sums):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def laid_out(t, layout):
+    """``t`` in one of the layouts the CPU kernels tell apart (csrc/cpu_lines.h): "nchw" (unit width stride: lines
+    along the width), "channels_last" (unit channel stride: lines along the channels) and "strided" (neither: the
+    per-cell loops)."""
+    if layout == "strided":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
+@pytest.mark.parametrize("values", [random, quantised])
+def test_long_lines_and_border_cells_match_reference(layout, upscale, hw, values):
+    """Lines long enough for the vector loops' bodies and remainders (19 channels; 18-37 cells a row), next to
+    the per-cell code on the cells of an odd size's last row and column and the up block's border; every op
+    against its specification (elementwise ops bitwise), outputs poisoned so that unwritten elements show."""
+    h, w = hw
+    pool = h % 2 == 0 or upscale == 2
+    n, c = 2, 19
+    z = laid_out(values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1), layout)
+    scale, shift = torch.randn(c), torch.randn(c)
+    shape = ops.logical_shape(z, upscale)
+    extra = 5
+    buf = laid_out(torch.full((n, c + 2 * extra, *shape[2:]), float("nan")), layout)
+    out = buf.narrow(1, extra, c)
+    pooled = laid_out(torch.full((n, c, shape[2] // 2, shape[3] // 2), float("nan")), layout) if pool else None
+    LIB.bn_relu_pool(z, scale, shift, upscale, out, pooled)
+    want = torch.empty(shape)
+    want_pool = torch.empty(n, c, shape[2] // 2, shape[3] // 2) if pool else None
+    ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
+    assert torch.equal(out.nan_to_num(123.0), want.nan_to_num(123.0))
+    assert buf.narrow(1, 0, extra).isnan().all() and buf.narrow(1, extra + c, extra).isnan().all()
+    if pool:
+        assert torch.equal(pooled.nan_to_num(123.0), want_pool.nan_to_num(123.0))
+
+    grad = laid_out(torch.randn(shape), layout)
+    grad_pooled = laid_out(torch.randn(n, c, shape[2] // 2, shape[3] // 2), layout) if pool else None
+    args = (grad, grad_pooled, z, scale, shift)
+    got = LIB.relu_pool_backward(*args, upscale)
+    assert torch.equal(got, ops.relu_pool_backward_ref(*args, upscale))
+
+    z_finite = z.nan_to_num(0.5)
+    mean, var = LIB.bn_stats(z_finite, upscale)
+    z64 = ops.to_logical(z_finite, upscale).double()
+    torch.testing.assert_close(mean.double(), z64.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var.double(), z64.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-7)
+    args = (grad, grad_pooled, z_finite, scale, shift)
+    mean, invstd = torch.randn(c), torch.rand(c) + 0.5
+    sums = LIB.bn_relu_backward_reduce(*args, mean, upscale)
+    want_sums = ops.bn_relu_backward_reduce_ref(*args, mean, upscale)
+    for got, want in zip(sums, want_sums):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    dz = LIB.bn_relu_backward_apply(*args, mean, invstd, *want_sums, upscale)
+    torch.testing.assert_close(dz, ops.bn_relu_backward_apply_ref(*args, mean, invstd, *want_sums, upscale),
+                               rtol=1e-5, atol=1e-6)

@@ -1,0 +1,280 @@
+// The CPU kernels' inner loops: the interior cells of one cell row as "lines", loops over the tensors' contiguous
+// dimension that the compiler vectorizes (no branches, compile-time steps, restrict pointers).
+//
+// A line runs along the dimension every tensor of an op has unit stride in:
+//   LineDim::Channels  (channels_last): the C channels of one cell, every pointer stepping 1;
+//   LineDim::Width     (NCHW, concat-buffer slices of it): the cells v_lo..v_hi-1 of one channel; logical
+//                      pixels (out, grad) step 2, pooled ones 1, z entries 2 (upscale 1) or 1 (upscale 2).
+// Cells with a pixel outside the image (odd sizes, the border grid of the backward ops) and tensors with neither
+// unit stride take the per-cell functions of fastunet_math.h, which the line loops compute the same math as: the
+// same per-element functions (bn_relu, round_to, pool_argmax4, bn_backward_dz), in the same order, so the
+// elementwise ops give the same bits either way. The reductions' sums are in double, in a fixed order that
+// depends on the shapes only.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "fastunet_math.h"
+
+// The loops are compiled twice on x86-64 Linux (GCC, Clang): for AVX2 and for the baseline, the one the CPU runs
+// picked at load time (an ifunc). With FMA contraction off (-ffp-contract=off) both give the same bits.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FASTUNET_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTUNET_CPU_CLONES
+#endif
+
+namespace fastunet::cpu {
+
+enum class LineDim { Channels, Width, Strided };
+
+// The line dimension of an op's tensors (null strides: a tensor the op does not have).
+inline LineDim line_dim(std::initializer_list<const Strides4*> strides) {
+  bool channels = true, width = true;
+  for (const Strides4* s : strides) {
+    if (s == nullptr) continue;
+    channels = channels && s->c == 1;
+    width = width && s->w == 1;
+  }
+  return channels ? LineDim::Channels : width ? LineDim::Width : LineDim::Strided;
+}
+
+// The compile-time steps of a line: of z-like tensors (z, dz), of logical-output-like ones (out, grad), of the
+// per-channel vectors (1 along channels, 0 along a row of one channel). Pooled tensors step 1 on both kinds.
+template <int ZStep, int OutStep, int ChannelStep>
+struct Steps {
+  static constexpr int z = ZStep, out = OutStep, channel = ChannelStep;
+};
+using ChannelSteps = Steps<1, 1, 1>;
+template <int64_t S>
+using WidthSteps = Steps<S == 1 ? 2 : 1, 2, 0>;
+
+// Pointers to the 4 pixels of a line's first cell (k = 2*dy + dx) in one tensor.
+template <typename T>
+struct Quad {
+  T* p[4];
+};
+
+// Where a line starts and how long it is: cells (n, u, v0 ..) of channel c0 (Width), or channels c0 .. of cell
+// (n, u, v0) (Channels).
+struct LineStart {
+  int64_t n, u, v0, c0, length;
+};
+
+template <typename T>
+Quad<T> z_quad(T* base, const Geom& g, const Strides4& s, const LineStart& l) {
+  Quad<T> q;
+  for (int k = 0; k < 4; ++k) q.p[k] = base + cell_z_offset(g, s, l.n, l.u, l.v0, k, l.c0);
+  return q;
+}
+
+template <typename T>
+Quad<T> out_quad(T* base, const Strides4& s, const LineStart& l) {
+  Quad<T> q;
+  for (int k = 0; k < 4; ++k) q.p[k] = base + cell_out_offset(s, l.n, l.u, l.v0, k, l.c0);
+  return q;
+}
+
+// BN+ReLU of one z value, rounded to scalar_t (cell_bn_relu's per-pixel math).
+template <typename scalar_t, typename acc_t>
+inline acc_t y_of(acc_t z, acc_t sc, acc_t sh) {
+  return round_to<scalar_t, acc_t>(bn_relu<acc_t>(z, sc, sh));
+}
+
+// The gradient reaching the pre-ReLU value of pixel k (cell_relu_pool_dy's per-pixel math): the output's
+// gradient plus, at the max-pool argmax, the pooled one; zero where the ReLU was off.
+template <typename acc_t>
+inline acc_t relu_pool_dy(acc_t y, acc_t grad, int k, acc_t argmax, acc_t pooled_grad) {
+  const acc_t plain = y > acc_t(0) ? grad : acc_t(0);
+  const acc_t routed = y > acc_t(0) ? grad + pooled_grad : acc_t(0);
+  return acc_t(k) == argmax ? routed : plain;  // three selects: the form GCC vectorizes
+}
+
+// The loops proper take every pointer as a restrict parameter (what lets GCC vectorize them without alias checks).
+template <typename St, typename scalar_t, typename acc_t, bool Pool>
+FASTUNET_CPU_CLONES void bn_relu_pool_kernel(int64_t length, const scalar_t* __restrict__ z0,
+                                             const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
+                                             const scalar_t* __restrict__ z3, const acc_t* __restrict__ scale,
+                                             const acc_t* __restrict__ shift, scalar_t* __restrict__ o0,
+                                             scalar_t* __restrict__ o1, scalar_t* __restrict__ o2,
+                                             scalar_t* __restrict__ o3, scalar_t* __restrict__ pooled) {
+  for (int64_t t = 0; t < length; ++t) {
+    const acc_t sc = scale[t * St::channel], sh = shift[t * St::channel];
+    const acc_t y[4] = {y_of<scalar_t>(static_cast<acc_t>(z0[t * St::z]), sc, sh),
+                        y_of<scalar_t>(static_cast<acc_t>(z1[t * St::z]), sc, sh),
+                        y_of<scalar_t>(static_cast<acc_t>(z2[t * St::z]), sc, sh),
+                        y_of<scalar_t>(static_cast<acc_t>(z3[t * St::z]), sc, sh)};
+    o0[t * St::out] = static_cast<scalar_t>(y[0]);
+    o1[t * St::out] = static_cast<scalar_t>(y[1]);
+    o2[t * St::out] = static_cast<scalar_t>(y[2]);
+    o3[t * St::out] = static_cast<scalar_t>(y[3]);
+    if constexpr (Pool) {
+      acc_t best;
+      pool_argmax4<acc_t>(y, &best);
+      pooled[t] = static_cast<scalar_t>(best);
+    }
+  }
+}
+
+// bn_relu_pool over a line (cell_bn_relu_pool per element).
+template <typename St, typename scalar_t, typename acc_t, bool Pool>
+void bn_relu_pool_line(const BnReluPoolCells<scalar_t, acc_t>& f, const LineStart& l) {
+  const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
+  const Quad<scalar_t> out = out_quad(f.out, f.os, l);
+  bn_relu_pool_kernel<St, scalar_t, acc_t, Pool>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], f.scale + l.c0,
+                                                 f.shift + l.c0, out.p[0], out.p[1], out.p[2], out.p[3],
+                                                 Pool ? f.pooled + f.ps.at(l.n, l.c0, l.u, l.v0) : nullptr);
+}
+
+// The BN vectors of z_grad_kernel (unread without Bn).
+template <typename acc_t>
+struct BnLine {
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ invstd;
+  const acc_t* __restrict__ sum_dy;
+  const acc_t* __restrict__ sum_dy_xmu;
+  acc_t inv_m;
+};
+
+template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn>
+FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
+                                       const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
+                                       const scalar_t* __restrict__ g0, const scalar_t* __restrict__ g1,
+                                       const scalar_t* __restrict__ g2, const scalar_t* __restrict__ g3,
+                                       const scalar_t* __restrict__ grad_pooled, const acc_t* __restrict__ scale,
+                                       const acc_t* __restrict__ shift, const BnLine<acc_t> bn,
+                                       scalar_t* __restrict__ d0, scalar_t* __restrict__ d1, scalar_t* __restrict__ d2,
+                                       scalar_t* __restrict__ d3) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t c = t * St::channel;
+    const acc_t sc = scale[c], sh = shift[c];
+    const acc_t zv[4] = {static_cast<acc_t>(z0[t * St::z]), static_cast<acc_t>(z1[t * St::z]),
+                         static_cast<acc_t>(z2[t * St::z]), static_cast<acc_t>(z3[t * St::z])};
+    const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
+                        y_of<scalar_t>(zv[3], sc, sh)};
+    const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
+    const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
+    const acc_t dy[4] = {relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg),
+                         relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg),
+                         relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg),
+                         relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg)};
+    acc_t d[4];
+    for (int k = 0; k < 4; ++k)
+      d[k] = Bn ? bn_backward_dz<acc_t>(dy[k], zv[k], bn.mean[c], bn.invstd[c], sc, bn.sum_dy[c], bn.sum_dy_xmu[c],
+                                        bn.inv_m)
+                : dy[k];
+    d0[t * St::z] = static_cast<scalar_t>(d[0]);
+    d1[t * St::z] = static_cast<scalar_t>(d[1]);
+    d2[t * St::z] = static_cast<scalar_t>(d[2]);
+    d3[t * St::z] = static_cast<scalar_t>(d[3]);
+  }
+}
+
+// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line (cell_z_grad per element).
+template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn>
+void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
+  const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
+  const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
+  const Quad<scalar_t> d = z_quad(f.dz, f.g, f.ds, l);
+  const BnLine<acc_t> bn{Bn ? f.bn.mean + l.c0 : nullptr, Bn ? f.bn.invstd + l.c0 : nullptr,
+                         Bn ? f.bn.sum_dy + l.c0 : nullptr, Bn ? f.bn.sum_dy_xmu + l.c0 : nullptr, f.bn.inv_m};
+  z_grad_kernel<St, scalar_t, acc_t, Pool, Bn>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2], g.p[3],
+                                               Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
+                                               f.scale + l.c0, f.shift + l.c0, bn, d.p[0], d.p[1], d.p[2], d.p[3]);
+}
+
+// Adds term(t, s1, s2) of elements t < length to two per-channel sums: into first[t], second[t] along channels
+// (ChannelStep 1); along a row of one channel into first[0], second[0], through 8 partial sums (a vectorizable
+// reduction in a fixed order).
+template <typename St, typename Term>
+inline void sum_line(int64_t length, const Term& term, double* __restrict__ first, double* __restrict__ second) {
+  if constexpr (St::channel == 1) {
+    for (int64_t t = 0; t < length; ++t) term(t, first[t], second[t]);
+  } else {
+    constexpr int lanes = 8;
+    double a[lanes] = {}, b[lanes] = {};
+    int64_t t = 0;
+    for (; t + lanes <= length; t += lanes)
+      for (int i = 0; i < lanes; ++i) term(t + i, a[i], b[i]);
+    for (int i = 0; t < length; ++t, ++i) term(t, a[i], b[i]);
+    for (int i = 0; i < lanes; ++i) {
+      first[0] += a[i];
+      second[0] += b[i];
+    }
+  }
+}
+
+template <typename St, typename scalar_t>
+FASTUNET_CPU_CLONES void stats_kernel(int64_t length, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
+                                      const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
+                                      const double* __restrict__ ref, double* __restrict__ first,
+                                      double* __restrict__ second) {
+  sum_line<St>(
+      length,
+      [&](int64_t t, double& s1, double& s2) {
+        const double r = ref[t * St::channel];
+        const double d[4] = {static_cast<double>(z0[t * St::z]) - r, static_cast<double>(z1[t * St::z]) - r,
+                             static_cast<double>(z2[t * St::z]) - r, static_cast<double>(z3[t * St::z]) - r};
+        for (int k = 0; k < 4; ++k) {
+          s1 += d[k];
+          s2 += d[k] * d[k];
+        }
+      },
+      first, second);
+}
+
+// bn_stats over a line (cell_stats_sums per element): ref the channels' shift constants.
+template <typename St, typename scalar_t, typename sum_t>
+void stats_line(const StatsCells<scalar_t, sum_t>& f, const LineStart& l, const double* ref, double* first,
+                double* second) {
+  const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
+  stats_kernel<St, scalar_t>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], ref, first, second);
+}
+
+template <typename St, typename scalar_t, typename acc_t, bool Pool>
+FASTUNET_CPU_CLONES void backward_sums_kernel(int64_t length, const scalar_t* __restrict__ z0,
+                                              const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
+                                              const scalar_t* __restrict__ z3, const scalar_t* __restrict__ g0,
+                                              const scalar_t* __restrict__ g1, const scalar_t* __restrict__ g2,
+                                              const scalar_t* __restrict__ g3, const scalar_t* __restrict__ grad_pooled,
+                                              const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                                              const double* __restrict__ mean, double* __restrict__ first,
+                                              double* __restrict__ second) {
+  sum_line<St>(
+      length,
+      [&](int64_t t, double& s1, double& s2) {
+        const int64_t c = t * St::channel;
+        const acc_t sc = scale[c], sh = shift[c];
+        const acc_t zv[4] = {static_cast<acc_t>(z0[t * St::z]), static_cast<acc_t>(z1[t * St::z]),
+                             static_cast<acc_t>(z2[t * St::z]), static_cast<acc_t>(z3[t * St::z])};
+        const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
+                            y_of<scalar_t>(zv[3], sc, sh)};
+        const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
+        const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
+        const acc_t dy[4] = {relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg),
+                             relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg),
+                             relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg),
+                             relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg)};
+        const double mu = mean[c];
+        for (int k = 0; k < 4; ++k) {
+          s1 += static_cast<double>(dy[k]);
+          s2 += static_cast<double>(dy[k]) * (static_cast<double>(zv[k]) - mu);
+        }
+      },
+      first, second);
+}
+
+// bn_relu_backward_reduce over a line (cell_backward_sums per element): mean the channels' means in double.
+template <typename St, typename scalar_t, typename acc_t, typename sum_t, bool Pool>
+void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l, const double* mean,
+                        double* first, double* second) {
+  const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
+  const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
+  backward_sums_kernel<St, scalar_t, acc_t, Pool>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2],
+                                                  g.p[3],
+                                                  Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
+                                                  f.scale + l.c0, f.shift + l.c0, mean, first, second);
+}
+
+}  // namespace fastunet::cpu
