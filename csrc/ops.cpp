@@ -92,10 +92,12 @@ void run_sum_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const cpu::
   }
 }
 
-// Calls line(steps, start) for the lines of interior cells of cell row `row`, and cell(v, c) for every channel of
-// the other cells (a pixel outside the image). Interior cells are u, v in [0, out/2) for both upscales.
+// Calls line(steps, start) for the lines of interior cells of cell row `row` in channels [c_begin, c_end) (all
+// channels along LineDim::Channels), and cell(n, u, v, c) for those channels of the other cells (a pixel outside
+// the image). Interior cells are u, v in [0, out/2) for both upscales.
 template <typename Line, typename Cell>
-void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, const Line& line, const Cell& cell) {
+void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, int64_t c_begin, int64_t c_end,
+                     const Line& line, const Cell& cell) {
   const Geom& g = cg.g;
   int64_t n, u;
   cg.row_of(row, &n, &u);
@@ -104,21 +106,22 @@ void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, const Li
   const int64_t lo = interior_row ? 0 : last, hi = interior_row ? g.out_w() / 2 : last;
   for (int64_t v = first; v < last; ++v) {
     if (v >= lo && v < hi) continue;
-    for (int64_t c = 0; c < g.C; ++c) cell(n, u, v, c);
+    for (int64_t c = c_begin; c < c_end; ++c) cell(n, u, v, c);
   }
   if (lo >= hi) return;
   if (dim == cpu::LineDim::Channels) {
     for (int64_t v = lo; v < hi; ++v) line(cpu::ChannelSteps{}, cpu::LineStart{n, u, v, 0, g.C});
   } else if (g.S == 1) {
-    for (int64_t c = 0; c < g.C; ++c) line(cpu::WidthSteps<1>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+    for (int64_t c = c_begin; c < c_end; ++c) line(cpu::WidthSteps<1>{}, cpu::LineStart{n, u, lo, c, hi - lo});
   } else {
-    for (int64_t c = 0; c < g.C; ++c) line(cpu::WidthSteps<2>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+    for (int64_t c = c_begin; c < c_end; ++c) line(cpu::WidthSteps<2>{}, cpu::LineStart{n, u, lo, c, hi - lo});
   }
 }
 
-// The CPU backend of ops_host.h: cell rows in parallel (OpenMP through at::parallel_for), each as vectorized lines
-// (cpu_lines.h) where the tensors have unit stride in channels or width, else cell by cell; reductions sum in
-// double over a fixed number of chunks of cell rows, so that a result does not depend on the thread count.
+// The CPU backend of ops_host.h: vectorized lines (cpu_lines.h) where the tensors have unit stride in channels or
+// width, else cell by cell; work in parallel (OpenMP through at::parallel_for) by cell rows, or by (sample, channel)
+// planes along the width. Reductions sum in double in an order fixed by the shapes, never by the thread count:
+// along the width channel by channel, else over a fixed number of chunks of cell rows summed in order.
 struct CpuBackend {
   static constexpr int64_t kReductionChunks = 64;
 
@@ -141,11 +144,19 @@ struct CpuBackend {
       });
       return;
     }
-    at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row)
-        visit_row_lines(
-            cg, row, dim, [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l); },
-            [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); });
+    const auto line = [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l); };
+    const auto cell = [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); };
+    if (dim == cpu::LineDim::Channels) {
+      at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row) visit_row_lines(cg, row, dim, 0, cg.g.C, line, cell);
+      });
+      return;
+    }
+    // Along the width, a thread takes whole (sample, channel) planes: its rows are consecutive in memory.
+    const int64_t rows = cg.rows_per_sample(), C = cg.g.C;
+    at::parallel_for(0, cg.g.N * C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t r = 0; r < rows; ++r) visit_row_lines(cg, p / C * rows + r, dim, p % C, p % C + 1, line, cell);
     });
   }
 
@@ -157,6 +168,26 @@ struct CpuBackend {
     const cpu::LineDim dim = line_dim_of(cells);
     std::vector<sum_t> constants(C);
     for (int64_t c = 0; c < C; ++c) constants[c] = cells.channel_constant(c);
+    if (dim == cpu::LineDim::Width) {
+      // Along the width, a thread takes whole channels, each summed over its samples and rows in order.
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          SumPair<sum_t> cell_sums{0, 0};
+          double first = 0, second = 0;
+          for (int64_t row = 0; row < cg.rows(); ++row)
+            visit_row_lines(
+                cg, row, dim, c, c + 1,
+                [&](auto steps, const cpu::LineStart& l) {
+                  run_sum_line<decltype(steps)>(cells, l, constants.data() + c, &first, &second);
+                },
+                [&](int64_t n, int64_t u, int64_t v, int64_t) {
+                  cells.template run<1>(n, u, v, c, constants.data() + c, &cell_sums);
+                });
+          finish(c, SumPair<double>{cell_sums.first + first, cell_sums.second + second});
+        }
+      });
+      return;
+    }
     std::vector<sum_t> partial(2 * plan.chunks * C);
     with_run_width<scalar_t>(dim == cpu::LineDim::Strided ? width : 1, [&](auto run) {
       constexpr int V = decltype(run)::value;
@@ -176,7 +207,7 @@ struct CpuBackend {
               continue;
             }
             visit_row_lines(
-                cg, row, dim,
+                cg, row, dim, 0, C,
                 [&](auto steps, const cpu::LineStart& l) {
                   run_sum_line<decltype(steps)>(cells, l, constants.data() + l.c0, first.data() + l.c0,
                                                 second.data() + l.c0);
