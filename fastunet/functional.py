@@ -168,6 +168,50 @@ def _conv(x, w, b):
     return _aten.convolution(x, w, b, *_CONV_ARGS)
 
 
+# Up to this many pixels per image, fast mode's CPU training convs (float32) run as im2col and GEMMs rather than
+# oneDNN's convolution, which lays the weights out anew at every call, forward and backward: at 8 x 8 pixels, batch 2,
+# a forward and backward took 137 ms against 183 ms at 1024 -> 1024 channels, 105 against 160 ms for the 2x2
+# sub-pixel conv 1024 -> 2048, and the same at 512 -> 1024; at 16 x 16 oneDNN is faster (benchmarks/RESULTS.md).
+_GEMM_TRAIN_MAX_PIXELS = 64
+
+
+def _gemm_train_conv(x, w):
+    """Whether fast mode's training conv of ``x`` by ``w`` runs as GEMMs (_fast_conv, _fast_conv_backward): eager
+    only, since Dynamo cannot speculate the GEMM backward's reshapes of gradients of unknown layout."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.shape[2] * x.shape[3] <= _GEMM_TRAIN_MAX_PIXELS and not torch.compiler.is_compiling())
+
+
+def _fast_conv(x, w):
+    """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: ATen's, or
+    for few pixels (_gemm_train_conv) im2col and one GEMM per image; the output in x's layout."""
+    if not _gemm_train_conv(x, w):
+        return _conv(x, w, None)
+    n, _, h, width = x.shape
+    cout, k = w.shape[0], w.shape[2]
+    z = torch.bmm(w.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, k, padding=1))  # [N, Cout, pixels]
+    return z.view(n, cout, h + 3 - k, width + 3 - k).contiguous(memory_format=ops.memory_format_of(x))
+
+
+def _fast_conv_backward(dz, x, w, output_mask):
+    """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
+    pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch)."""
+    if not _gemm_train_conv(x, w):
+        return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
+    n, cin, h, width = x.shape
+    cout, k = w.shape[0], w.shape[2]
+    dz = dz.reshape(n, cout, -1)
+    dx = dw = None
+    if output_mask[0]:
+        cols_grad = torch.bmm(w.reshape(cout, -1).t().expand(n, -1, -1), dz)  # [N, Cin*k*k, pixels]
+        dx = F.fold(cols_grad, (h, width), k, padding=1).contiguous(memory_format=ops.memory_format_of(x))
+    if output_mask[1]:
+        cols = F.unfold(x, k, padding=1)  # [N, Cin*k*k, pixels]
+        dw = torch.mm(dz.transpose(0, 1).reshape(cout, -1), cols.transpose(1, 2).reshape(-1, cin * k * k))
+        dw = dw.view(w.shape).contiguous(memory_format=ops.memory_format_of(w))
+    return dx, dw
+
+
 def _apply(function, *args):
     """function.apply(*args), or its forward alone when autograd has nothing to record."""
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -186,7 +230,7 @@ def _second_conv(z1, scale1, shift1, w2, stats):
         return z2, ((mean, var) if stats else None)
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    return _conv(a1, w2, None), None
+    return _fast_conv(a1, w2), None
 
 
 def _check_no_exact_sync(exact, *bns):
@@ -394,7 +438,7 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 _relu_pool_exact(t2, out, pooled)
                 return (buf, pooled, *casts, z1, a1, *bn1_saved, z2, t2, *bn2_saved)
-            z1 = _conv(xc, w1c, None)
+            z1 = _fast_conv(xc, w1c)
             mean1, invstd1, scale1, shift1, count1 = _fast_bn(z1, bn1, b1, 1)
             # Layer 1's activation is not kept: backward recomputes it from z1.
             z2, stats2 = _second_conv(z1, scale1, shift1, w2c, bn2.training)
@@ -485,12 +529,12 @@ def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, ne
                                             bn2.training, 1, _sync_of(bn2, counts[1]))
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    da1, dw2, _ = _aten.convolution_backward(dz2, a1, w2c, None, *_CONV_ARGS, [True, need[7], False])
+    da1, dw2 = _fast_conv_backward(dz2, a1, w2c, [True, need[7]])
     del a1, dz2
     dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
                                             _sync_of(bn1, counts[0]))
     del da1
-    dx, dw1, _ = _aten.convolution_backward(dz1, xc, w1c, None, *_CONV_ARGS, [need[0], need[1], False])
+    dx, dw1 = _fast_conv_backward(dz1, xc, w1c, [need[0], need[1]])
     return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
 
 
@@ -659,7 +703,7 @@ class UpsampleConvCat(torch.autograd.Function):
                 _relu_pool_exact(t, out)
                 return (buf, *casts, z, t, *bn_saved)
             w4 = phase_weights(w).to(wc.dtype)
-            z4 = _conv(dc, w4, None)
+            z4 = _fast_conv(dc, w4)
             mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, 2)
             ops.bn_relu_pool(z4, scale, shift, 2, out, None)
             return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
@@ -713,7 +757,7 @@ class UpsampleConvCat(torch.autograd.Function):
                 w4, z4, mean, invstd, scale, shift = saved
                 dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b,
                                                            bn.training, 2, _sync_of(bn, ctx.extra))
-                dd, dw4, _ = _aten.convolution_backward(dz4, dc, w4, None, *_CONV_ARGS, [need[0], need[2], False])
+                dd, dw4 = _fast_conv_backward(dz4, dc, w4, [need[0], need[2]])
                 del dz4
                 dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).

@@ -3,6 +3,7 @@ two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import backward_case, case, random, slice_of_buffer
 
 from fastunet import _ext, functional, ops
@@ -349,3 +350,25 @@ def test_long_lines_and_border_cells_match_reference(layout, upscale, hw, values
     dz = LIB.bn_relu_backward_apply(*args, mean, invstd, *want_sums, upscale)
     torch.testing.assert_close(dz, ops.bn_relu_backward_apply_ref(*args, mean, invstd, *want_sums, upscale),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [3, 2])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_gemm_training_convs_match_aten(k, memory_format):
+    """Fast mode's few-pixel training convs (im2col and GEMMs) against ATen's convolution in float64: the output
+    and both gradients, in the input's and weights' layouts."""
+    n, cin, cout, h, w = 2, 40, 24, 8, 6
+    assert functional._gemm_train_conv(torch.empty(n, cin, h, w), torch.empty(cout, cin, k, k))
+    assert not functional._gemm_train_conv(torch.empty(n, cin, 16, 16), torch.empty(cout, cin, k, k))
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=memory_format)
+    weight = torch.randn(cout, cin, k, k).contiguous(memory_format=memory_format)
+    dz = torch.randn(n, cout, h + 3 - k, w + 3 - k)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    z64 = F.conv2d(x64, w64, padding=1)
+    dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
+    z = functional._fast_conv(x, weight)
+    dx, dw = functional._fast_conv_backward(dz.contiguous(memory_format=memory_format), x, weight, [True, True])
+    for got, want in ((z, z64), (dx, dx64), (dw, dw64)):
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
