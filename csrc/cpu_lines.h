@@ -127,6 +127,29 @@ void bn_relu_pool_line(const BnReluPoolCells<scalar_t, acc_t>& f, const LineStar
                                                  Pool ? f.pooled + f.ps.at(l.n, l.c0, l.u, l.v0) : nullptr);
 }
 
+// Element t of a backward line: the z values (zv) and the gradients reaching their pre-ReLU values (dy), as
+// cell_relu_pool_dy computes them. Always inlined: GCC leaves a plain inline call in the target_clones copies of
+// the loops below, which then stay scalar.
+template <typename St, typename scalar_t, typename acc_t, bool Pool>
+__attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scalar_t* z0, const scalar_t* z1,
+                                                           const scalar_t* z2, const scalar_t* z3, const scalar_t* g0,
+                                                           const scalar_t* g1, const scalar_t* g2, const scalar_t* g3,
+                                                           const scalar_t* grad_pooled, acc_t sc, acc_t sh,
+                                                           acc_t (&zv)[4], acc_t (&dy)[4]) {
+  zv[0] = static_cast<acc_t>(z0[t * St::z]);
+  zv[1] = static_cast<acc_t>(z1[t * St::z]);
+  zv[2] = static_cast<acc_t>(z2[t * St::z]);
+  zv[3] = static_cast<acc_t>(z3[t * St::z]);
+  const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
+                      y_of<scalar_t>(zv[3], sc, sh)};
+  const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
+  const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
+  dy[0] = relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg);
+  dy[1] = relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg);
+  dy[2] = relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg);
+  dy[3] = relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg);
+}
+
 // The BN vectors of z_grad_kernel (unread without Bn).
 template <typename acc_t>
 struct BnLine {
@@ -148,18 +171,9 @@ FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restric
                                        scalar_t* __restrict__ d3) {
   for (int64_t t = 0; t < length; ++t) {
     const int64_t c = t * St::channel;
-    const acc_t sc = scale[c], sh = shift[c];
-    const acc_t zv[4] = {static_cast<acc_t>(z0[t * St::z]), static_cast<acc_t>(z1[t * St::z]),
-                         static_cast<acc_t>(z2[t * St::z]), static_cast<acc_t>(z3[t * St::z])};
-    const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
-                        y_of<scalar_t>(zv[3], sc, sh)};
-    const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
-    const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
-    const acc_t dy[4] = {relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg),
-                         relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg),
-                         relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg),
-                         relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg)};
-    acc_t d[4];
+    const acc_t sc = scale[c];
+    acc_t zv[4], dy[4], d[4];
+    relu_pool_dy_at<St, scalar_t, acc_t, Pool>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, sc, shift[c], zv, dy);
     for (int k = 0; k < 4; ++k)
       d[k] = Bn ? bn_backward_dz<acc_t>(dy[k], zv[k], bn.mean[c], bn.invstd[c], sc, bn.sum_dy[c], bn.sum_dy_xmu[c],
                                         bn.inv_m)
@@ -245,17 +259,9 @@ FASTUNET_CPU_CLONES void backward_sums_kernel(int64_t length, const scalar_t* __
       length,
       [&](int64_t t, double& s1, double& s2) {
         const int64_t c = t * St::channel;
-        const acc_t sc = scale[c], sh = shift[c];
-        const acc_t zv[4] = {static_cast<acc_t>(z0[t * St::z]), static_cast<acc_t>(z1[t * St::z]),
-                             static_cast<acc_t>(z2[t * St::z]), static_cast<acc_t>(z3[t * St::z])};
-        const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
-                            y_of<scalar_t>(zv[3], sc, sh)};
-        const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
-        const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
-        const acc_t dy[4] = {relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg),
-                             relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg),
-                             relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg),
-                             relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg)};
+        acc_t zv[4], dy[4];
+        relu_pool_dy_at<St, scalar_t, acc_t, Pool>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, scale[c], shift[c],
+                                                   zv, dy);
         const double mu = mean[c];
         for (int k = 0; k < 4; ++k) {
           s1 += static_cast<double>(dy[k]);
