@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_lines.h"
@@ -124,6 +125,10 @@ void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, int64_t 
 // along the width channel by channel, else over a fixed number of chunks of cell rows summed in order.
 struct CpuBackend {
   static constexpr int64_t kReductionChunks = 64;
+  // The dtypes that take the line loops: float32, the one CPU training and inference run in (float64 runs the
+  // pure-PyTorch path, bf16/fp16 are not worth their compile time on the CPU); the others go cell by cell.
+  template <typename scalar_t>
+  static constexpr bool kLines = std::is_same_v<scalar_t, float>;
 
   template <typename acc_t>
   using sum_type = double;
@@ -132,18 +137,22 @@ struct CpuBackend {
 
   template <typename scalar_t, typename F>
   static void for_each_cell(const CellGrid& cg, bool channels_inner, int width, const F& cells) {
-    const cpu::LineDim dim = line_dim_of(cells);
-    if (dim == cpu::LineDim::Strided) {
-      with_run_width<scalar_t>(width, [&](auto run) {
-        constexpr int V = decltype(run)::value;
-        at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t row = r0; row < r1; ++row)
-            visit_row<V>(cg, row, channels_inner,
-                         [&](int64_t n, int64_t u, int64_t v, int64_t c0) { cells.template run<V>(n, u, v, c0); });
-        });
-      });
-      return;
+    if constexpr (kLines<scalar_t>) {
+      const cpu::LineDim dim = line_dim_of(cells);
+      if (dim != cpu::LineDim::Strided) return for_each_line(cg, dim, cells);
     }
+    with_run_width<scalar_t>(width, [&](auto run) {
+      constexpr int V = decltype(run)::value;
+      at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t row = r0; row < r1; ++row)
+          visit_row<V>(cg, row, channels_inner,
+                       [&](int64_t n, int64_t u, int64_t v, int64_t c0) { cells.template run<V>(n, u, v, c0); });
+      });
+    });
+  }
+
+  template <typename F>
+  static void for_each_line(const CellGrid& cg, cpu::LineDim dim, const F& cells) {
     const auto line = [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l); };
     const auto cell = [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); };
     if (dim == cpu::LineDim::Channels) {
@@ -165,28 +174,12 @@ struct CpuBackend {
                      const at::TensorOptions&) {
     const int64_t C = cg.g.C;
     const ReductionPlan plan = plan_reduction(cg.rows(), kReductionChunks);
-    const cpu::LineDim dim = line_dim_of(cells);
+    cpu::LineDim dim = cpu::LineDim::Strided;
+    if constexpr (kLines<scalar_t>) dim = line_dim_of(cells);
     std::vector<sum_t> constants(C);
     for (int64_t c = 0; c < C; ++c) constants[c] = cells.channel_constant(c);
-    if (dim == cpu::LineDim::Width) {
-      // Along the width, a thread takes whole channels, each summed over its samples and rows in order.
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          SumPair<sum_t> cell_sums{0, 0};
-          double first = 0, second = 0;
-          for (int64_t row = 0; row < cg.rows(); ++row)
-            visit_row_lines(
-                cg, row, dim, c, c + 1,
-                [&](auto steps, const cpu::LineStart& l) {
-                  run_sum_line<decltype(steps)>(cells, l, constants.data() + c, &first, &second);
-                },
-                [&](int64_t n, int64_t u, int64_t v, int64_t) {
-                  cells.template run<1>(n, u, v, c, constants.data() + c, &cell_sums);
-                });
-          finish(c, SumPair<double>{cell_sums.first + first, cell_sums.second + second});
-        }
-      });
-      return;
+    if constexpr (kLines<scalar_t>) {
+      if (dim == cpu::LineDim::Width) return reduce_width_lines(cg, dim, cells, finish, constants);
     }
     std::vector<sum_t> partial(2 * plan.chunks * C);
     with_run_width<scalar_t>(dim == cpu::LineDim::Strided ? width : 1, [&](auto run) {
@@ -206,15 +199,16 @@ struct CpuBackend {
               });
               continue;
             }
-            visit_row_lines(
-                cg, row, dim, 0, C,
-                [&](auto steps, const cpu::LineStart& l) {
-                  run_sum_line<decltype(steps)>(cells, l, constants.data() + l.c0, first.data() + l.c0,
-                                                second.data() + l.c0);
-                },
-                [&](int64_t n, int64_t u, int64_t v, int64_t c) {
-                  cells.template run<1>(n, u, v, c, constants.data() + c, acc.data() + c);
-                });
+            if constexpr (kLines<scalar_t>)
+              visit_row_lines(
+                  cg, row, dim, 0, C,
+                  [&](auto steps, const cpu::LineStart& l) {
+                    run_sum_line<decltype(steps)>(cells, l, constants.data() + l.c0, first.data() + l.c0,
+                                                  second.data() + l.c0);
+                  },
+                  [&](int64_t n, int64_t u, int64_t v, int64_t c) {
+                    cells.template run<1>(n, u, v, c, constants.data() + c, acc.data() + c);
+                  });
           }
           for (int64_t c = 0; c < C; ++c)
             store_partial(partial.data(), plan.chunks, C, chunk, c,
@@ -223,6 +217,28 @@ struct CpuBackend {
       });
     });
     for (int64_t c = 0; c < C; ++c) finish(c, sum_over_chunks(partial.data(), plan.chunks, C, c));
+  }
+
+  // Along the width, a thread takes whole channels, each summed over its samples and rows in order.
+  template <typename sum_t, typename F, typename Finish>
+  static void reduce_width_lines(const CellGrid& cg, cpu::LineDim dim, const F& cells, const Finish& finish,
+                                 const std::vector<sum_t>& constants) {
+    at::parallel_for(0, cg.g.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        SumPair<sum_t> cell_sums{0, 0};
+        double first = 0, second = 0;
+        for (int64_t row = 0; row < cg.rows(); ++row)
+          visit_row_lines(
+              cg, row, dim, c, c + 1,
+              [&](auto steps, const cpu::LineStart& l) {
+                run_sum_line<decltype(steps)>(cells, l, constants.data() + c, &first, &second);
+              },
+              [&](int64_t n, int64_t u, int64_t v, int64_t) {
+                cells.template run<1>(n, u, v, c, constants.data() + c, &cell_sums);
+              });
+        finish(c, SumPair<double>{cell_sums.first + first, cell_sums.second + second});
+      }
+    });
   }
 };
 
