@@ -5,11 +5,11 @@
 //   LineDim::Channels  (channels_last): the C channels of one cell, every pointer stepping 1;
 //   LineDim::Width     (NCHW, concat-buffer slices of it): the cells v_lo..v_hi-1 of one channel; logical
 //                      pixels (out, grad) step 2, pooled ones 1, z entries 2 (upscale 1) or 1 (upscale 2).
-// Cells with a pixel outside the image (odd sizes, the border grid of the backward ops) and tensors with neither
-// unit stride take the per-cell functions of fastunet_math.h, which the line loops compute the same math as: the
-// same per-element functions (bn_relu, round_to, pool_argmax4, bn_backward_dz), in the same order, so the
-// elementwise ops give the same bits either way. The reductions' sums are in double, in a fixed order that
-// depends on the shapes only.
+// Cells with a pixel outside the image (odd sizes, the border grid of the backward ops), tensors with neither
+// unit stride and dtypes other than float32 (CpuBackend::kLines, ops.cpp) take the per-cell functions of
+// fastunet_math.h, which the line loops compute the same math as: the same per-element functions (bn_relu_rounded,
+// pool_argmax4, relu_pool_dy, bn_backward_dz), in the same order, so the elementwise ops give the same bits either way.
+// The reductions' sums are in double, in a fixed order that depends on the shapes only.
 #pragma once
 
 #include <cstdint>
@@ -76,21 +76,6 @@ Quad<T> out_quad(T* base, const Strides4& s, const LineStart& l) {
   return q;
 }
 
-// BN+ReLU of one z value, rounded to scalar_t (cell_bn_relu's per-pixel math).
-template <typename scalar_t, typename acc_t>
-inline acc_t y_of(acc_t z, acc_t sc, acc_t sh) {
-  return round_to<scalar_t, acc_t>(bn_relu<acc_t>(z, sc, sh));
-}
-
-// The gradient reaching the pre-ReLU value of pixel k (cell_relu_pool_dy's per-pixel math): the output's
-// gradient plus, at the max-pool argmax, the pooled one; zero where the ReLU was off.
-template <typename acc_t>
-inline acc_t relu_pool_dy(acc_t y, acc_t grad, int k, acc_t argmax, acc_t pooled_grad) {
-  const acc_t plain = y > acc_t(0) ? grad : acc_t(0);
-  const acc_t routed = y > acc_t(0) ? grad + pooled_grad : acc_t(0);
-  return acc_t(k) == argmax ? routed : plain;  // three selects: the form GCC vectorizes
-}
-
 // The loops proper take every pointer as a restrict parameter (what lets GCC vectorize them without alias checks).
 template <typename St, typename scalar_t, typename acc_t, bool Pool>
 FASTUNET_CPU_CLONES void bn_relu_pool_kernel(int64_t length, const scalar_t* __restrict__ z0,
@@ -101,10 +86,10 @@ FASTUNET_CPU_CLONES void bn_relu_pool_kernel(int64_t length, const scalar_t* __r
                                              scalar_t* __restrict__ o3, scalar_t* __restrict__ pooled) {
   for (int64_t t = 0; t < length; ++t) {
     const acc_t sc = scale[t * St::channel], sh = shift[t * St::channel];
-    const acc_t y[4] = {y_of<scalar_t>(static_cast<acc_t>(z0[t * St::z]), sc, sh),
-                        y_of<scalar_t>(static_cast<acc_t>(z1[t * St::z]), sc, sh),
-                        y_of<scalar_t>(static_cast<acc_t>(z2[t * St::z]), sc, sh),
-                        y_of<scalar_t>(static_cast<acc_t>(z3[t * St::z]), sc, sh)};
+    const acc_t y[4] = {bn_relu_rounded<scalar_t>(static_cast<acc_t>(z0[t * St::z]), sc, sh),
+                        bn_relu_rounded<scalar_t>(static_cast<acc_t>(z1[t * St::z]), sc, sh),
+                        bn_relu_rounded<scalar_t>(static_cast<acc_t>(z2[t * St::z]), sc, sh),
+                        bn_relu_rounded<scalar_t>(static_cast<acc_t>(z3[t * St::z]), sc, sh)};
     o0[t * St::out] = static_cast<scalar_t>(y[0]);
     o1[t * St::out] = static_cast<scalar_t>(y[1]);
     o2[t * St::out] = static_cast<scalar_t>(y[2]);
@@ -140,14 +125,14 @@ __attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scal
   zv[1] = static_cast<acc_t>(z1[t * St::z]);
   zv[2] = static_cast<acc_t>(z2[t * St::z]);
   zv[3] = static_cast<acc_t>(z3[t * St::z]);
-  const acc_t y[4] = {y_of<scalar_t>(zv[0], sc, sh), y_of<scalar_t>(zv[1], sc, sh), y_of<scalar_t>(zv[2], sc, sh),
-                      y_of<scalar_t>(zv[3], sc, sh)};
+  const acc_t y[4] = {bn_relu_rounded<scalar_t>(zv[0], sc, sh), bn_relu_rounded<scalar_t>(zv[1], sc, sh),
+                      bn_relu_rounded<scalar_t>(zv[2], sc, sh), bn_relu_rounded<scalar_t>(zv[3], sc, sh)};
   const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
   const acc_t pg = Pool ? static_cast<acc_t>(grad_pooled[t]) : acc_t(0);
-  dy[0] = relu_pool_dy<acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), 0, argmax, pg);
-  dy[1] = relu_pool_dy<acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), 1, argmax, pg);
-  dy[2] = relu_pool_dy<acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), 2, argmax, pg);
-  dy[3] = relu_pool_dy<acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), 3, argmax, pg);
+  dy[0] = relu_pool_dy<acc_t, acc_t>(y[0], static_cast<acc_t>(g0[t * St::out]), acc_t(0), argmax, pg);
+  dy[1] = relu_pool_dy<acc_t, acc_t>(y[1], static_cast<acc_t>(g1[t * St::out]), acc_t(1), argmax, pg);
+  dy[2] = relu_pool_dy<acc_t, acc_t>(y[2], static_cast<acc_t>(g2[t * St::out]), acc_t(2), argmax, pg);
+  dy[3] = relu_pool_dy<acc_t, acc_t>(y[3], static_cast<acc_t>(g3[t * St::out]), acc_t(3), argmax, pg);
 }
 
 // The BN vectors of z_grad_kernel (unread without Bn).

@@ -128,6 +128,22 @@ FU_HD acc_t round_to(acc_t v) {
   return static_cast<acc_t>(static_cast<out_t>(v));
 }
 
+// BN+ReLU of one z value, rounded to scalar_t: what a pixel of the logical output holds.
+template <typename scalar_t, typename acc_t>
+FU_HD acc_t bn_relu_rounded(acc_t z, acc_t scale, acc_t shift) {
+  return round_to<scalar_t, acc_t>(bn_relu<acc_t>(z, scale, shift));
+}
+
+// The gradient reaching the pre-ReLU value of pixel k of a window whose max-pool argmax is `argmax` (-1: no
+// max-pool): the output's gradient, plus the pooled gradient at the argmax; zero where the ReLU was off. Three
+// selects, the form GCC vectorizes in the CPU's line loops (which take k and argmax as acc_t, cpu_lines.h).
+template <typename acc_t, typename index_t>
+FU_HD acc_t relu_pool_dy(acc_t y, acc_t grad, index_t k, index_t argmax, acc_t pooled_grad) {
+  const acc_t plain = y > acc_t(0) ? grad : acc_t(0);
+  const acc_t routed = y > acc_t(0) ? grad + pooled_grad : acc_t(0);
+  return k == argmax ? routed : plain;
+}
+
 // Everything a per-cell function reads or writes: tensors and their strides (null pointers where an
 // op has no such tensor; grad and grad_pooled in the forward op, pooled without max-pool, ...).
 template <typename scalar_t>
@@ -208,7 +224,7 @@ FU_HD void cell_bn_relu(const CellTensors<scalar_t>& t, const Geom& g, int64_t n
     FU_UNROLL
     for (int i = 0; i < V; ++i) {
       zv[k][i] = static_cast<acc_t>(raw[i]);
-      y[k][i] = inside ? round_to<scalar_t, acc_t>(bn_relu<acc_t>(zv[k][i], sc[i], sh[i])) : acc_t(0);
+      y[k][i] = inside ? bn_relu_rounded<scalar_t, acc_t>(zv[k][i], sc[i], sh[i]) : acc_t(0);
     }
   }
 }
@@ -257,7 +273,12 @@ FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int6
   cell_bn_relu<scalar_t, acc_t, V>(t, g, n, u, v, c0, scale, shift, y, zv);
   scalar_t pooled_grad[V];
   int argmax[V];
-  if (t.grad_pooled != nullptr) load_run<V>(t.grad_pooled + t.gps.at(n, c0, u, v), t.gps.c, pooled_grad);
+  if (t.grad_pooled != nullptr) {
+    load_run<V>(t.grad_pooled + t.gps.at(n, c0, u, v), t.gps.c, pooled_grad);
+  } else {
+    FU_UNROLL
+    for (int i = 0; i < V; ++i) pooled_grad[i] = scalar_t(0);  // never routed (argmax -1), but defined
+  }
   FU_UNROLL
   for (int i = 0; i < V; ++i) argmax[i] = t.grad_pooled != nullptr ? cell_argmax<acc_t, V>(y, i) : -1;
   FU_UNROLL
@@ -268,11 +289,9 @@ FU_HD void cell_relu_pool_dy(const CellTensors<scalar_t>& t, const Geom& g, int6
     scalar_t grad[V];
     load_run<V>(t.grad + cell_out_offset(t.gs, n, u, v, k, c0), t.gs.c, grad);
     FU_UNROLL
-    for (int i = 0; i < V; ++i) {
-      if (!(y[k][i] > acc_t(0))) continue;
-      dy[k][i] = static_cast<acc_t>(grad[i]);
-      if (k == argmax[i]) dy[k][i] += static_cast<acc_t>(pooled_grad[i]);
-    }
+    for (int i = 0; i < V; ++i)
+      dy[k][i] = relu_pool_dy<acc_t, int>(y[k][i], static_cast<acc_t>(grad[i]), k, argmax[i],
+                                          static_cast<acc_t>(pooled_grad[i]));
   }
 }
 
