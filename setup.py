@@ -68,7 +68,7 @@ def _version(with_cuda):
 
 
 def _extension(with_cuda):
-    sources = [os.path.join("csrc", f) for f in ("ops.cpp", "python_module.cpp")]
+    sources = [os.path.join("csrc", f) for f in ("ops.cpp", "winograd.cpp", "python_module.cpp")]
     # OpenMP: at::parallel_for is inline, and without -fopenmp the CPU kernels would run on one thread. The
     # runtime is torch's own libgomp.so.1 (already loaded, same soname). CMake links OpenMP its own way, hence
     # not in tools/build_settings.json.

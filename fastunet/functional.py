@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, winograd
 from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased, update_running_stats
 
 _aten = torch.ops.aten
@@ -611,10 +611,19 @@ def _gemm_conv_bn_relu(x, conv, bn):
     return out.view(n, cout, h, w).contiguous(memory_format=ops.memory_format_of(x))
 
 
+def _winograd_conv_bn_relu(x, conv, bn, out=None):
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN by Winograd F(2x2, 3x3) (fastunet.winograd): BN's scale folded
+    into the transformed weights, its shift (the conv bias included) as the bias, the ReLU in the output transform;
+    written into ``out`` if given, else a new tensor in x's layout."""
+    weight, bias = conv
+    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
+    return winograd.conv3x3(x, winograd.weights(weight, scale), shift, True, out)
+
+
 def _conv_bn_relu_inference(x, conv, bn, exact):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
-    up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu;
-    above, folded into the conv (_conv_relu) where folding (a pass over the weights) costs less than the BN and
+    up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; above, where fastunet.winograd.pays,
+    _winograd_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs less than the BN and
     ReLU passes over the output it saves (two per output value: where the pixels outnumber 4.5 x the input
     channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x
     the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW
@@ -624,6 +633,8 @@ def _conv_bn_relu_inference(x, conv, bn, exact):
     n, cin, h, w = x.shape
     if n * h * w <= _GEMM_MAX_PIXELS:
         return _gemm_conv_bn_relu(x, conv, bn)
+    if winograd.pays(x, cin, conv[0].shape[0]):
+        return _winograd_conv_bn_relu(x, conv, bn)
     if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
         return _unfolded_conv_bn_relu(x, conv, bn)
     return _conv_relu(x, *_folded(conv, bn))
@@ -643,12 +654,16 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact
 def _up_block_inference(d, buf, conv, bn, exact):
     """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
     conv+ReLU on ``d``, its four phases then interleaved into the buffer; below (and in exact mode),
-    _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
+    _conv_bn_relu_inference on ATen's nearest upsample of ``d`` (a Winograd conv writing into the buffer)."""
     n, _, h, w = d.shape
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
     if exact or n * h * w < _SUBPIXEL_MIN_PIXELS:
-        out.copy_(_conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact))
+        up = _aten.upsample_nearest2d.vec(d, None, [2.0, 2.0])
+        if not exact and 4 * n * h * w > _GEMM_MAX_PIXELS and winograd.pays(up, up.shape[1], cout):
+            _winograd_conv_bn_relu(up, conv, bn, out)
+        else:
+            out.copy_(_conv_bn_relu_inference(up, conv, bn, exact))
         return buf
     weight, bias = _folded(conv, bn)
     phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastunet import _ext, kernels, ops
+from fastunet import _ext, kernels, ops, winograd
 
 
 def kernel_sources(op):
@@ -23,7 +23,7 @@ def kernel_sources(op):
 
 def test_the_namespace_holds_the_registry_s_ops_and_the_triton_conv():
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastunet::")}
-    assert names == set(ops.FUSED_OPS) | {"conv3x3_bn_relu_stats"}
+    assert names == set(ops.FUSED_OPS) | set(winograd.WINOGRAD_OPS) | {"conv3x3_bn_relu_stats"}
     assert not any(n.startswith("fastunet_triton::") for n in torch._C._dispatch_get_all_op_names())
 
 
@@ -35,6 +35,16 @@ def test_each_op_is_registered_under_its_one_schema(op):
     assert sources.get("CPU") == ("ops.cpp" if _ext.available() else None)
     assert sources["Meta"] == sources["CompositeExplicitAutograd[alias]"] == "ops.py"  # the fake, the reference
     assert sources["CUDA"] == ("ops_cuda.cu" if ops._cuda_kernels == "compiled" else "ops.py")
+
+
+@pytest.mark.parametrize("op", list(winograd.WINOGRAD_OPS))
+def test_each_winograd_op_is_registered_under_its_one_schema(op):
+    """The CPU-only Winograd ops: compiled in csrc/winograd.cpp, their references serving every other device."""
+    assert str(getattr(torch.ops.fastunet, op).default._schema) == f"fastunet::{winograd.WINOGRAD_OPS[op][0]}"
+    sources = kernel_sources(op)
+    assert sources.get("CPU") == ("winograd.cpp" if _ext.available() else None)
+    assert sources["Meta"] == sources["CompositeExplicitAutograd[alias]"] == "winograd.py"
+    assert "CUDA" not in sources
 
 
 def test_mutations_are_declared_where_kernels_write():

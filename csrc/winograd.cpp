@@ -1,0 +1,318 @@
+// Winograd F(2x2, 3x3) for the CPU's 3x3 convolutions (stride 1, padding 1), float32: the transforms of the
+// weights, of the input tiles and of the products, around one batched GEMM in ATen (torch.bmm, MKL or oneDNN):
+//   U = G g G^T    per (input channel, output channel):      [16, Cin, Cout]
+//   V = B^T d B    per 4 x 4 input tile and input channel:    [16, T, Cin]      T = N * ceil(H/2) * ceil(W/2)
+//   M = V @ U      (the GEMM, one per of the 16 positions)    [16, T, Cout]
+//   Y = A^T M A    per 2 x 2 output tile and output channel, plus a bias, optionally ReLU'd
+// A 2 x 2 output tile costs 16 multiplies per (Cin, Cout) pair instead of 36. The transforms are adds (and halves
+// in G, exact): fastunet/winograd.py's references compute them in the same order, so kernel and reference agree
+// bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_lines.h"
+
+namespace fastunet {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kTiles = 16;  // positions of a 4 x 4 tile: the GEMMs' batch
+
+// B^T applied to the four values a0..a3 (a row or a column of a tile).
+struct Four {
+  float v0, v1, v2, v3;
+};
+__attribute__((always_inline)) inline Four input_transform(float a0, float a1, float a2, float a3) {
+  return {a0 - a2, a1 + a2, a2 - a1, a1 - a3};
+}
+
+// V of one tile for channels [0, C): the tile's value at row r, column s, channel c is x[r * rs + s * ss + c * cs];
+// position k = 4r + s goes to v[k * v_stride + c]. CS: the channel stride at compile time (0: cs).
+template <int64_t CS>
+FASTUNET_CPU_CLONES void input_tile_kernel(int64_t C, const float* __restrict__ x, int64_t rs, int64_t ss, int64_t cs,
+                                           float* __restrict__ v, int64_t v_stride) {
+  const int64_t step = CS > 0 ? CS : cs;
+  for (int64_t c = 0; c < C; ++c) {
+    float t[4][4];
+    for (int s = 0; s < 4; ++s) {
+      const float* d = x + s * ss + c * step;
+      const Four col = input_transform(d[0], d[rs], d[2 * rs], d[3 * rs]);
+      t[0][s] = col.v0;
+      t[1][s] = col.v1;
+      t[2][s] = col.v2;
+      t[3][s] = col.v3;
+    }
+    for (int r = 0; r < 4; ++r) {
+      const Four row = input_transform(t[r][0], t[r][1], t[r][2], t[r][3]);
+      v[(4 * r + 0) * v_stride + c] = row.v0;
+      v[(4 * r + 1) * v_stride + c] = row.v1;
+      v[(4 * r + 2) * v_stride + c] = row.v2;
+      v[(4 * r + 3) * v_stride + c] = row.v3;
+    }
+  }
+}
+
+// The 2 x 2 outputs of one tile for channels [0, C) from its 16 products m[k * m_stride + c]: A^T m A plus the bias,
+// ReLU'd if RELU (a NaN stays a NaN); output (a, b) of channel c goes to out[a * rs + b * ss + c * cs].
+template <int64_t CS, bool RELU>
+FASTUNET_CPU_CLONES void output_tile_kernel(int64_t C, const float* __restrict__ m, int64_t m_stride,
+                                            const float* __restrict__ bias, float* __restrict__ out, int64_t rs,
+                                            int64_t ss, int64_t cs) {
+  const int64_t step = CS > 0 ? CS : cs;
+  for (int64_t c = 0; c < C; ++c) {
+    float s0[4], s1[4];
+    for (int s = 0; s < 4; ++s) {
+      const float m0 = m[s * m_stride + c], m1 = m[(4 + s) * m_stride + c], m2 = m[(8 + s) * m_stride + c],
+                  m3 = m[(12 + s) * m_stride + c];
+      s0[s] = m0 + m1 + m2;
+      s1[s] = m1 - m2 - m3;
+    }
+    float y[4] = {s0[0] + s0[1] + s0[2] + bias[c], s0[1] - s0[2] - s0[3] + bias[c], s1[0] + s1[1] + s1[2] + bias[c],
+                  s1[1] - s1[2] - s1[3] + bias[c]};
+    if (RELU)
+      for (float& value : y) value = value < 0.0f ? 0.0f : value;
+    float* o = out + c * step;
+    o[0] = y[0];
+    o[ss] = y[1];
+    o[rs] = y[2];
+    o[rs + ss] = y[3];
+  }
+}
+
+template <int64_t CS>
+void output_tile(bool relu, int64_t C, const float* m, int64_t m_stride, const float* bias, float* out, int64_t rs,
+                 int64_t ss, int64_t cs) {
+  if (relu) {
+    output_tile_kernel<CS, true>(C, m, m_stride, bias, out, rs, ss, cs);
+  } else {
+    output_tile_kernel<CS, false>(C, m, m_stride, bias, out, rs, ss, cs);
+  }
+}
+
+// U = G g G^T for a block of kernels g[3r + s][j]: u[4r + s][j].
+template <int64_t J>
+__attribute__((always_inline)) inline void weight_block_transform(const float (&g)[9][J], float (&u)[16][J]) {
+  float t[4][3][J];
+  for (int s = 0; s < 3; ++s)
+    for (int64_t j = 0; j < J; ++j) {
+      t[0][s][j] = g[s][j];
+      t[1][s][j] = (g[s][j] + g[3 + s][j] + g[6 + s][j]) * 0.5f;
+      t[2][s][j] = (g[s][j] - g[3 + s][j] + g[6 + s][j]) * 0.5f;
+      t[3][s][j] = g[6 + s][j];
+    }
+  for (int r = 0; r < 4; ++r)
+    for (int64_t j = 0; j < J; ++j) {
+      u[4 * r][j] = t[r][0][j];
+      u[4 * r + 1][j] = (t[r][0][j] + t[r][1][j] + t[r][2][j]) * 0.5f;
+      u[4 * r + 2][j] = (t[r][0][j] - t[r][1][j] + t[r][2][j]) * 0.5f;
+      u[4 * r + 3][j] = t[r][2][j];
+    }
+}
+
+constexpr int64_t kWeightBlock = 16;
+
+// Kernel (a, b) of the conv to transform at tap (r, s): w[a * sa + b * sb + r * sr + s * ss], multiplied by
+// scale_a[a] and scale_b[b] where given.
+struct WeightView {
+  const float* w;
+  int64_t sa, sb, sr, ss;
+  const float* scale_a;
+  const float* scale_b;
+};
+
+// U[k][a][b0 + j] = (G g G^T)[k] for all a and j < width: a block's 16 transformed rows formed in registers (the
+// loops over the block vectorize), written as whole cache lines of U's 16 planes (plane stride `plane`, row `row`).
+FASTUNET_CPU_CLONES void weight_block_kernel(const WeightView& view, int64_t A, int64_t b0, int64_t width,
+                                             float* __restrict__ u, int64_t plane, int64_t row) {
+  for (int64_t a = 0; a < A; ++a) {
+    float g[9][kWeightBlock] = {};
+    for (int64_t j = 0; j < width; ++j) {
+      const float* kernel = view.w + a * view.sa + (b0 + j) * view.sb;
+      for (int r = 0; r < 3; ++r)
+        for (int s = 0; s < 3; ++s) g[3 * r + s][j] = kernel[r * view.sr + s * view.ss];
+    }
+    if (view.scale_a != nullptr)
+      for (auto& tap : g)
+        for (int64_t j = 0; j < kWeightBlock; ++j) tap[j] *= view.scale_a[a];
+    if (view.scale_b != nullptr)
+      for (auto& tap : g)
+        for (int64_t j = 0; j < width; ++j) tap[j] *= view.scale_b[b0 + j];
+    float u16[16][kWeightBlock];
+    weight_block_transform(g, u16);
+    for (int k = 0; k < 16; ++k)
+      for (int64_t j = 0; j < width; ++j) u[k * plane + a * row + j] = u16[k][j];
+  }
+}
+
+struct TileGrid {
+  int64_t N, H, W, th, tw;
+  int64_t count() const { return N * th * tw; }
+  void tile(int64_t t, int64_t* n, int64_t* i, int64_t* j) const {
+    *j = t % tw;
+    *i = t / tw % th;
+    *n = t / (tw * th);
+  }
+};
+
+TileGrid tile_grid(const Tensor& x) {
+  const int64_t H = x.size(2), W = x.size(3);
+  return TileGrid{x.size(0), H, W, (H + 1) / 2, (W + 1) / 2};
+}
+
+void check_float_4d(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastunet.winograd: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fastunet.winograd: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "fastunet.winograd: ", name, " must be 4-D [N, C, H, W], got ", t.dim(), "-D");
+}
+
+void winograd_weights(const Tensor& weight, const c10::optional<Tensor>& scale, bool transposed, Tensor& u) {
+  check_float_4d(weight, "weight");
+  TORCH_CHECK(weight.size(2) == 3 && weight.size(3) == 3, "fastunet.winograd_weights: expected a 3x3 kernel, got ",
+              weight.sizes());
+  const int64_t O = weight.size(0), I = weight.size(1);
+  const float* sp = nullptr;
+  Tensor scale_c;
+  if (scale.has_value()) {
+    TORCH_CHECK(
+        scale->dim() == 1 && scale->size(0) == O && scale->scalar_type() == at::kFloat && scale->device().is_cpu(),
+        "fastunet.winograd_weights: scale must be a float32 CPU vector of ", O, " values");
+    scale_c = scale->contiguous();
+    sp = scale_c.const_data_ptr<float>();
+  }
+  // U[k][a][b]: a the transformed conv's input channel, b its output channel.
+  const int64_t A = transposed ? O : I, B = transposed ? I : O;
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.sizes() == at::IntArrayRef({kTiles, A, B}) &&
+                  u.stride(2) == 1 && u.stride(1) == B && u.stride(0) >= A * B,
+              "fastunet.winograd_weights: u must be a float32 CPU tensor [16, ", A, ", ", B,
+              "] with rows contiguous and planes apart, got ", u.scalar_type(), " ", u.sizes(), " strides ",
+              u.strides());
+  // The transformed conv's kernel (a, b) at (r, s): the forward one's (b, a) at (r, s), or for the input gradient
+  // its (a, b) at (2 - r, 2 - s), rotated by 180 degrees.
+  const int64_t so = weight.stride(0), si = weight.stride(1), sr = weight.stride(2), ss = weight.stride(3);
+  const WeightView view =
+      transposed ? WeightView{weight.const_data_ptr<float>() + 2 * sr + 2 * ss, so, si, -sr, -ss, sp, nullptr}
+                 : WeightView{weight.const_data_ptr<float>(), si, so, sr, ss, nullptr, sp};
+  float* up = u.mutable_data_ptr<float>();
+  at::parallel_for(0, (B + kWeightBlock - 1) / kWeightBlock, 1, [&](int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t b0 = blk * kWeightBlock;
+      weight_block_kernel(view, A, b0, std::min(kWeightBlock, B - b0), up + b0, u.stride(0), B);
+    }
+  });
+}
+
+// The tiles' rows of V (or M) from first_tile on: [16, tiles, C], contiguous.
+void check_tile_rows(const Tensor& t, const char* op, const char* name, const TileGrid& tg, int64_t first_tile,
+                     int64_t C) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == kTiles &&
+                  t.size(2) == C && t.is_contiguous(),
+              "fastunet.", op, ": ", name, " must be a contiguous float32 CPU tensor [16, tiles, ", C, "], got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(first_tile >= 0 && first_tile + t.size(1) <= tg.count(), "fastunet.", op, ": tiles ", first_tile, "..",
+              first_tile + t.size(1), " outside the ", tg.count(), " tiles of the image");
+}
+
+void winograd_input(const Tensor& x, int64_t first_tile, Tensor& v) {
+  check_float_4d(x, "x");
+  const TileGrid tg = tile_grid(x);
+  const int64_t C = x.size(1);
+  check_tile_rows(v, "winograd_input", "v", tg, first_tile, C);
+  if (v.numel() == 0) return;
+  const float* xp = x.const_data_ptr<float>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  float* vp = v.mutable_data_ptr<float>();
+  const int64_t v_stride = v.size(1) * C;
+  at::parallel_for(first_tile, first_tile + v.size(1), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> border;  // a border tile, zero outside the image: [4 rows][4 columns][C]
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t n, i, j;
+      tg.tile(t, &n, &i, &j);
+      const int64_t h0 = 2 * i - 1, w0 = 2 * j - 1;
+      float* vt = vp + (t - first_tile) * C;
+      if (h0 >= 0 && h0 + 3 < tg.H && w0 >= 0 && w0 + 3 < tg.W) {
+        const float* corner = xp + n * sn + h0 * sh + w0 * sw;
+        if (sc == 1) {
+          input_tile_kernel<1>(C, corner, sh, sw, 1, vt, v_stride);
+        } else {
+          input_tile_kernel<0>(C, corner, sh, sw, sc, vt, v_stride);
+        }
+        continue;
+      }
+      border.assign(16 * C, 0.0f);
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) {
+          const int64_t h = h0 + r, w = w0 + s;
+          if (h < 0 || h >= tg.H || w < 0 || w >= tg.W) continue;
+          const float* src = xp + n * sn + h * sh + w * sw;
+          for (int64_t c = 0; c < C; ++c) border[(4 * r + s) * C + c] = src[c * sc];
+        }
+      input_tile_kernel<1>(C, border.data(), 4 * C, C, 1, vt, v_stride);
+    }
+  });
+}
+
+void winograd_output(const Tensor& m, const c10::optional<Tensor>& bias, bool relu, int64_t first_tile, Tensor& out) {
+  check_float_4d(out, "out");
+  const TileGrid tg = tile_grid(out);
+  const int64_t C = out.size(1);
+  check_tile_rows(m, "winograd_output", "m", tg, first_tile, C);
+  Tensor b = at::zeros({C}, out.options());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                "fastunet.winograd_output: bias must be a float32 CPU vector of ", C, " values");
+    b.copy_(*bias);
+  }
+  if (out.numel() == 0) return;
+  const float* mp = m.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t sn = out.stride(0), sc = out.stride(1), sh = out.stride(2), sw = out.stride(3);
+  const int64_t m_stride = m.size(1) * C;
+  at::parallel_for(first_tile, first_tile + m.size(1), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> border;  // a border tile's outputs: [2 rows][2 columns][C]
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t n, i, j;
+      tg.tile(t, &n, &i, &j);
+      const int64_t h0 = 2 * i, w0 = 2 * j;
+      const float* mt = mp + (t - first_tile) * C;
+      float* corner = op + n * sn + h0 * sh + w0 * sw;
+      if (h0 + 1 < tg.H && w0 + 1 < tg.W) {
+        if (sc == 1) {
+          output_tile<1>(relu, C, mt, m_stride, bp, corner, sh, sw, 1);
+        } else {
+          output_tile<0>(relu, C, mt, m_stride, bp, corner, sh, sw, sc);
+        }
+        continue;
+      }
+      border.resize(4 * C);
+      output_tile<1>(relu, C, mt, m_stride, bp, border.data(), 2 * C, C, 1);
+      for (int a = 0; a < 2; ++a)
+        for (int s = 0; s < 2; ++s) {
+          if (h0 + a >= tg.H || w0 + s >= tg.W) continue;
+          for (int64_t c = 0; c < C; ++c) corner[a * sh + s * sw + c * sc] = border[(2 * a + s) * C + c];
+        }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastunet, m) {
+  m.def("winograd_weights(Tensor weight, Tensor? scale, bool transposed, Tensor(a!) u) -> ()");
+  m.def("winograd_input(Tensor x, int first_tile, Tensor(a!) v) -> ()");
+  m.def("winograd_output(Tensor m, Tensor? bias, bool relu, int first_tile, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
+  m.impl("winograd_weights", &winograd_weights);
+  m.impl("winograd_input", &winograd_input);
+  m.impl("winograd_output", &winograd_output);
+}
+
+}  // namespace fastunet

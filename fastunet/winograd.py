@@ -1,0 +1,227 @@
+"""Winograd F(2x2, 3x3): the CPU's float32 3x3 convolutions (stride 1, padding 1) with 16 multiplies per 2 x 2
+output tile and (input, output) channel pair instead of 36, for fast mode's wide layers.
+
+Three ops (``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified by the ``*_ref`` functions
+here, which serve other devices and dtypes) around one batched GEMM of ATen's:
+
+  * ``winograd_weights(weight [Cout, Cin, 3, 3], scale [Cout] or None, transposed, u [16, Cin, Cout])``:
+    ``G g G^T`` of each (optionally scaled) 3x3 kernel; ``transposed`` gives the input gradient's conv instead
+    (the kernel rotated by 180 degrees, input and output channels swapped: u is ``[16, Cout, Cin]``); u's rows
+    contiguous, its planes any distance apart;
+  * ``winograd_input(x [N, C, H, W], first_tile, v [16, tiles, C])``: ``B^T d B`` of the 4 x 4 input tiles
+    ``first_tile ...`` (zero padding) of the ``N * ceil(H/2) * ceil(W/2)`` (row-major over n, tile row, tile column);
+  * ``winograd_output(m [16, tiles, Cout], bias or None, relu, first_tile, out [N, Cout, H, W])``: ``A^T m A`` of
+    those tiles plus the bias, ReLU'd if asked (a NaN stays), written into ``out`` (any strides: a concat-buffer
+    slice works).
+
+``weights`` and ``conv3x3`` chain them, U and chunks of tiles' V and M in a per-thread workspace (fresh buffers of
+4x an activation, or of 16/9 the weights, cost more in page faults than the transforms themselves; the workspace
+is held for the thread's life, ``release_workspace`` frees it); ``pays`` says where that beats oneDNN's
+direct convolution (measured, see below). The transforms only add (and halve, exactly), so the float32 error stays
+at the direct convolution's or below: the GEMMs sum over Cin terms where a direct 3x3 conv sums over 9 Cin.
+"""
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext, ops
+
+__all__ = ["weights", "conv3x3", "conv3x3_input_grad", "pays", "release_workspace", "WINOGRAD_OPS"]
+
+_TILE = ((0, 0), (0, 1), (1, 0), (1, 1))  # the 2 x 2 outputs of a tile, row by row
+
+
+def _kernel_transform(g0, g1, g2):
+    """G applied to three rows (or columns) of a kernel: four."""
+    return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+
+
+def _input_transform(d0, d1, d2, d3):
+    """B^T applied to four rows (or columns) of a tile."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def winograd_weights_ref(weight, scale, transposed, u):
+    w = weight if scale is None else weight * scale.view(-1, 1, 1, 1)
+    if transposed:
+        w = w.transpose(0, 1).flip(2, 3)
+    g = w.permute(2, 3, 1, 0)  # [3, 3, Cin, Cout] of the transformed conv
+    rows = _kernel_transform(g[0], g[1], g[2])  # 4 x [3, Cin, Cout]
+    u.copy_(torch.stack([t for row in rows for t in _kernel_transform(row[0], row[1], row[2])]))
+
+
+def _tiles(x):
+    n, _, h, w = x.shape
+    return n * ((h + 1) // 2) * ((w + 1) // 2)
+
+
+def winograd_input_ref(x, first_tile, v):
+    n, c, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2))
+    d = [[padded[:, :, r:r + 2 * th:2, s:s + 2 * tw:2] for s in range(4)] for r in range(4)]
+    cols = [_input_transform(d[0][s], d[1][s], d[2][s], d[3][s]) for s in range(4)]  # cols[s][r]
+    rows = [t for r in range(4) for t in _input_transform(cols[0][r], cols[1][r], cols[2][r], cols[3][r])]
+    all_tiles = torch.stack([t.permute(0, 2, 3, 1).reshape(n * th * tw, c) for t in rows])
+    v.copy_(all_tiles[:, first_tile:first_tile + v.shape[1]])
+
+
+def winograd_output_ref(m, bias, relu, first_tile, out):
+    n, c, h, w = out.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    tiles = m.shape[1]
+    mk = m.view(4, 4, tiles, c)
+    s0 = [mk[0, s] + mk[1, s] + mk[2, s] for s in range(4)]
+    s1 = [mk[1, s] - mk[2, s] - mk[3, s] for s in range(4)]
+    b = bias if bias is not None else torch.zeros(c, dtype=m.dtype, device=m.device)
+    y = torch.stack([s0[0] + s0[1] + s0[2] + b, s0[1] - s0[2] - s0[3] + b,
+                     s1[0] + s1[1] + s1[2] + b, s1[1] - s1[2] - s1[3] + b])  # [4 (2a + b), tiles, C]
+    if relu:
+        y = torch.where(y < 0, torch.zeros((), dtype=y.dtype, device=y.device), y)
+    full = torch.full((4, n * th * tw, c), float("nan"), dtype=y.dtype, device=y.device)
+    full[:, first_tile:first_tile + tiles] = y
+    full = full.view(2, 2, n, th, tw, c).permute(2, 5, 3, 0, 4, 1).reshape(n, c, 2 * th, 2 * tw)[:, :, :h, :w]
+    written = torch.zeros(n * th * tw, dtype=torch.bool, device=y.device)
+    written[first_tile:first_tile + tiles] = True
+    mask = written.view(n, 1, th, 1, tw, 1).expand(n, 1, th, 2, tw, 2).reshape(n, 1, 2 * th, 2 * tw)[:, :, :h, :w]
+    out.copy_(torch.where(mask, full, out))
+
+
+def _check_weight(weight):
+    torch._check(weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
+                 lambda: f"winograd_weights: expected a [Cout, Cin, 3, 3] weight, got {tuple(weight.shape)}")
+
+
+def winograd_weights_fake(weight, scale, transposed, u):
+    _check_weight(weight)
+    a, b = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+    torch._check(tuple(u.shape) == (16, a, b), lambda: f"winograd_weights: u must be [16, {a}, {b}]")
+
+
+def _check_tile_rows(op, t, image, first_tile):
+    torch._check(t.dim() == 3 and t.shape[0] == 16 and t.shape[2] == image.shape[1],
+                 lambda: f"{op}: expected [16, tiles, {image.shape[1]}], got {tuple(t.shape)}")
+    torch._check(0 <= first_tile and first_tile + t.shape[1] <= _tiles(image),
+                 lambda: f"{op}: tiles {first_tile}..{first_tile + t.shape[1]} outside the image's {_tiles(image)}")
+
+
+def winograd_input_fake(x, first_tile, v):
+    torch._check(x.dim() == 4, lambda: f"winograd_input: expected [N, C, H, W], got {x.dim()}-D")
+    _check_tile_rows("winograd_input", v, x, first_tile)
+
+
+def winograd_output_fake(m, bias, relu, first_tile, out):
+    torch._check(out.dim() == 4, lambda: f"winograd_output: expected out [N, C, H, W], got {out.dim()}-D")
+    _check_tile_rows("winograd_output", m, out, first_tile)
+
+
+# name: (schema, reference, fake); the compiled library declares the same schemas (csrc/winograd.cpp).
+WINOGRAD_OPS = {
+    "winograd_weights": ("winograd_weights(Tensor weight, Tensor? scale, bool transposed, Tensor(a!) u) -> ()",
+                         winograd_weights_ref, winograd_weights_fake),
+    "winograd_input": ("winograd_input(Tensor x, int first_tile, Tensor(a!) v) -> ()", winograd_input_ref,
+                       winograd_input_fake),
+    "winograd_output": ("winograd_output(Tensor m, Tensor? bias, bool relu, int first_tile, Tensor(a!) out) -> ()",
+                        winograd_output_ref, winograd_output_fake),
+}
+
+
+_LIBRARY = torch.library.Library("fastunet", "FRAGMENT")
+
+
+def _register():
+    for name, (schema, reference, fake) in WINOGRAD_OPS.items():
+        if not _ext.available():
+            _LIBRARY.define(schema)
+        torch.library.register_fake(f"fastunet::{name}", fake, lib=_LIBRARY)
+        _LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
+        if ops.backend_for("cpu") == "reference" and _ext.available():
+            _LIBRARY.impl(name, reference, "CPU")
+
+
+_register()
+
+
+# Floats of V plus M per chunk of tiles: 32 MiB of workspace per thread.
+WORKSPACE_FLOATS = 1 << 23
+_workspace = threading.local()
+
+
+def _workspace_buffer(device, name, floats):
+    """This thread's float32 workspace ``name`` on ``device``, grown to at least ``floats`` elements."""
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (torch.device(device), name)
+    if key not in buffers or buffers[key].numel() < floats:
+        buffers.pop(key, None)
+        buffers[key] = torch.empty(floats, device=device)
+    return buffers[key][:floats]
+
+
+def release_workspace():
+    """Frees this thread's Winograd workspace (transformed weights, tile chunks); the next conv makes it anew."""
+    _workspace.__dict__.pop("buffers", None)
+
+
+def weights(weight, scale=None, transposed=False):
+    """U ``[16, Cin, Cout]`` (``[16, Cout, Cin]`` if ``transposed``) of a float32 ``[Cout, Cin, 3, 3]`` weight,
+    each output channel's kernel multiplied by ``scale`` (``[Cout]``) if given, for ``conv3x3``; held in this
+    thread's workspace until the next call."""
+    cout, cin = weight.shape[:2]
+    a, b = (cout, cin) if transposed else (cin, cout)
+    # The 16 planes a cache line more than a power of two apart (a * b is one here): not all in the same cache sets.
+    plane = a * b + 16
+    u = _workspace_buffer(weight.device, "u", 16 * plane).as_strided((16, a, b), (plane, b, 1))
+    torch.ops.fastunet.winograd_weights(weight, scale, transposed, u)
+    return u
+
+
+def conv3x3(x, u, bias=None, relu=False, out=None):
+    """``conv2d(x, weight, bias, padding=1)``, ReLU'd if ``relu``, by Winograd F(2x2, 3x3).
+
+    x: ``[N, Cin, H, W]`` float32, any layout; u: ``weights(weight)``, ``[16, Cin, Cout]``; bias: ``[Cout]`` or
+    None; out: where to write ``[N, Cout, H, W]`` (any strides), else a new tensor in x's layout. Returns out.
+    """
+    n, cin, h, w = x.shape
+    cout = u.shape[2]
+    if out is None:
+        out = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
+    workspace = _workspace_buffer(x.device, "tiles", WORKSPACE_FLOATS)
+    tiles = _tiles(x)
+    chunks = -(-tiles // max(1, WORKSPACE_FLOATS // (16 * (cin + cout))))
+    # An odd number of tiles per chunk: the 16 planes of V and M are then not a power of two apart, which would
+    # put all 16 in the same cache sets.
+    chunk = -(-tiles // chunks)
+    chunk -= 1 - chunk % 2 if chunk > 1 else 0
+    for first in range(0, tiles, chunk):
+        count = min(chunk, tiles - first)
+        v = workspace[:16 * count * cin].view(16, count, cin)
+        m = workspace[16 * count * cin:16 * count * (cin + cout)].view(16, count, cout)
+        torch.ops.fastunet.winograd_input(x, first, v)
+        torch.bmm(v, u, out=m)
+        torch.ops.fastunet.winograd_output(m, bias, relu, first, out)
+    return out
+
+
+def conv3x3_input_grad(grad, weight):
+    """The gradient of ``conv2d(x, weight, padding=1)`` with respect to x, from the output's gradient ``grad``
+    ``[N, Cout, H, W]`` (float32): a Winograd conv of grad with the rotated, transposed kernel. In grad's layout."""
+    return conv3x3(grad, weights(weight, transposed=True))
+
+
+def pays(x, cin, cout):
+    """Whether fast mode's float32 CPU 3x3 conv of ``cin`` to ``cout`` channels over x ``[N, Cin, H, W]`` runs as
+    Winograd: where it measured faster than oneDNN's direct convolution on a 2-core AVX2 EPYC (benchmarks/RESULTS.md)
+    with its weights transformed at every call: from MIN_CHANNELS channels on both sides (below, the transforms'
+    passes over 4x the activations cost more than the multiplies saved), up to MAX_CHANNELS (above, transforming
+    the weights costs more), and from MIN_PIXELS pixels per batch."""
+    n, _, h, w = x.shape
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and MIN_CHANNELS <= min(cin, cout)
+            and max(cin, cout) <= MAX_CHANNELS and n * h * w >= MIN_PIXELS and not torch.compiler.is_compiling()
+            and ops.backend_for(x.device) == "compiled")
+
+
+MIN_CHANNELS = 256
+MAX_CHANNELS = 1024
+MIN_PIXELS = 1024

@@ -1,0 +1,160 @@
+"""Winograd F(2x2, 3x3) on the CPU (fastunet.winograd): the compiled ops give their references' bits (layouts, odd
+sizes, chunks of tiles, unwritten elements poisoned), the references are the convolution and its input gradient
+(float64), bad arguments get errors naming them, and fast-mode CPU inference through them stays within 2x of the
+seed's error against float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import relative_error
+from test_cpu_inference import trained_state_models
+
+from fastunet import ops, winograd
+
+pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "compiled", reason="needs the compiled CPU ops")
+
+
+def laid_out(x, layout):
+    """x in NCHW, channels_last, or as a channel slice of a wider channels_last tensor (neither stride 1 nor
+    dense)."""
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    wide = torch.randn(n, c + 5, h, w).contiguous(memory_format=torch.channels_last)
+    wide[:, 2:2 + c] = x
+    return wide[:, 2:2 + c]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weights_are_the_reference_bits(transposed, scaled, layout):
+    weight = laid_out(torch.randn(37, 21, 3, 3), layout)  # 37: blocks of 16 output columns and a partial one
+    scale = torch.rand(37) + 0.5 if scaled else None
+    u = winograd.weights(weight, scale, transposed)
+    want = torch.full(u.shape, float("nan"))
+    winograd.winograd_weights_ref(weight, scale, transposed, want)
+    assert u.shape == ((16, 37, 21) if transposed else (16, 21, 37))
+    assert torch.equal(u, want)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice"])
+@pytest.mark.parametrize("shape", [(2, 19, 12, 10), (1, 8, 7, 9), (3, 5, 2, 3)])
+def test_input_and_output_transforms_are_the_reference_bits(layout, shape):
+    x = laid_out(torch.randn(shape), layout)
+    tiles = winograd._tiles(x)
+    first, count = 1, tiles - 2  # an inner range: the tiles before and after must stay unwritten
+    v = torch.full((16, count, shape[1]), float("nan"))
+    want = v.clone()
+    torch.ops.fastunet.winograd_input(x, first, v)
+    winograd.winograd_input_ref(x, first, want)
+    assert torch.equal(v, want)
+    cout = 13
+    m = torch.randn(16, count, cout)
+    m[0, 0, 4] = float("nan")  # reaches output (0, 0) of the range's first tile, inside every image
+    bias = torch.randn(cout)
+    for relu, b in ((True, bias), (False, None)):
+        out = laid_out(torch.full((shape[0], cout, shape[2], shape[3]), 1e30), layout)
+        expected = out.clone()
+        torch.ops.fastunet.winograd_output(m, b, relu, first, out)
+        winograd.winograd_output_ref(m, b, relu, first, expected)
+        assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+        assert (out == 1e30).any()  # the pixels of the tiles outside the range kept their poison
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 9, 7), (1, 4, 8, 8), (1, 3, 1, 5)])
+def test_references_are_the_convolution_and_its_input_gradient(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    weight, bias, scale = torch.randn(5, shape[1], 3, 3, dtype=torch.float64), torch.randn(5), torch.rand(5) + 0.5
+    bias, scale = bias.double(), scale.double()
+    tiles, n, _, h, w = winograd._tiles(x), *shape
+    u = torch.empty(16, shape[1], 5, dtype=torch.float64)
+    winograd.winograd_weights_ref(weight, scale, False, u)
+    v = torch.empty(16, tiles, shape[1], dtype=torch.float64)
+    winograd.winograd_input_ref(x, 0, v)
+    out = torch.empty(n, 5, h, w, dtype=torch.float64)
+    winograd.winograd_output_ref(torch.bmm(v, u), bias, True, 0, out)
+    want = F.conv2d(x, weight * scale.view(-1, 1, 1, 1), bias, padding=1).relu()
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+    grad = torch.randn(n, 5, h, w, dtype=torch.float64)
+    x.requires_grad_()
+    F.conv2d(x, weight, padding=1).backward(grad)
+    ut = torch.empty(16, 5, shape[1], dtype=torch.float64)
+    winograd.winograd_weights_ref(weight, None, True, ut)
+    vg = torch.empty(16, tiles, 5, dtype=torch.float64)
+    winograd.winograd_input_ref(grad, 0, vg)
+    dx = torch.empty(shape, dtype=torch.float64)
+    winograd.winograd_output_ref(torch.bmm(vg, ut), None, False, 0, dx)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_chunks_of_tiles_give_the_result_of_one_chunk(monkeypatch):
+    x = torch.randn(2, 24, 14, 18).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(40, 24, 3, 3), torch.randn(40)
+    whole = winograd.conv3x3(x, winograd.weights(weight), bias, True)
+    monkeypatch.setattr(winograd, "WORKSPACE_FLOATS", 16 * 64 * 7)  # 7 tiles per chunk, 18 chunks
+    winograd.release_workspace()
+    chunked = winograd.conv3x3(x, winograd.weights(weight), bias, True)
+    winograd.release_workspace()
+    assert whole.is_contiguous(memory_format=torch.channels_last)
+    # Not bit for bit: the GEMM library may sum in another order for another number of rows.
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
+    assert relative_error(whole, want) <= 2 * relative_error(F.conv2d(x, weight, bias, padding=1).relu(), want)
+
+
+def test_bad_arguments_get_errors_naming_them():
+    x, weight = torch.randn(1, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="3x3 kernel"):
+        winograd.weights(torch.randn(5, 4, 2, 2))
+    with pytest.raises(RuntimeError, match="float32"):
+        winograd.conv3x3(x.double(), winograd.weights(weight))
+    with pytest.raises(RuntimeError, match="scale must be a float32 CPU vector of 5"):
+        winograd.weights(weight, torch.ones(4))
+    with pytest.raises(RuntimeError, match="outside the 9 tiles"):
+        torch.ops.fastunet.winograd_input(x, 5, torch.empty(16, 6, 4))
+    with pytest.raises(RuntimeError, match=r"m must be a contiguous float32 CPU tensor \[16, tiles, 5\]"):
+        torch.ops.fastunet.winograd_output(torch.empty(16, 9, 4), None, False, 0, torch.empty(1, 5, 6, 6))
+
+
+@pytest.mark.parametrize("op", ["weights", "input", "output"])
+def test_opcheck(op):
+    x, weight = torch.randn(2, 6, 5, 4), torch.randn(3, 6, 3, 3)
+    tiles = winograd._tiles(x)
+    args = {
+        "weights": (weight, torch.rand(3), False, torch.empty(16, 6, 3)),
+        "input": (x, 1, torch.empty(16, tiles - 1, 6)),
+        "output": (torch.randn(16, tiles - 2, 3), torch.randn(3), True, 2, torch.randn(2, 3, 5, 4)),
+    }[op]
+    torch.library.opcheck(getattr(torch.ops.fastunet, f"winograd_{op}"), args)
+
+
+def force_winograd(monkeypatch):
+    """Winograd for every fast-mode CPU inference 3x3 conv above the GEMM path's pixels."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MAX_CHANNELS", 1 << 20)
+    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
+    force_winograd(monkeypatch)
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *args: calls.append(x.shape) or conv3x3(x, *args))
+    torch.manual_seed(seed)
+    ref, fast, ref64 = trained_state_models()
+    for model in (ref, fast):
+        model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 64, 48).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        out, want, exact = fast(x), ref(x), ref64(x.double())
+    # The 3x3 convs above 256 pixels per batch (levels 1-3: four in each block level, two up-convs), not Up2's
+    # sub-pixel one (2 x 32 x 24 low-resolution pixels in); the others are GEMMs.
+    assert len(calls) == 14
+    assert out.stride() == want.stride()
+    assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
