@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu_lines.h"
@@ -218,42 +219,89 @@ void check_tile_rows(const Tensor& t, const char* op, const char* name, const Ti
               first_tile + t.size(1), " outside the ", tg.count(), " tiles of the image");
 }
 
+// V of tiles [t0, t1) of x, tile t at v + (t - first_tile) * C, planes v_stride apart.
+void input_tiles(const Tensor& x, const TileGrid& tg, int64_t t0, int64_t t1, int64_t first_tile, float* v,
+                 int64_t v_stride, std::vector<float>& border) {
+  const int64_t C = x.size(1);
+  const float* xp = x.const_data_ptr<float>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t n, i, j;
+    tg.tile(t, &n, &i, &j);
+    const int64_t h0 = 2 * i - 1, w0 = 2 * j - 1;
+    float* vt = v + (t - first_tile) * C;
+    if (h0 >= 0 && h0 + 3 < tg.H && w0 >= 0 && w0 + 3 < tg.W) {
+      const float* corner = xp + n * sn + h0 * sh + w0 * sw;
+      if (sc == 1) {
+        input_tile_kernel<1>(C, corner, sh, sw, 1, vt, v_stride);
+      } else {
+        input_tile_kernel<0>(C, corner, sh, sw, sc, vt, v_stride);
+      }
+      continue;
+    }
+    border.assign(16 * C, 0.0f);  // a border tile, zero outside the image: [4 rows][4 columns][C]
+    for (int r = 0; r < 4; ++r)
+      for (int s = 0; s < 4; ++s) {
+        const int64_t h = h0 + r, w = w0 + s;
+        if (h < 0 || h >= tg.H || w < 0 || w >= tg.W) continue;
+        const float* src = xp + n * sn + h * sh + w * sw;
+        for (int64_t c = 0; c < C; ++c) border[(4 * r + s) * C + c] = src[c * sc];
+      }
+    input_tile_kernel<1>(C, border.data(), 4 * C, C, 1, vt, v_stride);
+  }
+}
+
+// The outputs of tiles [t0, t1) into out from their products, tile t at m + (t - first_tile) * C, planes m_stride
+// apart.
+void output_tiles(const float* m, int64_t m_stride, const float* bias, bool relu, const TileGrid& tg, int64_t t0,
+                  int64_t t1, int64_t first_tile, Tensor& out, std::vector<float>& border) {
+  const int64_t C = out.size(1);
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t sn = out.stride(0), sc = out.stride(1), sh = out.stride(2), sw = out.stride(3);
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t n, i, j;
+    tg.tile(t, &n, &i, &j);
+    const int64_t h0 = 2 * i, w0 = 2 * j;
+    const float* mt = m + (t - first_tile) * C;
+    float* corner = op + n * sn + h0 * sh + w0 * sw;
+    if (h0 + 1 < tg.H && w0 + 1 < tg.W) {
+      if (sc == 1) {
+        output_tile<1>(relu, C, mt, m_stride, bias, corner, sh, sw, 1);
+      } else {
+        output_tile<0>(relu, C, mt, m_stride, bias, corner, sh, sw, sc);
+      }
+      continue;
+    }
+    border.resize(4 * C);  // a border tile's outputs: [2 rows][2 columns][C]
+    output_tile<1>(relu, C, mt, m_stride, bias, border.data(), 2 * C, C, 1);
+    for (int a = 0; a < 2; ++a)
+      for (int s = 0; s < 2; ++s) {
+        if (h0 + a >= tg.H || w0 + s >= tg.W) continue;
+        for (int64_t c = 0; c < C; ++c) corner[a * sh + s * sw + c * sc] = border[(2 * a + s) * C + c];
+      }
+  }
+}
+
+// The bias as a contiguous float32 vector of C values (zeros without one).
+Tensor bias_vector(const c10::optional<Tensor>& bias, int64_t C, const char* op) {
+  Tensor b = at::zeros({C}, at::TensorOptions().dtype(at::kFloat));
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                "fastunet.", op, ": bias must be a float32 CPU vector of ", C, " values");
+    b.copy_(*bias);
+  }
+  return b;
+}
+
 void winograd_input(const Tensor& x, int64_t first_tile, Tensor& v) {
   check_float_4d(x, "x");
   const TileGrid tg = tile_grid(x);
-  const int64_t C = x.size(1);
-  check_tile_rows(v, "winograd_input", "v", tg, first_tile, C);
+  check_tile_rows(v, "winograd_input", "v", tg, first_tile, x.size(1));
   if (v.numel() == 0) return;
-  const float* xp = x.const_data_ptr<float>();
-  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   float* vp = v.mutable_data_ptr<float>();
-  const int64_t v_stride = v.size(1) * C;
   at::parallel_for(first_tile, first_tile + v.size(1), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> border;  // a border tile, zero outside the image: [4 rows][4 columns][C]
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t n, i, j;
-      tg.tile(t, &n, &i, &j);
-      const int64_t h0 = 2 * i - 1, w0 = 2 * j - 1;
-      float* vt = vp + (t - first_tile) * C;
-      if (h0 >= 0 && h0 + 3 < tg.H && w0 >= 0 && w0 + 3 < tg.W) {
-        const float* corner = xp + n * sn + h0 * sh + w0 * sw;
-        if (sc == 1) {
-          input_tile_kernel<1>(C, corner, sh, sw, 1, vt, v_stride);
-        } else {
-          input_tile_kernel<0>(C, corner, sh, sw, sc, vt, v_stride);
-        }
-        continue;
-      }
-      border.assign(16 * C, 0.0f);
-      for (int r = 0; r < 4; ++r)
-        for (int s = 0; s < 4; ++s) {
-          const int64_t h = h0 + r, w = w0 + s;
-          if (h < 0 || h >= tg.H || w < 0 || w >= tg.W) continue;
-          const float* src = xp + n * sn + h * sh + w * sw;
-          for (int64_t c = 0; c < C; ++c) border[(4 * r + s) * C + c] = src[c * sc];
-        }
-      input_tile_kernel<1>(C, border.data(), 4 * C, C, 1, vt, v_stride);
-    }
+    std::vector<float> border;
+    input_tiles(x, tg, t0, t1, first_tile, vp, v.size(1) * x.size(1), border);
   });
 }
 
@@ -262,41 +310,66 @@ void winograd_output(const Tensor& m, const c10::optional<Tensor>& bias, bool re
   const TileGrid tg = tile_grid(out);
   const int64_t C = out.size(1);
   check_tile_rows(m, "winograd_output", "m", tg, first_tile, C);
-  Tensor b = at::zeros({C}, out.options());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
-                "fastunet.winograd_output: bias must be a float32 CPU vector of ", C, " values");
-    b.copy_(*bias);
-  }
+  const Tensor b = bias_vector(bias, C, "winograd_output");
   if (out.numel() == 0) return;
-  const float* mp = m.const_data_ptr<float>();
-  const float* bp = b.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t sn = out.stride(0), sc = out.stride(1), sh = out.stride(2), sw = out.stride(3);
-  const int64_t m_stride = m.size(1) * C;
   at::parallel_for(first_tile, first_tile + m.size(1), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> border;  // a border tile's outputs: [2 rows][2 columns][C]
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t n, i, j;
-      tg.tile(t, &n, &i, &j);
-      const int64_t h0 = 2 * i, w0 = 2 * j;
-      const float* mt = mp + (t - first_tile) * C;
-      float* corner = op + n * sn + h0 * sh + w0 * sw;
-      if (h0 + 1 < tg.H && w0 + 1 < tg.W) {
-        if (sc == 1) {
-          output_tile<1>(relu, C, mt, m_stride, bp, corner, sh, sw, 1);
-        } else {
-          output_tile<0>(relu, C, mt, m_stride, bp, corner, sh, sw, sc);
-        }
-        continue;
-      }
-      border.resize(4 * C);
-      output_tile<1>(relu, C, mt, m_stride, bp, border.data(), 2 * C, C, 1);
-      for (int a = 0; a < 2; ++a)
-        for (int s = 0; s < 2; ++s) {
-          if (h0 + a >= tg.H || w0 + s >= tg.W) continue;
-          for (int64_t c = 0; c < C; ++c) corner[a * sh + s * sw + c * sc] = border[(2 * a + s) * C + c];
-        }
+    std::vector<float> border;
+    output_tiles(m.const_data_ptr<float>(), m.size(1) * C, b.const_data_ptr<float>(), relu, tg, t0, t1, first_tile, out,
+                 border);
+  });
+}
+
+// The whole conv, chunk by chunk of `chunk_tiles` tiles, the chunks in parallel: each thread transforms its chunk's
+// tiles into its own V, multiplies by U (ATen's bmm, on the thread alone inside the parallel region) and transforms
+// the products into out; V and M stay in the thread's cache for chunks of a few hundred kilobytes. A single chunk
+// (all tiles) runs each step on all threads instead: wide layers, where U outweighs the tiles, read U once so.
+void winograd_conv3x3(const Tensor& x, const Tensor& u, const c10::optional<Tensor>& bias, bool relu,
+                      int64_t chunk_tiles, Tensor& out) {
+  check_float_4d(x, "x");
+  check_float_4d(out, "out");
+  const int64_t cin = x.size(1), cout = out.size(1);
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 3 && u.size(0) == kTiles &&
+                  u.size(1) == cin && u.size(2) == cout,
+              "fastunet.winograd_conv3x3: u must be float32 [16, ", cin, ", ", cout, "] on the CPU, got ",
+              u.scalar_type(), " ", u.sizes());
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(2) == x.size(2) && out.size(3) == x.size(3),
+              "fastunet.winograd_conv3x3: out ", out.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(chunk_tiles > 0, "fastunet.winograd_conv3x3: chunk_tiles must be positive, got ", chunk_tiles);
+  const TileGrid tg = tile_grid(x);
+  const Tensor b = bias_vector(bias, cout, "winograd_conv3x3");
+  if (out.numel() == 0) return;
+  const int64_t chunks = (tg.count() + chunk_tiles - 1) / chunk_tiles;
+  // A thread's V and M, kept from call to call (fresh buffers would cost page faults at every call).
+  thread_local std::vector<float> v_buffer, m_buffer;
+  const auto buffers = [&](int64_t count) {
+    v_buffer.resize(std::max<size_t>(v_buffer.size(), kTiles * count * cin));
+    m_buffer.resize(std::max<size_t>(m_buffer.size(), kTiles * count * cout));
+    return std::make_pair(at::from_blob(v_buffer.data(), {kTiles, count, cin}, x.options()),
+                          at::from_blob(m_buffer.data(), {kTiles, count, cout}, x.options()));
+  };
+  if (chunks == 1) {  // one chunk: every thread on each transform and on the GEMM
+    auto [v, m] = buffers(tg.count());
+    at::parallel_for(0, tg.count(), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> border;
+      input_tiles(x, tg, t0, t1, 0, v.mutable_data_ptr<float>(), tg.count() * cin, border);
+    });
+    at::bmm_out(m, v, u);
+    at::parallel_for(0, tg.count(), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> border;
+      output_tiles(m.const_data_ptr<float>(), tg.count() * cout, b.const_data_ptr<float>(), relu, tg, t0, t1, 0, out,
+                   border);
+    });
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> border;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t first = chunk * chunk_tiles, count = std::min(chunk_tiles, tg.count() - first);
+      auto [v, m] = buffers(count);
+      input_tiles(x, tg, first, first + count, first, v.mutable_data_ptr<float>(), count * cin, border);
+      at::bmm_out(m, v, u);
+      output_tiles(m.const_data_ptr<float>(), count * cout, b.const_data_ptr<float>(), relu, tg, first, first + count,
+                   first, out, border);
     }
   });
 }
@@ -307,12 +380,14 @@ TORCH_LIBRARY_FRAGMENT(fastunet, m) {
   m.def("winograd_weights(Tensor weight, Tensor? scale, bool transposed, Tensor(a!) u) -> ()");
   m.def("winograd_input(Tensor x, int first_tile, Tensor(a!) v) -> ()");
   m.def("winograd_output(Tensor m, Tensor? bias, bool relu, int first_tile, Tensor(a!) out) -> ()");
+  m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool relu, int chunk_tiles, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("winograd_weights", &winograd_weights);
   m.impl("winograd_input", &winograd_input);
   m.impl("winograd_output", &winograd_output);
+  m.impl("winograd_conv3x3", &winograd_conv3x3);
 }
 
 }  // namespace fastunet

@@ -182,9 +182,18 @@ def _gemm_train_conv(x, w):
             and x.shape[2] * x.shape[3] <= _GEMM_TRAIN_MAX_PIXELS and not torch.compiler.is_compiling())
 
 
+def _winograd_train_conv(x, w):
+    """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and input
+    gradient (fastunet.winograd.pays; eager only, as its GEMM chunks are)."""
+    return w.shape[2] == 3 and w.dtype == torch.float32 and winograd.pays(x, w.shape[1], w.shape[0])
+
+
 def _fast_conv(x, w):
-    """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: ATen's, or
-    for few pixels (_gemm_train_conv) im2col and one GEMM per image; the output in x's layout."""
+    """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
+    pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
+    ATen's; the output in x's layout."""
+    if _winograd_train_conv(x, w) and not _gemm_train_conv(x, w):
+        return winograd.conv3x3(x, winograd.weights(w))
     if not _gemm_train_conv(x, w):
         return _conv(x, w, None)
     n, _, h, width = x.shape
@@ -195,7 +204,16 @@ def _fast_conv(x, w):
 
 def _fast_conv_backward(dz, x, w, output_mask):
     """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
-    pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch)."""
+    pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
+    _fast_conv runs Winograd, dx by Winograd and dw by ATen."""
+    if _winograd_train_conv(x, w) and not _gemm_train_conv(x, w):
+        dx = None
+        if output_mask[0]:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
+            winograd.conv3x3_input_grad(dz, w, dx)
+        if not output_mask[1]:
+            return dx, None
+        return dx, _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [False, True, False])[1]
     if not _gemm_train_conv(x, w):
         return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
     n, cin, h, width = x.shape
@@ -623,11 +641,11 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
 def _conv_bn_relu_inference(x, conv, bn, exact):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
     up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; above, where fastunet.winograd.pays,
-    _winograd_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs less than the BN and
-    ReLU passes over the output it saves (two per output value: where the pixels outnumber 4.5 x the input
-    channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x
-    the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW
-    runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference)."""
+    _winograd_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
+    less than the BN and ReLU passes over the output it saves (two per output value: where the pixels outnumber
+    4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs
+    measured 2.1-2.5x the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's
+    2x rule: NCHW runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference)."""
     if exact:
         return _unfolded_conv_bn_relu(x, conv, bn)
     n, cin, h, w = x.shape

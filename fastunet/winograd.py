@@ -1,8 +1,8 @@
 """Winograd F(2x2, 3x3): the CPU's float32 3x3 convolutions (stride 1, padding 1) with 16 multiplies per 2 x 2
 output tile and (input, output) channel pair instead of 36, for fast mode's wide layers.
 
-Three ops (``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified by the ``*_ref`` functions
-here, which serve other devices and dtypes) around one batched GEMM of ATen's:
+Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified by the ``*_ref`` functions here
+(which serve other devices and dtypes):
 
   * ``winograd_weights(weight [Cout, Cin, 3, 3], scale [Cout] or None, transposed, u [16, Cin, Cout])``:
     ``G g G^T`` of each (optionally scaled) 3x3 kernel; ``transposed`` gives the input gradient's conv instead
@@ -12,13 +12,16 @@ here, which serve other devices and dtypes) around one batched GEMM of ATen's:
     ``first_tile ...`` (zero padding) of the ``N * ceil(H/2) * ceil(W/2)`` (row-major over n, tile row, tile column);
   * ``winograd_output(m [16, tiles, Cout], bias or None, relu, first_tile, out [N, Cout, H, W])``: ``A^T m A`` of
     those tiles plus the bias, ReLU'd if asked (a NaN stays), written into ``out`` (any strides: a concat-buffer
-    slice works).
+    slice works);
+  * ``winograd_conv3x3(x, u, bias or None, relu, chunk_tiles, out)``: the whole conv, chunks of ``chunk_tiles``
+    tiles in parallel, each thread running the two transforms above around ATen's batched GEMM ``V @ U`` on its
+    own chunk, V and M in its cache.
 
-``weights`` and ``conv3x3`` chain them, U and chunks of tiles' V and M in a per-thread workspace (fresh buffers of
-4x an activation, or of 16/9 the weights, cost more in page faults than the transforms themselves; the workspace
-is held for the thread's life, ``release_workspace`` frees it); ``pays`` says where that beats oneDNN's
-direct convolution (measured, see below). The transforms only add (and halve, exactly), so the float32 error stays
-at the direct convolution's or below: the GEMMs sum over Cin terms where a direct 3x3 conv sums over 9 Cin.
+``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
+transform itself; ``release_workspace`` frees it) and ``conv3x3`` are the Python entry points; ``pays`` says where
+Winograd beats oneDNN's direct convolution (measured, see below). The transforms only add (and halve, exactly), so
+the float32 error stays at the direct convolution's or below: the GEMMs sum over Cin terms where a direct 3x3 conv
+sums over 9 Cin.
 """
 
 import threading
@@ -89,6 +92,13 @@ def winograd_output_ref(m, bias, relu, first_tile, out):
     out.copy_(torch.where(mask, full, out))
 
 
+def winograd_conv3x3_ref(x, u, bias, relu, chunk_tiles, out):
+    tiles, cin = _tiles(x), x.shape[1]
+    v = torch.empty(16, tiles, cin, dtype=x.dtype, device=x.device)
+    winograd_input_ref(x, 0, v)
+    winograd_output_ref(torch.bmm(v, u), bias, relu, 0, out)
+
+
 def _check_weight(weight):
     torch._check(weight.dim() == 4 and weight.shape[2] == 3 and weight.shape[3] == 3,
                  lambda: f"winograd_weights: expected a [Cout, Cin, 3, 3] weight, got {tuple(weight.shape)}")
@@ -117,6 +127,13 @@ def winograd_output_fake(m, bias, relu, first_tile, out):
     _check_tile_rows("winograd_output", m, out, first_tile)
 
 
+def winograd_conv3x3_fake(x, u, bias, relu, chunk_tiles, out):
+    torch._check(x.dim() == 4 and out.dim() == 4, lambda: "winograd_conv3x3: x and out must be [N, C, H, W]")
+    torch._check(tuple(u.shape) == (16, x.shape[1], out.shape[1]),
+                 lambda: f"winograd_conv3x3: u must be [16, {x.shape[1]}, {out.shape[1]}], got {tuple(u.shape)}")
+    torch._check(chunk_tiles > 0, lambda: "winograd_conv3x3: chunk_tiles must be positive")
+
+
 # name: (schema, reference, fake); the compiled library declares the same schemas (csrc/winograd.cpp).
 WINOGRAD_OPS = {
     "winograd_weights": ("winograd_weights(Tensor weight, Tensor? scale, bool transposed, Tensor(a!) u) -> ()",
@@ -125,6 +142,8 @@ WINOGRAD_OPS = {
                        winograd_input_fake),
     "winograd_output": ("winograd_output(Tensor m, Tensor? bias, bool relu, int first_tile, Tensor(a!) out) -> ()",
                         winograd_output_ref, winograd_output_fake),
+    "winograd_conv3x3": ("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool relu, int chunk_tiles, "
+                         "Tensor(a!) out) -> ()", winograd_conv3x3_ref, winograd_conv3x3_fake),
 }
 
 
@@ -144,8 +163,6 @@ def _register():
 _register()
 
 
-# Floats of V plus M per chunk of tiles: 32 MiB of workspace per thread.
-WORKSPACE_FLOATS = 1 << 23
 _workspace = threading.local()
 
 
@@ -160,7 +177,7 @@ def _workspace_buffer(device, name, floats):
 
 
 def release_workspace():
-    """Frees this thread's Winograd workspace (transformed weights, tile chunks); the next conv makes it anew."""
+    """Frees this thread's transformed weights (``weights``); the next conv makes them anew."""
     _workspace.__dict__.pop("buffers", None)
 
 
@@ -187,41 +204,51 @@ def conv3x3(x, u, bias=None, relu=False, out=None):
     cout = u.shape[2]
     if out is None:
         out = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
-    workspace = _workspace_buffer(x.device, "tiles", WORKSPACE_FLOATS)
-    tiles = _tiles(x)
-    chunks = -(-tiles // max(1, WORKSPACE_FLOATS // (16 * (cin + cout))))
-    # An odd number of tiles per chunk: the 16 planes of V and M are then not a power of two apart, which would
-    # put all 16 in the same cache sets.
-    chunk = -(-tiles // chunks)
-    chunk -= 1 - chunk % 2 if chunk > 1 else 0
-    for first in range(0, tiles, chunk):
-        count = min(chunk, tiles - first)
-        v = workspace[:16 * count * cin].view(16, count, cin)
-        m = workspace[16 * count * cin:16 * count * (cin + cout)].view(16, count, cout)
-        torch.ops.fastunet.winograd_input(x, first, v)
-        torch.bmm(v, u, out=m)
-        torch.ops.fastunet.winograd_output(m, bias, relu, first, out)
+    torch.ops.fastunet.winograd_conv3x3(x, u, bias, relu, chunk_tiles(_tiles(x), cin, cout), out)
     return out
 
 
-def conv3x3_input_grad(grad, weight):
+# Chunks of winograd_conv3x3 (measured on a 2-core AVX2 EPYC, benchmarks/RESULTS.md). Below WIDE_CHANNELS, chunks
+# of about CHUNK_FLOATS floats of V and M (a core's cache), at least MIN_CHUNK_TILES tiles (each chunk reads all of
+# U), one thread each; from WIDE_CHANNELS on both sides, where U outweighs the tiles, one chunk of all the tiles
+# (every thread on each step, U read once) up to WIDE_CHUNK_FLOATS.
+CHUNK_FLOATS = 1 << 18
+MIN_CHUNK_TILES = 63
+WIDE_CHANNELS = 256
+WIDE_CHUNK_FLOATS = 1 << 23
+
+
+def chunk_tiles(tiles, cin, cout):
+    """Tiles per chunk of winograd_conv3x3 for ``tiles`` tiles of ``cin`` to ``cout`` channels (see CHUNK_FLOATS):
+    odd where there are several, so that the 16 planes of V and M are not a power of two apart, which would put
+    them all in the same cache sets."""
+    per_tile = 16 * (cin + cout)
+    if min(cin, cout) >= WIDE_CHANNELS:
+        chunk = min(tiles, max(1, WIDE_CHUNK_FLOATS // per_tile))
+    else:
+        chunk = min(max(MIN_CHUNK_TILES, CHUNK_FLOATS // per_tile), -(-tiles // torch.get_num_threads()))
+    return chunk if chunk == tiles or chunk % 2 else max(1, chunk - 1)
+
+
+def conv3x3_input_grad(grad, weight, out=None):
     """The gradient of ``conv2d(x, weight, padding=1)`` with respect to x, from the output's gradient ``grad``
-    ``[N, Cout, H, W]`` (float32): a Winograd conv of grad with the rotated, transposed kernel. In grad's layout."""
-    return conv3x3(grad, weights(weight, transposed=True))
+    ``[N, Cout, H, W]`` (float32): a Winograd conv of grad with the rotated, transposed kernel; written into ``out``
+    if given, else a new tensor in grad's layout. Returns it."""
+    return conv3x3(grad, weights(weight, transposed=True), out=out)
 
 
 def pays(x, cin, cout):
     """Whether fast mode's float32 CPU 3x3 conv of ``cin`` to ``cout`` channels over x ``[N, Cin, H, W]`` runs as
     Winograd: where it measured faster than oneDNN's direct convolution on a 2-core AVX2 EPYC (benchmarks/RESULTS.md)
-    with its weights transformed at every call: from MIN_CHANNELS channels on both sides (below, the transforms'
-    passes over 4x the activations cost more than the multiplies saved), up to MAX_CHANNELS (above, transforming
-    the weights costs more), and from MIN_PIXELS pixels per batch."""
+    with its weights transformed at every call: from MIN_CHANNELS channels on both sides (the first layer's 3 input
+    channels make the input transform cost more than the multiplies saved), up to MAX_CHANNELS (the widest measured),
+    from MIN_PIXELS pixels per batch (fewer run as GEMMs, see fastunet.functional)."""
     n, _, h, w = x.shape
     return (x.device.type == "cpu" and x.dtype == torch.float32 and MIN_CHANNELS <= min(cin, cout)
             and max(cin, cout) <= MAX_CHANNELS and n * h * w >= MIN_PIXELS and not torch.compiler.is_compiling()
             and ops.backend_for(x.device) == "compiled")
 
 
-MIN_CHANNELS = 256
+MIN_CHANNELS = 64
 MAX_CHANNELS = 1024
-MIN_PIXELS = 1024
+MIN_PIXELS = 512

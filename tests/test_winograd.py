@@ -6,8 +6,9 @@ seed's error against float64."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import relative_error
+from helpers import assert_within_twice_reference_error, relative_error, train_step
 from test_cpu_inference import trained_state_models
+from test_model import well_conditioned_fast_pair
 
 from fastunet import ops, winograd
 
@@ -92,19 +93,21 @@ def test_references_are_the_convolution_and_its_input_gradient(shape):
     torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_chunks_of_tiles_give_the_result_of_one_chunk(monkeypatch):
-    x = torch.randn(2, 24, 14, 18).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice"])
+def test_conv_in_chunks_is_the_reference_conv(layout):
+    """winograd_conv3x3 in one chunk (every thread on each step) and in chunks (a thread each), odd sizes included:
+    the reference's result up to the GEMM's order of summation, which may differ with the number of rows."""
+    x = laid_out(torch.randn(2, 24, 15, 18), layout)  # 2 x 8 x 9 = 144 tiles
     weight, bias = torch.randn(40, 24, 3, 3), torch.randn(40)
-    whole = winograd.conv3x3(x, winograd.weights(weight), bias, True)
-    monkeypatch.setattr(winograd, "WORKSPACE_FLOATS", 16 * 64 * 7)  # 7 tiles per chunk, 18 chunks
-    winograd.release_workspace()
-    chunked = winograd.conv3x3(x, winograd.weights(weight), bias, True)
-    winograd.release_workspace()
-    assert whole.is_contiguous(memory_format=torch.channels_last)
-    # Not bit for bit: the GEMM library may sum in another order for another number of rows.
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
-    assert relative_error(whole, want) <= 2 * relative_error(F.conv2d(x, weight, bias, padding=1).relu(), want)
+    u = winograd.weights(weight).clone()
+    want = laid_out(torch.full((2, 40, 15, 18), float("nan")), layout)
+    winograd.winograd_conv3x3_ref(x, u, bias, True, 1, want)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
+    for chunk in (144, 7, 1):
+        out = laid_out(torch.full((2, 40, 15, 18), float("nan")), layout)
+        torch.ops.fastunet.winograd_conv3x3(x, u, bias, True, chunk, out)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert relative_error(out, exact) <= 2 * relative_error(F.conv2d(x, weight, bias, padding=1).relu(), exact)
 
 
 def test_bad_arguments_get_errors_naming_them():
@@ -119,13 +122,18 @@ def test_bad_arguments_get_errors_naming_them():
         torch.ops.fastunet.winograd_input(x, 5, torch.empty(16, 6, 4))
     with pytest.raises(RuntimeError, match=r"m must be a contiguous float32 CPU tensor \[16, tiles, 5\]"):
         torch.ops.fastunet.winograd_output(torch.empty(16, 9, 4), None, False, 0, torch.empty(1, 5, 6, 6))
+    with pytest.raises(RuntimeError, match="chunk_tiles must be positive"):
+        torch.ops.fastunet.winograd_conv3x3(x, winograd.weights(weight), None, False, 0, torch.empty(1, 5, 6, 6))
+    with pytest.raises(RuntimeError, match=r"u must be float32 \[16, 4, 5\]"):
+        torch.ops.fastunet.winograd_conv3x3(x, torch.empty(16, 5, 4), None, False, 3, torch.empty(1, 5, 6, 6))
 
 
-@pytest.mark.parametrize("op", ["weights", "input", "output"])
+@pytest.mark.parametrize("op", ["weights", "input", "output", "conv3x3"])
 def test_opcheck(op):
     x, weight = torch.randn(2, 6, 5, 4), torch.randn(3, 6, 3, 3)
     tiles = winograd._tiles(x)
     args = {
+        "conv3x3": (x, winograd.weights(weight).clone(), torch.randn(3), True, 5, torch.empty(2, 3, 5, 4)),
         "weights": (weight, torch.rand(3), False, torch.empty(16, 6, 3)),
         "input": (x, 1, torch.empty(16, tiles - 1, 6)),
         "output": (torch.randn(16, tiles - 2, 3), torch.randn(3), True, 2, torch.randn(2, 3, 5, 4)),
@@ -158,3 +166,25 @@ def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypa
     assert len(calls) == 14
     assert out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
+    """Fast-mode training with every 3x3 conv above the GEMM bound as Winograd, forward and input gradient."""
+    force_winograd(monkeypatch)
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, *args, **kwargs: calls.append(x.shape) or conv3x3(x, *args,
+                                                                                                         **kwargs))
+    torch.manual_seed(seed)
+    ref, fast, ref64 = well_conditioned_fast_pair()
+    for model in (ref, fast):
+        model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 64, 32).contiguous(memory_format=memory_format)
+    g = torch.randn(2, 2, 64, 32)
+    exact = train_step(ref64, x.double(), g.double())
+    assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
+    # Levels 1-3 (above 64 pixels per image; fewer run as GEMMs): six block convs in the encoder and six in the
+    # decoder (training's up-convs are sub-pixel 2x2 ones), each forward and as the input gradient (train_step's
+    # image requires grad).
+    assert len(calls) == 2 * 12
