@@ -2,7 +2,7 @@
 // weights, of the input tiles and of the products, around one batched GEMM in ATen (torch.bmm, MKL or oneDNN):
 //   U = G g G^T    per (input channel, output channel):      [16, Cin, Cout]
 //   V = B^T d B    per 4 x 4 input tile and input channel:    [16, T, Cin]      T = N * ceil(H/2) * ceil(W/2)
-//   M = V @ U      (the GEMM, one per of the 16 positions)    [16, T, Cout]
+//   M = V @ U      (a GEMM for each of the 16 positions)      [16, T, Cout]
 //   Y = A^T M A    per 2 x 2 output tile and output channel, plus a bias, optionally ReLU'd
 // A 2 x 2 output tile costs 16 multiplies per (Cin, Cout) pair instead of 36. The transforms are adds (and halves
 // in G, exact): fastunet/winograd.py's references compute them in the same order, so kernel and reference agree

@@ -18,10 +18,11 @@ Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified 
     own chunk, V and M in its cache.
 
 ``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
-transform itself; ``release_workspace`` frees it) and ``conv3x3`` are the Python entry points; ``pays`` says where
-Winograd beats oneDNN's direct convolution (measured, see below). The transforms only add (and halve, exactly), so
-the float32 error stays at the direct convolution's or below: the GEMMs sum over Cin terms where a direct 3x3 conv
-sums over 9 Cin.
+transform itself; ``release_workspace`` frees it) and ``conv3x3`` are the Python entry points. The chunks' V and M
+buffers of winograd_conv3x3 are kept per thread too (up to 32 MiB on the calling thread, a few MiB on the
+others), for the thread's life. ``pays`` says where Winograd beats oneDNN's direct convolution (measured, see
+below). The transforms only add (and halve, exactly), so the float32 error stays at the direct convolution's or
+below: the GEMMs sum over Cin terms where a direct 3x3 conv sums over 9 Cin.
 """
 
 import threading
