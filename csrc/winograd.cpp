@@ -96,6 +96,26 @@ void output_tile(bool relu, int64_t C, const float* m, int64_t m_stride, const f
   }
 }
 
+// The 16 values A dy A^T of one output-gradient tile for channels [0, C) (the gradient reaching M): dy (a, b) of
+// channel c is dy[a * rs + b * ss + c * cs]; position k = 4 k1 + k2 goes to g[k * g_stride + c].
+template <int64_t CS>
+FASTUNET_CPU_CLONES void grad_tile_kernel(int64_t C, const float* __restrict__ dy, int64_t rs, int64_t ss, int64_t cs,
+                                          float* __restrict__ g, int64_t g_stride) {
+  const int64_t step = CS > 0 ? CS : cs;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* d = dy + c * step;
+    // A = [[1, 0], [1, 1], [1, -1], [0, -1]] applied to the columns, then to the rows.
+    const float y00 = d[0], y01 = d[ss], y10 = d[rs], y11 = d[rs + ss];
+    const float p[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
+    for (int k1 = 0; k1 < 4; ++k1) {
+      g[(4 * k1) * g_stride + c] = p[k1][0];
+      g[(4 * k1 + 1) * g_stride + c] = p[k1][0] + p[k1][1];
+      g[(4 * k1 + 2) * g_stride + c] = p[k1][0] - p[k1][1];
+      g[(4 * k1 + 3) * g_stride + c] = -p[k1][1];
+    }
+  }
+}
+
 // U = G g G^T for a block of kernels g[3r + s][j]: u[4r + s][j].
 template <int64_t J>
 __attribute__((always_inline)) inline void weight_block_transform(const float (&g)[9][J], float (&u)[16][J]) {
@@ -374,6 +394,113 @@ void winograd_conv3x3(const Tensor& x, const Tensor& u, const c10::optional<Tens
   });
 }
 
+// The output-gradient transforms of tiles [t0, t1) of dy, tile t at g + (t - first_tile) * C, planes g_stride apart.
+void grad_tiles(const Tensor& dy, const TileGrid& tg, int64_t t0, int64_t t1, int64_t first_tile, float* g,
+                int64_t g_stride, std::vector<float>& border) {
+  const int64_t C = dy.size(1);
+  const float* dp = dy.const_data_ptr<float>();
+  const int64_t sn = dy.stride(0), sc = dy.stride(1), sh = dy.stride(2), sw = dy.stride(3);
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t n, i, j;
+    tg.tile(t, &n, &i, &j);
+    const int64_t h0 = 2 * i, w0 = 2 * j;
+    float* gt = g + (t - first_tile) * C;
+    if (h0 + 1 < tg.H && w0 + 1 < tg.W) {
+      const float* corner = dp + n * sn + h0 * sh + w0 * sw;
+      if (sc == 1) {
+        grad_tile_kernel<1>(C, corner, sh, sw, 1, gt, g_stride);
+      } else {
+        grad_tile_kernel<0>(C, corner, sh, sw, sc, gt, g_stride);
+      }
+      continue;
+    }
+    border.assign(4 * C, 0.0f);  // a border tile, zero outside the image: [2 rows][2 columns][C]
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b) {
+        if (h0 + a >= tg.H || w0 + b >= tg.W) continue;
+        const float* src = dp + n * sn + (h0 + a) * sh + (w0 + b) * sw;
+        for (int64_t c = 0; c < C; ++c) border[(2 * a + b) * C + c] = src[c * sc];
+      }
+    grad_tile_kernel<1>(C, border.data(), 2 * C, C, 1, gt, g_stride);
+  }
+}
+
+// dw[o][i] = G^T du[i][o] G (3 x 3 from the 16 planes of du [16, I, O], planes du_plane apart), for input channels
+// [i0, i1).
+void weight_grad_back_transform(const float* du, int64_t du_plane, int64_t I, int64_t O, int64_t i0, int64_t i1,
+                                Tensor& dw) {
+  float* wp = dw.mutable_data_ptr<float>();
+  const int64_t so = dw.stride(0), si = dw.stride(1), sr = dw.stride(2), ss = dw.stride(3);
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t o = 0; o < O; ++o) {
+      float d[16];
+      for (int k = 0; k < 16; ++k) d[k] = du[k * du_plane + i * O + o];
+      // G^T = [[1, .5, .5, 0], [0, .5, -.5, 0], [0, .5, .5, 1]] applied to the rows, then to the columns.
+      float t[3][4];
+      for (int k2 = 0; k2 < 4; ++k2) {
+        t[0][k2] = d[k2] + (d[4 + k2] + d[8 + k2]) * 0.5f;
+        t[1][k2] = (d[4 + k2] - d[8 + k2]) * 0.5f;
+        t[2][k2] = (d[4 + k2] + d[8 + k2]) * 0.5f + d[12 + k2];
+      }
+      for (int r = 0; r < 3; ++r) {
+        float* row = wp + o * so + i * si + r * sr;
+        row[0] = t[r][0] + (t[r][1] + t[r][2]) * 0.5f;
+        row[ss] = (t[r][1] - t[r][2]) * 0.5f;
+        row[2 * ss] = (t[r][1] + t[r][2]) * 0.5f + t[r][3];
+      }
+    }
+}
+
+// The weight gradient of conv2d(x, w, padding=1) from the output's gradient dy, by Winograd: dU[k] = V[k]^T Gd[k]
+// summed over the tiles (V the input transform, Gd = A dy A^T), then dw = G^T dU G. Chunks of `chunk_tiles` tiles,
+// in parallel into one accumulator per thread, summed in thread order (the result depends on the thread count, not
+// on the run); a single chunk runs each step on all threads instead.
+void winograd_weight_grad(const Tensor& x, const Tensor& dy, int64_t chunk_tiles, Tensor& dw) {
+  check_float_4d(x, "x");
+  check_float_4d(dy, "grad");
+  check_float_4d(dw, "grad_weight");
+  const int64_t cin = x.size(1), cout = dy.size(1);
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
+              "fastunet.winograd_weight_grad: grad ", dy.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(dw.sizes() == at::IntArrayRef({cout, cin, 3, 3}), "fastunet.winograd_weight_grad: grad_weight must be [",
+              cout, ", ", cin, ", 3, 3], got ", dw.sizes());
+  TORCH_CHECK(chunk_tiles > 0, "fastunet.winograd_weight_grad: chunk_tiles must be positive, got ", chunk_tiles);
+  const TileGrid tg = tile_grid(x);
+  const int64_t chunks = (tg.count() + chunk_tiles - 1) / chunk_tiles, plane = cin * cout;
+  Tensor du;
+  if (chunks == 1) {
+    Tensor v = at::empty({kTiles, tg.count(), cin}, x.options()),
+           g = at::empty({kTiles, tg.count(), cout}, x.options());
+    at::parallel_for(0, tg.count(), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> border;
+      input_tiles(x, tg, t0, t1, 0, v.mutable_data_ptr<float>(), tg.count() * cin, border);
+      grad_tiles(dy, tg, t0, t1, 0, g.mutable_data_ptr<float>(), tg.count() * cout, border);
+    });
+    du = at::bmm(v.transpose(1, 2), g);
+  } else {
+    const int threads = at::get_num_threads();
+    Tensor partial = at::zeros({threads, kTiles, cin, cout}, x.options());
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      Tensor acc = partial[at::get_thread_num()];
+      Tensor v = at::empty({kTiles, chunk_tiles, cin}, x.options()),
+             g = at::empty({kTiles, chunk_tiles, cout}, x.options());
+      std::vector<float> border;
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        const int64_t first = chunk * chunk_tiles, count = std::min(chunk_tiles, tg.count() - first);
+        Tensor vc = v.narrow(1, 0, count), gc = g.narrow(1, 0, count);
+        input_tiles(x, tg, first, first + count, first, v.mutable_data_ptr<float>(), chunk_tiles * cin, border);
+        grad_tiles(dy, tg, first, first + count, first, g.mutable_data_ptr<float>(), chunk_tiles * cout, border);
+        acc.baddbmm_(vc.transpose(1, 2), gc);
+      }
+    });
+    du = partial.sum(0);
+  }
+  du = du.contiguous();
+  at::parallel_for(0, cin, 1, [&](int64_t i0, int64_t i1) {
+    weight_grad_back_transform(du.const_data_ptr<float>(), plane, cin, cout, i0, i1, dw);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastunet, m) {
@@ -381,6 +508,7 @@ TORCH_LIBRARY_FRAGMENT(fastunet, m) {
   m.def("winograd_input(Tensor x, int first_tile, Tensor(a!) v) -> ()");
   m.def("winograd_output(Tensor m, Tensor? bias, bool relu, int first_tile, Tensor(a!) out) -> ()");
   m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool relu, int chunk_tiles, Tensor(a!) out) -> ()");
+  m.def("winograd_weight_grad(Tensor x, Tensor grad, int chunk_tiles, Tensor(a!) grad_weight) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
@@ -388,6 +516,7 @@ TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("winograd_input", &winograd_input);
   m.impl("winograd_output", &winograd_output);
   m.impl("winograd_conv3x3", &winograd_conv3x3);
+  m.impl("winograd_weight_grad", &winograd_weight_grad);
 }
 
 }  // namespace fastunet

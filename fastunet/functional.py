@@ -183,8 +183,8 @@ def _gemm_train_conv(x, w):
 
 
 def _winograd_train_conv(x, w):
-    """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and input
-    gradient (fastunet.winograd.pays; eager only, as its GEMM chunks are)."""
+    """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and both
+    gradients (fastunet.winograd.pays; eager only)."""
     return w.shape[2] == 3 and w.dtype == torch.float32 and winograd.pays(x, w.shape[1], w.shape[0])
 
 
@@ -205,15 +205,14 @@ def _fast_conv(x, w):
 def _fast_conv_backward(dz, x, w, output_mask):
     """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
     pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
-    _fast_conv runs Winograd, dx by Winograd and dw by ATen."""
+    _fast_conv runs Winograd, both by Winograd."""
     if _winograd_train_conv(x, w) and not _gemm_train_conv(x, w):
         dx = None
         if output_mask[0]:
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
             winograd.conv3x3_input_grad(dz, w, dx)
-        if not output_mask[1]:
-            return dx, None
-        return dx, _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [False, True, False])[1]
+        dw = winograd.conv3x3_weight_grad(x, dz, torch.empty_like(w)) if output_mask[1] else None
+        return dx, dw
     if not _gemm_train_conv(x, w):
         return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
     n, cin, h, width = x.shape

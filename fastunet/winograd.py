@@ -15,7 +15,10 @@ Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified 
     slice works);
   * ``winograd_conv3x3(x, u, bias or None, relu, chunk_tiles, out)``: the whole conv, chunks of ``chunk_tiles``
     tiles in parallel, each thread running the two transforms above around ATen's batched GEMM ``V @ U`` on its
-    own chunk, V and M in its cache.
+    own chunk, V and M in its cache;
+  * ``winograd_weight_grad(x, grad, chunk_tiles, grad_weight [Cout, Cin, 3, 3])``: the conv's weight gradient,
+    ``G^T (sum over tiles of V^T Gd) G`` with ``Gd = A dy A^T`` of each 2 x 2 tile of the output's gradient, in
+    chunks likewise (one accumulator per thread, summed in thread order).
 
 ``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
 transform itself; ``release_workspace`` frees it) and ``conv3x3`` are the Python entry points. The chunks' V and M
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 
 from . import _ext, ops
 
-__all__ = ["weights", "conv3x3", "conv3x3_input_grad", "pays", "release_workspace", "WINOGRAD_OPS"]
+__all__ = ["weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays", "release_workspace",
+           "WINOGRAD_OPS"]
 
 _TILE = ((0, 0), (0, 1), (1, 0), (1, 1))  # the 2 x 2 outputs of a tile, row by row
 
@@ -93,6 +97,32 @@ def winograd_output_ref(m, bias, relu, first_tile, out):
     out.copy_(torch.where(mask, full, out))
 
 
+def _grad_transform(y0, y1):
+    """A applied to two rows (or columns) of an output-gradient tile: four."""
+    return y0, y0 + y1, y0 - y1, -y1
+
+
+def _grad_back_transform(d0, d1, d2, d3):
+    """G^T applied to four rows (or columns) of a tile's weight gradient: three."""
+    return d0 + (d1 + d2) * 0.5, (d1 - d2) * 0.5, (d1 + d2) * 0.5 + d3
+
+
+def winograd_weight_grad_ref(x, grad, chunk_tiles, grad_weight):
+    n, cin, h, w = x.shape
+    cout, tiles = grad.shape[1], _tiles(x)
+    v = torch.empty(16, tiles, cin, dtype=x.dtype, device=x.device)
+    winograd_input_ref(x, 0, v)
+    padded = F.pad(grad, (0, w % 2, 0, h % 2))
+    y = [[padded[:, :, a::2, b::2] for b in range(2)] for a in range(2)]
+    cols = [_grad_transform(y[0][b], y[1][b]) for b in range(2)]  # cols[b][k1]
+    gd = [t for k1 in range(4) for t in _grad_transform(cols[0][k1], cols[1][k1])]
+    gd = torch.stack([t.permute(0, 2, 3, 1).reshape(tiles, cout) for t in gd])
+    du = torch.bmm(v.transpose(1, 2), gd).view(4, 4, cin, cout)
+    rows = _grad_back_transform(du[0], du[1], du[2], du[3])  # 3 x [4, Cin, Cout]
+    dw = torch.stack([torch.stack(_grad_back_transform(r[0], r[1], r[2], r[3])) for r in rows])  # [3, 3, Cin, Cout]
+    grad_weight.copy_(dw.permute(3, 2, 0, 1))
+
+
 def winograd_conv3x3_ref(x, u, bias, relu, chunk_tiles, out):
     tiles, cin = _tiles(x), x.shape[1]
     v = torch.empty(16, tiles, cin, dtype=x.dtype, device=x.device)
@@ -135,6 +165,13 @@ def winograd_conv3x3_fake(x, u, bias, relu, chunk_tiles, out):
     torch._check(chunk_tiles > 0, lambda: "winograd_conv3x3: chunk_tiles must be positive")
 
 
+def winograd_weight_grad_fake(x, grad, chunk_tiles, grad_weight):
+    torch._check(x.dim() == 4 and grad.dim() == 4, lambda: "winograd_weight_grad: x and grad must be [N, C, H, W]")
+    torch._check(tuple(grad_weight.shape) == (grad.shape[1], x.shape[1], 3, 3),
+                 lambda: f"winograd_weight_grad: grad_weight must be [{grad.shape[1]}, {x.shape[1]}, 3, 3]")
+    torch._check(chunk_tiles > 0, lambda: "winograd_weight_grad: chunk_tiles must be positive")
+
+
 # name: (schema, reference, fake); the compiled library declares the same schemas (csrc/winograd.cpp).
 WINOGRAD_OPS = {
     "winograd_weights": ("winograd_weights(Tensor weight, Tensor? scale, bool transposed, Tensor(a!) u) -> ()",
@@ -145,6 +182,8 @@ WINOGRAD_OPS = {
                         winograd_output_ref, winograd_output_fake),
     "winograd_conv3x3": ("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool relu, int chunk_tiles, "
                          "Tensor(a!) out) -> ()", winograd_conv3x3_ref, winograd_conv3x3_fake),
+    "winograd_weight_grad": ("winograd_weight_grad(Tensor x, Tensor grad, int chunk_tiles, Tensor(a!) grad_weight) "
+                             "-> ()", winograd_weight_grad_ref, winograd_weight_grad_fake),
 }
 
 
@@ -236,6 +275,17 @@ def conv3x3_input_grad(grad, weight, out=None):
     ``[N, Cout, H, W]`` (float32): a Winograd conv of grad with the rotated, transposed kernel; written into ``out``
     if given, else a new tensor in grad's layout. Returns it."""
     return conv3x3(grad, weights(weight, transposed=True), out=out)
+
+
+def conv3x3_weight_grad(x, grad, out=None):
+    """The gradient of ``conv2d(x, weight, padding=1)`` with respect to its ``[Cout, Cin, 3, 3]`` weight, from x
+    ``[N, Cin, H, W]`` and the output's gradient ``grad`` ``[N, Cout, H, W]`` (float32, any layouts), by Winograd;
+    written into ``out`` if given (any strides), else a new contiguous tensor. Returns it."""
+    cin, cout = x.shape[1], grad.shape[1]
+    if out is None:
+        out = torch.empty((cout, cin, 3, 3), dtype=x.dtype, device=x.device)
+    torch.ops.fastunet.winograd_weight_grad(x, grad, chunk_tiles(_tiles(x), cin, cout), out)
+    return out
 
 
 def pays(x, cin, cout):

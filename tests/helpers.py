@@ -74,6 +74,39 @@ def conv_bias_before_bn(name):
     return name.endswith(("conv.0.bias", "conv.3.bias", "up.1.bias"))
 
 
+def pool_tie_free(ref64, draw, tolerance=2e-6, attempts=20):
+    """The first input ``draw()`` gives at which no 2x2 max-pool window of the float64 reference ``ref64`` (the
+    outputs of its encoder blocks Conv1-Conv4) holds its two largest values within ``tolerance`` of each other,
+    relatively.
+
+    The max-pool's counterpart of well_conditioned: such a near-tie resolves either way under any re-association
+    (a conv's float32 rounding is about 1e-6 relative here), and its gradient then reaches another input pixel, far
+    beyond rounding: the flip moves with the seed, a bug does not. Some 120,000 windows of a 4 x 3 x 32^2 batch hold
+    about half a tie at this tolerance on average, so a few draws suffice.
+    """
+    probe = copy.deepcopy(ref64)  # its forward passes move BatchNorm's running stats
+    tops = []
+    for name in ("Conv1", "Conv2", "Conv3", "Conv4"):
+        getattr(probe, name).register_forward_hook(lambda module, args, out: tops.append(out.detach()))
+    for _ in range(attempts):
+        x = draw()
+        tops.clear()
+        with torch.no_grad():
+            probe(x.double())
+        if all(smallest_pool_gap(t) > tolerance for t in tops):
+            return x
+    raise AssertionError(f"no input without a max-pool near-tie in {attempts} draws")
+
+
+def smallest_pool_gap(t):
+    """The smallest gap between the two largest values of a 2x2 max-pool window of ``t`` ``[N, C, H, W]``, relative
+    to the largest."""
+    n, c, h, w = t.shape
+    windows = t[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).transpose(3, 4).reshape(-1, 4)
+    top2 = windows.topk(2, dim=1).values
+    return ((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs().clamp_min(1e-30)).min().item()
+
+
 def assert_within_twice_reference_error(fast_result, ref_result, exact_result, slack=1e-7):
     """flash-attention's rule: error(fast, float64) <= 2 * error(float32 reference, float64) (+ slack).
 

@@ -16,10 +16,12 @@ CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-c
 
 @pytest.fixture
 def conv_calls(monkeypatch):
-    """The weight shapes of the convs of CPU inference: folded (functional._conv_relu), unfolded and as a GEMM; in
+    """The weight shapes of the convs of CPU inference: folded (functional._conv_relu), unfolded, as a GEMM and by
+    Winograd; in
     ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, whether it ran as a GEMM)."""
     calls = Calls()
     folded, unfolded, gemm = functional._conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
+    winograd = functional._winograd_conv_bn_relu
 
     def counted(run, as_gemm):
         def call(x, conv, *args):
@@ -33,6 +35,7 @@ def conv_calls(monkeypatch):
     monkeypatch.setattr(functional, "_conv_relu", counted(folded, False))
     monkeypatch.setattr(functional, "_unfolded_conv_bn_relu", counted(unfolded, False))
     monkeypatch.setattr(functional, "_gemm_conv_bn_relu", counted(gemm, True))
+    monkeypatch.setattr(functional, "_winograd_conv_bn_relu", counted(winograd, False))
     return calls
 
 

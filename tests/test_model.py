@@ -13,13 +13,14 @@ from helpers import (
     assert_within_twice_reference_error,
     conv_bias_before_bn,
     pair,
+    pool_tie_free,
     relative_error,
     train_step,
     well_conditioned,
 )
 
 import fastunet
-from fastunet import functional
+from fastunet import functional, winograd
 from fastunet.reference import U_Net as Reference
 
 
@@ -81,7 +82,7 @@ def test_fast_mode_error_within_twice_the_reference_error(memory_format):
     ref, fast, ref64 = well_conditioned_fast_pair()
     for m in (ref, fast):
         m.to(memory_format=memory_format)
-    x = torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
+    x = pool_tie_free(ref64, lambda: torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format))
     g = torch.randn(4, 2, SIZE, SIZE)
     exact = train_step(ref64, x.double(), g.double())
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
@@ -171,9 +172,10 @@ def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager
     (the eager kernels) it is also the eager step up to rounding (inductor re-associates what surrounds the fused
-    ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs, as a compiled graph does
-    (functional._gemm_train_conv). Its inference is eager's."""
+    ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs or Winograd, as a compiled
+    graph does (functional._gemm_train_conv, winograd.pays). Its inference is eager's."""
     monkeypatch.setattr(functional, "_GEMM_TRAIN_MAX_PIXELS", 0)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
     ref, fast = pair(exact=exact)
     well_conditioned(ref, fast)
     ref64 = copy.deepcopy(ref).double()

@@ -110,6 +110,27 @@ def test_conv_in_chunks_is_the_reference_conv(layout):
         assert relative_error(out, exact) <= 2 * relative_error(F.conv2d(x, weight, bias, padding=1).relu(), exact)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice"])
+@pytest.mark.parametrize("shape", [(2, 6, 9, 7), (1, 24, 8, 10)])
+def test_weight_gradient_is_the_convolution_s(layout, shape):
+    """winograd_weight_grad in one chunk and in chunks (one accumulator per thread), odd sizes included, and its
+    reference: the weight gradient of conv2d, within 2x of oneDNN's error against float64; the output poisoned."""
+    x = laid_out(torch.randn(shape), layout)
+    grad = laid_out(torch.randn(shape[0], 11, *shape[2:]), layout)
+    weight = torch.zeros(11, shape[1], 3, 3, dtype=torch.float64, requires_grad=True)
+    F.conv2d(x.double(), weight, padding=1).backward(grad.double())
+    exact = weight.grad
+    reference = torch.full((11, shape[1], 3, 3), float("nan"), dtype=torch.float64)
+    winograd.winograd_weight_grad_ref(x.double(), grad.double(), 1, reference)
+    torch.testing.assert_close(reference, exact, rtol=1e-12, atol=1e-12)
+    weight32 = torch.zeros(11, shape[1], 3, 3, requires_grad=True)
+    F.conv2d(x, weight32, padding=1).backward(grad)
+    for chunk in (winograd._tiles(x), 5, 1):
+        out = torch.full((11, shape[1], 3, 3), float("nan")).contiguous(memory_format=torch.channels_last)
+        torch.ops.fastunet.winograd_weight_grad(x, grad, chunk, out)
+        assert relative_error(out, exact) <= 2 * relative_error(weight32.grad, exact)
+
+
 def test_bad_arguments_get_errors_naming_them():
     x, weight = torch.randn(1, 4, 6, 6), torch.randn(5, 4, 3, 3)
     with pytest.raises(RuntimeError, match="3x3 kernel"):
@@ -124,21 +145,34 @@ def test_bad_arguments_get_errors_naming_them():
         torch.ops.fastunet.winograd_output(torch.empty(16, 9, 4), None, False, 0, torch.empty(1, 5, 6, 6))
     with pytest.raises(RuntimeError, match="chunk_tiles must be positive"):
         torch.ops.fastunet.winograd_conv3x3(x, winograd.weights(weight), None, False, 0, torch.empty(1, 5, 6, 6))
+    with pytest.raises(RuntimeError, match=r"grad_weight must be \[5, 4, 3, 3\]"):
+        torch.ops.fastunet.winograd_weight_grad(x, torch.randn(1, 5, 6, 6), 3, torch.empty(4, 5, 3, 3))
+    with pytest.raises(RuntimeError, match="does not match x"):
+        torch.ops.fastunet.winograd_weight_grad(x, torch.randn(1, 5, 6, 5), 3, torch.empty(5, 4, 3, 3))
     with pytest.raises(RuntimeError, match=r"u must be float32 \[16, 4, 5\]"):
         torch.ops.fastunet.winograd_conv3x3(x, torch.empty(16, 5, 4), None, False, 3, torch.empty(1, 5, 6, 6))
 
 
-@pytest.mark.parametrize("op", ["weights", "input", "output", "conv3x3"])
+@pytest.mark.parametrize("op", ["weights", "input", "output", "conv3x3", "weight_grad"])
 def test_opcheck(op):
     x, weight = torch.randn(2, 6, 5, 4), torch.randn(3, 6, 3, 3)
     tiles = winograd._tiles(x)
     args = {
         "conv3x3": (x, winograd.weights(weight).clone(), torch.randn(3), True, 5, torch.empty(2, 3, 5, 4)),
+        "weight_grad": (x, torch.randn(2, 3, 5, 4), 5, torch.empty(3, 6, 3, 3)),
         "weights": (weight, torch.rand(3), False, torch.empty(16, 6, 3)),
         "input": (x, 1, torch.empty(16, tiles - 1, 6)),
         "output": (torch.randn(16, tiles - 2, 3), torch.randn(3), True, 2, torch.randn(2, 3, 5, 4)),
     }[op]
     torch.library.opcheck(getattr(torch.ops.fastunet, f"winograd_{op}"), args)
+
+
+def counted(calls, function):
+    """``function``, appending its first argument's shape to ``calls`` at each call."""
+    def call(x, *args, **kwargs):
+        calls.append(x.shape)
+        return function(x, *args, **kwargs)
+    return call
 
 
 def force_winograd(monkeypatch):
@@ -152,8 +186,8 @@ def force_winograd(monkeypatch):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
     force_winograd(monkeypatch)
-    calls, conv3x3 = [], winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, *args: calls.append(x.shape) or conv3x3(x, *args))
+    calls = []
+    monkeypatch.setattr(winograd, "conv3x3", counted(calls, winograd.conv3x3))
     torch.manual_seed(seed)
     ref, fast, ref64 = trained_state_models()
     for model in (ref, fast):
@@ -171,11 +205,11 @@ def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypa
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
-    """Fast-mode training with every 3x3 conv above the GEMM bound as Winograd, forward and input gradient."""
+    """Fast-mode training with every 3x3 conv above the GEMM bound as Winograd, forward and both gradients."""
     force_winograd(monkeypatch)
-    calls, conv3x3 = [], winograd.conv3x3
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, *args, **kwargs: calls.append(x.shape) or conv3x3(x, *args,
-                                                                                                         **kwargs))
+    calls = []
+    for name in ("conv3x3", "conv3x3_weight_grad"):
+        monkeypatch.setattr(winograd, name, counted(calls, getattr(winograd, name)))
     torch.manual_seed(seed)
     ref, fast, ref64 = well_conditioned_fast_pair()
     for model in (ref, fast):
@@ -185,6 +219,6 @@ def test_training_through_winograd_is_within_twice_the_reference_error(monkeypat
     exact = train_step(ref64, x.double(), g.double())
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
     # Levels 1-3 (above 64 pixels per image; fewer run as GEMMs): six block convs in the encoder and six in the
-    # decoder (training's up-convs are sub-pixel 2x2 ones), each forward and as the input gradient (train_step's
-    # image requires grad).
-    assert len(calls) == 2 * 12
+    # decoder (training's up-convs are sub-pixel 2x2 ones), each forward, as the input gradient (train_step's
+    # image requires grad) and as the weight gradient.
+    assert len(calls) == 3 * 12
