@@ -239,36 +239,48 @@ void check_tile_rows(const Tensor& t, const char* op, const char* name, const Ti
               first_tile + t.size(1), " outside the ", tg.count(), " tiles of the image");
 }
 
-// V of tiles [t0, t1) of x, tile t at v + (t - first_tile) * C, planes v_stride apart.
-void input_tiles(const Tensor& x, const TileGrid& tg, int64_t t0, int64_t t1, int64_t first_tile, float* v,
-                 int64_t v_stride, std::vector<float>& border) {
-  const int64_t C = x.size(1);
-  const float* xp = x.const_data_ptr<float>();
-  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+// Calls kernel(t, corner, row stride, column stride, channel stride) for each tile t in [t0, t1) of `image`, whose
+// Size x Size pixels start at row 2i + offset, column 2j + offset: in place, or for a tile reaching outside the
+// image from a copy in `border` (zero outside, channels innermost).
+template <int Size, typename Kernel>
+void for_each_tile(const Tensor& image, const TileGrid& tg, int64_t t0, int64_t t1, int64_t offset,
+                   std::vector<float>& border, const Kernel& kernel) {
+  const int64_t C = image.size(1);
+  const float* p = image.const_data_ptr<float>();
+  const int64_t sn = image.stride(0), sc = image.stride(1), sh = image.stride(2), sw = image.stride(3);
   for (int64_t t = t0; t < t1; ++t) {
     int64_t n, i, j;
     tg.tile(t, &n, &i, &j);
-    const int64_t h0 = 2 * i - 1, w0 = 2 * j - 1;
-    float* vt = v + (t - first_tile) * C;
-    if (h0 >= 0 && h0 + 3 < tg.H && w0 >= 0 && w0 + 3 < tg.W) {
-      const float* corner = xp + n * sn + h0 * sh + w0 * sw;
-      if (sc == 1) {
-        input_tile_kernel<1>(C, corner, sh, sw, 1, vt, v_stride);
-      } else {
-        input_tile_kernel<0>(C, corner, sh, sw, sc, vt, v_stride);
-      }
+    const int64_t h0 = 2 * i + offset, w0 = 2 * j + offset;
+    if (h0 >= 0 && h0 + Size <= tg.H && w0 >= 0 && w0 + Size <= tg.W) {
+      kernel(t, p + n * sn + h0 * sh + w0 * sw, sh, sw, sc);
       continue;
     }
-    border.assign(16 * C, 0.0f);  // a border tile, zero outside the image: [4 rows][4 columns][C]
-    for (int r = 0; r < 4; ++r)
-      for (int s = 0; s < 4; ++s) {
+    border.assign(Size * Size * C, 0.0f);
+    for (int r = 0; r < Size; ++r)
+      for (int s = 0; s < Size; ++s) {
         const int64_t h = h0 + r, w = w0 + s;
         if (h < 0 || h >= tg.H || w < 0 || w >= tg.W) continue;
-        const float* src = xp + n * sn + h * sh + w * sw;
-        for (int64_t c = 0; c < C; ++c) border[(4 * r + s) * C + c] = src[c * sc];
+        const float* src = p + n * sn + h * sh + w * sw;
+        for (int64_t c = 0; c < C; ++c) border[(Size * r + s) * C + c] = src[c * sc];
       }
-    input_tile_kernel<1>(C, border.data(), 4 * C, C, 1, vt, v_stride);
+    kernel(t, border.data(), Size * C, C, int64_t{1});
   }
+}
+
+// V of tiles [t0, t1) of x (4 x 4, from one pixel above and left of each 2 x 2 output tile), tile t at
+// v + (t - first_tile) * C, planes v_stride apart.
+void input_tiles(const Tensor& x, const TileGrid& tg, int64_t t0, int64_t t1, int64_t first_tile, float* v,
+                 int64_t v_stride, std::vector<float>& border) {
+  const int64_t C = x.size(1);
+  for_each_tile<4>(x, tg, t0, t1, -1, border, [&](int64_t t, const float* corner, int64_t rs, int64_t ss, int64_t cs) {
+    float* vt = v + (t - first_tile) * C;
+    if (cs == 1) {
+      input_tile_kernel<1>(C, corner, rs, ss, 1, vt, v_stride);
+    } else {
+      input_tile_kernel<0>(C, corner, rs, ss, cs, vt, v_stride);
+    }
+  });
 }
 
 // The outputs of tiles [t0, t1) into out from their products, tile t at m + (t - first_tile) * C, planes m_stride
@@ -398,31 +410,14 @@ void winograd_conv3x3(const Tensor& x, const Tensor& u, const c10::optional<Tens
 void grad_tiles(const Tensor& dy, const TileGrid& tg, int64_t t0, int64_t t1, int64_t first_tile, float* g,
                 int64_t g_stride, std::vector<float>& border) {
   const int64_t C = dy.size(1);
-  const float* dp = dy.const_data_ptr<float>();
-  const int64_t sn = dy.stride(0), sc = dy.stride(1), sh = dy.stride(2), sw = dy.stride(3);
-  for (int64_t t = t0; t < t1; ++t) {
-    int64_t n, i, j;
-    tg.tile(t, &n, &i, &j);
-    const int64_t h0 = 2 * i, w0 = 2 * j;
+  for_each_tile<2>(dy, tg, t0, t1, 0, border, [&](int64_t t, const float* corner, int64_t rs, int64_t ss, int64_t cs) {
     float* gt = g + (t - first_tile) * C;
-    if (h0 + 1 < tg.H && w0 + 1 < tg.W) {
-      const float* corner = dp + n * sn + h0 * sh + w0 * sw;
-      if (sc == 1) {
-        grad_tile_kernel<1>(C, corner, sh, sw, 1, gt, g_stride);
-      } else {
-        grad_tile_kernel<0>(C, corner, sh, sw, sc, gt, g_stride);
-      }
-      continue;
+    if (cs == 1) {
+      grad_tile_kernel<1>(C, corner, rs, ss, 1, gt, g_stride);
+    } else {
+      grad_tile_kernel<0>(C, corner, rs, ss, cs, gt, g_stride);
     }
-    border.assign(4 * C, 0.0f);  // a border tile, zero outside the image: [2 rows][2 columns][C]
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b) {
-        if (h0 + a >= tg.H || w0 + b >= tg.W) continue;
-        const float* src = dp + n * sn + (h0 + a) * sh + (w0 + b) * sw;
-        for (int64_t c = 0; c < C; ++c) border[(2 * a + b) * C + c] = src[c * sc];
-      }
-    grad_tile_kernel<1>(C, border.data(), 2 * C, C, 1, gt, g_stride);
-  }
+  });
 }
 
 // dw[o][i] = G^T du[i][o] G (3 x 3 from the 16 planes of du [16, I, O], planes du_plane apart), for input channels
