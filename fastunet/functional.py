@@ -184,15 +184,17 @@ def _gemm_train_conv(x, w):
 
 def _winograd_train_conv(x, w):
     """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and both
-    gradients (fastunet.winograd.pays; eager only)."""
-    return w.shape[2] == 3 and w.dtype == torch.float32 and winograd.pays(x, w.shape[1], w.shape[0])
+    gradients: where fastunet.winograd.pays and the GEMMs of few pixels (_gemm_train_conv) do not run it; eager
+    only."""
+    return (w.shape[2] == 3 and w.dtype == torch.float32 and winograd.pays(x, w.shape[1], w.shape[0])
+            and not _gemm_train_conv(x, w))
 
 
 def _fast_conv(x, w):
     """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
     pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
     ATen's; the output in x's layout."""
-    if _winograd_train_conv(x, w) and not _gemm_train_conv(x, w):
+    if _winograd_train_conv(x, w):
         return winograd.conv3x3(x, winograd.weights(w))
     if not _gemm_train_conv(x, w):
         return _conv(x, w, None)
@@ -206,7 +208,7 @@ def _fast_conv_backward(dz, x, w, output_mask):
     """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
     pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
     _fast_conv runs Winograd, both by Winograd."""
-    if _winograd_train_conv(x, w) and not _gemm_train_conv(x, w):
+    if _winograd_train_conv(x, w):
         dx = None
         if output_mask[0]:
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
@@ -637,24 +639,27 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
     return winograd.conv3x3(x, winograd.weights(weight, scale), shift, True, out)
 
 
-def _conv_bn_relu_inference(x, conv, bn, exact):
+def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
     up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; above, where fastunet.winograd.pays,
     _winograd_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
     less than the BN and ReLU passes over the output it saves (two per output value: where the pixels outnumber
     4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs
     measured 2.1-2.5x the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's
-    2x rule: NCHW runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference)."""
-    if exact:
-        return _unfolded_conv_bn_relu(x, conv, bn)
+    2x rule: NCHW runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference).
+    Written into ``out`` if given (the Winograd conv writes there directly), else a new tensor."""
     n, cin, h, w = x.shape
-    if n * h * w <= _GEMM_MAX_PIXELS:
-        return _gemm_conv_bn_relu(x, conv, bn)
-    if winograd.pays(x, cin, conv[0].shape[0]):
-        return _winograd_conv_bn_relu(x, conv, bn)
-    if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
-        return _unfolded_conv_bn_relu(x, conv, bn)
-    return _conv_relu(x, *_folded(conv, bn))
+    if exact:
+        y = _unfolded_conv_bn_relu(x, conv, bn)
+    elif n * h * w <= _GEMM_MAX_PIXELS:
+        y = _gemm_conv_bn_relu(x, conv, bn)
+    elif winograd.pays(x, cin, conv[0].shape[0]):
+        return _winograd_conv_bn_relu(x, conv, bn, out)
+    elif 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
+        y = _unfolded_conv_bn_relu(x, conv, bn)
+    else:
+        y = _conv_relu(x, *_folded(conv, bn))
+    return y if out is None else out.copy_(y)
 
 
 def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact):
@@ -671,16 +676,12 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact
 def _up_block_inference(d, buf, conv, bn, exact):
     """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
     conv+ReLU on ``d``, its four phases then interleaved into the buffer; below (and in exact mode),
-    _conv_bn_relu_inference on ATen's nearest upsample of ``d`` (a Winograd conv writing into the buffer)."""
+    _conv_bn_relu_inference on ATen's nearest upsample of ``d``, into the buffer."""
     n, _, h, w = d.shape
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
     if exact or n * h * w < _SUBPIXEL_MIN_PIXELS:
-        up = _aten.upsample_nearest2d.vec(d, None, [2.0, 2.0])
-        if not exact and 4 * n * h * w > _GEMM_MAX_PIXELS and winograd.pays(up, up.shape[1], cout):
-            _winograd_conv_bn_relu(up, conv, bn, out)
-        else:
-            out.copy_(_conv_bn_relu_inference(up, conv, bn, exact))
+        _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact, out)
         return buf
     weight, bias = _folded(conv, bn)
     phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
