@@ -1,8 +1,12 @@
 """The CPU grid of issue 14: fastunet fast and exact against the seed U-Net eager over image sizes, batches, both
-layouts, inference and training steps; the three interleaved call by call in one process (this machine's noise
-moves all three alike), medians per point. Prints a markdown table, the rows slower than eager marked.
+layouts, inference and training steps; the models interleaved call by call in one process (this machine's noise
+moves them alike), medians per point. Prints a markdown table, the cells slower than eager marked. With
+``--peers``, torch.compile of the seed U-Net (inductor, compiled before the timing) and, for inference, ONNX
+Runtime on its export join the interleaving; with ``--bf16``, every model runs under bfloat16 autocast (ONNX
+Runtime, float32, stays out).
 
-  python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5]
+  python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5] [--peers]
+                                [--bf16]
 """
 
 import argparse
@@ -11,21 +15,37 @@ import functools
 
 import torch
 
-from fastunet.bench import build_model, initial_state, interleaved_median_ms, make_steps, random_batches
+from fastunet.bench import (
+    build_model,
+    initial_state,
+    interleaved_median_ms,
+    make_steps,
+    onnxruntime_refusal,
+    onnxruntime_session,
+    random_batches,
+)
 
 MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastunet_exact"}
+PEERS = {"compile": "reference_compile"}
 
 
-def point_ms(size, batch, channels_last, phase, reps):
+def point_ms(size, batch, channels_last, phase, reps, peers, bf16):
     """Median ms per model name at one grid point, the models' calls interleaved."""
+    cpu = torch.device("cpu")
     torch.manual_seed(size * 100 + batch)
-    batches = random_batches(1, batch, size, torch.device("cpu"), channels_last)
-    state = initial_state(batches, torch.device("cpu"))
+    batches = random_batches(1, batch, size, cpu, channels_last)
+    state = initial_state(batches, cpu)
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     runs = {}
-    for name, config in MODELS.items():
-        model = build_model(config, torch.device("cpu"), channels_last, state).train(phase == "train")
-        train, infer = make_steps(model, contextlib.nullcontext)
+    for name, config in {**MODELS, **(PEERS if peers else {})}.items():
+        model = build_model(config, cpu, channels_last, state).train(phase == "train")
+        train, infer = make_steps(model, autocast)
         runs[name] = functools.partial(train if phase == "train" else infer, *batches[0])
+    if peers and phase == "infer" and not bf16 and onnxruntime_refusal(cpu) is None:
+        model = build_model("reference_eager", cpu, channels_last, state).eval()
+        session = onnxruntime_session(model, batches[0][0])
+        inputs = {"x": batches[0][0].contiguous().numpy()}
+        runs["onnxruntime"] = functools.partial(session.run, None, inputs)
     return interleaved_median_ms(runs, reps)
 
 
@@ -35,20 +55,24 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--phases", default="infer,train")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--peers", action="store_true", help="also torch.compile and ONNX Runtime (inference)")
+    parser.add_argument("--bf16", action="store_true", help="every model under torch.autocast('cpu', bfloat16)")
     args = parser.parse_args(argv)
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, medians of {args.reps} "
-          "interleaved calls after one warm-up round")
-    print("| phase | input | layout | eager ms | fast ms | fast | exact ms | exact |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    precision = "bfloat16 autocast" if args.bf16 else "float32"
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, medians of {args.reps} "
+          "interleaved calls after one warm-up round (compilation and export before it)")
+    print("| phase | input | layout | eager ms | other ms (speedup over eager) |")
+    print("|---|---|---|---:|---|")
     for phase in args.phases.split(","):
         for size in map(int, args.sizes.split(",")):
             for batch in map(int, args.batches.split(",")):
                 for channels_last in (False, True):
-                    ms = point_ms(size, batch, channels_last, phase, args.reps)
-                    cells = [f"{ms[name]:.1f} | {ms['eager'] / ms[name]:.2f}x"
-                             + (" (slower)" if ms[name] > ms["eager"] else "") for name in ("fast", "exact")]
+                    ms = point_ms(size, batch, channels_last, phase, args.reps, args.peers, args.bf16)
+                    cells = [f"{name} {value:.1f} ({ms['eager'] / value:.2f}x"
+                             + (", slower)" if value > ms["eager"] else ")")
+                             for name, value in ms.items() if name != "eager"]
                     print(f"| {phase} | {batch} x 3 x {size}^2 | {'channels_last' if channels_last else 'NCHW'} | "
-                          f"{ms['eager']:.1f} | {' | '.join(cells)} |", flush=True)
+                          f"{ms['eager']:.1f} | {'; '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
