@@ -81,13 +81,14 @@ def _tap_sum(t, dim, taps):
     return first if len(taps) == 1 else first + t.select(dim, taps[1])
 
 
-def _unfold_taps(g, dim):
-    """The adjoint of the sub-pixel decomposition along one axis (_PHASE_TAPS): ``[2 phases, ..., 2 taps at dim,
-    ...]`` -> ``[..., 3 taps at dim, ...]``."""
-    even, odd = g.unbind(0)
-    e0, e1 = even.unbind(dim)
-    o0, o1 = odd.unbind(dim)
-    return torch.stack((e0 + o0, e1 + o0, e1 + o1), dim)
+def _unfold_taps(g):
+    """The adjoint of the sub-pixel decomposition along one axis (_PHASE_TAPS): ``[2 phases, 2 taps, ...]`` ->
+    ``[3 taps, ...]``, one output allocation."""
+    (even0, even1), (odd0, odd1) = (phase.unbind(0) for phase in g.unbind(0))
+    out = even0.new_empty((3, *even0.shape))
+    for tap, (even, odd) in enumerate(((even0, odd0), (even1, odd0), (even1, odd1))):
+        torch.add(even, odd, out=out[tap])
+    return out
 
 
 def phase_weights(w):
@@ -112,9 +113,12 @@ def phase_weights(w):
 
 
 def phase_weights_backward(dw4, out_channels):
-    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` -> ``[O, I, 3, 3]``, float32 (float64 stays)."""
-    d6 = dw4.to(ops.acc_dtype(dw4.dtype)).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)
-    return _unfold_taps(_unfold_taps(d6.transpose(0, 1), 4), 2)
+    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` (any strides) -> ``[O, I, 3, 3]`` contiguous, float32
+    (float64 stays). The tap sums run on whole ``[O, I]`` planes, taps outermost."""
+    d6 = dw4.to(ops.acc_dtype(dw4.dtype)).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)  # [a, b, O, I, rt, ct]
+    columns = _unfold_taps(d6.permute(1, 5, 4, 0, 2, 3))  # [b, ct, rt, a, O, I] -> [3 columns, rt, a, O, I]
+    taps = _unfold_taps(columns.permute(2, 1, 0, 3, 4))  # [a, rt, 3 columns, O, I] -> [3 rows, 3 columns, O, I]
+    return taps.permute(2, 3, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,6 +194,60 @@ def _winograd_train_conv(x, w):
             and not _gemm_train_conv(x, w))
 
 
+def _shifted_gemm_train_conv(x, w):
+    """Whether the backward of fast mode's training sub-pixel conv (2x2, padding 1) of ``x`` by ``w`` runs as
+    shifted GEMMs (_shifted_gemm_backward): float32 channels_last on the CPU, where _gemm_train_conv does not run it;
+    eager only (Dynamo cannot speculate a layout test in a backward)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype == torch.float32 and w.shape[2] == 2 and x.is_contiguous(memory_format=torch.channels_last)
+            and not _gemm_train_conv(x, w))
+
+
+def _shifted_gemm_backward(dz, x, w, output_mask):
+    """(dx, dw) of the sub-pixel conv ``conv2d(x, w, padding=1)`` (x ``[N, Cin, h, w]`` channels_last, w
+    ``[Cout, Cin, 2, 2]``, dz ``[N, Cout, h+1, w+1]``), each None where ``output_mask`` says so: four GEMMs per
+    gradient over the pixels as rows. With x zero-padded to an ``(h+2) x (w+2)`` grid and dz zero-extended to the
+    same grid, tap (a, b) pairs row r of dz with row r + a(w+2) + b of x, within one image; the zero rows add
+    nothing. dw comes taps outermost, as phase_weights_backward reads it best. oneDNN's channels_last backward of
+    these convs took 1.1-2.7x as long (benchmarks/RESULTS.md)."""
+    n, cin, h, width = x.shape
+    cout = w.shape[0]
+    grid_dz = dz.new_zeros((n, h + 2, width + 2, cout))
+    grid_dz[:, :h + 1, :width + 1] = dz.permute(0, 2, 3, 1)
+    rows_dz = grid_dz.view(-1, cout)
+    taps = [(a, b, a * (width + 2) + b) for a in range(2) for b in range(2)]
+    length = rows_dz.shape[0]
+    dx = dw = None
+    if output_mask[0]:
+        grid_dx = x.new_zeros((n, h + 2, width + 2, cin))
+        rows_dx = grid_dx.view(-1, cin)
+        for a, b, shift in taps:
+            rows_dx[shift:].addmm_(rows_dz[:length - shift], w[:, :, a, b])
+        dx = grid_dx[:, 1:h + 1, 1:width + 1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    if output_mask[1]:
+        grid_x = x.new_zeros((n, h + 2, width + 2, cin))
+        grid_x[:, 1:h + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
+        rows_x = grid_x.view(-1, cin)
+        dw_taps = x.new_empty((2, 2, cout, cin))
+        for a, b, shift in taps:
+            torch.mm(rows_dz[:length - shift].t(), rows_x[shift:], out=dw_taps[a, b])
+        dw = dw_taps.permute(2, 3, 0, 1)
+    return dx, dw
+
+
+# Fast-mode CPU training runs the up-conv as the sub-pixel 2x2 conv from this many low-resolution pixels per batch;
+# below, the 3x3 conv on the upsampled input: there the weights outweigh the pixels, and the sub-pixel conv's four
+# phase kernels (4/9 more weights, and their transforms both ways) cost more than its fewer multiplies save: a
+# 1 x 3 x 64^2 step went from 0.81x to 0.95x eager, 2 x 3 x 128^2 from 1.39x to 1.51x (benchmarks/RESULTS.md).
+_SUBPIXEL_TRAIN_MIN_PIXELS = 1024
+
+
+def _subpixel_train(d):
+    """Whether fast-mode training's up block runs the sub-pixel conv on ``d`` (else the 3x3 conv on the upsampled
+    ``d``): always on CUDA; on the CPU from _SUBPIXEL_TRAIN_MIN_PIXELS low-resolution pixels per batch."""
+    return d.device.type != "cpu" or d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_TRAIN_MIN_PIXELS
+
+
 def _fast_conv(x, w):
     """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
     pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
@@ -207,7 +265,7 @@ def _fast_conv(x, w):
 def _fast_conv_backward(dz, x, w, output_mask):
     """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
     pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
-    _fast_conv runs Winograd, both by Winograd."""
+    _fast_conv runs Winograd, both by Winograd, or for the channels_last sub-pixel conv shifted GEMMs."""
     if _winograd_train_conv(x, w):
         dx = None
         if output_mask[0]:
@@ -215,6 +273,8 @@ def _fast_conv_backward(dz, x, w, output_mask):
             winograd.conv3x3_input_grad(dz, w, dx)
         dw = winograd.conv3x3_weight_grad(x, dz, torch.empty_like(w)) if output_mask[1] else None
         return dx, dw
+    if _shifted_gemm_train_conv(x, w):
+        return _shifted_gemm_backward(dz, x, w, output_mask)
     if not _gemm_train_conv(x, w):
         return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
     n, cin, h, width = x.shape
@@ -389,28 +449,34 @@ def _conv_dtype(x, x_cast):
     return x.dtype if x_cast is None else x_cast.dtype
 
 
-def _reference_layer(x, w, b, bn, conv_dtype):
+def _reference_layer(x, w, b, bn, conv_dtype, inplace_relu=False):
     """One conv3x3 + BN + ReLU layer with the seed's pure-PyTorch ops, convs in ``conv_dtype`` (autocast's
-    casts), leaving the running stats alone."""
+    casts), leaving the running stats alone; the ReLU in place (the seed's ``nn.ReLU(inplace=True)``) if asked."""
     z = F.conv2d(x.to(conv_dtype), w.to(conv_dtype), None if b is None else b.to(conv_dtype), padding=1)
     running_mean, running_var = (None, None) if bn.training else (bn.running_mean, bn.running_var)
-    return torch.relu(F.batch_norm(z, running_mean, running_var, bn.weight, bn.bias, bn.training, 0.0, bn.eps))
+    y = F.batch_norm(z, running_mean, running_var, bn.weight, bn.bias, bn.training, 0.0, bn.eps)
+    return torch.relu_(y) if inplace_relu else torch.relu(y)
 
 
 def _differentiable_backward(ctx, reference, inputs, grad_outputs):
     """The Function's input gradients as ``reference(*inputs)``'s vector-Jacobian product, recorded by autograd:
     the backward of a fused block when autograd records the backward itself (double backward, torch.func). The
     seed's pure-PyTorch ops run again and autograd (torch.func.vjp, which nests in transforms) differentiates
-    them, so the gradients are differentiable in turn. Returns one entry per Function input."""
+    them, so the gradients are differentiable in turn. Fast mode on the CPU runs them in NCHW whatever the layout
+    (the model's channels_last inside included): the seed's double backward in channels_last had 3-4x the error
+    of its NCHW one against float64 (oneDNN's convs). Returns one entry per Function input."""
     need = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
     grads = [None] * len(ctx.needs_input_grad)
     if not need:
         return grads
+    nchw = not ctx.exact and inputs[0].device.type == "cpu"
 
     def run(*primals):
         args = list(inputs)
         for i, primal in zip(need, primals):
             args[i] = primal
+        if nchw:
+            args = [a.contiguous() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
         return reference(*args)
 
     outputs, vjp = torch.func.vjp(run, *(inputs[i] for i in need))
@@ -604,8 +670,9 @@ def _conv_relu(x, weight, bias):
 
 
 def _unfolded_conv_bn_relu(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it (_reference_layer)."""
-    return _reference_layer(x, *conv, bn, x.dtype)
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it (_reference_layer), the ReLU in place
+    (no fresh activation-sized buffer to fault in)."""
+    return _reference_layer(x, *conv, bn, x.dtype, inplace_relu=True)
 
 
 def _gemm_conv_bn_relu(x, conv, bn):
@@ -735,10 +802,14 @@ class UpsampleConvCat(torch.autograd.Function):
                 t, *bn_saved = _exact_bn(z, bn)
                 _relu_pool_exact(t, out)
                 return (buf, *casts, z, t, *bn_saved)
-            w4 = phase_weights(w).to(wc.dtype)
-            z4 = _fast_conv(dc, w4)
-            mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, 2)
-            ops.bn_relu_pool(z4, scale, shift, 2, out, None)
+            upscale = 2 if _subpixel_train(dc) else 1
+            if upscale == 2:
+                w4 = phase_weights(w).to(wc.dtype)
+                z4 = _fast_conv(dc, w4)
+            else:  # the conv on the upsampled input, which backward recomputes; z4: the conv's output as it lies
+                w4, z4 = wc, _fast_conv(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
+            mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, upscale)
+            ops.bn_relu_pool(z4, scale, shift, upscale, out, None)
             return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
 
     @staticmethod
@@ -788,11 +859,18 @@ class UpsampleConvCat(torch.autograd.Function):
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
                 w4, z4, mean, invstd, scale, shift = saved
+                subpixel = _subpixel_train(dc)
                 dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b,
-                                                           bn.training, 2, _sync_of(bn, ctx.extra))
-                dd, dw4 = _fast_conv_backward(dz4, dc, w4, [need[0], need[2]])
+                                                           bn.training, 2 if subpixel else 1, _sync_of(bn, ctx.extra))
+                if subpixel:
+                    dd, dw4 = _fast_conv_backward(dz4, dc, w4, [need[0], need[2]])
+                    dw = None if dw4 is None else phase_weights_backward(dw4, cout)
+                else:
+                    u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
+                    du, dw = _fast_conv_backward(dz4, u, w4, [need[0], need[2]])
+                    dd = None if du is None else _aten.upsample_nearest2d_backward(du, list(u.shape[2:]),
+                                                                                   list(dc.shape), 2.0, 2.0)
                 del dz4
-                dw = None if dw4 is None else phase_weights_backward(dw4, cout)
         # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).
         return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dgamma, gamma),
                 _grad_as(dbeta, beta), None, None, None, None)

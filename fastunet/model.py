@@ -423,7 +423,7 @@ class U_Net(_NotScriptable, reference.U_Net):
         encoders = (self.Conv1, self.Conv2, self.Conv3, self.Conv4)
         ups = (self.Up2, self.Up3, self.Up4, self.Up5)
         decoders = (self.Up_conv2, self.Up_conv3, self.Up_conv4, self.Up_conv5)
-        to_nchw = self._channels_last_inference(x)
+        to_nchw = self._channels_last_inside(x)
         skips = []
         h = x.contiguous(memory_format=torch.channels_last) if to_nchw else x
         for encoder, up in zip(encoders, ups):
@@ -435,17 +435,27 @@ class U_Net(_NotScriptable, reference.U_Net):
         out = self.Conv_1x1(d)
         return out.clone(memory_format=torch.contiguous_format) if to_nchw else out
 
-    def _channels_last_inference(self, x):
-        """Whether fast-mode CPU inference (functional._cpu_inference) on an NCHW ``x`` runs in channels_last inside,
-        its output coming back NCHW: oneDNN's convs run 10-20% faster in channels_last and take the folded BN there
-        (benchmarks/RESULTS.md). Only where no layer could tell: every module the seed's own type, without hooks, no
-        block in exact mode, and every block running CPU inference."""
-        if (self.training or x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last)
-                or not x.is_contiguous() or global_hooks()):
-            return False  # the cheap refusals first: every forward (training, CUDA) asks
+    def _channels_last_inside(self, x):
+        """Whether a fast-mode float32 CPU forward on an NCHW ``x`` runs in channels_last inside, its output coming
+        back NCHW (and its input gradient NCHW, as autograd gives it back through the layout change). oneDNN's
+        convs run 10-20% faster in channels_last and take the folded BN there, Winograd's transforms read the
+        channels with unit stride, and a training step ran 1.2x faster so (benchmarks/RESULTS.md). Only where no
+        layer could tell: every module the seed's own type, without hooks, every block fused (its modules would
+        run on another layout than the seed's) and in fast mode, no autocast, eager; in eval, only where every
+        block runs CPU inference (functional._cpu_inference)."""
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or x.is_contiguous(memory_format=torch.channels_last)
+                or not x.is_contiguous() or global_hooks() or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):
+            return False  # the cheap refusals first: every forward (CUDA) asks
         modules = tuple(self.modules())
         if any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:]):
             return False
+        if any(p.dtype != torch.float32 for p in self.parameters()):
+            return False
+        if any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv))):
+            return False  # a block running its own modules would run them in another layout than the seed's
+        if self.training:
+            return True
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
         return functional._cpu_inference(x, (*self.parameters(), *stats), bns)

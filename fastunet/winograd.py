@@ -38,6 +38,7 @@ from . import _ext, ops
 __all__ = ["weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays", "release_workspace",
            "WINOGRAD_OPS"]
 
+
 def _kernel_transform(g0, g1, g2):
     """G applied to three rows (or columns) of a kernel: four."""
     return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2

@@ -108,6 +108,34 @@ def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
 
 
+def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch):
+    """A plain fast U-Net trains on an NCHW float32 CPU input in channels_last inside: the convs see channels_last,
+    and the step (output, input gradient, parameter gradients, BN buffers) has the bits of the same step on a
+    channels_last input, the output and input gradient in the seed's strides. A hooked model stays in NCHW."""
+    layouts = []
+    fast_conv = functional._fast_conv
+
+    def recorded(x, w):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return fast_conv(x, w)
+
+    monkeypatch.setattr(functional, "_fast_conv", recorded)
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    twin = copy.deepcopy(fast)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    g = torch.randn(2, 2, SIZE, SIZE)
+    got = train_step(fast, x, g)
+    assert layouts and all(layouts)
+    want = train_step(twin, x.contiguous(memory_format=torch.channels_last), g)
+    assert_results_bitwise(got, want)
+    assert got[0].stride() == ref(x).stride() and got[1].stride() == x.stride()
+    layouts.clear()
+    fast.Conv2.register_forward_hook(lambda module, args, out: None)
+    train_step(fast, x, g)
+    assert layouts and not any(layouts)
+
+
 def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
     """Fast-mode inference keeps BN-folded weights from call to call; each in-place change (weight, BN
     parameter, running stat, load_state_dict, a training step) must remake them: the output then equals a new
@@ -172,10 +200,12 @@ def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager
     (the eager kernels) it is also the eager step up to rounding (inductor re-associates what surrounds the fused
-    ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs or Winograd, as a compiled
-    graph does (functional._gemm_train_conv, winograd.pays). Its inference is eager's."""
+    ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs or Winograd and keeping
+    NCHW inside, as a compiled graph does (functional._gemm_train_conv, winograd.pays, U_Net._channels_last_inside).
+    Its inference is eager's."""
     monkeypatch.setattr(functional, "_GEMM_TRAIN_MAX_PIXELS", 0)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
+    monkeypatch.setattr(fastunet.U_Net, "_channels_last_inside", lambda model, x: False)
     ref, fast = pair(exact=exact)
     well_conditioned(ref, fast)
     ref64 = copy.deepcopy(ref).double()

@@ -219,8 +219,12 @@ def test_gradcheck_double_conv_bn_relu(exact, training, pool):
 
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_upsample_conv_cat(exact, training):
+@pytest.mark.parametrize("subpixel", [True, False])
+def test_gradcheck_upsample_conv_cat(exact, training, subpixel, monkeypatch):
+    """Both of fast mode's up-conv paths (the sub-pixel conv, the conv on the upsampled input) and exact mode's."""
+    monkeypatch.setattr(functional, "_SUBPIXEL_TRAIN_MIN_PIXELS", 0 if subpixel else 1 << 30)
     inputs, (rm, rv) = up_block_inputs()
+    assert functional._subpixel_train(inputs[0]) == subpixel
     torch.autograd.gradcheck(up_block_function(training, exact, rm, rv), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -265,6 +269,42 @@ def test_sub_pixel_weights_equal_upsample_then_conv():
     want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2), w, padding=1)
     z4 = torch.nn.functional.conv2d(x, functional.phase_weights(w).double(), padding=1)
     torch.testing.assert_close(ops.to_logical(z4, 2), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last, "taps outermost"])
+def test_sub_pixel_weight_gradient_is_the_adjoint_of_phase_weights(layout):
+    """phase_weights_backward is autograd's vector-Jacobian product of phase_weights, whatever dw4's strides."""
+    o, i = 5, 3
+    w = torch.randn(o, i, 3, 3, dtype=torch.float64, requires_grad=True)
+    dw4 = torch.randn(2, 2, 4 * o, i, dtype=torch.float64).permute(2, 3, 0, 1)  # taps outermost
+    if layout != "taps outermost":
+        dw4 = dw4.contiguous(memory_format=layout)
+    want, = torch.autograd.grad(functional.phase_weights(w), w, dw4)
+    got = functional.phase_weights_backward(dw4, o)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 16, 8, 10), (1, 8, 40, 9, 13), (3, 16, 16, 16, 5)])
+def test_shifted_gemm_sub_pixel_backward_matches_aten(shape):
+    """The channels_last sub-pixel conv's backward by shifted GEMMs (functional._shifted_gemm_backward) against
+    ATen's in float64, both gradients and each alone, odd sizes included; dx in channels_last."""
+    n, cin, cout, h, w = shape
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 2, 2)
+    dz = torch.randn(n, cout, h + 1, w + 1).contiguous(memory_format=torch.channels_last)
+    assert functional._shifted_gemm_train_conv(x, weight)
+    assert not functional._shifted_gemm_train_conv(x.contiguous(), weight)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    dx64, dw64 = torch.autograd.grad(F.conv2d(x64, w64, padding=1), (x64, w64), dz.double())
+    dx, dw = functional._fast_conv_backward(dz, x, weight, [True, True])
+    assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dw.dtype == torch.float32
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-4)
+    only_dx, none = functional._shifted_gemm_backward(dz, x, weight, [True, False])
+    none_, only_dw = functional._shifted_gemm_backward(dz, x, weight, [False, True])
+    assert none is None and none_ is None
+    assert torch.equal(only_dx, dx) and torch.equal(only_dw, dw)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)

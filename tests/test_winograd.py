@@ -219,6 +219,7 @@ def test_training_through_winograd_is_within_twice_the_reference_error(monkeypat
     exact = train_step(ref64, x.double(), g.double())
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
     # Levels 1-3 (above 64 pixels per image; fewer run as GEMMs): six block convs in the encoder and six in the
-    # decoder (training's up-convs are sub-pixel 2x2 ones), each forward, as the input gradient (train_step's
-    # image requires grad) and as the weight gradient.
-    assert len(calls) == 3 * 12
+    # decoder, and the 3x3 up-convs of Up4 and Up3 on their upsampled inputs (Up2's 1024 low-resolution pixels
+    # take the sub-pixel 2x2 conv), each forward, as the input gradient (train_step's image requires grad) and as
+    # the weight gradient.
+    assert len(calls) == 3 * 14
