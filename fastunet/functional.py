@@ -538,6 +538,7 @@ class DoubleConvBNReLU(torch.autograd.Function):
         x, w1, b1, gamma1, beta1, running_mean1, running_var1, *layer2, settings1, settings2, exact, _, pool = inputs
         w2, b2, gamma2, beta2, running_mean2, running_var2 = layer2
         buf, pooled, x_cast, w1_cast, w2_cast, *saved = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
         ctx.exact, ctx.pool, ctx.settings = exact, pool, (settings1, settings2)
         ctx.conv_dtype = _conv_dtype(x, x_cast)
         ctx.out_channels = w2.shape[0]
@@ -557,13 +558,17 @@ class DoubleConvBNReLU(torch.autograd.Function):
         gamma1, beta1 = bn1_tensors[:2]
         bn1 = BatchNormArgs(*bn1_tensors, *ctx.settings[0])
         bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
-        grad_out = concat_parts(grad_buf, ctx.out_channels)[0]
+        if grad_buf is None and grad_pooled is None:
+            return (None,) * 18
+        grad_out = None if grad_buf is None else concat_parts(grad_buf, ctx.out_channels)[0]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn1, bn2)
             grads = _differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled))
             return tuple(grads[:13]) + (None,) * 5
+        if grad_out is None:  # only the pooled output reached the loss
+            grad_out = torch.zeros_like(saved[5])
         layers = ((xc, w1c, b1, bn1), (w2c, b2, bn2))
-        with torch.autocast(grad_buf.device.type, enabled=False):
+        with torch.autocast(grad_out.device.type, enabled=False):
             backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
             grads = backward(grad_out, grad_pooled, saved, ctx.extra, layers, ctx.needs_input_grad)
         dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2 = grads
@@ -816,6 +821,7 @@ class UpsampleConvCat(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact = inputs
         _, d_cast, w_cast, *saved = output
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
         ctx.exact, ctx.settings = exact, settings
         ctx.conv_dtype = _conv_dtype(d, d_cast)
         ctx.skip_channels = buf.shape[1] - w.shape[0]
@@ -831,6 +837,8 @@ class UpsampleConvCat(torch.autograd.Function):
         d, w, b, gamma, beta, running_mean, running_var, dc, wc, *saved = ctx.saved_tensors
         bn = BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings)
         cout = w.shape[0]
+        if grad_buf is None:
+            return (None,) * 10
         grad_out = concat_parts(grad_buf, ctx.skip_channels)[1]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn)
