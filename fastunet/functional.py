@@ -248,10 +248,34 @@ def _subpixel_train(d):
     return d.device.type != "cpu" or d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_TRAIN_MIN_PIXELS
 
 
+def _has_native_dot(dtype):
+    """Whether this CPU has dot-product instructions for ``dtype`` (bfloat16: AVX-512 BF16 or AMX; float16: AMX-FP16),
+    which oneDNN's convolutions of that dtype use; without them it emulates them."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    return cpu._is_amx_fp16_supported()
+
+
+# dtype -> whether fast mode's CPU convolutions of that dtype stay in it (_float32_conv).
+_CPU_NATIVE_DOT = {dtype: _has_native_dot(dtype) for dtype in (torch.bfloat16, torch.float16)}
+
+
+def _float32_conv(x):
+    """Whether fast mode runs a CPU convolution of a bfloat16/float16 ``x`` in float32, its inputs upcast (exactly)
+    and its output rounded back: where the CPU has no dot products of that dtype (_CPU_NATIVE_DOT), oneDNN's
+    emulated ones made a 1 x 3 x 64^2 bfloat16 training step 26x as slow as a float32 one (benchmarks/RESULTS.md).
+    The float32 product of the rounded inputs is at least as accurate as the half-precision conv, which accumulates
+    in float32 too."""
+    return x.device.type == "cpu" and x.dtype in _CPU_NATIVE_DOT and not _CPU_NATIVE_DOT[x.dtype]
+
+
 def _fast_conv(x, w):
     """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
     pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
-    ATen's; the output in x's layout."""
+    ATen's; the output in x's layout and dtype, computed in float32 where _float32_conv says so."""
+    if _float32_conv(x):
+        return _fast_conv(x.float(), w.float()).to(x.dtype)
     if _winograd_train_conv(x, w):
         return winograd.conv3x3(x, winograd.weights(w))
     if not _gemm_train_conv(x, w):
@@ -265,7 +289,11 @@ def _fast_conv(x, w):
 def _fast_conv_backward(dz, x, w, output_mask):
     """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
     pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
-    _fast_conv runs Winograd, both by Winograd, or for the channels_last sub-pixel conv shifted GEMMs."""
+    _fast_conv runs Winograd, both by Winograd, or for the channels_last sub-pixel conv shifted GEMMs. Where
+    _fast_conv runs in float32, so does this; dx comes back in x's dtype, dw in float32."""
+    if _float32_conv(x):
+        dx, dw = _fast_conv_backward(dz.float(), x.float(), w.float(), output_mask)
+        return (None if dx is None else dx.to(x.dtype)), dw
     if _winograd_train_conv(x, w):
         dx = None
         if output_mask[0]:

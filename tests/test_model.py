@@ -199,7 +199,19 @@ def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
         assert torch.equal(model(x), fresh())
 
 
-def test_fast_mode_under_bf16_autocast_is_close_to_float64():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, monkeypatch):
+    """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (functional._float32_conv), in
+    bfloat16 on one with them; the output is autocast's bfloat16 either way, close to float64."""
+    monkeypatch.setitem(functional._CPU_NATIVE_DOT, torch.bfloat16, native_bf16)
+    conv_dtypes = set()
+    gemm_train_conv = functional._gemm_train_conv
+
+    def recorded(x, w):  # asked for every conv, forward and backward, whichever way it then runs
+        conv_dtypes.add(x.dtype)
+        return gemm_train_conv(x, w)
+
+    monkeypatch.setattr(functional, "_gemm_train_conv", recorded)
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
     ref64 = copy.deepcopy(ref).double()
@@ -207,6 +219,7 @@ def test_fast_mode_under_bf16_autocast_is_close_to_float64():
     g = torch.randn(2, 2, SIZE, SIZE)
     exact = train_step(ref64, x.double(), g.double())
     got = train_step(fast, x, g, autocast=torch.bfloat16)
+    assert conv_dtypes == {torch.bfloat16 if native_bf16 else torch.float32}
     want = train_step(ref, x, g, autocast=torch.bfloat16)
     assert got[0].dtype == torch.bfloat16
     # bf16 rounding differs in where it falls; hold fast mode to 2x the bf16 reference error plus a bf16 ulp.
