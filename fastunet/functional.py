@@ -250,11 +250,11 @@ def _subpixel_train(d):
 
 def _has_native_dot(dtype):
     """Whether this CPU has dot-product instructions for ``dtype`` (bfloat16: AVX-512 BF16 or AMX; float16: AMX-FP16),
-    which oneDNN's convolutions of that dtype use; without them it emulates them."""
-    cpu = torch.cpu
-    if dtype == torch.bfloat16:
-        return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
-    return cpu._is_amx_fp16_supported()
+    which oneDNN's convolutions of that dtype use; without them it emulates them. A torch without the probe (private
+    API) answers False."""
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == torch.bfloat16 else (
+        "_is_amx_fp16_supported",)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
 
 
 # dtype -> whether fast mode's CPU convolutions of that dtype stay in it (_float32_conv).
