@@ -282,8 +282,13 @@ def _fast_conv(x, w):
         return _conv(x, w, None)
     n, _, h, width = x.shape
     cout, k = w.shape[0], w.shape[2]
-    z = torch.bmm(w.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, k, padding=1))  # [N, Cout, pixels]
-    return z.view(n, cout, h + 3 - k, width + 3 - k).contiguous(memory_format=ops.memory_format_of(x))
+    if ops.memory_format_of(w) == torch.channels_last:
+        rows = torch.bmm(_taps_outer_columns(x, k), _taps_outer_weights(w).t().expand(n, -1, -1))  # [N, pixels, Cout]
+        z = rows.view(n, h + 3 - k, width + 3 - k, cout).permute(0, 3, 1, 2)
+    else:
+        z = torch.bmm(w.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, k, padding=1))  # [N, Cout, pixels]
+        z = z.view(n, cout, h + 3 - k, width + 3 - k)
+    return z.contiguous(memory_format=ops.memory_format_of(x))
 
 
 def _fast_conv_backward(dz, x, w, output_mask):
@@ -307,6 +312,8 @@ def _fast_conv_backward(dz, x, w, output_mask):
         return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
     n, cin, h, width = x.shape
     cout, k = w.shape[0], w.shape[2]
+    if ops.memory_format_of(w) == torch.channels_last:
+        return _taps_outer_gemm_backward(dz, x, w, output_mask)
     dz = dz.reshape(n, cout, -1)
     dx = dw = None
     if output_mask[0]:
@@ -315,7 +322,41 @@ def _fast_conv_backward(dz, x, w, output_mask):
     if output_mask[1]:
         cols = F.unfold(x, k, padding=1)  # [N, Cin*k*k, pixels]
         dw = torch.mm(dz.transpose(0, 1).reshape(cout, -1), cols.transpose(1, 2).reshape(-1, cin * k * k))
-        dw = dw.view(w.shape).contiguous(memory_format=ops.memory_format_of(w))
+        dw = dw.view(w.shape)
+    return dx, dw
+
+
+def _taps_outer_columns(x, k):
+    """im2col of ``x`` ``[N, Cin, H, W]`` (any layout) for a k x k conv with padding 1: ``[N, Ho*Wo, k*k*Cin]``, the
+    pixels as rows, taps outside the channels within a row (the order of a channels_last weight's memory)."""
+    n, cin, h, width = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [N, H + 2, W + 2, Cin]
+    sn, sh, sw, sc = padded.stride()
+    ho, wo = h + 3 - k, width + 3 - k
+    return padded.as_strided((n, ho, wo, k, k, cin), (sn, sh, sw, sh, sw, sc)).reshape(n, ho * wo, k * k * cin)
+
+
+def _taps_outer_weights(w):
+    """A channels_last weight ``[Cout, Cin, k, k]`` as the ``[Cout, k*k*Cin]`` matrix its memory holds (a view)."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _taps_outer_gemm_backward(dz, x, w, output_mask):
+    """_fast_conv_backward's GEMMs for a channels_last weight (the model's ``.to(memory_format=torch.channels_last)``):
+    the columns taps outside the channels (_taps_outer_columns), so the weight is read as it lies and its gradient
+    comes out channels_last, neither copied (a weight-sized copy each way cost about a quarter of a 1 x 3 x 64^2
+    step, benchmarks/RESULTS.md)."""
+    n, cin, h, width = x.shape
+    cout, k = w.shape[0], w.shape[2]
+    rows_dz = dz.permute(0, 2, 3, 1).reshape(n, -1, cout)  # [N, pixels, Cout]
+    dx = dw = None
+    if output_mask[0]:
+        cols_grad = torch.bmm(rows_dz, _taps_outer_weights(w).expand(n, -1, -1))  # [N, pixels, k*k*Cin]
+        cols_grad = cols_grad.view(n, -1, k, k, cin).permute(0, 4, 2, 3, 1).reshape(n, cin * k * k, -1)
+        dx = F.fold(cols_grad, (h, width), k, padding=1).contiguous(memory_format=ops.memory_format_of(x))
+    if output_mask[1]:
+        cols = _taps_outer_columns(x, k).reshape(-1, k * k * cin)
+        dw = torch.mm(rows_dz.reshape(-1, cout).t(), cols).view(cout, k, k, cin).permute(0, 3, 1, 2)
     return dx, dw
 
 
@@ -715,14 +756,11 @@ def _gemm_conv_bn_relu(x, conv, bn):
     ones), so the weights are never copied. bmm, not matmul: matmul picks its kernel by requires_grad, and the
     bits must not depend on that."""
     weight, bias = conv
-    n, cin, h, w = x.shape
+    n, _, h, w = x.shape
     cout = weight.shape[0]
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
     if ops.memory_format_of(weight) == torch.channels_last:
-        padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [N, H + 2, W + 2, Cin]
-        sn, sh, sw, sc = padded.stride()
-        cols = padded.as_strided((n, h, w, 3, 3, cin), (sn, sh, sw, sh, sw, sc)).reshape(n, h * w, 9 * cin)
-        product = torch.bmm(cols, weight.permute(0, 2, 3, 1).reshape(cout, -1).t().expand(n, -1, -1))
+        product = torch.bmm(_taps_outer_columns(x, 3), _taps_outer_weights(weight).t().expand(n, -1, -1))
         out = torch.addcmul(shift, product, scale).relu_()  # [N, H*W, Cout]
         return out.view(n, h, w, cout).permute(0, 3, 1, 2).contiguous(memory_format=ops.memory_format_of(x))
     product = torch.bmm(weight.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]

@@ -4,6 +4,7 @@ two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import backward_case, case, random, slice_of_buffer
 
 from fastunet import _ext, functional, ops
@@ -392,23 +393,41 @@ def test_long_lines_and_border_cells_match_reference(layout, upscale, hw, values
                                rtol=1e-5, atol=1e-6)
 
 
+class Copies(TorchDispatchMode):
+    """Records the copies (clone, copy_, _to_copy) made of ``tensor``'s memory while it is active."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.data_ptr, self.copies = tensor.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        source = {torch.ops.aten.clone.default: 0, torch.ops.aten._to_copy.default: 0, torch.ops.aten.copy_.default: 1}
+        if func in source and args[source[func]].untyped_storage().data_ptr() == self.data_ptr:
+            self.copies.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("k", [3, 2])
+@pytest.mark.parametrize("weight_format", FORMATS)
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_gemm_training_convs_match_aten(k, memory_format):
+def test_gemm_training_convs_match_aten(k, memory_format, weight_format):
     """Fast mode's few-pixel training convs (im2col and GEMMs) against ATen's convolution in float64: the output
-    and both gradients, in the input's and weights' layouts."""
+    and both gradients, in the input's and weights' layouts, in every pairing of the two; the weights are read as
+    they lie and their gradient made in their layout, never copied."""
     n, cin, cout, h, w = 2, 40, 24, 8, 6
     assert functional._gemm_train_conv(torch.empty(n, cin, h, w), torch.empty(cout, cin, k, k))
     assert not functional._gemm_train_conv(torch.empty(n, cin, 16, 16), torch.empty(cout, cin, k, k))
     x = torch.randn(n, cin, h, w).contiguous(memory_format=memory_format)
-    weight = torch.randn(cout, cin, k, k).contiguous(memory_format=memory_format)
+    weight = torch.randn(cout, cin, k, k).contiguous(memory_format=weight_format)
     dz = torch.randn(n, cout, h + 3 - k, w + 3 - k)
     x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
     z64 = F.conv2d(x64, w64, padding=1)
     dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
-    z = functional._fast_conv(x, weight)
-    dx, dw = functional._fast_conv_backward(dz.contiguous(memory_format=memory_format), x, weight, [True, True])
-    for got, want in ((z, z64), (dx, dx64), (dw, dw64)):
-        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=memory_format)
+    with Copies(weight) as recorded:
+        z = functional._fast_conv(x, weight)
+        dx, dw = functional._fast_conv_backward(dz.contiguous(memory_format=memory_format), x, weight, [True, True])
+    assert recorded.copies == []
+    for got, want, layout in ((z, z64, memory_format), (dx, dx64, memory_format), (dw, dw64, weight_format)):
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
