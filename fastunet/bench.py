@@ -165,14 +165,18 @@ def median_ms(step, batches, warmup, reps, device):
 
 def interleaved_median_ms(runs, reps):
     """Median ms of each zero-argument call of ``runs`` (name -> call), the calls taken in turn ``reps`` times
-    after one untimed round, so that a noisy machine moves them alike (the CPU benchmarks' side-by-side timing)."""
-    times = {name: [] for name in runs}
+    after one untimed round, so that a noisy machine moves them alike (the CPU benchmarks' side-by-side timing).
+    Each round starts one call later than the one before, so every call runs at every place in the round alike:
+    with a fixed order, two instances of the same eager model ran 5-8% apart by place alone (benchmarks/RESULTS.md)."""
+    names = list(runs)
+    times = {name: [] for name in names}
     for rep in range(reps + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
+        start = rep % len(names)
+        for name in names[start:] + names[:start]:
+            begin = time.perf_counter()
+            runs[name]()
             if rep:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((time.perf_counter() - begin) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -9,7 +9,7 @@ import sys
 
 from helpers import PNG_SIGNATURE, REPO
 
-from fastunet.bench import CONFIGS, PEERS, reference_flops
+from fastunet.bench import CONFIGS, PEERS, interleaved_median_ms, reference_flops
 
 MEASURED_KEYS = ("train_ms", "infer_ms", "train_speedup", "infer_speedup", "train_peak_mib", "infer_peak_mib",
                  "out_rel_err", "grad_rel_err", "infer_rel_err", "train_tflops", "train_peak_fraction")
@@ -98,6 +98,17 @@ def test_a_compiler_failure_is_recorded_and_the_other_rows_still_run(tmp_path, m
     for key in MEASURED_KEYS:
         assert math.isfinite(configs["reference_eager"][key]), key
     assert "failed: RuntimeError: inductor broke" in capsys.readouterr().out
+
+
+def test_interleaved_timing_runs_every_call_at_every_place_of_a_round():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = interleaved_median_ms(runs, reps=6)
+    assert set(medians) == set("abc") and all(ms >= 0 for ms in medians.values())
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # the timed rounds, after the untimed one
+    assert len(rounds) == 6 and all(sorted(r) == list("abc") for r in rounds)
+    for place in range(3):
+        assert sorted(r[place] for r in rounds) == sorted("abc" * 2)
 
 
 def test_reference_flops_of_a_256x256_image():
