@@ -4,8 +4,8 @@ two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import backward_case, case, random, slice_of_buffer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastunet import _ext, functional, ops
 
