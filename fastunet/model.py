@@ -353,6 +353,28 @@ def _fused_glue(block, kind):
 # ----------------------------------------------------------------------------------------------------
 
 
+# The U-Net's levels in the order its forward runs them: four encoder levels (each a double block and the max-pool
+# after it), the bottleneck, four decoder levels (each an up block and a double block; the last also the 1x1 conv).
+LEVELS = ("Conv1", "Conv2", "Conv3", "Conv4", "Conv5", "Up5", "Up4", "Up3", "Up2")
+BOTTLENECK = LEVELS.index("Conv5")
+
+
+def level_modules(level):
+    """The names of the U-Net's children that level ``level`` runs, in order."""
+    if level < BOTTLENECK:
+        return LEVELS[level], "Maxpool"
+    if level == BOTTLENECK:
+        return (LEVELS[level],)
+    k = LEVELS[level].removeprefix("Up")
+    return (f"Up{k}", f"Up_conv{k}") + (("Conv_1x1",) if level == len(LEVELS) - 1 else ())
+
+
+def skip_partner(level):
+    """The decoder level that takes encoder level ``level``'s skip, or the encoder level whose skip decoder level
+    ``level`` takes."""
+    return len(LEVELS) - 1 - level
+
+
 # The module types of the seed U-Net with fastunet's blocks (a subclass, a parametrized layer or a swapped one is
 # none of them).
 _SEED_MODULE_TYPES = (conv_block, up_conv, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
@@ -415,25 +437,45 @@ class U_Net(_NotScriptable, reference.U_Net):
         _check_input(x, self.img_ch, next(self.parameters(), None))
         if exporting() or _transform_refusal():
             return super().forward(x)  # the seed's graph; each block still decides for itself
-        if self.training and _one_value_per_channel(x):
-            if not any(sync_group(m) is not None for m in self.modules()):  # synchronized BN counts every rank's
-                _check_bn_batch(x)
-        run = _checkpoint if self.checkpointing and self.training and self._grad_needed(x) else _call
-        pool = is_plain_maxpool(self.Maxpool)
-        encoders = (self.Conv1, self.Conv2, self.Conv3, self.Conv4)
-        ups = (self.Up2, self.Up3, self.Up4, self.Up5)
-        decoders = (self.Up_conv2, self.Up_conv3, self.Up_conv4, self.Up_conv5)
+        self.check_training_batch(x.shape)
         to_nchw = self._channels_last_inside(x)
-        skips = []
         h = x.contiguous(memory_format=torch.channels_last) if to_nchw else x
-        for encoder, up in zip(encoders, ups):
-            skip, h = self._encode(run, encoder, h, up, pool)
-            skips.append(skip)
-        d = run(self.Conv5, h)
-        for up, decoder, skip in reversed(tuple(zip(ups, decoders, skips))):
-            d = run(decoder, self._up_cat(up, d, skip))
-        out = self.Conv_1x1(d)
+        out = self.run_levels(0, len(LEVELS), h, {})
         return out.clone(memory_format=torch.contiguous_format) if to_nchw else out
+
+    def check_training_batch(self, shape):
+        """nn.BatchNorm2d's error, before anything runs, where training on an image of ``shape`` ``[N, C, H, W]`` would
+        give the bottleneck's BatchNorms one value per channel (unless synchronized BN counts every rank's)."""
+        if self.training and _one_value_per_channel(shape):
+            if not any(sync_group(m) is not None for m in self.modules()):
+                _check_bn_batch(shape)
+
+    def run_levels(self, first, end, h, skips):
+        """Levels ``LEVELS[first:end]`` of the forward on ``h`` (the image at level 0, an encoder level's pooled output
+        before an encoder level or the bottleneck, a decoder level's output before a decoder level). ``skips`` maps
+        an encoder level's index to its skip: a tensor, or ``(buf, channels)`` (the skip in the first ``channels``
+        channels of ``buf``, whose other channels are room for the up block to write into); it gains the skips made
+        here and loses the ones used. Returns the new ``h``: after the last level, the logits. Where the up block
+        that takes an encoder level's skip runs in these levels too, the encoder writes its skip into a concat
+        buffer with room for the up block's output, else (a pipeline stage's boundary) into a tensor of its own."""
+        run = _checkpoint if self.checkpointing and self.training and self._grad_needed(h) else _call
+        pool = is_plain_maxpool(self.Maxpool)
+        for level in range(first, end):
+            if level < BOTTLENECK:
+                up = self.decoder_level(skip_partner(level))[0] if skip_partner(level) < end else None
+                skips[level], h = self._encode(run, getattr(self, LEVELS[level]), h, up, pool)
+            elif level == BOTTLENECK:
+                h = run(self.Conv5, h)
+            else:
+                up, decoder = self.decoder_level(level)
+                skip = skips.pop(skip_partner(level))
+                h = run(decoder, self._up_cat(up, h, skip if isinstance(skip, tuple) else (skip, skip.shape[1])))
+        return self.Conv_1x1(h) if end == len(LEVELS) else h
+
+    def decoder_level(self, level):
+        """(up block, double block) of decoder level ``level`` (5: Up5 and Up_conv5, ..., 8: Up2 and Up_conv2)."""
+        up, decoder = level_modules(level)[:2]
+        return getattr(self, up), getattr(self, decoder)
 
     def _channels_last_inside(self, x):
         """Whether a fast-mode float32 CPU forward on an NCHW ``x`` runs in channels_last inside, its output coming
@@ -462,13 +504,14 @@ class U_Net(_NotScriptable, reference.U_Net):
 
     def _encode(self, run, encoder, x, up, pool):
         """One encoder level: (skip, pooled). The skip is ``(buf, channels)``: the level's output in the first
-        ``channels`` channels of ``buf``, whose other channels are room for ``up`` to write into."""
+        ``channels`` channels of ``buf``, whose other channels are room for ``up`` to write into (none where ``up``
+        is None)."""
         # Where the max-pool is not the fused one, it may save its input, which then must not share a buffer that
         # the up block writes into later.
         if not (pool and _fused_glue(encoder, conv_block)):
             y = run(encoder, x)
             return (y, y.shape[1]), self.Maxpool(y)
-        room = up.out_channels if _fused_glue(up, up_conv) and up.layers_refusal() is None else 0
+        room = up.out_channels if up is not None and _fused_glue(up, up_conv) and up.layers_refusal() is None else 0
         buf, pooled = run(encoder, x, cat_channels=room, pool=True)
         return (buf, buf.shape[1] - room), pooled
 
@@ -477,7 +520,7 @@ class U_Net(_NotScriptable, reference.U_Net):
         buf, channels = skip
         if buf.shape[1] > channels and _fused_glue(up, up_conv):
             return up(d, buf)
-        return torch.cat((buf.narrow(1, 0, channels), up(d)), dim=1)
+        return torch.cat((buf if buf.shape[1] == channels else buf.narrow(1, 0, channels), up(d)), dim=1)
 
     def _grad_needed(self, x):
         if not torch.is_grad_enabled():
@@ -509,15 +552,16 @@ def _check_input(x, img_ch, param):
     check_dtypes(x, param)
 
 
-def _one_value_per_channel(x):
-    """Whether the bottleneck's BatchNorms would see one value per channel (a 1x1 bottleneck of one sample)."""
-    n, _, h, w = x.shape
+def _one_value_per_channel(shape):
+    """Whether an image of ``shape`` would give the bottleneck's BatchNorms one value per channel (a 1x1 bottleneck
+    of one sample)."""
+    n, _, h, w = shape
     return n * (h // 16) * (w // 16) == 1
 
 
-def _check_bn_batch(x):
+def _check_bn_batch(shape):
     """nn.BatchNorm2d's error for a training batch with one value per channel (the 1x1 bottleneck)."""
-    n, _, h, w = x.shape
-    if _one_value_per_channel(x):
+    n, _, h, w = shape
+    if _one_value_per_channel(shape):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([n, 1024, h // 16, w // 16])}")
