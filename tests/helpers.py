@@ -1,10 +1,15 @@
 """What the test files share: the reference/fastunet pair and its training step, the bit-for-bit and 2x-error
-assertions, the seed repository's init_weights, and the op inputs of the CPU and CUDA op tests."""
+assertions, the seed repository's init_weights, the op inputs of the CPU and CUDA op tests, and the spawning of
+process-group ranks."""
 
 import copy
+import datetime
 import os
+import socket
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.init as init
 
 import fastunet
@@ -191,3 +196,25 @@ def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float
     if pool:
         grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format)
     return grad, grad_pooled, z, scale, shift
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, args, nprocs, timeout_s):
+    """Runs ``worker(rank, *args)`` in ``nprocs`` spawned processes; fails the test, and kills them, if they have
+    not all finished within ``timeout_s`` seconds (a hang fails instead of stalling CI)."""
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    try:
+        while not context.join(timeout=2):
+            if datetime.datetime.now() > deadline:
+                pytest.fail(f"the {nprocs} ranks did not finish within {timeout_s} s")
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()

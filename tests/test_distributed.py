@@ -16,26 +16,18 @@ equivalent loss is sum(out * g) / R, and a rank's input gradient is that of the 
 import copy
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import HAS_GPU
-from helpers import conv_bias_before_bn, relative_error, train_step, well_conditioned
+from helpers import conv_bias_before_bn, free_port, relative_error, spawn_ranks, train_step, well_conditioned
 
 import fastunet
 from fastunet.reference import U_Net as Reference
 
 WORLD = 2
 TIMEOUT_S = 300
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_slice(sizes, rank):
@@ -77,17 +69,7 @@ def run_ranks(tmp_path, runs, state, backend="gloo"):
     TIMEOUT_S seconds."""
     case_path = str(tmp_path / "case.pt")
     torch.save({"runs": runs, "state": state}, case_path)
-    context = mp.start_processes(_worker, args=(_free_port(), backend, case_path, str(tmp_path)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
-    try:
-        while not context.join(timeout=5):
-            if datetime.datetime.now() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_worker, (free_port(), backend, case_path, str(tmp_path)), WORLD, TIMEOUT_S)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,0 +1,213 @@
+"""One U-Net over several devices on torch.distributed: the model cut into pipeline stages.
+
+``pipeline_stages(model, num_stages)`` cuts a fastunet.U_Net into stages: each is an ``nn.Module`` holding the
+model's own blocks (shared, not copied), whose forward takes and returns a tuple of tensors, the skip connections
+riding along as extra tensors until the decoder level that takes them. ``build_pipeline`` makes this rank's
+``torch.distributed.pipelining.PipelineStage``s of them and the schedule that runs them.
+"""
+
+import itertools
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed import pipelining
+
+from .model import BOTTLENECK, LEVELS, U_Net, _check_input, level_modules, skip_partner
+
+BALANCES = ("memory", "flops")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity whose backward makes its gradient contiguous. A skip's gradient leaves torch.cat as a channel
+    slice, which gloo's send refuses ("input tensor has to be contiguous") and other backends may send in another
+    layout; a stage passes the skips it takes through it."""
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class UNetStage(nn.Module):
+    """Levels ``LEVELS[first:end]`` of a fastunet.U_Net as one pipeline stage.
+
+    Its submodules are the model's own (the same objects, under the same names), so its ``state_dict`` keys are
+    the model's keys for those levels. ``forward(h, *skips)``: ``h`` is the image for the first stage, else the
+    tensor the stage before returned first; ``skips`` are the encoder outputs made before this stage and taken
+    at or after it, shallowest level first (``skips_in`` names their levels). Returns ``(h, *skips)`` with the
+    skips taken after it (``skips_out``; one this stage neither makes nor takes is returned as the same tensor),
+    or the logits ``[N, output_ch, H, W]`` from the last stage.
+    """
+
+    def __init__(self, model, first, end):
+        super().__init__()
+        if not isinstance(model, U_Net):
+            raise TypeError(f"fastunet.parallel cuts a fastunet.U_Net into stages, not a {type(model).__name__}")
+        self.first, self.end = first, end
+        self.skips_in = tuple(k for k in range(BOTTLENECK) if k < first <= skip_partner(k))
+        self.skips_out = tuple(k for k in range(BOTTLENECK) if k < end <= skip_partner(k))
+        for name in (name for level in range(first, end) for name in level_modules(level)):
+            self.add_module(name, getattr(model, name))
+        object.__setattr__(self, "model", model)  # not a submodule: its other levels are other stages' parameters
+
+    def extra_repr(self):
+        return f"levels {', '.join(LEVELS[self.first:self.end])}"
+
+    def train(self, mode=True):
+        """As nn.Module.train, and the U-Net's own flag too (its checks and activation checkpointing read it)."""
+        self.model.training = mode
+        return super().train(mode)
+
+    def forward(self, h, *skips):
+        if len(skips) != len(self.skips_in):
+            levels = ", ".join(LEVELS[k] for k in self.skips_in)
+            raise ValueError(f"fastunet: this pipeline stage ({self.extra_repr()}) takes the input and "
+                             f"{len(self.skips_in)} skip tensors (of levels {levels}), got {len(skips)}")
+        model = self.model
+        if self.first == 0:
+            _check_input(h, model.img_ch, next(model.parameters(), None))
+        if self.first <= BOTTLENECK:  # the image's shape, as the bottleneck's BatchNorm check reads it
+            model.check_training_batch((h.shape[0], None, h.shape[2] << self.first, h.shape[3] << self.first))
+        passed = {k: t for k, t in zip(self.skips_in, skips) if skip_partner(k) >= self.end}
+        live = {k: _ContiguousGrad.apply(t) for k, t in zip(self.skips_in, skips) if k not in passed}
+        h = model.run_levels(self.first, self.end, h, live)  # takes its skips from live, leaves there those it makes
+        if self.end == len(LEVELS):
+            return h
+        return (h, *(passed[k] if k in passed else live[k][0] for k in self.skips_out))
+
+
+def level_costs(model, balance="memory"):
+    """Each level's share of the work, as counted from the model's convolutions: ``"memory"``, the elements of the
+    convolutions' outputs (what training saves per level scales with them), or ``"flops"``, their multiply-adds;
+    both per input pixel, so the same for every image size."""
+    if balance not in BALANCES:
+        raise ValueError(f"fastunet: balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
+    costs = []
+    for level in range(len(LEVELS)):
+        depth = level if level <= BOTTLENECK else len(LEVELS) - 1 - level  # 0 at full resolution
+        cost = 0.0
+        for name in level_modules(level):
+            for conv in getattr(model, name).modules():
+                if isinstance(conv, nn.Conv2d):
+                    # an up block's conv runs at the resolution of the level it writes into
+                    per_pixel = conv.out_channels * (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                                                     if balance == "flops" else 1)
+                    cost += per_pixel / 4 ** depth
+        costs.append(cost)
+    return costs
+
+
+def balanced_boundaries(costs, num_stages):
+    """The levels where stages 1 to ``num_stages - 1`` start, so that the costliest stage costs the least (every
+    contiguous cut tried; the first such cut wins a tie)."""
+    best = None
+    for cut in itertools.combinations(range(1, len(costs)), num_stages - 1):
+        edges = (0, *cut, len(costs))
+        worst = max(sum(costs[a:b]) for a, b in zip(edges, edges[1:]))
+        if best is None or worst < best[0]:
+            best = (worst, cut)
+    return best[1]
+
+
+def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory"):
+    """``model`` (a fastunet.U_Net) cut into ``num_stages`` UNetStage modules sharing its parameters.
+
+    ``boundaries``: the names of the levels where stages 1 to ``num_stages - 1`` start, in order (levels: Conv1 ...
+    Conv5, then Up5 ... Up2, each decoder level with its double block, the last with the 1x1 conv); by default
+    chosen by ``balance``: ``"memory"`` (activation memory per stage) or ``"flops"`` (compute per stage), see
+    level_costs. Chained, the stages compute what the model does (in exact mode, bit for bit); their
+    ``state_dict`` keys together are the model's. Fast mode's CPU training runs in the layout the stages get
+    (the whole model's channels_last inside is not taken across stages).
+    """
+    if not 1 <= num_stages <= len(LEVELS):
+        raise ValueError(f"fastunet: a U-Net has {len(LEVELS)} levels to cut into stages; num_stages={num_stages}")
+    if boundaries is None:
+        cut = balanced_boundaries(level_costs(model, balance), num_stages)
+    else:
+        names = tuple(boundaries)
+        unknown = [n for n in names if n not in LEVELS[1:]]
+        if unknown or len(names) != num_stages - 1:
+            raise ValueError(f"fastunet: boundaries must name the {num_stages - 1} levels where stages 1 to "
+                             f"{num_stages - 1} start, among {', '.join(LEVELS[1:])}; got {list(names)}")
+        cut = tuple(LEVELS.index(n) for n in names)
+        if list(cut) != sorted(set(cut)):
+            raise ValueError(f"fastunet: boundaries must be distinct levels in forward order; got {list(names)}")
+    edges = (0, *cut, len(LEVELS))
+    return [UNetStage(model, a, b) for a, b in zip(edges, edges[1:])]
+
+
+class Schedule(NamedTuple):
+    """A torch.distributed.pipelining schedule and how a rank holds its stages: ``per_rank`` stages, placed
+    ``"loop"`` (rank r holds stages r, r + R, ...) or ``"v"`` (rank r holds stages r and 2R - 1 - r)."""
+
+    cls: type
+    per_rank: int
+    style: str
+
+
+SCHEDULES = {
+    "gpipe": Schedule(pipelining.ScheduleGPipe, 1, "loop"),
+    "1f1b": Schedule(pipelining.Schedule1F1B, 1, "loop"),
+    "interleaved": Schedule(pipelining.ScheduleInterleaved1F1B, 2, "loop"),
+    "zbv": Schedule(pipelining.ScheduleZBVZeroBubble, 2, "v"),
+}
+
+
+class LocalPipeline(NamedTuple):
+    """This rank's part of a pipeline (build_pipeline): the schedule to ``step``, the UNetStage modules it holds,
+    their stage indices, and whether it feeds the input (holds stage 0) and takes the target (holds the last)."""
+
+    schedule: object
+    modules: list
+    indices: list
+    first: bool
+    last: bool
+
+
+def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None, device=None, boundaries=None,
+                   balance="memory"):
+    """This rank's pipeline stages of ``model`` (a fastunet.U_Net on every rank, with the same weights) and the
+    torch.distributed.pipelining schedule that runs them over the ranks of ``group``.
+
+    ``schedule``: ``"gpipe"``, ``"1f1b"`` (one stage per rank; 1F1B needs at least as many micro-batches as
+    stages), ``"interleaved"`` (interleaved 1F1B, two stages per rank in a loop) or ``"zbv"`` (the zero-bubble V
+    schedule, two stages per rank in a V: rank 0 holds the first and the last). ``loss_fn(logits, target)`` is the
+    loss of one micro-batch; the gradients are averaged over the ``microbatches`` (scale_grads), so a step equals
+    gradient accumulation of the mean loss over the micro-batches. Each BatchNorm normalizes each micro-batch and
+    moves its running stats once per micro-batch. Only this rank's stages are moved to ``device``.
+    Returns a LocalPipeline: ``schedule.step(x)`` on the rank that feeds the input, ``step(target=y,
+    losses=[])`` on the one that takes the target (both on a rank that does both), ``step()`` elsewhere.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"fastunet: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    spec = SCHEDULES[schedule]
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    num_stages = spec.per_rank * world
+    modules = pipeline_stages(model, num_stages, boundaries=boundaries, balance=balance)
+    if spec.style == "v":
+        indices = [rank, num_stages - 1 - rank]
+    else:
+        indices = [rank + i * world for i in range(spec.per_rank)]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    stages = [pipelining.PipelineStage(modules[i].to(device), i, num_stages, device, group=group) for i in indices]
+    runner = spec.cls(stages[0] if spec.per_rank == 1 else stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    return LocalPipeline(runner, [modules[i] for i in indices], indices, 0 in indices, num_stages - 1 in indices)
+
+
+def gather_state_dict(local, group=None):
+    """The whole model's ``state_dict`` (CPU tensors) on the group's first rank, merged from every rank's stages
+    (``local``: this rank's LocalPipeline); None on the other ranks. It loads strictly into the seed U-Net."""
+    state = {key: value.detach().cpu() for module in local.modules for key, value in module.state_dict().items()}
+    first = dist.get_rank(group) == 0
+    parts = [None] * dist.get_world_size(group) if first else None
+    dist.gather_object(state, parts, group=group, group_dst=0)
+    return {key: value for part in parts for key, value in part.items()} if first else None

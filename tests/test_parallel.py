@@ -1,0 +1,162 @@
+"""fastunet.parallel.pipeline_stages in one process: the stages chained as a pipeline chains them (each stage's
+inputs detached leaves, gradients handed back stage by stage) against the whole model."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from helpers import assert_results_bitwise, assert_within_twice_reference_error, pair, train_step, well_conditioned
+
+import fastunet
+from fastunet import parallel
+from fastunet.model import LEVELS
+from fastunet.reference import U_Net as Reference
+
+CUTS = [((), "one stage"), (("Conv3",), "encoder | rest"), (("Up4",), "Conv4 and Up5 in one stage"),
+        (("Conv2", "Conv5", "Up2"), "four stages")]
+
+
+def chained_step(stages, x, grad_out):
+    """A training step through the stages as a pipeline runs it: every stage's inputs are leaves of their own
+    (what it receives), its outputs' gradients are the raw gradients of the next stage's inputs (what that stage
+    sends back, before any accumulation into a ``.grad`` would lay them out anew). Returns the train_step tuple of
+    the model and the gradients the stages after the first handed back (to check they are sendable: contiguous)."""
+    model = stages[0].model
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    inputs, outputs, sent = [], [], {}
+    received = (x,)
+    for stage in stages:
+        leaves = tuple(t if t is x else t.detach().requires_grad_() for t in received)
+        if stage is not stages[0]:
+            for leaf in leaves:
+                leaf.register_hook(lambda g, leaf=leaf: sent.__setitem__(leaf, g))
+        out = stage(*leaves)
+        inputs.append(leaves)
+        outputs.append(out if isinstance(out, tuple) else (out,))
+        received = outputs[-1]
+    logits = outputs[-1][0]
+    (logits * grad_out).sum().backward()
+    handed_back = []
+    for s in reversed(range(1, len(stages))):
+        grads = [sent[leaf] for leaf in inputs[s]]
+        handed_back.extend(grads)
+        torch.autograd.backward(outputs[s - 1], grads)
+    params = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return (logits.detach(), x.grad, params, buffers), handed_back
+
+
+@pytest.mark.parametrize("boundaries, _", CUTS, ids=[c[1] for c in CUTS])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_chained_stages_are_the_model_bit_for_bit_in_exact_mode(boundaries, _, memory_format):
+    torch.manual_seed(0)
+    _, whole = pair(exact=True)
+    cut = copy.deepcopy(whole)
+    stages = parallel.pipeline_stages(cut, len(boundaries) + 1, boundaries=boundaries)
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=memory_format)
+    for _ in range(2):  # the running stats move twice
+        g = torch.randn(3, 2, 32, 32)
+        want = train_step(whole, x, g)
+        got, handed_back = chained_step(stages, x, g)
+        assert_results_bitwise(got, want)
+        assert all(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) for t in handed_back)
+        assert len(handed_back) == sum(1 + len(s.skips_in) for s in stages[1:])
+    whole.eval(), cut.eval()
+    with torch.no_grad():
+        h = (x,)
+        for stage in stages:
+            h = stage(*h)
+            h = h if isinstance(h, tuple) else (h,)
+        assert torch.equal(h[0], whole(x))
+
+
+def test_skip_gradients_handed_back_are_contiguous():
+    """A skip's gradient leaves torch.cat as a channel slice, which gloo cannot send: the stages hand it back
+    contiguous (fails without parallel._ContiguousGrad)."""
+    torch.manual_seed(1)
+    _, model = pair(exact=False)
+    stages = parallel.pipeline_stages(model, 2, boundaries=("Conv5",))
+    assert stages[1].skips_in == (0, 1, 2, 3)
+    _, handed_back = chained_step(stages, torch.randn(2, 3, 32, 32), torch.randn(2, 2, 32, 32))
+    assert len(handed_back) == 5 and all(t.is_contiguous() for t in handed_back)
+
+
+def test_fast_mode_stages_are_within_the_error_rule():
+    torch.manual_seed(2)
+    ref, model = pair(exact=False)
+    well_conditioned(ref, model)
+    ref64 = copy.deepcopy(ref).double()
+    stages = parallel.pipeline_stages(model, 3)
+    x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 2, 32, 32)
+    got, _ = chained_step(stages, x, g)
+    assert_within_twice_reference_error(got, train_step(ref, x, g), train_step(ref64, x.double(), g.double()))
+
+
+def test_stages_share_the_parameters_and_their_state_dicts_load_into_the_seed():
+    model = fastunet.U_Net(3, 2)
+    for num_stages in range(1, len(LEVELS) + 1):
+        stages = parallel.pipeline_stages(model, num_stages)
+        keys = [k for s in stages for k in s.state_dict()]
+        assert sorted(keys) == sorted(model.state_dict()) and len(keys) == len(set(keys))
+        for stage in stages:
+            for name, p in stage.named_parameters():
+                assert p is model.get_parameter(name)
+    merged = {k: v for s in parallel.pipeline_stages(model, 3) for k, v in s.state_dict().items()}
+    seed = Reference(3, 2)
+    seed.load_state_dict(merged, strict=True)
+    assert all(torch.equal(v, seed.state_dict()[k]) for k, v in merged.items())
+
+
+def test_balanced_cuts_minimise_the_costliest_stage():
+    model = fastunet.U_Net(3, 1)
+    memory, flops = parallel.level_costs(model, "memory"), parallel.level_costs(model, "flops")
+    assert max(memory) in (memory[0], memory[-1])  # full resolution holds the most activations
+    assert memory != flops
+    for costs in (memory, flops):
+        for stages in (2, 3, 4):
+            cut = parallel.balanced_boundaries(costs, stages)
+            worst = _worst(costs, cut)
+            for other in _all_cuts(len(costs), stages):
+                assert worst <= _worst(costs, other)
+    stages = parallel.pipeline_stages(model, 2, balance="flops")
+    assert stages[1].first == parallel.balanced_boundaries(flops, 2)[0]
+
+
+def _worst(costs, cut):
+    edges = (0, *cut, len(costs))
+    return max(sum(costs[a:b]) for a, b in zip(edges, edges[1:]))
+
+
+def _all_cuts(n, stages):
+    return itertools.combinations(range(1, n), stages - 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_stages=0), "levels to cut"),
+    (dict(num_stages=10), "levels to cut"),
+    (dict(num_stages=2, boundaries=("Conv1",)), "must name"),
+    (dict(num_stages=3, boundaries=("Up5",)), "must name"),
+    (dict(num_stages=3, boundaries=("Up5", "Conv3")), "forward order"),
+    (dict(num_stages=2, balance="speed"), "balance must be"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.pipeline_stages(fastunet.U_Net(3, 1), **kwargs)
+
+
+def test_a_stage_given_the_wrong_inputs_says_what_it_takes():
+    stages = parallel.pipeline_stages(fastunet.U_Net(3, 1), 2, boundaries=("Conv3",))
+    with pytest.raises(ValueError, match="takes the input and 2 skip tensors"):
+        stages[1](torch.randn(1, 128, 8, 8))
+    with pytest.raises(TypeError, match="not a U_Net"):
+        parallel.pipeline_stages(Reference(3, 1), 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        parallel.pipeline_stages(fastunet.U_Net(3, 1), 2, boundaries=("Conv5",))[1](
+            torch.randn(1, 512, 1, 1), *(torch.randn(1, c, s, s) for c, s in ((64, 16), (128, 8), (256, 4), (512, 2))))
+
+
+def test_an_unknown_schedule_is_named():
+    with pytest.raises(ValueError, match="schedule must be one of gpipe, 1f1b, interleaved, zbv"):
+        parallel.build_pipeline(fastunet.U_Net(3, 1), 4, None, schedule="dualpipe")

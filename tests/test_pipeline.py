@@ -1,0 +1,107 @@
+"""fastunet.parallel.build_pipeline on 2 and 4 gloo ranks (spawned processes, bounded in time): one training step of
+every schedule against a single process accumulating the gradients over the same micro-batches, exact mode, bit
+for bit: the logits, every parameter gradient and every BatchNorm buffer; the checkpoint gathered on rank 0 loads
+strictly into the seed U-Net."""
+
+import copy
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import assert_bitwise, free_port, spawn_ranks, well_conditioned
+
+import fastunet
+from fastunet import parallel
+from fastunet.reference import U_Net as Reference
+
+TIMEOUT_S = 300
+
+
+def _linear_loss(logits, g):
+    return (logits * g).sum()
+
+
+def _worker(rank, world, port, case_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        case = torch.load(case_path)
+        model = fastunet.U_Net(3, 2, exact=True)
+        model.load_state_dict(case["state"])
+        local = parallel.build_pipeline(model, case["microbatches"], _linear_loss, schedule=case["schedule"])
+        args = (case["x"],) if local.first else ()
+        kwargs = dict(target=case["g"], losses=[]) if local.last else {}
+        out = local.schedule.step(*args, **kwargs)
+        result = {"grads": {n: p.grad for m in local.modules for n, p in m.named_parameters()},
+                  "buffers": {n: b for m in local.modules for n, b in m.named_buffers()}}
+        if local.last:
+            result["out"] = out
+        checkpoint = parallel.gather_state_dict(local)
+        if rank == 0:
+            result["checkpoint"] = checkpoint
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_pipeline(tmp_path, world, schedule, microbatches, state, x, g):
+    """One step of ``schedule`` on ``world`` spawned gloo ranks; the ranks' results merged: (logits, parameter
+    grads, buffers). Fails (and kills the ranks) after TIMEOUT_S seconds."""
+    case_path = str(tmp_path / "case.pt")
+    torch.save(dict(state=state, schedule=schedule, microbatches=microbatches, x=x, g=g), case_path)
+    spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    outs = [r["out"] for r in results if "out" in r]
+    assert len(outs) == 1
+    grads, buffers = {}, {}
+    for r in results:
+        assert not set(r["grads"]) & set(grads), "two ranks hold the same parameters"
+        grads.update(r["grads"])
+        buffers.update(r["buffers"])
+    return outs[0], grads, buffers, results[0]["checkpoint"]
+
+
+def accumulated_step(model, x, g, microbatches):
+    """What a pipeline step computes, in one process: forward and backward micro-batch by micro-batch, the
+    parameter gradients summed and then divided by the number of micro-batches (the schedules' scale_grads). One
+    thread, as each rank runs (a conv's summation order may follow the thread count)."""
+    outs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for xm, gm in zip(x.chunk(microbatches), g.chunk(microbatches)):
+            out = model(xm)
+            _linear_loss(out, gm).backward()
+            outs.append(out.detach())
+    finally:
+        torch.set_num_threads(threads)
+    for p in model.parameters():
+        p.grad.div_(microbatches)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return torch.cat(outs), grads, dict(model.named_buffers())
+
+
+@pytest.mark.parametrize("world, schedule, microbatches", [
+    (2, "gpipe", 1), (2, "gpipe", 4), (2, "1f1b", 4), (2, "interleaved", 4), (2, "zbv", 4), (4, "1f1b", 4),
+])
+def test_a_pipeline_step_is_gradient_accumulation_bit_for_bit(tmp_path, world, schedule, microbatches):
+    torch.manual_seed(world * 10 + microbatches)
+    model = fastunet.U_Net(3, 2, exact=True)
+    well_conditioned(model)
+    state = copy.deepcopy(model.state_dict())
+    x, g = torch.randn(4, 3, 32, 32), torch.randn(4, 2, 32, 32)
+    got = run_pipeline(tmp_path, world, schedule, microbatches, state, x, g)
+    want = accumulated_step(model, x, g, microbatches)
+    assert_bitwise(got[0], want[0], "logits")
+    assert sorted(got[1]) == sorted(want[1]) and sorted(got[2]) == sorted(want[2])
+    for name in want[1]:
+        assert_bitwise(got[1][name], want[1][name], f"grad of {name}")
+    for name in want[2]:
+        assert_bitwise(got[2][name], want[2][name], f"buffer {name}")
+    seed = Reference(3, 2)
+    seed.load_state_dict(got[3], strict=True)  # the checkpoint gathered on rank 0, after the step's BN updates
+    for name, value in model.state_dict().items():
+        assert_bitwise(got[3][name], value, f"checkpoint {name}")
