@@ -310,10 +310,10 @@ def _fast_conv_backward(dz, x, w, output_mask):
         return _shifted_gemm_backward(dz, x, w, output_mask)
     if not _gemm_train_conv(x, w):
         return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
-    n, cin, h, width = x.shape
-    cout, k = w.shape[0], w.shape[2]
     if ops.memory_format_of(w) == torch.channels_last:
         return _taps_outer_gemm_backward(dz, x, w, output_mask)
+    n, cin, h, width = x.shape
+    cout, k = w.shape[0], w.shape[2]
     dz = dz.reshape(n, cout, -1)
     dx = dw = None
     if output_mask[0]:

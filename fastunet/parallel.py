@@ -21,8 +21,9 @@ BALANCES = ("memory", "flops")
 
 class _ContiguousGrad(torch.autograd.Function):
     """The identity whose backward makes its gradient contiguous. A skip's gradient leaves torch.cat as a channel
-    slice, which gloo's send refuses ("input tensor has to be contiguous") and other backends may send in another
-    layout; a stage passes the skips it takes through it."""
+    slice, which a send may refuse (gloo: "input tensor has to be contiguous") or lay out anew; a stage passes the
+    skips it takes through it, so what it hands back is sendable however the schedule collects it (torch 2.14's
+    PipelineStage happens to hand back the accumulated ``.grad``, which autograd already lays out contiguous)."""
 
     @staticmethod
     def forward(x):

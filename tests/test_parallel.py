@@ -73,8 +73,8 @@ def test_chained_stages_are_the_model_bit_for_bit_in_exact_mode(boundaries, _, m
 
 
 def test_skip_gradients_handed_back_are_contiguous():
-    """A skip's gradient leaves torch.cat as a channel slice, which gloo cannot send: the stages hand it back
-    contiguous (fails without parallel._ContiguousGrad)."""
+    """A skip's gradient leaves torch.cat as a channel slice, which a send may refuse: the stages hand it back
+    contiguous, as raw gradients (fails without parallel._ContiguousGrad)."""
     torch.manual_seed(1)
     _, model = pair(exact=False)
     stages = parallel.pipeline_stages(model, 2, boundaries=("Conv5",))
