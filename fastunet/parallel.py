@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed import pipelining
+from torch.nn.parallel import DistributedDataParallel
 
 from .model import BOTTLENECK, LEVELS, U_Net, _check_input, level_modules, skip_partner
+from .ops import memory_format_of
 
 BALANCES = ("memory", "flops")
 
@@ -46,7 +48,10 @@ class UNetStage(nn.Module):
     tensor the stage before returned first; ``skips`` are the encoder outputs made before this stage and taken
     at or after it, shallowest level first (``skips_in`` names their levels). Returns ``(h, *skips)`` with the
     skips taken after it (``skips_out``; one this stage neither makes nor takes is returned as the same tensor),
-    or the logits ``[N, output_ch, H, W]`` from the last stage.
+    or the logits ``[N, output_ch, H, W]`` from the last stage. The tensors passed between stages are contiguous,
+    as send and recv take them: ``[N, C, H, W]``, or ``[N, H, W, C]`` where the model's weights are channels_last
+    (its activations then are too, and run bit for bit as in the whole model; channels_last images into an NCHW
+    model run NCHW after the first stage).
     """
 
     def __init__(self, model, first, end):
@@ -68,6 +73,21 @@ class UNetStage(nn.Module):
         self.model.training = mode
         return super().train(mode)
 
+    def _channels_last(self):
+        return memory_format_of(next(self.parameters())) == torch.channels_last
+
+    def _sent(self, t):
+        """A tensor for the next stage in its wire form, contiguous as send and recv take it: channels_last
+        activations (those of a channels_last model) as a copy in their NHWC order ``[N, H, W, C]``, NCHW ones as
+        they are."""
+        return t.permute(0, 2, 3, 1).clone() if self._channels_last() else t.contiguous()
+
+    def _received(self, t):
+        """A tensor from the stage before in its compute form (see _sent; channels_last without a copy), its
+        gradient handed back contiguous."""
+        t = _ContiguousGrad.apply(t)
+        return t.permute(0, 3, 1, 2) if self._channels_last() else t
+
     def forward(self, h, *skips):
         if len(skips) != len(self.skips_in):
             levels = ", ".join(LEVELS[k] for k in self.skips_in)
@@ -79,11 +99,13 @@ class UNetStage(nn.Module):
         if self.first <= BOTTLENECK:  # the image's shape, as the bottleneck's BatchNorm check reads it
             model.check_training_batch((h.shape[0], None, h.shape[2] << self.first, h.shape[3] << self.first))
         passed = {k: t for k, t in zip(self.skips_in, skips) if skip_partner(k) >= self.end}
-        live = {k: _ContiguousGrad.apply(t) for k, t in zip(self.skips_in, skips) if k not in passed}
+        live = {k: self._received(t) for k, t in zip(self.skips_in, skips) if k not in passed}
+        if self.first:
+            h = self._received(h)
         h = model.run_levels(self.first, self.end, h, live)  # takes its skips from live, leaves there those it makes
         if self.end == len(LEVELS):
             return h
-        return (h, *(passed[k] if k in passed else live[k][0] for k in self.skips_out))
+        return (self._sent(h), *(passed[k] if k in passed else self._sent(live[k][0]) for k in self.skips_out))
 
 
 def level_costs(model, balance="memory"):
@@ -174,22 +196,47 @@ class LocalPipeline(NamedTuple):
     last: bool
 
 
-def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None, device=None, boundaries=None,
-                   balance="memory"):
-    """This rank's pipeline stages of ``model`` (a fastunet.U_Net on every rank, with the same weights) and the
-    torch.distributed.pipelining schedule that runs them over the ranks of ``group``.
+def materialize(model, modules):
+    """Gives the parameters and buffers of ``modules`` (stages of ``model``, a U-Net built on the meta device) the
+    values constructing the U-Net on the CPU would have given them from the global RNG state now, and draws the
+    other layers' initial values only to discard them (one layer at a time, so that the RNG advances as the
+    constructor advances it): a rank holds its own stages' parameters and never the whole model's."""
+    local = {id(m) for stage in modules for m in stage.modules()}
+    for layer in model.modules():
+        if not (any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False))):
+            continue
+        layer.to_empty(device="cpu", recurse=False)
+        layer.reset_parameters()
+        if id(layer) not in local:
+            layer.to_empty(device="meta", recurse=False)
 
+
+def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None, device=None, boundaries=None,
+                   balance="memory", dp_group=None):
+    """This rank's pipeline stages of ``model`` (a fastunet.U_Net) and the torch.distributed.pipelining schedule
+    that runs them over the ranks of ``group``.
+
+    ``model``: the same U-Net on every rank of ``group``, either with its weights (only this rank's stages are
+    moved to ``device``) or built on the meta device (``with torch.device("meta"): U_Net(...)``, after seeding):
+    then only this rank's stages get their parameters, the values the constructor would have drawn (see
+    materialize), so no rank ever holds the whole model.
     ``schedule``: ``"gpipe"``, ``"1f1b"`` (one stage per rank; 1F1B needs at least as many micro-batches as
     stages), ``"interleaved"`` (interleaved 1F1B, two stages per rank in a loop) or ``"zbv"`` (the zero-bubble V
     schedule, two stages per rank in a V: rank 0 holds the first and the last). ``loss_fn(logits, target)`` is the
     loss of one micro-batch; the gradients are averaged over the ``microbatches`` (scale_grads), so a step equals
     gradient accumulation of the mean loss over the micro-batches. Each BatchNorm normalizes each micro-batch and
-    moves its running stats once per micro-batch. Only this rank's stages are moved to ``device``.
+    moves its running stats once per micro-batch. ``dp_group``: the ranks holding the same stages in other
+    data-parallel replicas; each stage is then wrapped in DistributedDataParallel over it, which averages the
+    gradients once per step, after the last micro-batch (not with ``"zbv"``, whose split backward runs no DDP hook).
     Returns a LocalPipeline: ``schedule.step(x)`` on the rank that feeds the input, ``step(target=y,
     losses=[])`` on the one that takes the target (both on a rank that does both), ``step()`` elsewhere.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"fastunet: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if dp_group is not None and schedule == "zbv":
+        raise ValueError("fastunet: the zbv schedule's split backward runs no DistributedDataParallel hook, so its "
+                         "gradients would not be averaged over dp_group; use gpipe, 1f1b or interleaved with data "
+                         "parallelism")
     spec = SCHEDULES[schedule]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     num_stages = spec.per_rank * world
@@ -198,10 +245,20 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
         indices = [rank, num_stages - 1 - rank]
     else:
         indices = [rank + i * world for i in range(spec.per_rank)]
+    local = [modules[i] for i in indices]
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, local)
     device = torch.device("cpu") if device is None else torch.device(device)
-    stages = [pipelining.PipelineStage(modules[i].to(device), i, num_stages, device, group=group) for i in indices]
+    for module in local:
+        module.to(device)
+    if dp_group is not None:
+        device_ids = [device] if device.type == "cuda" else None
+        wrapped = [DistributedDataParallel(m, device_ids=device_ids, process_group=dp_group) for m in local]
+    else:
+        wrapped = local
+    stages = [pipelining.PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(wrapped, indices)]
     runner = spec.cls(stages[0] if spec.per_rank == 1 else stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    return LocalPipeline(runner, [modules[i] for i in indices], indices, 0 in indices, num_stages - 1 in indices)
+    return LocalPipeline(runner, local, indices, 0 in indices, num_stages - 1 in indices)
 
 
 def gather_state_dict(local, group=None):

@@ -33,6 +33,8 @@ def chained_step(stages, x, grad_out):
             for leaf in leaves:
                 leaf.register_hook(lambda g, leaf=leaf: sent.__setitem__(leaf, g))
         out = stage(*leaves)
+        if stage is not stages[-1]:
+            assert all(t.is_contiguous() for t in out), "a stage hands on a tensor send and recv refuse"
         inputs.append(leaves)
         outputs.append(out if isinstance(out, tuple) else (out,))
         received = outputs[-1]
@@ -53,6 +55,7 @@ def chained_step(stages, x, grad_out):
 def test_chained_stages_are_the_model_bit_for_bit_in_exact_mode(boundaries, _, memory_format):
     torch.manual_seed(0)
     _, whole = pair(exact=True)
+    whole.to(memory_format=memory_format)  # a channels_last model's stages pass on NHWC-ordered tensors
     cut = copy.deepcopy(whole)
     stages = parallel.pipeline_stages(cut, len(boundaries) + 1, boundaries=boundaries)
     x = torch.randn(3, 3, 32, 32).contiguous(memory_format=memory_format)
@@ -61,7 +64,7 @@ def test_chained_stages_are_the_model_bit_for_bit_in_exact_mode(boundaries, _, m
         want = train_step(whole, x, g)
         got, handed_back = chained_step(stages, x, g)
         assert_results_bitwise(got, want)
-        assert all(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) for t in handed_back)
+        assert all(t.is_contiguous() for t in handed_back)
         assert len(handed_back) == sum(1 + len(s.skips_in) for s in stages[1:])
     whole.eval(), cut.eval()
     with torch.no_grad():
@@ -160,3 +163,29 @@ def test_a_stage_given_the_wrong_inputs_says_what_it_takes():
 def test_an_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="schedule must be one of gpipe, 1f1b, interleaved, zbv"):
         parallel.build_pipeline(fastunet.U_Net(3, 1), 4, None, schedule="dualpipe")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_materialize_builds_only_the_local_stages_as_the_constructor_would(memory_format):
+    # A rank builds the U-Net on the meta device and materializes its own stages: the values (and layout) a CPU
+    # construction from the same seed gives them, the RNG left where that construction leaves it, the other
+    # stages' parameters and buffers never allocated.
+    torch.manual_seed(5)
+    want = fastunet.convert_sync_batchnorm(fastunet.U_Net(3, 2)).to(memory_format=memory_format)
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        model = fastunet.convert_sync_batchnorm(fastunet.U_Net(3, 2)).to(memory_format=memory_format)
+    stages = parallel.pipeline_stages(model, 3)
+    local = [stages[0], stages[2]]
+    parallel.materialize(model, local)
+    assert torch.equal(torch.rand(4), after)
+    expected = want.state_dict()
+    local_keys = {key for stage in local for key in stage.state_dict()}
+    assert local_keys and local_keys != set(expected)
+    for key, value in model.state_dict().items():
+        if key in local_keys:
+            assert not value.is_meta and torch.equal(value, expected[key]), key
+            assert value.stride() == expected[key].stride(), key
+        else:
+            assert value.is_meta, key
