@@ -5,7 +5,10 @@ set (SyntheticShapes: filled discs, rectangles and triangles on a noisy gradient
 ``(seed, index)``) or on a folder with ``images/`` and ``masks/`` (ImageMaskFolder), with Adam on BCE-with-logits
 plus soft-Dice loss (``--loss bce`` for BCE alone). Each epoch ends with Dice and IoU on a held-out validation
 split (model.eval(), sigmoid > 0.5) and a checkpoint. It runs in one process or under ``torchrun`` (DDP with a
-DistributedSampler; ``--sync-bn`` for synchronized BatchNorm; rank 0 alone logs and writes).
+DistributedSampler; ``--sync-bn`` for synchronized BatchNorm; rank 0 alone logs and writes). ``--pipeline N``
+cuts fastunet.U_Net into pipeline stages over N processes (fastunet.parallel, ``--microbatches``,
+``--pp-schedule``), the torchrun processes forming replicas of N trained data-parallel (PipelinedUNet); each
+process builds only its own stages' parameters.
 
 ``--compare`` builds the reference U-Net once under ``--seed``, loads its state_dict into fastunet.U_Net, trains
 both on the same data in the same order with the same hyperparameters, and prints their final losses, Dice, IoU,
@@ -19,6 +22,7 @@ which loads strictly into fastunet.reference.U_Net, plus optimizer, epoch, args 
 import argparse
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -26,15 +30,17 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 import fastunet
 
-from . import reference
+from . import parallel, reference
 
 OUTPUT_CH = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -329,6 +335,8 @@ def evaluate(model, loader, device, *, amp="none", channels_last=False):
     Under torch.distributed each rank evaluates its own samples (the loader holds a rank's share); BN running
     statistics are first broadcast from rank 0, so that every rank evaluates the model rank 0 saves.
     """
+    if isinstance(model, PipelinedUNet):
+        return model.evaluate(loader, device, amp=amp, channels_last=channels_last, batch=loader.batch_size)
     module = getattr(model, "module", model)
     if dist.is_initialized():
         for buffer in module.buffers():
@@ -352,9 +360,14 @@ def save_checkpoint(path, model, optimizer, epoch, history, args):
     """Writes ``path`` (via a temporary file): the unwrapped model's state_dict on the CPU, optimizer, epoch,
     args, per-step losses and per-epoch metrics."""
     module = getattr(model, "module", model)
+    state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    _write_checkpoint(path, state, optimizer.state_dict(), epoch, history, args)
+
+
+def _write_checkpoint(path, model_state, optimizer_state, epoch, history, args):
     state = {
-        "model": {key: value.detach().cpu() for key, value in module.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "epoch": epoch,
         "args": args,
         "losses": history["losses"],
@@ -364,8 +377,96 @@ def save_checkpoint(path, model, optimizer, epoch, history, args):
     os.replace(path + ".tmp", path)
 
 
+class PipelinedUNet:
+    """A fastunet.U_Net trained as pipeline stages over a (pp x dp) mesh of torchrun processes (``--pipeline``).
+
+    ``local``: this rank's LocalPipeline (fastunet.parallel.build_pipeline); ``pp_group``: the ranks of its
+    pipeline, ``dp_group``: the ranks holding its stages in the other replicas (None without data parallelism).
+    train() drives it as it drives a module: ``parameters()`` are this rank's stages' only; ``step`` runs one
+    pipeline step over the schedule's micro-batches; evaluate and the checkpoint go through the pipeline too.
+    """
+
+    def __init__(self, local, pp_group, dp_group):
+        self.local, self.pp_group, self.dp_group = local, pp_group, dp_group
+        self.replicas = 1 if dp_group is None else dist.get_world_size(dp_group)
+
+    def parameters(self):
+        return [p for module in self.local.modules for p in module.parameters()]
+
+    def train(self, mode=True):
+        for module in self.local.modules:
+            module.train(mode)
+
+    def eval(self):
+        self.train(False)
+
+    def run(self, x, target, device, *, amp, channels_last, training):
+        """One step of the schedule (``training``) or a forward-only pass on a batch; returns (the logits on the
+        rank holding the last stage, else None; the micro-batches' losses there, else [])."""
+        losses = []
+        args = (_to_device(x, device, channels_last),) if self.local.first else ()
+        kwargs = {"target": target.to(device), "losses": losses} if self.local.last else {}
+        with _autocast(device, amp):
+            out = (self.local.schedule.step if training else self.local.schedule.eval)(*args, **kwargs)
+        return out, losses
+
+    def step(self, optimizer, x, target, device, *, amp, channels_last):
+        """One optimizer step on a batch (the schedule averages the gradients over the micro-batches, DDP over
+        the replicas); returns the mean of the micro-batches' losses, averaged over the replicas (a float)."""
+        optimizer.zero_grad(set_to_none=True)
+        _, losses = self.run(x, target, device, amp=amp, channels_last=channels_last, training=True)
+        optimizer.step()
+        value = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
+        dist.all_reduce(value)  # one rank per replica holds the last stage
+        return (value / self.replicas).item()
+
+    def evaluate(self, loader, device, *, amp, channels_last, batch):
+        """(Dice, IoU) as evaluate() computes them, through the pipeline in eval mode. Each batch is padded to
+        ``batch`` images (the training batch: the stages' message shapes are fixed by it) with copies of its last
+        image, whose logits are dropped (BatchNorm in eval mode treats the images independently)."""
+        if self.dp_group is not None:
+            for module in self.local.modules:
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, group=self.dp_group, group_src=0)
+        self.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for x, target in loader:
+                n = len(x)
+                pad = batch - n
+                x, padded_target = (torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (x, target))
+                logits, _ = self.run(x, padded_target, device, amp=amp, channels_last=channels_last, training=False)
+                if logits is not None:
+                    dice, iou = dice_iou_per_sample(logits[:n], target.to(device))
+                    sums += torch.stack([dice.sum().double(), iou.sum().double(),
+                                         torch.tensor(n, dtype=torch.float64, device=device)])
+        dist.all_reduce(sums)
+        self.train()
+        dice, iou, count = sums.tolist()
+        return dice / max(count, 1), iou / max(count, 1)
+
+    def save_checkpoint(self, path, optimizer, epoch, history, args):
+        """save_checkpoint's file, written by rank 0 from the stages of its replica: the whole model's state_dict
+        (it loads strictly into the seed U-Net) and the optimizer's state keyed by parameter name."""
+        if self.dp_group is not None and dist.get_rank(self.dp_group) != 0:
+            return
+        model = parallel.gather_state_dict(self.local, self.pp_group)
+        names = {p: name for module in self.local.modules for name, p in module.named_parameters()}
+        state = {names[p]: {key: value.detach().cpu() if torch.is_tensor(value) else value
+                            for key, value in optimizer.state[p].items()} for p in names if p in optimizer.state}
+        parts = [None] * dist.get_world_size(self.pp_group) if model is not None else None
+        dist.gather_object(state, parts, group=self.pp_group, group_dst=0)
+        if model is None:
+            return
+        groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+        optimizer_state = {"state": {k: v for part in parts for k, v in part.items()}, "param_groups": groups}
+        _write_checkpoint(path, model, optimizer_state, epoch, history, args)
+
+
 def train_step(model, optimizer, scaler, x, target, device, *, loss, amp, channels_last, world):
     """One optimizer step on a batch; returns its loss (a float, the mean over ranks)."""
+    if isinstance(model, PipelinedUNet):
+        return model.step(optimizer, x, target, device, amp=amp, channels_last=channels_last)
     x, target = _to_device(x, device, channels_last), target.to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp):
@@ -417,7 +518,8 @@ def record_epoch(model, val_loader, history, *, epoch, epochs, steps, seconds, d
 
 def train(model, loader, *, epochs, lr, device, val_loader=None, loss="bce_dice", amp="none", channels_last=False,
           steps_per_epoch=None, log_every=10, progress=True, name="model", checkpoint=None, args=None):
-    """Trains ``model`` (on ``device``, DDP-wrapped or not) with Adam(lr) for ``epochs`` passes over ``loader``.
+    """Trains ``model`` (on ``device``, DDP-wrapped or not, or a PipelinedUNet) with Adam(lr) for ``epochs`` passes
+    over ``loader``.
 
     ``loader`` yields ``(image [N, C, H, W] float32, mask [N, 1, H, W] 0/1 float32)``; at most ``steps_per_epoch``
     batches are taken per epoch. ``loss``: see segmentation_loss. ``amp``: ``"none"``, ``"bf16"`` (autocast) or
@@ -447,7 +549,9 @@ def train(model, loader, *, epochs, lr, device, val_loader=None, loss="bce_dice"
         record_epoch(model, val_loader, history, epoch=epoch, epochs=epochs, steps=steps,
                      seconds=time.perf_counter() - epoch_start, device=device, amp=amp, channels_last=channels_last,
                      name=name)
-        if checkpoint and rank == 0:
+        if checkpoint and isinstance(model, PipelinedUNet):
+            model.save_checkpoint(checkpoint, optimizer, epoch, history, args)
+        elif checkpoint and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, epoch, history, args)
     history["step_s"] = statistics.median(step_times)
     return history
@@ -580,7 +684,18 @@ def parse_args(argv):
     parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     parser.add_argument("--img-ch", type=int, default=3, help="image channels (default 3)")
     parser.add_argument("--out", default="train_out", help="folder for checkpoints, history.json and loss.png")
-    parser.add_argument("--sync-bn", action="store_true", help="synchronized BatchNorm across torchrun processes")
+    parser.add_argument("--sync-bn", action="store_true", help="synchronized BatchNorm across torchrun processes "
+                                                               "(with --pipeline: across the replicas of each stage)")
+    parser.add_argument("--pipeline", type=int,
+                        help="under torchrun: cut the U-Net into pipeline stages over N processes "
+                             "(fastunet.parallel; the processes form replicas of N, trained data-parallel)")
+    parser.add_argument("--microbatches", type=int,
+                        help="with --pipeline: micro-batches per batch (default: the number of stages); each "
+                             "BatchNorm normalises each micro-batch")
+    parser.add_argument("--pp-schedule", choices=("gpipe", "1f1b", "interleaved"), default="1f1b",
+                        help="with --pipeline: the torch.distributed.pipelining schedule (default 1f1b; interleaved "
+                             "holds two stages per process; zbv, in fastunet.parallel, trains but torch 2.14 cannot "
+                             "run it forward-only for validation)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either off a terminal)")
     parser.add_argument("--log-every", type=int, default=10, help="without a progress bar, log every N steps")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on the CPU, 4 on CUDA)")
@@ -612,7 +727,12 @@ def check_args(parser, args):
         parser.error("--size must be a positive multiple of 16 (four 2x2 max-pools)")
     if args.data != "synthetic" and args.train_samples is not None:
         parser.error("--train-samples applies to --data synthetic only (a folder is used whole)")
-    for name in ("batch", "epochs", "steps_per_epoch", "train_samples", "img_ch"):
+    if args.pipeline is None and args.microbatches is not None:
+        parser.error("--microbatches applies to --pipeline only")
+    if args.pipeline is not None and (args.compare or args.model != "fastunet" or args.amp == "fp16"):
+        parser.error("--pipeline trains fastunet.U_Net alone (not --compare or --model reference), in float32 or "
+                     "--amp bf16 (fp16's GradScaler would skip steps on some stages and not others)")
+    for name in ("batch", "epochs", "steps_per_epoch", "train_samples", "img_ch", "pipeline", "microbatches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("val_samples", "workers"):
@@ -695,19 +815,64 @@ def load_data(args, rank, world):
     train_set, val_set = build_datasets(args, world)
     if len(train_set) < args.batch * world:
         raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {args.batch} "
-                         f"per process ({world} processes); lower --batch or add images")
+                         f"per data-parallel process ({world}); lower --batch or add images")
     log(f"data: {args.data}, {len(train_set)} training and {len(val_set)} validation images of "
         f"{args.img_ch} x {args.size} x {args.size}", rank)
     return train_set, val_set
 
 
-def train_model(name, model, train_set, val_set, args, config, device, rank, world):
-    """Trains one model of ``run`` from the seeded RNG state; its history with the final loss and checkpoint path."""
+class PipelineMesh(NamedTuple):
+    """The torchrun processes as a (pp x dp) mesh (``--pipeline``): this process's pipeline group and
+    data-parallel group (None with one replica), its replica's index and the number of replicas."""
+
+    pp_group: object
+    dp_group: object
+    replica: int
+    replicas: int
+
+
+def pipeline_mesh(stages_ranks, device, world):
+    """The PipelineMesh of ``world`` processes in replicas of ``stages_ranks`` (a DeviceMesh ("pp", "dp"): the
+    ranks of one pipeline are ``replica, replica + replicas, ...``)."""
+    if not dist.is_initialized() or world % stages_ranks:
+        raise ValueError(f"--pipeline {stages_ranks} runs under torchrun on a multiple of {stages_ranks} processes; "
+                         f"this run has {world}")
+    replicas = world // stages_ranks
+    mesh = init_device_mesh(device.type, (stages_ranks, replicas), mesh_dim_names=("pp", "dp"))
+    dp_group = mesh.get_group("dp") if replicas > 1 else None
+    return PipelineMesh(mesh.get_group("pp"), dp_group, mesh.get_local_rank("dp"), replicas)
+
+
+def _micro_batch_loss(logits, target, *, kind, device_type):
+    """segmentation_loss of one micro-batch, outside autocast as train_step computes it."""
+    with torch.autocast(device_type, enabled=False):
+        return segmentation_loss(logits, target, kind)
+
+
+def prepare_pipelined(model, args, device, mesh):
+    """A PipelinedUNet of ``model`` (a fastunet.U_Net built on the meta device under the seed): synchronized BN
+    over the replicas of each stage if asked, channels_last if asked, this process's stages built and
+    initialised (fastunet.parallel.build_pipeline)."""
+    if args.sync_bn and mesh.dp_group is not None:
+        model = fastunet.convert_sync_batchnorm(model, mesh.dp_group)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = functools.partial(_micro_batch_loss, kind=args.loss, device_type=device.type)
+    local = parallel.build_pipeline(model, args.microbatches, loss_fn, schedule=args.pp_schedule,
+                                    group=mesh.pp_group, device=device, dp_group=mesh.dp_group)
+    return PipelinedUNet(local, mesh.pp_group, mesh.dp_group)
+
+
+def train_model(name, model, train_set, val_set, args, config, device, rank, world, mesh=None):
+    """Trains one model of ``run`` from the seeded RNG state; its history with the final loss and checkpoint path.
+    With a PipelineMesh ``mesh``, ``model`` (on the meta device) trains as pipeline stages."""
     torch.manual_seed(args.seed)  # the same global RNG state for each model (DataLoader base seeds)
-    train_loader, val_loader = build_loaders(train_set, val_set, args, device, rank, world)
+    replica, replicas = (mesh.replica, mesh.replicas) if mesh else (rank, world)
+    train_loader, val_loader = build_loaders(train_set, val_set, args, device, replica, replicas)
     checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
+    prepared = prepare_pipelined(model, args, device, mesh) if mesh else prepare(model, args, device, world)
     history = train(
-        prepare(model, args, device, world), train_loader, epochs=args.epochs, lr=args.lr, device=device,
+        prepared, train_loader, epochs=args.epochs, lr=args.lr, device=device,
         val_loader=val_loader, loss=args.loss, amp=args.amp, channels_last=args.channels_last,
         steps_per_epoch=args.steps_per_epoch, log_every=args.log_every,
         progress=not args.no_progress and sys.stderr.isatty(), name=name, checkpoint=checkpoint,
@@ -739,21 +904,31 @@ def run(args, device, rank, world):
     """Trains the model(s) of ``args``; returns the history dict that history.json holds."""
     fill_defaults(args, device)
     names = ["reference", "fastunet"] if args.compare else [args.model]
+    mesh = None
+    if args.pipeline:
+        args.microbatches = args.microbatches or args.pipeline * parallel.SCHEDULES[args.pp_schedule].per_rank
+        if args.batch % args.microbatches:
+            raise ValueError(f"--batch {args.batch} does not split into {args.microbatches} equal micro-batches")
+        mesh = pipeline_mesh(args.pipeline, device, world)
     config = {**vars(args), "device": str(device), "world_size": world, "models": names}
     log(f"config: {json.dumps(config)}", rank)
-    if args.sync_bn and world == 1:
-        log("--sync-bn in a single process: synchronized BN computes plain BatchNorm", rank)
+    if mesh:
+        log(f"pipeline: {args.pipeline} processes x {mesh.replicas} replicas, {args.pp_schedule} schedule, "
+            f"{args.microbatches} micro-batches of {args.batch // args.microbatches}", rank)
+    if args.sync_bn and (mesh.replicas if mesh else world) == 1:
+        log("--sync-bn with one replica: synchronized BN computes plain BatchNorm", rank)
 
-    train_set, val_set = load_data(args, rank, world)
+    train_set, val_set = load_data(args, rank, mesh.replicas if mesh else world)
     torch.manual_seed(args.seed)
-    models = {names[0]: build_model(names[0], args)}
+    with torch.device("meta") if mesh else contextlib.nullcontext():  # a pipeline stage builds its own part
+        models = {names[0]: build_model(names[0], args)}
     if args.compare:
         models["fastunet"] = build_model("fastunet", args, state=copy.deepcopy(models["reference"].state_dict()))
 
     os.makedirs(args.out, exist_ok=True)
     histories = {}
     for name, model in models.items():
-        histories[name] = train_model(name, model, train_set, val_set, args, config, device, rank, world)
+        histories[name] = train_model(name, model, train_set, val_set, args, config, device, rank, world, mesh)
 
     result = {"config": config, "models": histories}
     if args.compare:
