@@ -1,0 +1,204 @@
+"""Pipeline parallelism (issue 15) on this machine's CPU: one fastunet.U_Net training step (fast mode, float32,
+Adam left out) on 1, 2 and 4 gloo processes of one thread each, through fastunet.parallel.build_pipeline (each
+rank builds only its own stages, from a U-Net on the meta device). One process runs the whole U-Net, on the
+whole batch and on the same micro-batches accumulated. Per run: each rank's peak memory (its peak RSS above its
+RSS before the model is built), the step time, the bubble (the share of the step a rank spends not computing:
+1 - its CPU time / the step's wall time, next to GPipe's ideal (P - 1) / (M + P - 1)) and the bytes sent per step
+(every stage's outputs forward and their gradients back). Then the largest square image that a per-rank memory
+budget trains, from a fit of the peaks at two sizes (peak = a + b * pixels, which activation memory follows).
+Prints markdown tables for benchmarks/RESULTS.md.
+
+  python benchmarks/pipeline.py [--procs 1,2,4] [--sizes 64,128] [--batch 4] [--microbatches 4]
+                                [--schedule 1f1b] [--steps 3] [--budget-mib 1024]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastunet
+from fastunet import parallel
+from fastunet.model import LEVELS
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """Resets the kernel's high-water mark of this process's RSS (VmHWM) to its RSS now."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def _loss(logits, target):
+    return (logits * target).mean()
+
+
+def _whole_model_step(model, x, target, microbatches):
+    """One process: forward and backward over ``microbatches`` chunks of the batch, gradients accumulated."""
+    model.zero_grad(set_to_none=True)
+    for xm, tm in zip(x.chunk(microbatches), target.chunk(microbatches)):
+        (_loss(model(xm), tm) / microbatches).backward()
+
+
+def _worker(rank, world, port, config, out_dir):
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        size, batch, microbatches = config["size"], config["batch"], config["microbatches"]
+        generator = torch.Generator().manual_seed(size)
+        x = torch.randn(batch, 3, size, size, generator=generator)
+        target = torch.randn(batch, 1, size, size, generator=generator)
+        _reset_peak_rss()
+        before_kib = _status_kib("VmRSS")
+        torch.manual_seed(0)
+        sent = [0]
+        if world == 1:
+            model = fastunet.U_Net(3, 1)
+            levels = list(LEVELS)
+
+            def step():
+                _whole_model_step(model, x, target, microbatches)
+        else:
+            with torch.device("meta"):
+                model = fastunet.U_Net(3, 1)
+            local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"])
+            levels = [name for module in local.modules for name in LEVELS[module.first:module.end]]
+            for module in local.modules:
+                if module.end < len(LEVELS):  # its outputs go to the next stage, their gradients come back
+                    module.register_forward_hook(
+                        lambda _m, _i, out: sent.__setitem__(0, sent[0] + 2 * sum(t.nbytes for t in out)))
+
+            def step():
+                for module in local.modules:
+                    module.zero_grad(set_to_none=True)
+                args = (x,) if local.first else ()
+                kwargs = {"target": target, "losses": []} if local.last else {}
+                local.schedule.step(*args, **kwargs)
+
+        step()  # warm-up (the pipeline infers its message shapes here)
+        walls, cpus, sent_bytes = [], [], []
+        for _ in range(config["steps"]):
+            if world > 1:
+                dist.barrier()
+            sent[0] = 0
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            sent_bytes.append(sent[0])
+        result = {"rank": rank, "levels": levels, "peak_mib": (_status_kib("VmHWM") - before_kib) / 1024,
+                  "wall_s": walls, "cpu_s": cpus, "sent_bytes": sent_bytes}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+            json.dump(result, out)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(world, config):
+    """Every rank's result (see _worker) of one run on ``world`` processes."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, _free_port(), config, out_dir), nprocs=world)
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+def summarize(world, microbatches, results):
+    """One table row's numbers: peak MiB per rank, median step seconds, each rank's bubble, MB sent per step."""
+    step_s = statistics.median(max(r["wall_s"][i] for r in results) for i in range(len(results[0]["wall_s"])))
+    bubbles = [1 - sum(r["cpu_s"]) / sum(r["wall_s"]) for r in results]
+    ideal = (world - 1) / (microbatches + world - 1)
+    sent_mb = sum(statistics.median(r["sent_bytes"]) for r in results) / 1e6
+    return {"peaks": [r["peak_mib"] for r in results], "step_s": step_s, "bubbles": bubbles, "ideal": ideal,
+            "sent_mb": sent_mb, "levels": [r["levels"] for r in results]}
+
+
+def largest_side(small, large, peak_small, peak_large, budget_mib):
+    """The largest multiple of 16 whose square image fits ``budget_mib`` on the fitted line through the two
+    (pixels, peak) points; 0 if none does."""
+    slope = (peak_large - peak_small) / (large * large - small * small)
+    intercept = peak_small - slope * small * small
+    if slope <= 0 or budget_mib <= intercept:
+        return 0
+    return int(math.sqrt((budget_mib - intercept) / slope)) // 16 * 16
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    parser.add_argument("--sizes", default="64,128", help="two image sides: the table's is the last (default 64,128)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
+    args = parser.parse_args()
+    procs = [int(p) for p in args.procs.split(",")]
+    small, large = (int(s) for s in args.sizes.split(","))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, one thread per process, {args.schedule}, "
+          f"batch {args.batch} in {args.microbatches} micro-batches, {args.steps} timed steps after one warm-up")
+    rows = {}
+    for world in procs:
+        runs = {}
+        for size in (small, large):
+            config = {"size": size, "batch": args.batch, "microbatches": args.microbatches,
+                      "schedule": args.schedule, "steps": args.steps}
+            runs[size] = summarize(world, args.microbatches, measure(world, config))
+            if world == 1:  # and the whole batch at once
+                runs[(size, "whole")] = summarize(1, 1, measure(1, {**config, "microbatches": 1}))
+        rows[world] = runs
+    print(f"\n{large}x{large} images:\n")
+    print("| processes | levels per rank | peak MiB per rank | step s | bubble per rank (ideal) | MB sent per step |")
+    print("|---|---|---|---:|---|---:|")
+    for world, runs in rows.items():
+        entries = [("1, whole batch", runs[(large, "whole")])] if world == 1 else []
+        entries.append((f"{world}" + (f", {args.microbatches} micro-batches accumulated" if world == 1 else ""),
+                        runs[large]))
+        for label, r in entries:
+            levels = " / ".join(f"{ls[0]}..{ls[-1]}" if len(ls) > 1 else ls[0] for ls in r["levels"])
+            peaks = " / ".join(f"{p:.0f}" for p in r["peaks"])
+            bubbles = " / ".join(f"{b:.2f}" for b in r["bubbles"])
+            print(f"| {label} | {levels} | {peaks} | {r['step_s']:.2f} | {bubbles} ({r['ideal']:.2f}) | "
+                  f"{r['sent_mb']:.1f} |")
+    print(f"\nLargest square image in {args.budget_mib:.0f} MiB per rank (peak = a + b * pixels through {small} and "
+          f"{large}):\n")
+    print("| processes | peak MiB at " + f"{small} / {large} (largest rank) | largest side |")
+    print("|---|---|---:|")
+    for world, runs in rows.items():
+        a, b = max(runs[small]["peaks"]), max(runs[large]["peaks"])
+        side = largest_side(small, large, a, b, args.budget_mib)
+        print(f"| {world}{', micro-batches' if world == 1 else ''} | {a:.0f} / {b:.0f} | {side} |")
+        if world == 1:
+            a, b = runs[(small, "whole")]["peaks"][0], runs[(large, "whole")]["peaks"][0]
+            print(f"| 1, whole batch | {a:.0f} / {b:.0f} | {largest_side(small, large, a, b, args.budget_mib)} |")
+
+
+if __name__ == "__main__":
+    main()
