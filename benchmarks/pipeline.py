@@ -9,7 +9,7 @@ budget trains, from a fit of the peaks at two sizes (peak = a + b * pixels, whic
 Prints markdown tables for benchmarks/RESULTS.md.
 
   python benchmarks/pipeline.py [--procs 1,2,4] [--sizes 64,128] [--batch 4] [--microbatches 4]
-                                [--schedule 1f1b] [--steps 3] [--budget-mib 1024]
+                                [--schedule 1f1b] [--balance memory] [--steps 3] [--budget-mib 1024]
 """
 
 import argparse
@@ -79,7 +79,8 @@ def _worker(rank, world, port, config, out_dir):
         else:
             with torch.device("meta"):
                 model = fastunet.U_Net(3, 1)
-            local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"])
+            local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"],
+                                            balance=config["balance"])
             levels = [name for module in local.modules for name in LEVELS[module.first:module.end]]
             for module in local.modules:
                 if module.end < len(LEVELS):  # its outputs go to the next stage, their gradients come back
@@ -157,19 +158,22 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    parser.add_argument("--balance", default="memory", choices=parallel.BALANCES,
+                        help="how build_pipeline cuts the stages (default memory)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
     parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     small, large = (int(s) for s in args.sizes.split(","))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, one thread per process, {args.schedule}, "
+          f"balance {args.balance}, "
           f"batch {args.batch} in {args.microbatches} micro-batches, {args.steps} timed steps after one warm-up")
     rows = {}
     for world in procs:
         runs = {}
         for size in (small, large):
             config = {"size": size, "batch": args.batch, "microbatches": args.microbatches,
-                      "schedule": args.schedule, "steps": args.steps}
+                      "schedule": args.schedule, "balance": args.balance, "steps": args.steps}
             runs[size] = summarize(world, args.microbatches, measure(world, config))
             if world == 1:  # and the whole batch at once
                 runs[(size, "whole")] = summarize(1, 1, measure(1, {**config, "microbatches": 1}))
