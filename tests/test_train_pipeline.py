@@ -1,8 +1,10 @@
 """``python -m fastunet.train --pipeline N`` under torchrun on the CPU (gloo): exact mode's pipelined training is
 single-process training bit for bit (one micro-batch), a 2 x 2 mesh with synchronized BN is DDP over 2 processes
-bit for bit, and every schedule trains and writes a checkpoint that loads strictly into the seed U-Net."""
+(``--compare``, with the reference) bit for bit, the interleaved schedule trains a channels_last model, and the
+checkpoints load strictly into the seed U-Net."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,21 +22,21 @@ SMALL = ["--device", "cpu", "--size", "32", "--epochs", "1", "--steps-per-epoch"
          "--val-samples", "3", "--no-progress", "--log-every", "0", "--exact"]
 
 
-def torchrun(processes, args, out):
+def torchrun(processes, args, out, checkpoint="checkpoint.pt"):
     """``python -m fastunet.train`` on ``processes`` gloo processes (one thread each, torchrun's default); its
-    history.json and checkpoint."""
+    history.json and fastunet's checkpoint, and what it printed."""
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m",
          "fastunet.train", *args, "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads((out / "history.json").read_text()), torch.load(out / "checkpoint.pt")
+    return json.loads((out / "history.json").read_text()), torch.load(out / checkpoint), run.stdout
 
 
 def assert_same_training(got, want):
     """The same per-step losses, validation metrics, weights, BN buffers and Adam moments, bit for bit."""
-    (history, checkpoint), (want_history, want_checkpoint) = got, want
+    (history, checkpoint, _), (want_history, want_checkpoint, _) = got, want
     got_model, want_model = history["models"]["fastunet"], want_history["models"]["fastunet"]
     assert got_model["losses"] == want_model["losses"] and len(want_model["losses"]) == 2
     assert [(e["dice"], e["iou"]) for e in got_model["epochs"]] == [(e["dice"], e["iou"]) for e in want_model["epochs"]]
@@ -62,24 +64,30 @@ def test_one_micro_batch_pipeline_is_single_process_training_bit_for_bit(tmp_pat
     finally:
         torch.set_num_threads(threads)
     want = (json.loads((tmp_path / "one" / "history.json").read_text()),
-            torch.load(tmp_path / "one" / "checkpoint.pt"))
+            torch.load(tmp_path / "one" / "checkpoint.pt"), None)
     assert_same_training(got, want)
 
 
 def test_two_by_two_mesh_with_sync_bn_is_ddp_bit_for_bit(tmp_path):
     # 2 pipelines x 2 replicas: each stage's DDP averages over its replicas and its BatchNorms synchronize over
-    # them, as DDP over 2 processes with --sync-bn does for the whole model.
+    # them, as DDP over 2 processes with --sync-bn does for the whole model (run with --compare: the reference
+    # trains there too, under DDP with synchronized BN on gloo).
     common = [*SMALL, "--batch", "2", "--sync-bn"]
     got = torchrun(4, [*common, "--pipeline", "2", "--pp-schedule", "gpipe", "--microbatches", "1"], tmp_path / "mesh")
-    want = torchrun(2, common, tmp_path / "ddp")
-    assert got[0]["config"]["world_size"] == 4
+    want = torchrun(2, [*common, "--compare"], tmp_path / "ddp", checkpoint="checkpoint_fastunet.pt")
+    assert got[0]["config"]["world_size"] == 4 and want[0]["config"]["world_size"] == 2
+    assert got[2].count("model      final loss") == want[2].count("model      final loss") == 1  # rank 0 alone
     assert_same_training(got, want)
+    assert len(want[0]["models"]["reference"]["losses"]) == 2
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint_fastunet.pt", "checkpoint_reference.pt",
+                                                    "history.json", "loss.png"]
+    Reference(3, 1).load_state_dict(torch.load(tmp_path / "ddp" / "checkpoint_reference.pt")["model"], strict=True)
 
 
 def test_interleaved_schedule_trains_a_channels_last_model_and_checkpoints(tmp_path):
     # (gpipe: the tests above) two stages per process, NHWC-ordered tensors between stages
-    history, checkpoint = torchrun(2, [*SMALL, "--batch", "4", "--pipeline", "2", "--pp-schedule", "interleaved",
-                                       "--channels-last"], tmp_path)
+    history, checkpoint, _ = torchrun(2, [*SMALL, "--batch", "4", "--pipeline", "2", "--pp-schedule", "interleaved",
+                                          "--channels-last"], tmp_path)
     assert history["config"]["microbatches"] == 4  # by default one per stage
     losses = history["models"]["fastunet"]["losses"]
     assert len(losses) == 2 and all(0 < v < 10 for v in losses) and losses[0] != losses[1]
