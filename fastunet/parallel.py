@@ -269,3 +269,6 @@ def gather_state_dict(local, group=None):
     parts = [None] * dist.get_world_size(group) if first else None
     dist.gather_object(state, parts, group=group, group_dst=0)
     return {key: value for part in parts for key, value in part.items()} if first else None
+
+
+from .spatial import SpatialUNet, gather_rows, spatial, split_rows  # noqa: E402, F401  (one namespace for users)

@@ -115,18 +115,25 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if group is None:
             return super().forward(x)
         self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
-        if x.device.type == "cpu":
-            return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-                                                group)
-        return _TorchSyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-                                                 group, dist.get_world_size(group))
+        return synchronized_batch_norm(self, x, group, self.weight, self.bias)
+
+
+def synchronized_batch_norm(bn, x, group, weight, bias):
+    """Training-mode BN module ``bn`` on ``x`` ``[N, C, H, W]`` with statistics over the ranks of ``group``, as
+    nn.SyncBatchNorm computes it (its own function on CUDA, the pure-PyTorch twin elsewhere), counting the batch
+    and moving ``bn``'s running stats; ``weight`` and ``bias`` are what the call uses of ``bn.weight`` and
+    ``bn.bias``."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    running_mean = bn.running_mean if bn.track_running_stats else None
+    running_var = bn.running_var if bn.track_running_stats else None
+    if x.device.type == "cpu":
+        return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, bn.eps, factor, group)
+    return _TorchSyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, bn.eps, factor, group,
+                                             dist.get_world_size(group))
 
 
 def sync_group(bn):

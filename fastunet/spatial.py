@@ -1,0 +1,252 @@
+"""One U-Net over several devices by rows of the image (spatial partitioning) on torch.distributed.
+
+Each rank of a process group holds a horizontal stripe of every activation: ``H / R`` rows of the image for R
+ranks, a multiple of 16 so that max-pool, upsample and the skip concatenation stay local at every level. Before
+each 3x3 convolution a rank exchanges one row with each neighbour (the halo, zeros at the image's top and bottom),
+so the convolution sees what it sees in the whole image; BatchNorm's statistics are synchronized over the group
+(SyncBatchNorm's semantics); each parameter's gradient is summed over the ranks in backward, so every rank ends
+with the gradient of the sum of the ranks' losses, the whole image's loss. Autograd-aware functions on
+point-to-point sends and collectives, no engine of its own.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import (
+    U_Net,
+    _parametrization_refusal,
+    _upsample_refusal,
+    conv_block,
+    global_hooks,
+    has_hooks,
+    is_plain_maxpool,
+    up_conv,
+)
+from .sync_batchnorm import _all_gather_single, synchronized_batch_norm
+
+ROWS_MULTIPLE = 16  # four 2x2 max-pools: a stripe of 16k rows stays whole down to the bottleneck
+_LAYER_TYPES = (U_Net, conv_block, up_conv, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+                nn.Upsample)
+
+
+def _rank_world(group):
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def split_rows(x, group=None):
+    """This rank's stripe of ``x`` ``[N, C, H, W]``: rows ``rank * H / R`` to ``(rank + 1) * H / R`` of the R ranks
+    of ``group`` (a contiguous copy). H must split into R stripes of a multiple of 16 rows."""
+    rank, world = _rank_world(group)
+    if x.dim() != 4 or x.shape[2] % (ROWS_MULTIPLE * world):
+        raise ValueError(f"fastunet: split_rows splits an [N, C, H, W] image into {world} stripes of a multiple of "
+                         f"{ROWS_MULTIPLE} rows; got shape {tuple(x.shape)} (H must be a multiple of "
+                         f"{ROWS_MULTIPLE * world})")
+    rows = x.shape[2] // world
+    return x.narrow(2, rank * rows, rows).contiguous()
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' stripes stacked along H; backward: every rank's gradient of the whole summed, each rank taking
+    its own rows (the gradient of a loss that every rank computes from the gathered whole)."""
+
+    @staticmethod
+    def forward(ctx, y, group):
+        rank, world = _rank_world(group)
+        ctx.group, ctx.rank = group, rank
+        n, c, h, w = y.shape
+        parts = y.new_empty((world * n, c, h, w))
+        _all_gather_single(parts, y.contiguous(), group=group)
+        return parts.view(world, n, c, h, w).permute(1, 2, 0, 3, 4).reshape(n, c, world * h, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        rows = grad.shape[2] // dist.get_world_size(ctx.group)
+        return total.narrow(2, ctx.rank * rows, rows), None
+
+
+def gather_rows(y, group=None):
+    """Every rank's stripe ``[N, C, H / R, W]`` stacked in rank order along H: the whole ``[N, C, H, W]``, on
+    every rank, differentiable (each stripe's gradient, summed over the ranks, goes back to its rank)."""
+    return _GatherRows.apply(y, group)
+
+
+def _exchange(sends, recv_shapes, like, group):
+    """Point-to-point: ``sends`` maps a neighbour's group rank to the tensor for it, ``recv_shapes`` a neighbour's
+    group rank to the shape of what comes from it; returns what came, by neighbour."""
+    received = {peer: like.new_empty(shape) for peer, shape in recv_shapes.items()}
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer) for peer, t in sends.items()]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for peer, t in received.items()]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    return received
+
+
+class _HaloRows(torch.autograd.Function):
+    """``[N, C, h, W] -> [N, C, h + 2, W]``: a stripe with its neighbours' nearest rows above and below (zeros at
+    the image's top and bottom). Backward: the halo rows' gradients go back to the ranks they came from and are
+    added to their edge rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        rank, world = _rank_world(group)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        n, c, _, w = x.shape
+        row = (n, c, 1, w)
+        sends, shapes = {}, {}
+        if rank > 0:
+            sends[rank - 1], shapes[rank - 1] = x[:, :, :1], row
+        if rank < world - 1:
+            sends[rank + 1], shapes[rank + 1] = x[:, :, -1:], row
+        got = _exchange(sends, shapes, x, group)
+        zeros = x.new_zeros(row)
+        return torch.cat((got.get(rank - 1, zeros), x, got.get(rank + 1, zeros)), dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world, group = ctx.rank, ctx.world, ctx.group
+        row = (grad.shape[0], grad.shape[1], 1, grad.shape[3])
+        sends, shapes = {}, {}
+        if rank > 0:
+            sends[rank - 1], shapes[rank - 1] = grad[:, :, :1], row
+        if rank < world - 1:
+            sends[rank + 1], shapes[rank + 1] = grad[:, :, -1:], row
+        got = _exchange(sends, shapes, grad, group)
+        dx = grad[:, :, 1:-1].clone()
+        if rank > 0:
+            dx[:, :, :1] += got[rank - 1]
+        if rank < world - 1:
+            dx[:, :, -1:] += got[rank + 1]
+        return dx, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over the group's ranks (a parameter's use on a stripe gives
+    the part of its gradient that stripe makes)."""
+
+    @staticmethod
+    def forward(ctx, p, group):
+        ctx.group = group
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.to(torch.float64 if grad.dtype == torch.float32 else grad.dtype).contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total.to(grad.dtype), None
+
+
+def _layer_refusals(model):
+    """Why ``model``'s layers cannot run on stripes here (SpatialUNet runs the seed's layers itself), one line each."""
+    reasons = ["global module hooks are registered"] if global_hooks() else []
+    for name, layer in model.named_modules():
+        if ".parametrizations." in f".{name}.":
+            continue  # a weight's or bias's parametrization runs as the layer reads it
+        name = name or "the model"
+        checks = [_parametrization_refusal(layer)]
+        if not isinstance(layer, _LAYER_TYPES):
+            checks.append(f"is a {type(layer).__name__}, which runs only whole")
+        if has_hooks(layer) and not global_hooks():
+            checks.append("has hooks")
+        if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats):
+            checks.append("is a BatchNorm without affine parameters or running stats")
+        if isinstance(layer, nn.MaxPool2d) and not is_plain_maxpool(layer):
+            checks.append("is not the seed's 2x2 max-pool")
+        if isinstance(layer, nn.Upsample):
+            checks.append(_upsample_refusal(layer))
+        if isinstance(layer, nn.Conv2d) and (layer.stride, layer.dilation, layer.groups, layer.padding_mode) != (
+                (1, 1), (1, 1), 1, "zeros"):
+            checks.append("has a stride, dilation, groups or padding mode of its own")
+        reasons += [f"{name} {reason}" for reason in checks if reason]
+    return reasons
+
+
+class SpatialUNet(nn.Module):
+    """A fastunet.U_Net run on row stripes over the ranks of ``group`` (see the module docstring). Its submodules
+    are the model's own (parameters shared, the same ``state_dict`` keys);
+    ``forward(x)`` takes this rank's stripe ``[N, img_ch, H / R, W]`` (split_rows) and returns its stripe of the
+    logits ``[N, output_ch, H / R, W]``. In training each BatchNorm normalizes with the whole image's statistics and
+    moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
+    those of the sum of the ranks' losses. Runs the seed's layers (ATen convolutions on halo-padded stripes) in
+    both modes; the fused blocks do not run on stripes yet.
+    """
+
+    def __init__(self, model, group=None):
+        super().__init__()
+        if not isinstance(model, U_Net):
+            raise TypeError(f"fastunet.parallel.spatial splits a fastunet.U_Net by rows, not a {type(model).__name__}")
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "model", model)  # its children are this module's: the same state_dict keys
+        object.__setattr__(self, "group", group)  # a ProcessGroup, not a module
+
+    def train(self, mode=True):
+        """As nn.Module.train, and the U-Net's own flag too."""
+        self.model.training = mode
+        return super().train(mode)
+
+    def _param(self, p):
+        return _SumGradOverRanks.apply(p, self.group) if p is not None and p.requires_grad else p
+
+    def _conv(self, conv, x):
+        weight, bias = self._param(conv.weight), self._param(conv.bias)
+        if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+            return F.conv2d(x, weight, bias)
+        if conv.kernel_size != (3, 3) or conv.padding != (1, 1):
+            raise ValueError(f"fastunet.parallel.spatial exchanges one-row halos for 3x3 convs with padding 1; "
+                             f"a conv has kernel_size={conv.kernel_size}, padding={conv.padding}")
+        # padding 1 on the stripe with its halos, the first and last rows dropped: oneDNN then picks the algorithm
+        # it picks for the whole image (with padding (0, 1) it ran another at some shapes, 6x the rounding error)
+        return F.conv2d(_HaloRows.apply(x, self.group), weight, bias, padding=1)[:, :, 1:-1]
+
+    def _bn(self, bn, x):
+        if bn.training:
+            return synchronized_batch_norm(bn, x, self.group, self._param(bn.weight), self._param(bn.bias))
+        return F.batch_norm(x, bn.running_mean, bn.running_var, self._param(bn.weight), self._param(bn.bias), False,
+                            0.0, bn.eps)
+
+    def _layers(self, sequence, x):
+        for layer in sequence:
+            if isinstance(layer, nn.Conv2d):
+                x = self._conv(layer, x)
+            elif isinstance(layer, nn.BatchNorm2d):
+                x = self._bn(layer, x)
+            elif isinstance(layer, nn.ReLU):
+                x = F.relu(x)
+            elif isinstance(layer, nn.Upsample):
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            else:
+                raise TypeError(f"fastunet.parallel.spatial runs the seed's layers on stripes; it cannot run a "
+                                f"{type(layer).__name__}")
+        return x
+
+    def forward(self, x):
+        reasons = _layer_refusals(self.model)
+        if reasons:
+            raise ValueError("fastunet.parallel.spatial runs the seed U-Net's layers itself on row stripes and "
+                             "cannot honour: " + "; ".join(reasons) + ". Run the model whole, or remove them.")
+        m = self.model
+        if x.dim() != 4 or x.shape[2] % ROWS_MULTIPLE or x.shape[3] % ROWS_MULTIPLE or x.shape[1] != m.img_ch:
+            raise ValueError(f"fastunet.parallel.spatial takes a stripe [N, {m.img_ch}, H_local, W] with H_local "
+                             f"and W multiples of {ROWS_MULTIPLE}; got shape {tuple(x.shape)}")
+        pool = F.max_pool2d
+        x1 = self._layers(m.Conv1.conv, x)
+        x2 = self._layers(m.Conv2.conv, pool(x1, 2))
+        x3 = self._layers(m.Conv3.conv, pool(x2, 2))
+        x4 = self._layers(m.Conv4.conv, pool(x3, 2))
+        x5 = self._layers(m.Conv5.conv, pool(x4, 2))
+        d = x5
+        for skip, up, block in ((x4, m.Up5, m.Up_conv5), (x3, m.Up4, m.Up_conv4), (x2, m.Up3, m.Up_conv3),
+                                (x1, m.Up2, m.Up_conv2)):
+            d = self._layers(block.conv, torch.cat((skip, self._layers(up.up, d)), dim=1))
+        return self._conv(m.Conv_1x1, d)
+
+
+def spatial(model, group=None):
+    """``model`` (a fastunet.U_Net) as a SpatialUNet over the ranks of ``group`` (default: the world)."""
+    return SpatialUNet(model, group)
+

@@ -1,0 +1,136 @@
+"""fastunet.parallel.spatial on 2 and 4 gloo ranks (spawned, bounded in time): one U-Net split by rows of the
+image, one training step and an eval pass, against the seed U-Net on the whole image in one process: the
+gathered output, the input gradient, every parameter gradient (the same on every rank) and the BN buffers within
+the fast-mode error rule (flash-attention's 2x of the float32 reference's error against float64)."""
+
+import copy
+import datetime
+import os
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import (
+    assert_within_twice_reference_error,
+    free_port,
+    pool_tie_free,
+    relative_error,
+    spawn_ranks,
+    train_step,
+    well_conditioned,
+)
+
+import fastunet
+from fastunet import parallel
+from fastunet.reference import U_Net as Reference
+
+TIMEOUT_S = 300
+
+
+def _worker(rank, world, port, case_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        case = torch.load(case_path)
+        model = fastunet.U_Net(3, 2, exact=case["exact"])
+        model.load_state_dict(case["state"])
+        net = parallel.spatial(model)
+        x = parallel.split_rows(case["x"]).requires_grad_()
+        assert net.state_dict().keys() == model.state_dict().keys()
+        out = net(x)
+        g = parallel.split_rows(case["g"])
+        (out * g).sum().backward()
+        loss = (out.detach().double() * g.double()).sum()  # the stripe's loss, summed in float64 as the test sums
+        dist.all_reduce(loss)  # the whole image's loss: the sum of the stripes'
+        result = {"out": parallel.gather_rows(out.detach()), "x_grad": parallel.gather_rows(x.grad), "loss": loss,
+                  "grads": {n: p.grad for n, p in model.named_parameters()},
+                  "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+        # gather_rows backward: a loss every rank computes from the gathered whole sends each rank its rows' grads,
+        # summed over the ranks
+        stripe = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+        weights = torch.randn(1, 2, 16 * world, 4, generator=torch.Generator().manual_seed(99))
+        (parallel.gather_rows(stripe) * weights).sum().backward()
+        result["gather_grad"] = torch.equal(stripe.grad, world * weights[:, :, 16 * rank:16 * (rank + 1)])
+        net.eval()
+        with torch.no_grad():
+            result["eval"] = parallel.gather_rows(net(parallel.split_rows(case["x"])))
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_spatial(tmp_path, world, exact, state, x, g):
+    """One training step and one eval pass on ``world`` spawned gloo ranks; rank 0's results, after checking that
+    every rank holds the same gathered tensors, parameter gradients and buffers."""
+    case_path = str(tmp_path / "case.pt")
+    torch.save(dict(state=state, exact=exact, x=x, g=g), case_path)
+    spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all(r["gather_grad"] for r in results)
+    for other in results[1:]:
+        for key in ("out", "x_grad", "eval", "loss"):
+            assert torch.equal(other[key], results[0][key]), key
+        for group in ("grads", "buffers"):
+            for name, value in results[0][group].items():
+                assert torch.equal(other[group][name], value), f"{group} {name} differs between ranks"
+    return results[0]
+
+
+@pytest.mark.parametrize("world, n, h, exact, zero_stripe", [
+    (2, 2, 64, False, False),  # 32-row stripes
+    (2, 1, 32, True, False),  # batch 1, stripes of exactly 16 rows
+    (2, 2, 64, False, True),  # rank 1's stripe all zeros
+    (4, 1, 64, False, False),  # 16-row stripes on 4 ranks
+])
+def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero_stripe):
+    torch.manual_seed(world * 100 + h + n)
+    ref = Reference(3, 2)
+    well_conditioned(ref)
+    ref64 = copy.deepcopy(ref).double()
+
+    def draw():
+        x = torch.randn(n, 3, h, 32)
+        if zero_stripe:
+            x[:, :, h // world:2 * h // world] = 0
+        return x
+
+    # An all-zero stripe makes constant activations, whose max-pool windows tie: float32 (the reference's and the
+    # stripes', whose convs give the whole image's bits) routes their gradients alike, float64 differently, and the
+    # rule holds; elsewhere a near-tie would flip with the draw, so it is drawn away.
+    x = draw() if zero_stripe else pool_tie_free(ref64, draw)
+    g = torch.randn(n, 2, h, 32)
+    state = copy.deepcopy(ref.state_dict())
+    got = run_spatial(tmp_path, world, exact, state, x, g)
+    want32 = train_step(ref, x, g)
+    want64 = train_step(ref64, x.double(), g.double())
+    result = (got["out"], got["x_grad"], got["grads"], got["buffers"])
+    assert_within_twice_reference_error(result, want32, want64)
+    # the ranks' losses add up to the whole image's, within what the output's error allows (Cauchy-Schwarz: a
+    # scalar's own error ratio is too noisy for the 2x rule)
+    loss64, out_error = (want64[0] * g.double()).sum(), (want32[0].double() - want64[0]).norm()
+    assert abs(got["loss"] - loss64) <= (2 * out_error + 1e-7 * want64[0].norm()) * g.double().norm()
+    ref.eval(), ref64.eval()
+    with torch.no_grad():
+        assert relative_error(got["eval"], ref64(x.double())) <= 2 * relative_error(ref(x), ref64(x.double())) + 1e-7
+
+
+def test_split_rows_refuses_stripes_that_are_not_multiples_of_16():
+    with mock.patch("fastunet.spatial._rank_world", return_value=(0, 2)):
+        with pytest.raises(ValueError, match="H must be a multiple of 32"):
+            parallel.split_rows(torch.randn(1, 3, 48, 32))
+        assert torch.equal(parallel.split_rows(x := torch.randn(1, 3, 64, 32)), x[:, :, :32])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.Conv2.conv[0].register_forward_hook(lambda *a: None), "Conv2.conv.0 has hooks"),
+    (lambda m: m.Up3.up.__setitem__(3, torch.nn.LeakyReLU()), "Up3.up.3 is a LeakyReLU"),
+    (lambda m: setattr(m, "Maxpool", torch.nn.MaxPool2d(3, 2, 1)), "Maxpool is not the seed's 2x2 max-pool"),
+])
+def test_spatial_refuses_what_it_cannot_honour_before_any_exchange(change, message):
+    # no process group here: the refusal comes before the first halo exchange
+    model = fastunet.U_Net(3, 1)
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        parallel.spatial(model)(torch.randn(1, 3, 32, 32))
