@@ -205,6 +205,9 @@ def materialize(model, modules):
     for layer in model.modules():
         if not (any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False))):
             continue
+        if not callable(getattr(layer, "reset_parameters", None)):
+            raise TypeError(f"fastunet: a {type(layer).__name__} on the meta device has no reset_parameters() to "
+                            "initialise it; build the U-Net on the CPU, or give every rank its weights")
         layer.to_empty(device="cpu", recurse=False)
         layer.reset_parameters()
         if id(layer) not in local:

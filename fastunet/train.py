@@ -831,14 +831,14 @@ class PipelineMesh(NamedTuple):
     replicas: int
 
 
-def pipeline_mesh(stages_ranks, device, world):
-    """The PipelineMesh of ``world`` processes in replicas of ``stages_ranks`` (a DeviceMesh ("pp", "dp"): the
+def pipeline_mesh(pipeline_ranks, device, world):
+    """The PipelineMesh of ``world`` processes in replicas of ``pipeline_ranks`` (a DeviceMesh ("pp", "dp"): the
     ranks of one pipeline are ``replica, replica + replicas, ...``)."""
-    if not dist.is_initialized() or world % stages_ranks:
-        raise ValueError(f"--pipeline {stages_ranks} runs under torchrun on a multiple of {stages_ranks} processes; "
-                         f"this run has {world}")
-    replicas = world // stages_ranks
-    mesh = init_device_mesh(device.type, (stages_ranks, replicas), mesh_dim_names=("pp", "dp"))
+    if not dist.is_initialized() or world % pipeline_ranks:
+        raise ValueError(f"--pipeline {pipeline_ranks} runs under torchrun on a multiple of {pipeline_ranks} "
+                         f"processes; this run has {world}")
+    replicas = world // pipeline_ranks
+    mesh = init_device_mesh(device.type, (pipeline_ranks, replicas), mesh_dim_names=("pp", "dp"))
     dp_group = mesh.get_group("dp") if replicas > 1 else None
     return PipelineMesh(mesh.get_group("pp"), dp_group, mesh.get_local_rank("dp"), replicas)
 

@@ -189,3 +189,12 @@ def test_materialize_builds_only_the_local_stages_as_the_constructor_would(memor
             assert value.stride() == expected[key].stride(), key
         else:
             assert value.is_meta, key
+
+
+def test_materialize_refuses_a_layer_it_cannot_initialise():
+    with torch.device("meta"):
+        model = fastunet.U_Net(3, 2)
+    model.Conv_1x1 = torch.nn.Sequential(torch.nn.Conv2d(64, 2, 1)).to("meta")
+    model.Conv_1x1.register_parameter("scale", torch.nn.Parameter(torch.ones(1, device="meta")))
+    with pytest.raises(TypeError, match="a Sequential on the meta device has no reset_parameters"):
+        parallel.materialize(model, parallel.pipeline_stages(model, 2))
