@@ -74,12 +74,14 @@ def gather_rows(y, group=None):
     return _GatherRows.apply(y, group)
 
 
-def _exchange(sends, recv_shapes, like, group):
-    """Point-to-point: ``sends`` maps a neighbour's group rank to the tensor for it, ``recv_shapes`` a neighbour's
-    group rank to the shape of what comes from it; returns what came, by neighbour."""
-    received = {peer: like.new_empty(shape) for peer, shape in recv_shapes.items()}
-    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer) for peer, t in sends.items()]
-    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for peer, t in received.items()]
+def _exchange_edge_rows(t, rank, world, group):
+    """Point-to-point between neighbours: ``t``'s first row ``[N, C, 1, W]`` goes to rank - 1 and its last to rank + 1
+    (where they exist); returns what came back, by the sender's group rank."""
+    row = (t.shape[0], t.shape[1], 1, t.shape[3])
+    edges = {peer: part for peer, part in ((rank - 1, t[:, :, :1]), (rank + 1, t[:, :, -1:])) if 0 <= peer < world}
+    received = {peer: t.new_empty(row) for peer in edges}
+    ops = [dist.P2POp(dist.isend, part.contiguous(), group=group, group_peer=peer) for peer, part in edges.items()]
+    ops += [dist.P2POp(dist.irecv, buf, group=group, group_peer=peer) for peer, buf in received.items()]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -95,31 +97,18 @@ class _HaloRows(torch.autograd.Function):
     def forward(ctx, x, group):
         rank, world = _rank_world(group)
         ctx.group, ctx.rank, ctx.world = group, rank, world
-        n, c, _, w = x.shape
-        row = (n, c, 1, w)
-        sends, shapes = {}, {}
-        if rank > 0:
-            sends[rank - 1], shapes[rank - 1] = x[:, :, :1], row
-        if rank < world - 1:
-            sends[rank + 1], shapes[rank + 1] = x[:, :, -1:], row
-        got = _exchange(sends, shapes, x, group)
-        zeros = x.new_zeros(row)
+        got = _exchange_edge_rows(x, rank, world, group)
+        zeros = x.new_zeros((x.shape[0], x.shape[1], 1, x.shape[3]))
         return torch.cat((got.get(rank - 1, zeros), x, got.get(rank + 1, zeros)), dim=2)
 
     @staticmethod
     def backward(ctx, grad):
-        rank, world, group = ctx.rank, ctx.world, ctx.group
-        row = (grad.shape[0], grad.shape[1], 1, grad.shape[3])
-        sends, shapes = {}, {}
-        if rank > 0:
-            sends[rank - 1], shapes[rank - 1] = grad[:, :, :1], row
-        if rank < world - 1:
-            sends[rank + 1], shapes[rank + 1] = grad[:, :, -1:], row
-        got = _exchange(sends, shapes, grad, group)
+        rank = ctx.rank
+        got = _exchange_edge_rows(grad, rank, ctx.world, ctx.group)
         dx = grad[:, :, 1:-1].clone()
-        if rank > 0:
+        if rank - 1 in got:
             dx[:, :, :1] += got[rank - 1]
-        if rank < world - 1:
+        if rank + 1 in got:
             dx[:, :, -1:] += got[rank + 1]
         return dx, None
 

@@ -2,6 +2,7 @@
 assertions, the seed repository's init_weights, the op inputs of the CPU and CUDA op tests, and the spawning of
 process-group ranks."""
 
+import contextlib
 import copy
 import datetime
 import os
@@ -9,6 +10,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.init as init
 
@@ -203,6 +205,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_process_group(rank, world, port):
+    """In a spawned rank: the default gloo process group of ``world`` ranks on 127.0.0.1:``port`` (one thread per
+    rank, a 120 s collective timeout), destroyed on the way out."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ranks(worker, args, nprocs, timeout_s):

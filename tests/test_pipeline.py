@@ -4,13 +4,11 @@ for bit: the logits, every parameter gradient and every BatchNorm buffer; the ch
 strictly into the seed U-Net."""
 
 import copy
-import datetime
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import assert_bitwise, free_port, spawn_ranks, well_conditioned
+from helpers import assert_bitwise, free_port, gloo_process_group, spawn_ranks, well_conditioned
 
 import fastunet
 from fastunet import parallel
@@ -24,10 +22,7 @@ def _linear_loss(logits, g):
 
 
 def _worker(rank, world, port, case_path, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_process_group(rank, world, port):
         case = torch.load(case_path)
         model = fastunet.U_Net(3, 2, exact=True)
         model.load_state_dict(case["state"])
@@ -43,8 +38,6 @@ def _worker(rank, world, port, case_path, out_dir):
         if rank == 0:
             result["checkpoint"] = checkpoint
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_pipeline(tmp_path, world, schedule, microbatches, state, x, g):

@@ -4,7 +4,6 @@ gathered output, the input gradient, every parameter gradient (the same on every
 the fast-mode error rule (flash-attention's 2x of the float32 reference's error against float64)."""
 
 import copy
-import datetime
 import os
 from unittest import mock
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from helpers import (
     assert_within_twice_reference_error,
     free_port,
+    gloo_process_group,
     pool_tie_free,
     relative_error,
     spawn_ranks,
@@ -29,10 +29,7 @@ TIMEOUT_S = 300
 
 
 def _worker(rank, world, port, case_path, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_process_group(rank, world, port):
         case = torch.load(case_path)
         model = fastunet.U_Net(3, 2, exact=case["exact"])
         model.load_state_dict(case["state"])
@@ -57,8 +54,6 @@ def _worker(rank, world, port, case_path, out_dir):
         with torch.no_grad():
             result["eval"] = parallel.gather_rows(net(parallel.split_rows(case["x"])))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_spatial(tmp_path, world, exact, state, x, g):
