@@ -15,20 +15,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import (
+    _SEED_MODULE_TYPES,
     U_Net,
     _parametrization_refusal,
     _upsample_refusal,
-    conv_block,
     global_hooks,
     has_hooks,
     is_plain_maxpool,
-    up_conv,
 )
 from .sync_batchnorm import _all_gather_single, synchronized_batch_norm
 
 ROWS_MULTIPLE = 16  # four 2x2 max-pools: a stripe of 16k rows stays whole down to the bottleneck
-_LAYER_TYPES = (U_Net, conv_block, up_conv, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
-                nn.Upsample)
+_LAYER_TYPES = (U_Net, *_SEED_MODULE_TYPES)  # what SpatialUNet runs itself (BatchNorm2d: subclasses too)
 
 
 def _rank_world(group):
