@@ -33,18 +33,28 @@ class _Recomputing(threading.local):
 _recomputing = _Recomputing()
 
 
+def _bn_buffers(module):
+    """The running stats and batch counts of the BatchNorms in ``module``."""
+    return [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+
+
 def _checkpoint(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` under activation checkpointing (non-reentrant). The recomputation in backward
-    leaves the BN running stats and num_batches_tracked alone: they were updated by the forward."""
+    """``fn(*args, **kwargs)`` under activation checkpointing (non-reentrant); ``fn`` a block. The recomputation in
+    backward leaves the BN running stats and num_batches_tracked alone: they were updated by the forward (a fused
+    block moves none of them then; a block running its own modules has them put back)."""
     calls = []
 
     def run(*a, **k):
         outer, _recomputing.active = _recomputing.active, bool(calls)
+        kept = [(t, t.clone()) for t in _bn_buffers(fn)] if calls else []
         calls.append(None)
         try:
             return fn(*a, **k)
         finally:
             _recomputing.active = outer
+            for t, value in kept:
+                t.copy_(value)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,22 @@ def test_checkpointing_gives_the_same_bits_and_keeps_fewer_activations(exact):
         return total[0]
 
     assert saved_bytes(checkpointed) < 0.5 * saved_bytes(plain)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_checkpointing_a_block_on_its_own_modules_moves_its_bn_stats_once(exact):
+    """A block that runs its own modules (a hook on one of its BNs) under checkpointing: its recomputation in
+    backward must not move the running stats or the batch count a second time."""
+    _, plain = pair(exact=exact)
+    for model in (plain, checkpointed := copy.deepcopy(plain)):
+        model.Conv2.conv[1].register_forward_hook(lambda *args: None)
+    checkpointed.checkpointing = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the block's fallback warning
+        for _ in range(2):
+            x, g = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 2, SIZE, SIZE)
+            assert_results_bitwise(train_step(checkpointed, x, g), train_step(plain, x, g))
+    assert int(checkpointed.Conv2.conv[1].num_batches_tracked) == 2
 
 
 @pytest.mark.parametrize("exact", [True, False])
