@@ -6,6 +6,7 @@ the reference; only ``forward`` differs. ``fused_refusal`` is the one place that
 its fused kernels; where it says no, the block runs its own modules, as the seed does.
 """
 
+import os
 import threading
 from typing import NamedTuple, Optional
 
@@ -21,6 +22,11 @@ from . import ops as fastunet_ops
 from .sync_batchnorm import SyncBatchNorm, sync_group
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Exact mode on the CPU runs the seed's modules. Its fused path makes the same ATen convolution and BN calls there,
+# plus Python and glue that no fusion pays back: it measured 0.87-1.04x eager (benchmarks/RESULTS.md, issue 14).
+# FASTUNET_CPU_EXACT=fused runs the fused path's exact twins on the CPU (CUDA's exact path; the test suite's).
+_EXACT_CPU_RUNS_MODULES = os.environ.get("FASTUNET_CPU_EXACT", "modules").strip().lower() != "fused"
 
 
 class _Recomputing(threading.local):
@@ -199,6 +205,8 @@ def fused_refusal(block, x) -> Optional[Refusal]:
     if exporting():
         return Refusal("the model is being exported", warn=False)
     check_dtypes(x, next(block.parameters(), None))
+    if block.exact and _exact_runs_modules(x):
+        return Refusal("exact mode on the CPU runs the seed's modules", warn=False)
     if x.dtype not in _FUSED_DTYPES:
         return Refusal(f"a {x.dtype} input runs the pure-PyTorch path (the fused kernels take float32, bfloat16 and "
                        "float16)")
@@ -212,6 +220,12 @@ def fused_refusal(block, x) -> Optional[Refusal]:
     if block.exact and any(sync_group(bn) is not None for bn in block.batch_norms()):
         return Refusal("exact mode leaves synchronized BatchNorm to nn.SyncBatchNorm itself", warn=False)
     return None
+
+
+def _exact_runs_modules(x):
+    """Whether exact mode runs the seed's modules on ``x`` rather than its fused path (on the CPU; see
+    _EXACT_CPU_RUNS_MODULES)."""
+    return _EXACT_CPU_RUNS_MODULES and x.device.type == "cpu"
 
 
 def _runs_fused(block, x):
@@ -445,7 +459,8 @@ class U_Net(_NotScriptable, reference.U_Net):
 
     def _forward(self, x):
         _check_input(x, self.img_ch, next(self.parameters(), None))
-        if exporting() or _transform_refusal():
+        if exporting() or _transform_refusal() or (self.exact and _exact_runs_modules(x)
+                                                   and not (self.checkpointing and self.training)):
             return super().forward(x)  # the seed's graph; each block still decides for itself
         self.check_training_batch(x.shape)
         to_nchw = self._channels_last_inside(x)

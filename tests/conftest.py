@@ -17,6 +17,9 @@ def _has_cuda_gpu():
 HAS_GPU = _has_cuda_gpu()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Exact mode on the CPU runs the seed's modules for users; the suite runs the fused path's exact twins there (the
+# CUDA path's logic), in spawned processes too. Tests of the modules path set model._EXACT_CPU_RUNS_MODULES.
+os.environ["FASTUNET_CPU_EXACT"] = "fused"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,6 +3,9 @@
 in tests/test_cuda.py."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,6 +72,41 @@ def test_exact_mode_is_bitwise_the_reference_in_eval_and_under_bf16_autocast():
     fast.eval()
     with torch.no_grad():
         assert_bitwise(fast(x), ref(x), "eval output")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_exact_mode_on_the_cpu_runs_the_seed_s_modules(monkeypatch, fresh_warnings, checkpointing):
+    """As users get it (FASTUNET_CPU_EXACT unset), exact mode on the CPU runs the seed's modules: no fused op runs,
+    a layer's hook fires with no fallback warning, and training steps (checkpointed too) and eval are the seed's
+    bit for bit."""
+    monkeypatch.setattr(fastunet.model, "_EXACT_CPU_RUNS_MODULES", True)
+
+    def fused(*args, **kwargs):
+        raise AssertionError("a fused block ran")
+
+    monkeypatch.setattr(functional, "double_conv_bn_relu", fused)
+    monkeypatch.setattr(functional, "upsample_conv_cat", fused)
+    ref, model = pair(exact=True)
+    model.checkpointing = checkpointing
+    calls = []
+    model.Up_conv3.conv[0].register_forward_hook(lambda *args: calls.append(None))  # recomputed if checkpointed
+    for _ in range(2):
+        x, g = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 2, SIZE, SIZE)
+        assert_results_bitwise(train_step(model, x, g), train_step(ref, x, g))
+    ref.eval()
+    model.eval()
+    with torch.no_grad():
+        assert_bitwise(model(x), ref(x), "eval output")
+    assert len(calls) == (5 if checkpointing else 3) and fresh_warnings() == []
+
+
+def test_exact_mode_runs_the_seed_s_modules_on_the_cpu_unless_told_otherwise():
+    code = "import fastunet.model as m; print(m._EXACT_CPU_RUNS_MODULES)"
+    for value, want in ((None, "True"), ("fused", "False"), ("modules", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "FASTUNET_CPU_EXACT"}
+        env.update({} if value is None else {"FASTUNET_CPU_EXACT": value})
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert got.stdout.strip() == want, value
 
 
 def well_conditioned_fast_pair():
