@@ -46,13 +46,13 @@ def split_rows(x, group=None):
 
 
 class _GatherRows(torch.autograd.Function):
-    """All ranks' stripes stacked along H; backward: every rank's gradient of the whole summed, each rank taking
-    its own rows (the gradient of a loss that every rank computes from the gathered whole)."""
+    """All ranks' stripes stacked along H; backward: every rank's gradient of the whole summed (or averaged), each
+    rank taking its own rows."""
 
     @staticmethod
-    def forward(ctx, y, group):
+    def forward(ctx, y, group, average):
         rank, world = _rank_world(group)
-        ctx.group, ctx.rank = group, rank
+        ctx.group, ctx.rank, ctx.average = group, rank, average
         n, c, h, w = y.shape
         parts = y.new_empty((world * n, c, h, w))
         _all_gather_single(parts, y.contiguous(), group=group)
@@ -60,16 +60,22 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
         total = grad.contiguous().clone()
         dist.all_reduce(total, group=ctx.group)
-        rows = grad.shape[2] // dist.get_world_size(ctx.group)
-        return total.narrow(2, ctx.rank * rows, rows), None
+        if ctx.average:
+            total /= world
+        rows = grad.shape[2] // world
+        return total.narrow(2, ctx.rank * rows, rows), None, None
 
 
-def gather_rows(y, group=None):
+def gather_rows(y, group=None, *, same_loss=False):
     """Every rank's stripe ``[N, C, H / R, W]`` stacked in rank order along H: the whole ``[N, C, H, W]``, on
-    every rank, differentiable (each stripe's gradient, summed over the ranks, goes back to its rank)."""
-    return _GatherRows.apply(y, group)
+    every rank, differentiable: each stripe's gradient, summed over the ranks, goes back to its rank (the gradient
+    of the sum of the ranks' losses). ``same_loss=True``: every rank computes one and the same loss from the whole
+    (the loss of the gathered logits against the whole target); the gradients are averaged instead, so the
+    parameter gradients are that loss's."""
+    return _GatherRows.apply(y, group, same_loss)
 
 
 def _exchange_edge_rows(t, rank, world, group):
@@ -160,9 +166,15 @@ class SpatialUNet(nn.Module):
     moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
     those of the sum of the ranks' losses. Runs the seed's layers (ATen convolutions on halo-padded stripes) in
     both modes; the fused blocks do not run on stripes yet.
+
+    ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
+    group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
+    a training loop that computes one loss from them on every rank, unchanged. ``bn_group``: the ranks BatchNorm's
+    statistics are synchronized over (default ``group``; a group holding it, such as the world where the batch is
+    also split data-parallel over replicas of ``group``, gives synchronized BatchNorm over the replicas too).
     """
 
-    def __init__(self, model, group=None):
+    def __init__(self, model, group=None, *, whole_images=False, bn_group=None):
         super().__init__()
         if not isinstance(model, U_Net):
             raise TypeError(f"fastunet.parallel.spatial splits a fastunet.U_Net by rows, not a {type(model).__name__}")
@@ -170,6 +182,8 @@ class SpatialUNet(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "model", model)  # its children are this module's: the same state_dict keys
         object.__setattr__(self, "group", group)  # a ProcessGroup, not a module
+        object.__setattr__(self, "bn_group", group if bn_group is None else bn_group)
+        self.whole_images = whole_images
 
     def train(self, mode=True):
         """As nn.Module.train, and the U-Net's own flag too."""
@@ -192,7 +206,7 @@ class SpatialUNet(nn.Module):
 
     def _bn(self, bn, x):
         if bn.training:
-            return synchronized_batch_norm(bn, x, self.group, self._param(bn.weight), self._param(bn.bias))
+            return synchronized_batch_norm(bn, x, self.bn_group, self._param(bn.weight), self._param(bn.bias))
         return F.batch_norm(x, bn.running_mean, bn.running_var, self._param(bn.weight), self._param(bn.bias), False,
                             0.0, bn.eps)
 
@@ -212,6 +226,11 @@ class SpatialUNet(nn.Module):
         return x
 
     def forward(self, x):
+        if self.whole_images:
+            return gather_rows(self._stripe(split_rows(x, self.group)), self.group, same_loss=True)
+        return self._stripe(x)
+
+    def _stripe(self, x):
         reasons = _layer_refusals(self.model)
         if reasons:
             raise ValueError("fastunet.parallel.spatial runs the seed U-Net's layers itself on row stripes and "
@@ -233,7 +252,8 @@ class SpatialUNet(nn.Module):
         return self._conv(m.Conv_1x1, d)
 
 
-def spatial(model, group=None):
-    """``model`` (a fastunet.U_Net) as a SpatialUNet over the ranks of ``group`` (default: the world)."""
-    return SpatialUNet(model, group)
+def spatial(model, group=None, *, whole_images=False, bn_group=None):
+    """``model`` (a fastunet.U_Net) as a SpatialUNet over the ranks of ``group`` (default: the world); see
+    SpatialUNet for ``whole_images`` and ``bn_group``."""
+    return SpatialUNet(model, group, whole_images=whole_images, bn_group=bn_group)
 

@@ -8,7 +8,8 @@ split (model.eval(), sigmoid > 0.5) and a checkpoint. It runs in one process or 
 DistributedSampler; ``--sync-bn`` for synchronized BatchNorm; rank 0 alone logs and writes). ``--pipeline N``
 cuts fastunet.U_Net into pipeline stages over N processes (fastunet.parallel, ``--microbatches``,
 ``--pp-schedule``), the torchrun processes forming replicas of N trained data-parallel (PipelinedUNet); each
-process builds only its own stages' parameters.
+process builds only its own stages' parameters. ``--spatial N`` splits each image by rows over N processes
+(fastunet.parallel.spatial: each holds a stripe of every activation), the replicas of N trained data-parallel.
 
 ``--compare`` builds the reference U-Net once under ``--seed``, loads its state_dict into fastunet.U_Net, trains
 both on the same data in the same order with the same hyperparameters, and prints their final losses, Dice, IoU,
@@ -696,6 +697,9 @@ def parse_args(argv):
                         help="with --pipeline: the torch.distributed.pipelining schedule (default 1f1b; interleaved "
                              "holds two stages per process; zbv, in fastunet.parallel, trains but torch 2.14 cannot "
                              "run it forward-only for validation)")
+    parser.add_argument("--spatial", type=int,
+                        help="under torchrun: split each image by rows over N processes (fastunet.parallel.spatial; "
+                             "the processes form replicas of N, trained data-parallel; --size a multiple of 16 N)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either off a terminal)")
     parser.add_argument("--log-every", type=int, default=10, help="without a progress bar, log every N steps")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on the CPU, 4 on CUDA)")
@@ -732,7 +736,13 @@ def check_args(parser, args):
     if args.pipeline is not None and (args.compare or args.model != "fastunet" or args.amp == "fp16"):
         parser.error("--pipeline trains fastunet.U_Net alone (not --compare or --model reference), in float32 or "
                      "--amp bf16 (fp16's GradScaler would skip steps on some stages and not others)")
-    for name in ("batch", "epochs", "steps_per_epoch", "train_samples", "img_ch", "pipeline", "microbatches"):
+    if args.spatial is not None and (args.compare or args.model != "fastunet" or args.pipeline is not None):
+        parser.error("--spatial trains fastunet.U_Net alone (not --compare, --model reference or --pipeline)")
+    if args.spatial and args.size is not None and args.size % (16 * args.spatial):
+        parser.error(f"--spatial {args.spatial} splits each image into {args.spatial} stripes of a multiple of 16 "
+                     f"rows: --size must be a multiple of {16 * args.spatial}")
+    for name in ("batch", "epochs", "steps_per_epoch", "train_samples", "img_ch", "pipeline", "microbatches",
+                 "spatial"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("val_samples", "workers"):
@@ -821,26 +831,30 @@ def load_data(args, rank, world):
     return train_set, val_set
 
 
-class PipelineMesh(NamedTuple):
-    """The torchrun processes as a (pp x dp) mesh (``--pipeline``): this process's pipeline group and
-    data-parallel group (None with one replica), its replica's index and the number of replicas."""
+class ProcessMesh(NamedTuple):
+    """The torchrun processes as replicas of one model split over several processes (``--pipeline``: a (pp x dp)
+    mesh; ``--spatial``: (dp x sp)): this process's split group (its pipeline, or the ranks sharing its images'
+    rows), data-parallel group (None with one replica), its replica's index and the number of replicas."""
 
-    pp_group: object
+    split_group: object
     dp_group: object
     replica: int
     replicas: int
 
 
-def pipeline_mesh(pipeline_ranks, device, world):
-    """The PipelineMesh of ``world`` processes in replicas of ``pipeline_ranks`` (a DeviceMesh ("pp", "dp"): the
-    ranks of one pipeline are ``replica, replica + replicas, ...``)."""
-    if not dist.is_initialized() or world % pipeline_ranks:
-        raise ValueError(f"--pipeline {pipeline_ranks} runs under torchrun on a multiple of {pipeline_ranks} "
-                         f"processes; this run has {world}")
-    replicas = world // pipeline_ranks
-    mesh = init_device_mesh(device.type, (pipeline_ranks, replicas), mesh_dim_names=("pp", "dp"))
+def process_mesh(split, ranks, device, world):
+    """The ProcessMesh of ``world`` processes in replicas of ``ranks``. ``split`` "pp": a DeviceMesh ("pp", "dp"),
+    the ranks of one pipeline ``replica, replica + replicas, ...``; "sp": ("dp", "sp"), the ranks of one image
+    consecutive (neighbouring stripes exchange halos at every conv: on one node where there are several)."""
+    option = {"pp": "--pipeline", "sp": "--spatial"}[split]
+    if not dist.is_initialized() or world % ranks:
+        raise ValueError(f"{option} {ranks} runs under torchrun on a multiple of {ranks} processes; this run has "
+                         f"{world}")
+    replicas = world // ranks
+    shape, names = ((ranks, replicas), ("pp", "dp")) if split == "pp" else ((replicas, ranks), ("dp", "sp"))
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     dp_group = mesh.get_group("dp") if replicas > 1 else None
-    return PipelineMesh(mesh.get_group("pp"), dp_group, mesh.get_local_rank("dp"), replicas)
+    return ProcessMesh(mesh.get_group(split), dp_group, mesh.get_local_rank("dp"), replicas)
 
 
 def _micro_batch_loss(logits, target, *, kind, device_type):
@@ -859,18 +873,34 @@ def prepare_pipelined(model, args, device, mesh):
         model = model.to(memory_format=torch.channels_last)
     loss_fn = functools.partial(_micro_batch_loss, kind=args.loss, device_type=device.type)
     local = parallel.build_pipeline(model, args.microbatches, loss_fn, schedule=args.pp_schedule,
-                                    group=mesh.pp_group, device=device, dp_group=mesh.dp_group)
-    return PipelinedUNet(local, mesh.pp_group, mesh.dp_group)
+                                    group=mesh.split_group, device=device, dp_group=mesh.dp_group)
+    return PipelinedUNet(local, mesh.split_group, mesh.dp_group)
+
+
+def prepare_spatial(model, args, device, mesh):
+    """``model`` on ``device`` split by rows over ``mesh.split_group`` (fastunet.parallel.spatial, taking and
+    returning whole images), DDP-wrapped over the replicas; ``--sync-bn``: BatchNorm over every process."""
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    net = parallel.spatial(model, mesh.split_group, whole_images=True,
+                           bn_group=dist.group.WORLD if args.sync_bn else None)
+    if mesh.dp_group is None:
+        return net
+    device_ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.dp_group)
 
 
 def train_model(name, model, train_set, val_set, args, config, device, rank, world, mesh=None):
     """Trains one model of ``run`` from the seeded RNG state; its history with the final loss and checkpoint path.
-    With a PipelineMesh ``mesh``, ``model`` (on the meta device) trains as pipeline stages."""
+    With a ProcessMesh ``mesh``, ``model`` trains as pipeline stages (``--pipeline``; built on the meta device) or
+    split by rows (``--spatial``)."""
     torch.manual_seed(args.seed)  # the same global RNG state for each model (DataLoader base seeds)
     replica, replicas = (mesh.replica, mesh.replicas) if mesh else (rank, world)
     train_loader, val_loader = build_loaders(train_set, val_set, args, device, replica, replicas)
     checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
-    prepared = prepare_pipelined(model, args, device, mesh) if mesh else prepare(model, args, device, world)
+    if mesh:
+        prepared = (prepare_pipelined if args.pipeline else prepare_spatial)(model, args, device, mesh)
+    else:
+        prepared = prepare(model, args, device, world)
     history = train(
         prepared, train_loader, epochs=args.epochs, lr=args.lr, device=device,
         val_loader=val_loader, loss=args.loss, amp=args.amp, channels_last=args.channels_last,
@@ -909,18 +939,26 @@ def run(args, device, rank, world):
         args.microbatches = args.microbatches or args.pipeline * parallel.SCHEDULES[args.pp_schedule].per_rank
         if args.batch % args.microbatches:
             raise ValueError(f"--batch {args.batch} does not split into {args.microbatches} equal micro-batches")
-        mesh = pipeline_mesh(args.pipeline, device, world)
+        mesh = process_mesh("pp", args.pipeline, device, world)
+    elif args.spatial:
+        if args.size % (16 * args.spatial):
+            raise ValueError(f"--spatial {args.spatial} needs --size a multiple of {16 * args.spatial} (stripes of a "
+                             f"multiple of 16 rows); it is {args.size}")
+        mesh = process_mesh("sp", args.spatial, device, world)
     config = {**vars(args), "device": str(device), "world_size": world, "models": names}
     log(f"config: {json.dumps(config)}", rank)
-    if mesh:
+    if args.pipeline:
         log(f"pipeline: {args.pipeline} processes x {mesh.replicas} replicas, {args.pp_schedule} schedule, "
             f"{args.microbatches} micro-batches of {args.batch // args.microbatches}", rank)
+    elif args.spatial:
+        log(f"spatial: each image in {args.spatial} stripes of {args.size // args.spatial} rows x {mesh.replicas} "
+            f"replicas", rank)
     if args.sync_bn and (mesh.replicas if mesh else world) == 1:
         log("--sync-bn with one replica: synchronized BN computes plain BatchNorm", rank)
 
     train_set, val_set = load_data(args, rank, mesh.replicas if mesh else world)
     torch.manual_seed(args.seed)
-    with torch.device("meta") if mesh else contextlib.nullcontext():  # a pipeline stage builds its own part
+    with torch.device("meta") if args.pipeline else contextlib.nullcontext():  # a stage builds its own part
         models = {names[0]: build_model(names[0], args)}
     if args.compare:
         models["fastunet"] = build_model("fastunet", args, state=copy.deepcopy(models["reference"].state_dict()))

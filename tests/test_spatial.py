@@ -50,6 +50,16 @@ def _worker(rank, world, port, case_path, out_dir):
         weights = torch.randn(1, 2, 16 * world, 4, generator=torch.Generator().manual_seed(99))
         (parallel.gather_rows(stripe) * weights).sum().backward()
         result["gather_grad"] = torch.equal(stripe.grad, world * weights[:, :, 16 * rank:16 * (rank + 1)])
+        if world == 2:
+            # whole_images: the whole batch in, the whole logits out on every rank, one loss computed from them on
+            # every rank: the same step as the stripes' (averaging the ranks' gradients of it gives the stripes')
+            whole = fastunet.U_Net(3, 2, exact=case["exact"])
+            whole.load_state_dict(case["state"])
+            out = parallel.spatial(whole, whole_images=True, bn_group=dist.group.WORLD)(case["x"])
+            (out * case["g"]).sum().backward()
+            result["whole_images_same_step"] = torch.equal(out.detach(), result["out"]) and all(
+                torch.equal(p.grad, result["grads"][n]) for n, p in whole.named_parameters()) and all(
+                torch.equal(b, result["buffers"][n]) for n, b in whole.named_buffers())
         net.eval()
         with torch.no_grad():
             result["eval"] = parallel.gather_rows(net(parallel.split_rows(case["x"])))
@@ -64,6 +74,7 @@ def run_spatial(tmp_path, world, exact, state, x, g):
     spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["gather_grad"] for r in results)
+    assert all(r.get("whole_images_same_step", world != 2) for r in results)
     for other in results[1:]:
         for key in ("out", "x_grad", "eval", "loss"):
             assert torch.equal(other[key], results[0][key]), key
