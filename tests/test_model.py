@@ -273,7 +273,7 @@ def test_blocks_are_drop_ins_for_the_reference_blocks():
     assert torch.equal(fast.Up5(d), ref.Up5(d))
 
 
-@pytest.mark.parametrize("exact, backend", [(False, "aot_eager"), (True, "aot_eager"), (False, "inductor")])
+@pytest.mark.parametrize("exact, backend", [(True, "aot_eager"), (False, "inductor")])
 def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager

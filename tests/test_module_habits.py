@@ -44,7 +44,7 @@ def models(exact, change=lambda m: None):
     return ref, model, ref64
 
 
-def batch(n=4):
+def batch(n=2):
     return torch.randn(n, 3, SIZE, SIZE), torch.randn(n, 2, SIZE, SIZE)
 
 
