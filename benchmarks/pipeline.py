@@ -13,36 +13,17 @@ Prints markdown tables for benchmarks/RESULTS.md.
 """
 
 import argparse
-import datetime
-import json
-import math
 import os
-import socket
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from procs import largest_side, measure, reset_peak_rss, status_kib
 
 import fastunet
 from fastunet import parallel
 from fastunet.model import LEVELS
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss():
-    """Resets the kernel's high-water mark of this process's RSS (VmHWM) to its RSS now."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
 
 
 def _loss(logits, target):
@@ -56,79 +37,52 @@ def _whole_model_step(model, x, target, microbatches):
         (_loss(model(xm), tm) / microbatches).backward()
 
 
-def _worker(rank, world, port, config, out_dir):
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-    try:
-        size, batch, microbatches = config["size"], config["batch"], config["microbatches"]
-        generator = torch.Generator().manual_seed(size)
-        x = torch.randn(batch, 3, size, size, generator=generator)
-        target = torch.randn(batch, 1, size, size, generator=generator)
-        _reset_peak_rss()
-        before_kib = _status_kib("VmRSS")
-        torch.manual_seed(0)
-        sent = [0]
-        if world == 1:
+def _worker(rank, world, config):
+    size, batch, microbatches = config["size"], config["batch"], config["microbatches"]
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    target = torch.randn(batch, 1, size, size, generator=generator)
+    reset_peak_rss()
+    before_kib = status_kib("VmRSS")
+    torch.manual_seed(0)
+    sent = [0]
+    if world == 1:
+        model = fastunet.U_Net(3, 1)
+        levels = list(LEVELS)
+
+        def step():
+            _whole_model_step(model, x, target, microbatches)
+    else:
+        with torch.device("meta"):
             model = fastunet.U_Net(3, 1)
-            levels = list(LEVELS)
+        local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"],
+                                        balance=config["balance"])
+        levels = [name for module in local.modules for name in LEVELS[module.first:module.end]]
+        for module in local.modules:
+            if module.end < len(LEVELS):  # its outputs go to the next stage, their gradients come back
+                module.register_forward_hook(
+                    lambda _m, _i, out: sent.__setitem__(0, sent[0] + 2 * sum(t.nbytes for t in out)))
 
-            def step():
-                _whole_model_step(model, x, target, microbatches)
-        else:
-            with torch.device("meta"):
-                model = fastunet.U_Net(3, 1)
-            local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"],
-                                            balance=config["balance"])
-            levels = [name for module in local.modules for name in LEVELS[module.first:module.end]]
+        def step():
             for module in local.modules:
-                if module.end < len(LEVELS):  # its outputs go to the next stage, their gradients come back
-                    module.register_forward_hook(
-                        lambda _m, _i, out: sent.__setitem__(0, sent[0] + 2 * sum(t.nbytes for t in out)))
+                module.zero_grad(set_to_none=True)
+            args = (x,) if local.first else ()
+            kwargs = {"target": target, "losses": []} if local.last else {}
+            local.schedule.step(*args, **kwargs)
 
-            def step():
-                for module in local.modules:
-                    module.zero_grad(set_to_none=True)
-                args = (x,) if local.first else ()
-                kwargs = {"target": target, "losses": []} if local.last else {}
-                local.schedule.step(*args, **kwargs)
-
-        step()  # warm-up (the pipeline infers its message shapes here)
-        walls, cpus, sent_bytes = [], [], []
-        for _ in range(config["steps"]):
-            if world > 1:
-                dist.barrier()
-            sent[0] = 0
-            wall, cpu = time.perf_counter(), time.process_time()
-            step()
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-            sent_bytes.append(sent[0])
-        result = {"rank": rank, "levels": levels, "peak_mib": (_status_kib("VmHWM") - before_kib) / 1024,
-                  "wall_s": walls, "cpu_s": cpus, "sent_bytes": sent_bytes}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
-            json.dump(result, out)
-    finally:
+    step()  # warm-up (the pipeline infers its message shapes here)
+    walls, cpus, sent_bytes = [], [], []
+    for _ in range(config["steps"]):
         if world > 1:
-            dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def measure(world, config):
-    """Every rank's result (see _worker) of one run on ``world`` processes."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), config, out_dir), nprocs=world)
-        results = []
-        for rank in range(world):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-                results.append(json.load(f))
-    return results
+            dist.barrier()
+        sent[0] = 0
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        sent_bytes.append(sent[0])
+    return {"rank": rank, "levels": levels, "peak_mib": (status_kib("VmHWM") - before_kib) / 1024,
+            "wall_s": walls, "cpu_s": cpus, "sent_bytes": sent_bytes}
 
 
 def summarize(world, microbatches, results):
@@ -139,16 +93,6 @@ def summarize(world, microbatches, results):
     sent_mb = sum(statistics.median(r["sent_bytes"]) for r in results) / 1e6
     return {"peaks": [r["peak_mib"] for r in results], "step_s": step_s, "bubbles": bubbles, "ideal": ideal,
             "sent_mb": sent_mb, "levels": [r["levels"] for r in results]}
-
-
-def largest_side(small, large, peak_small, peak_large, budget_mib):
-    """The largest multiple of 16 whose square image fits ``budget_mib`` on the fitted line through the two
-    (pixels, peak) points; 0 if none does."""
-    slope = (peak_large - peak_small) / (large * large - small * small)
-    intercept = peak_small - slope * small * small
-    if slope <= 0 or budget_mib <= intercept:
-        return 0
-    return int(math.sqrt((budget_mib - intercept) / slope)) // 16 * 16
 
 
 def main():
@@ -174,9 +118,9 @@ def main():
         for size in (small, large):
             config = {"size": size, "batch": args.batch, "microbatches": args.microbatches,
                       "schedule": args.schedule, "balance": args.balance, "steps": args.steps}
-            runs[size] = summarize(world, args.microbatches, measure(world, config))
+            runs[size] = summarize(world, args.microbatches, measure(_worker, world, config))
             if world == 1:  # and the whole batch at once
-                runs[(size, "whole")] = summarize(1, 1, measure(1, {**config, "microbatches": 1}))
+                runs[(size, "whole")] = summarize(1, 1, measure(_worker, 1, {**config, "microbatches": 1}))
         rows[world] = runs
     print(f"\n{large}x{large} images:\n")
     print("| processes | levels per rank | peak MiB per rank | step s | bubble per rank (ideal) | MB sent per step |")

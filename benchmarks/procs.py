@@ -1,0 +1,73 @@
+"""What the multi-process benchmarks (pipeline.py, spatial.py) share: each rank's peak memory from /proc, spawned
+gloo ranks that write their results as JSON, and the largest image a memory budget fits from two measured sizes."""
+
+import datetime
+import json
+import math
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def status_kib(field):
+    """A ``/proc/self/status`` field in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Resets the kernel's high-water mark of this process's RSS (VmHWM) to its RSS now."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_rank(rank, worker, world, port, config, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        result = worker(rank, world, config)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as out:
+            json.dump(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(worker, world, config):
+    """``worker(rank, world, config)`` (a module-level function returning a JSON-able dict) on ``world`` spawned
+    processes of one thread each, joined by a gloo process group (one process too); every rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_run_rank, args=(worker, world, _free_port(), config, out_dir), nprocs=world)
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+def largest_side(small, large, peak_small, peak_large, budget_mib, square=True):
+    """The largest multiple of 16 that a side can take within ``budget_mib`` on the line through the two measured
+    (side, peak) points, sides ``small`` and ``large``: the image square (pixels = side^2), or (``square=False``)
+    its other side fixed (pixels proportional to the side); 0 if none fits. Activation memory follows the pixels."""
+    def pixels(side):
+        return side * side if square else side
+
+    slope = (peak_large - peak_small) / (pixels(large) - pixels(small))
+    intercept = peak_small - slope * pixels(small)
+    if slope <= 0 or budget_mib <= intercept:
+        return 0
+    room = (budget_mib - intercept) / slope
+    return int(math.sqrt(room) if square else room) // 16 * 16
