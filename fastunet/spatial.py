@@ -92,29 +92,44 @@ def _exchange_edge_rows(t, rank, world, group):
     return received
 
 
-class _HaloRows(torch.autograd.Function):
-    """``[N, C, h, W] -> [N, C, h + 2, W]``: a stripe with its neighbours' nearest rows above and below (zeros at
-    the image's top and bottom). Backward: the halo rows' gradients go back to the ranks they came from and are
-    added to their edge rows."""
+class _HaloConv3x3(torch.autograd.Function):
+    """``conv2d(x, weight, bias, padding=1)`` on a stripe ``[N, Cin, h, W] -> [N, Cout, h, W]`` seeing its
+    neighbours' nearest rows, one above and one below (zeros at the image's top and bottom): the conv runs with
+    padding 1 on the stripe and its halos, and the first and last output rows are dropped (oneDNN then picks the
+    algorithm it picks for the whole image; with padding (0, 1) it ran another at some shapes, with 6x the rounding
+    error). It saves the stripe and its two halo rows, not the padded copy, which backward rebuilds; the halo rows'
+    gradients go back to the ranks they came from and are added to their edge rows. Autograd's own calls
+    (slice_backward, convolution_backward), so the bits are those of the conv and crop as autograd runs them."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, weight, bias, group):
         rank, world = _rank_world(group)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
         got = _exchange_edge_rows(x, rank, world, group)
         zeros = x.new_zeros((x.shape[0], x.shape[1], 1, x.shape[3]))
-        return torch.cat((got.get(rank - 1, zeros), x, got.get(rank + 1, zeros)), dim=2)
+        top, bottom = got.get(rank - 1, zeros), got.get(rank + 1, zeros)
+        ctx.save_for_backward(x, top, bottom, weight)
+        ctx.group, ctx.rank, ctx.world, ctx.has_bias = group, rank, world, bias is not None
+        return F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
 
     @staticmethod
     def backward(ctx, grad):
-        rank = ctx.rank
-        got = _exchange_edge_rows(grad, rank, ctx.world, ctx.group)
-        dx = grad[:, :, 1:-1].clone()
-        if rank - 1 in got:
-            dx[:, :, :1] += got[rank - 1]
-        if rank + 1 in got:
-            dx[:, :, -1:] += got[rank + 1]
-        return dx, None
+        x, top, bottom, weight = ctx.saved_tensors
+        padded = torch.cat((top, x, bottom), dim=2)
+        n, c, h, w = grad.shape
+        grad_full = torch.ops.aten.slice_backward(grad, [n, c, h + 2, w], 2, 1, h + 1, 1)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dpadded, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad_full, padded, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [need_x, need_w, need_b and ctx.has_bias])
+        dx = None
+        if need_x:  # the same on every rank (the same layer): each rank's neighbours wait for its halo gradients
+            got = _exchange_edge_rows(dpadded, ctx.rank, ctx.world, ctx.group)
+            dx = dpadded[:, :, 1:-1].clone()
+            if ctx.rank - 1 in got:
+                dx[:, :, :1] += got[ctx.rank - 1]
+            if ctx.rank + 1 in got:
+                dx[:, :, -1:] += got[ctx.rank + 1]
+        return dx, dweight, dbias, None
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -200,9 +215,7 @@ class SpatialUNet(nn.Module):
         if conv.kernel_size != (3, 3) or conv.padding != (1, 1):
             raise ValueError(f"fastunet.parallel.spatial exchanges one-row halos for 3x3 convs with padding 1; "
                              f"a conv has kernel_size={conv.kernel_size}, padding={conv.padding}")
-        # padding 1 on the stripe with its halos, the first and last rows dropped: oneDNN then picks the algorithm
-        # it picks for the whole image (with padding (0, 1) it ran another at some shapes, 6x the rounding error)
-        return F.conv2d(_HaloRows.apply(x, self.group), weight, bias, padding=1)[:, :, 1:-1]
+        return _HaloConv3x3.apply(x, weight, bias, self.group)
 
     def _bn(self, bn, x):
         if bn.training:
