@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from procs import largest_side, measure, reset_peak_rss, status_kib
+from procs import add_run_options, largest_side, measure, peak_mib, random_batch, start_peak
 
 import fastunet
 from fastunet import parallel
@@ -39,11 +39,8 @@ def _whole_model_step(model, x, target, microbatches):
 
 def _worker(rank, world, config):
     size, batch, microbatches = config["size"], config["batch"], config["microbatches"]
-    generator = torch.Generator().manual_seed(size)
-    x = torch.randn(batch, 3, size, size, generator=generator)
-    target = torch.randn(batch, 1, size, size, generator=generator)
-    reset_peak_rss()
-    before_kib = status_kib("VmRSS")
+    x, target = random_batch(batch, size, size)
+    base_kib = start_peak()
     torch.manual_seed(0)
     sent = [0]
     if world == 1:
@@ -81,7 +78,7 @@ def _worker(rank, world, config):
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
         sent_bytes.append(sent[0])
-    return {"rank": rank, "levels": levels, "peak_mib": (status_kib("VmHWM") - before_kib) / 1024,
+    return {"rank": rank, "levels": levels, "peak_mib": peak_mib(base_kib),
             "wall_s": walls, "cpu_s": cpus, "sent_bytes": sent_bytes}
 
 
@@ -97,15 +94,13 @@ def summarize(world, microbatches, results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    add_run_options(parser)
     parser.add_argument("--sizes", default="64,128", help="two image sides: the table's is the last (default 64,128)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
     parser.add_argument("--balance", default="memory", choices=parallel.BALANCES,
                         help="how build_pipeline cuts the stages (default memory)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
-    parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     small, large = (int(s) for s in args.sizes.split(","))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def status_kib(field):
+def _status_kib(field):
     """A ``/proc/self/status`` field in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
     with open("/proc/self/status") as status:
         for line in status:
@@ -22,10 +22,35 @@ def status_kib(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def reset_peak_rss():
+def _reset_peak_rss():
     """Resets the kernel's high-water mark of this process's RSS (VmHWM) to its RSS now."""
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
+
+
+def random_batch(batch, height, width):
+    """A random image ``[batch, 3, height, width]`` and target ``[batch, 1, height, width]``, the same on every rank."""
+    generator = torch.Generator().manual_seed(height)
+    return torch.randn(batch, 3, height, width, generator=generator), torch.randn(batch, 1, height, width,
+                                                                                   generator=generator)
+
+
+def start_peak():
+    """Resets this rank's peak RSS; its RSS now (KiB), the base of peak_mib."""
+    _reset_peak_rss()
+    return _status_kib("VmRSS")
+
+
+def peak_mib(base_kib):
+    """This rank's peak RSS since start_peak, above the RSS it returned, in MiB."""
+    return (_status_kib("VmHWM") - base_kib) / 1024
+
+
+def add_run_options(parser):
+    """The options both benchmarks take: --procs, --steps, --budget-mib."""
+    parser.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
 
 
 def _free_port():

@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from procs import largest_side, measure, reset_peak_rss, status_kib
+from procs import add_run_options, largest_side, measure, peak_mib, random_batch, start_peak
 
 import fastunet
 from fastunet import parallel, spatial
@@ -30,11 +30,8 @@ def _worker(rank, world, config):
     """One rank's peak MiB, step seconds and halo bytes per step of ``config``'s run (``config["whole"]``: the
     whole image in one process on fastunet.U_Net or the seed U-Net, else spatial over the ``world`` ranks)."""
     batch, height, width = config["batch"], config["height"], config["width"]
-    generator = torch.Generator().manual_seed(height)
-    x = torch.randn(batch, 3, height, width, generator=generator)
-    target = torch.randn(batch, 1, height, width, generator=generator)
-    reset_peak_rss()
-    before_kib = status_kib("VmRSS")
+    x, target = random_batch(batch, height, width)
+    base_kib = start_peak()
     torch.manual_seed(0)
     halo = [0]
     if config["whole"]:
@@ -67,7 +64,7 @@ def _worker(rank, world, config):
         step()
         walls.append(time.perf_counter() - start)
         halos.append(halo[0])
-    return {"peak_mib": (status_kib("VmHWM") - before_kib) / 1024, "wall_s": walls, "halo_bytes": halos}
+    return {"peak_mib": peak_mib(base_kib), "wall_s": walls, "halo_bytes": halos}
 
 
 def summarize(results):
@@ -79,14 +76,12 @@ def summarize(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--procs", default="1,2,4", help="process counts of the spatial runs (default 1,2,4)")
+    add_run_options(parser)
     parser.add_argument("--heights", default="128,256",
                         help="two image heights, multiples of 16 x the largest process count: the table's is the "
                              "last (default 128,256)")
     parser.add_argument("--width", type=int, default=128, help="image width (default 128)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
-    parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     low, high = (int(h) for h in args.heights.split(","))
