@@ -18,7 +18,7 @@ bench: setup
 	$(PY) -m fastunet.bench $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
 	bash tools/run_ctest.sh
 
 lint: setup
