@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .model import (
     _SEED_MODULE_TYPES,
@@ -59,6 +60,7 @@ class _GatherRows(torch.autograd.Function):
         return parts.view(world, n, c, h, w).permute(1, 2, 0, 3, 4).reshape(n, c, world * h, w)
 
     @staticmethod
+    @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
         world = dist.get_world_size(ctx.group)
         total = grad.contiguous().clone()
@@ -112,6 +114,7 @@ class _HaloConv3x3(torch.autograd.Function):
         return F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
 
     @staticmethod
+    @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
         x, top, bottom, weight = ctx.saved_tensors
         padded = torch.cat((top, x, bottom), dim=2)
@@ -142,6 +145,7 @@ class _SumGradOverRanks(torch.autograd.Function):
         return p.view_as(p)
 
     @staticmethod
+    @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
         total = grad.to(torch.float64 if grad.dtype == torch.float32 else grad.dtype).contiguous().clone()
         dist.all_reduce(total, group=ctx.group)

@@ -60,6 +60,14 @@ def _worker(rank, world, port, case_path, out_dir):
             result["whole_images_same_step"] = torch.equal(out.detach(), result["out"]) and all(
                 torch.equal(p.grad, result["grads"][n]) for n, p in whole.named_parameters()) and all(
                 torch.equal(b, result["buffers"][n]) for n, b in whole.named_buffers())
+            # a second derivative through the stripes is refused, not silently wrong (the exchanges are not recorded)
+            stripe = parallel.split_rows(case["x"]).requires_grad_()
+            first, = torch.autograd.grad(parallel.spatial(whole)(stripe).sum(), stripe, create_graph=True)
+            try:
+                first.sum().backward()
+                result["double_backward_refused"] = False
+            except RuntimeError as error:
+                result["double_backward_refused"] = "once_differentiable" in str(error)
         net.eval()
         with torch.no_grad():
             result["eval"] = parallel.gather_rows(net(parallel.split_rows(case["x"])))
@@ -75,6 +83,7 @@ def run_spatial(tmp_path, world, exact, state, x, g):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["gather_grad"] for r in results)
     assert all(r.get("whole_images_same_step", world != 2) for r in results)
+    assert all(r.get("double_backward_refused", world != 2) for r in results)
     for other in results[1:]:
         for key in ("out", "x_grad", "eval", "loss"):
             assert torch.equal(other[key], results[0][key]), key
