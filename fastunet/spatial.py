@@ -15,11 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import functional, ops
 from .model import (
+    _FUSED_DTYPES,
     _SEED_MODULE_TYPES,
     U_Net,
     _parametrization_refusal,
     _upsample_refusal,
+    batch_norm_args,
     global_hooks,
     has_hooks,
     is_plain_maxpool,
@@ -105,13 +108,18 @@ class _HaloConv3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the casts autocast makes for the conv, made here to save their results
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         rank, world = _rank_world(group)
         got = _exchange_edge_rows(x, rank, world, group)
         zeros = x.new_zeros((x.shape[0], x.shape[1], 1, x.shape[3]))
         top, bottom = got.get(rank - 1, zeros), got.get(rank + 1, zeros)
         ctx.save_for_backward(x, top, bottom, weight)
         ctx.group, ctx.rank, ctx.world, ctx.has_bias = group, rank, world, bias is not None
-        return F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
+        with torch.autocast(device, enabled=False):
+            return F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
 
     @staticmethod
     @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
@@ -133,6 +141,33 @@ class _HaloConv3x3(torch.autograd.Function):
             if ctx.rank + 1 in got:
                 dx[:, :, -1:] += got[ctx.rank + 1]
         return dx, dweight, dbias, None
+
+
+class _FusedBNReLU(torch.autograd.Function):
+    """Fast mode's BatchNorm + ReLU on a stripe's conv output ``z`` ``[N, C, h, W]`` (contiguous in ``z``'s layout;
+    the conv run without its bias, which a training-mode BN cancels: the bias only enters the running mean, and its
+    gradient is zero; in eval it is folded into the shift): fastunet's fused ops, the statistics (then one
+    BN-apply + ReLU pass; backward: one reduce and one apply pass) synchronized over the BatchNormArgs' group in
+    training, as fast mode's synchronized BN does. Inputs: z, the BN's weight and bias, the conv bias (or None) and
+    the layer's BatchNormArgs; gradients for the first four."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, conv_bias, bn):
+        mean, invstd, scale, shift, count = functional._fast_bn(z, bn, conv_bias, 1)
+        out = torch.empty_like(z)
+        ops.bn_relu_pool(z, scale, shift, 1, out, None)
+        ctx.save_for_backward(z, mean, invstd, scale, shift, conv_bias)
+        ctx.training, ctx.sync = bn.training, functional._sync_of(bn, count)
+        return out
+
+    @staticmethod
+    @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
+    def backward(ctx, grad):
+        z, mean, invstd, scale, shift, conv_bias = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=ops.memory_format_of(z))
+        dz, dweight, dbias, dconv_bias = functional._fast_bn_backward(grad, None, z, mean, invstd, scale, shift,
+                                                                      conv_bias, ctx.training, 1, ctx.sync)
+        return dz, dweight, dbias, dconv_bias, None
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -183,8 +218,10 @@ class SpatialUNet(nn.Module):
     ``forward(x)`` takes this rank's stripe ``[N, img_ch, H / R, W]`` (split_rows) and returns its stripe of the
     logits ``[N, output_ch, H / R, W]``. In training each BatchNorm normalizes with the whole image's statistics and
     moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
-    those of the sum of the ranks' losses. Runs the seed's layers (ATen convolutions on halo-padded stripes) in
-    both modes; the fused blocks do not run on stripes yet.
+    those of the sum of the ranks' losses. The convolutions are ATen's on halo-padded stripes in both modes; exact
+    mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode
+    fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's).
+    The fused blocks themselves (their convs, pool and concat) do not run on stripes.
 
     ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
     group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
@@ -227,9 +264,27 @@ class SpatialUNet(nn.Module):
         return F.batch_norm(x, bn.running_mean, bn.running_var, self._param(bn.weight), self._param(bn.bias), False,
                             0.0, bn.eps)
 
+    def _fused_conv_bn_relu(self, conv, bn, x):
+        """Fast mode's conv3x3 (halo exchanged, its bias left to the BN) + BN + ReLU on a stripe (_FusedBNReLU)."""
+        z = _HaloConv3x3.apply(x, self._param(conv.weight), None, self.group)
+        group = dist.group.WORLD if self.bn_group is None else self.bn_group  # None: no synchronization there
+        args = batch_norm_args(bn)._replace(weight=self._param(bn.weight), bias=self._param(bn.bias),
+                                            group=group if bn.training else None)
+        z = z.contiguous(memory_format=ops.memory_format_of(x))
+        return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args)
+
     def _layers(self, sequence, x):
-        for layer in sequence:
-            if isinstance(layer, nn.Conv2d):
+        layers = list(sequence)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            i += 1
+            if (not self.model.exact and isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3)
+                    and layer.padding == (1, 1) and x.dtype in _FUSED_DTYPES and i + 1 < len(layers)
+                    and type(layers[i]) is nn.BatchNorm2d and isinstance(layers[i + 1], nn.ReLU)):
+                x = self._fused_conv_bn_relu(layer, layers[i], x)
+                i += 2
+            elif isinstance(layer, nn.Conv2d):
                 x = self._conv(layer, x)
             elif isinstance(layer, nn.BatchNorm2d):
                 x = self._bn(layer, x)

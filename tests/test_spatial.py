@@ -37,13 +37,16 @@ def _worker(rank, world, port, case_path, out_dir):
         x = parallel.split_rows(case["x"]).requires_grad_()
         assert net.state_dict().keys() == model.state_dict().keys()
         out = net(x)
+        # fast mode: the last decoder layer's BN + ReLU ran fused (exact mode: the seed's ATen layers)
+        before_last_conv = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
+        result_fused = "_FusedBNReLUBackward" in before_last_conv
         g = parallel.split_rows(case["g"])
         (out * g).sum().backward()
         loss = (out.detach().double() * g.double()).sum()  # the stripe's loss, summed in float64 as the test sums
         dist.all_reduce(loss)  # the whole image's loss: the sum of the stripes'
         result = {"out": parallel.gather_rows(out.detach()), "x_grad": parallel.gather_rows(x.grad), "loss": loss,
                   "grads": {n: p.grad for n, p in model.named_parameters()},
-                  "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+                  "buffers": {n: b.clone() for n, b in model.named_buffers()}, "fused": result_fused}
         # gather_rows backward: a loss every rank computes from the gathered whole sends each rank its rows' grads,
         # summed over the ranks
         stripe = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -82,6 +85,7 @@ def run_spatial(tmp_path, world, exact, state, x, g):
     spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["gather_grad"] for r in results)
+    assert all(r["fused"] == (not exact) for r in results)
     assert all(r.get("whole_images_same_step", world != 2) for r in results)
     assert all(r.get("double_backward_refused", world != 2) for r in results)
     for other in results[1:]:
