@@ -50,13 +50,13 @@ def split_rows(x, group=None):
 
 
 class _GatherRows(torch.autograd.Function):
-    """All ranks' stripes stacked along H; backward: every rank's gradient of the whole summed (or averaged), each
-    rank taking its own rows."""
+    """All ranks' stripes stacked along H; backward: each rank takes its own rows of every rank's gradient of the
+    whole summed, or (``same_loss``: every rank holds the same gradient) of its own, with no collective."""
 
     @staticmethod
-    def forward(ctx, y, group, average):
+    def forward(ctx, y, group, same_loss):
         rank, world = _rank_world(group)
-        ctx.group, ctx.rank, ctx.average = group, rank, average
+        ctx.group, ctx.rank, ctx.same_loss = group, rank, same_loss
         n, c, h, w = y.shape
         parts = y.new_empty((world * n, c, h, w))
         _all_gather_single(parts, y.contiguous(), group=group)
@@ -65,12 +65,11 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
+        rows = grad.shape[2] // dist.get_world_size(ctx.group)
+        if ctx.same_loss:
+            return grad.narrow(2, ctx.rank * rows, rows).contiguous(), None, None
         total = grad.contiguous().clone()
         dist.all_reduce(total, group=ctx.group)
-        if ctx.average:
-            total /= world
-        rows = grad.shape[2] // world
         return total.narrow(2, ctx.rank * rows, rows), None, None
 
 
@@ -78,8 +77,8 @@ def gather_rows(y, group=None, *, same_loss=False):
     """Every rank's stripe ``[N, C, H / R, W]`` stacked in rank order along H: the whole ``[N, C, H, W]``, on
     every rank, differentiable: each stripe's gradient, summed over the ranks, goes back to its rank (the gradient
     of the sum of the ranks' losses). ``same_loss=True``: every rank computes one and the same loss from the whole
-    (the loss of the gathered logits against the whole target); the gradients are averaged instead, so the
-    parameter gradients are that loss's."""
+    (the loss of the gathered logits against the whole target), so every rank holds the same gradient of it; each
+    rank takes its own rows of it, and the parameter gradients are that loss's."""
     return _GatherRows.apply(y, group, same_loss)
 
 
