@@ -82,28 +82,43 @@ def gather_rows(y, group=None, *, same_loss=False):
     return _GatherRows.apply(y, group, same_loss)
 
 
-def _exchange_edge_rows(t, rank, world, group):
-    """Point-to-point between neighbours: ``t``'s first row ``[N, C, 1, W]`` goes to rank - 1 and its last to rank + 1
-    (where they exist); returns what came back, by the sender's group rank."""
-    row = (t.shape[0], t.shape[1], 1, t.shape[3])
-    edges = {peer: part for peer, part in ((rank - 1, t[:, :, :1]), (rank + 1, t[:, :, -1:])) if 0 <= peer < world}
-    received = {peer: t.new_empty(row) for peer in edges}
-    ops = [dist.P2POp(dist.isend, part.contiguous(), group=group, group_peer=peer) for peer, part in edges.items()]
+def _post_edge_rows(first, last, rank, world, group):
+    """Starts the point-to-point exchange between neighbours: row ``first`` ``[N, C, 1, W]`` goes to rank - 1 and
+    ``last`` to rank + 1 (where they exist). Returns the exchange's works, to wait on, and the rows that will have
+    come back by then, by the sender's group rank."""
+    edges = {peer: row for peer, row in ((rank - 1, first), (rank + 1, last)) if 0 <= peer < world}
+    received = {peer: torch.empty_like(row, memory_format=torch.contiguous_format) for peer, row in edges.items()}
+    ops = [dist.P2POp(dist.isend, row.contiguous(), group=group, group_peer=peer) for peer, row in edges.items()]
     ops += [dist.P2POp(dist.irecv, buf, group=group, group_peer=peer) for peer, buf in received.items()]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-    return received
+    return (dist.batch_isend_irecv(ops) if ops else []), received
 
 
-class _HaloConv3x3(torch.autograd.Function):
-    """``conv2d(x, weight, bias, padding=1)`` on a stripe ``[N, Cin, h, W] -> [N, Cout, h, W]`` seeing its
-    neighbours' nearest rows, one above and one below (zeros at the image's top and bottom): the conv runs with
-    padding 1 on the stripe and its halos, and the first and last output rows are dropped (oneDNN then picks the
-    algorithm it picks for the whole image; with padding (0, 1) it ran another at some shapes, with 6x the rounding
-    error). It saves the stripe and its two halo rows, not the padded copy, which backward rebuilds; the halo rows'
-    gradients go back to the ranks they came from and are added to their edge rows. Autograd's own calls
-    (slice_backward, convolution_backward), so the bits are those of the conv and crop as autograd runs them."""
+def _wait(works):
+    for work in works:
+        work.wait()
+
+
+def _overlaps(h, k):
+    """Whether a stripe of ``h`` rows runs its k x k conv on the stripe while its halos travel (then redoes its edge
+    rows): where it has interior rows to spend that time on."""
+    return h >= 2 * k
+
+
+class _HaloConv(torch.autograd.Function):
+    """``conv2d(x, weight, bias, padding=1)`` on a stripe ``[N, Cin, h, W]`` seeing its neighbours' nearest rows, one
+    above and one below (zeros at the image's top and bottom): a 3x3 ``weight`` gives ``[N, Cout, h, W]``, the
+    stripe's rows of the whole image's conv; a 2x2 one (the sub-pixel up-conv's phase weights on a low-resolution
+    stripe) gives ``[N, Cout, h + 1, W + 1]``, rows ``r .. r + h`` of the whole image's ``h_image + 1`` for the
+    stripe starting at row ``r``.
+
+    The exchange overlaps the interior (_overlaps): the halo rows travel while the conv runs on the stripe alone
+    with padding 1, whose output rows are then right but for the first and the last, which are redone from the
+    halos (a conv of k rows each). In backward the halo rows' gradients (from the first and last output rows'
+    gradients alone) are sent first and travel while the conv's input and weight gradients are computed; they are
+    added to the edge rows of the ranks they came from. A stripe with too few rows waits for its halos and runs
+    the conv on its halo-padded rows. Each conv keeps padding 1 (oneDNN then picks the algorithm it picks for the
+    whole image; with padding (0, 1) it ran another at some shapes, with 6x the rounding error). The stripe and its
+    two halo rows are saved, not the padded copy."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
@@ -112,28 +127,57 @@ class _HaloConv3x3(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device)
             x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
         rank, world = _rank_world(group)
-        got = _exchange_edge_rows(x, rank, world, group)
-        zeros = x.new_zeros((x.shape[0], x.shape[1], 1, x.shape[3]))
-        top, bottom = got.get(rank - 1, zeros), got.get(rank + 1, zeros)
+        k = weight.shape[2]
+        works, got = _post_edge_rows(x[:, :, :1], x[:, :, -1:], rank, world, group)
+        with torch.autocast(device, enabled=False):
+            out = F.conv2d(x, weight, bias, padding=1) if _overlaps(x.shape[2], k) else None
+            _wait(works)
+            zeros = x.new_zeros((x.shape[0], x.shape[1], 1, x.shape[3]))
+            top, bottom = got.get(rank - 1, zeros), got.get(rank + 1, zeros)
+            if out is None:
+                out = F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
+            else:
+                if rank - 1 in got:
+                    out[:, :, :1] = F.conv2d(torch.cat((top, x[:, :, :k - 1]), 2), weight, bias, padding=1)[:, :, 1:2]
+                if rank + 1 in got:
+                    out[:, :, -1:] = F.conv2d(torch.cat((x[:, :, 1 - k:], bottom), 2), weight, bias,
+                                              padding=1)[:, :, 1:2]
         ctx.save_for_backward(x, top, bottom, weight)
         ctx.group, ctx.rank, ctx.world, ctx.has_bias = group, rank, world, bias is not None
-        with torch.autocast(device, enabled=False):
-            return F.conv2d(torch.cat((top, x, bottom), dim=2), weight, bias, padding=1)[:, :, 1:-1]
+        return out
 
     @staticmethod
     @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
         x, top, bottom, weight = ctx.saved_tensors
-        padded = torch.cat((top, x, bottom), dim=2)
         n, c, h, w = grad.shape
-        grad_full = torch.ops.aten.slice_backward(grad, [n, c, h + 2, w], 2, 1, h + 1, 1)
+        k = weight.shape[2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dpadded, dweight, dbias = torch.ops.aten.convolution_backward(
-            grad_full, padded, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [need_x, need_w, need_b and ctx.has_bias])
+
+        def conv_backward(grad_rows, rows, mask):  # through the conv of ``rows`` (padding 1) cropped to its middle
+            rows_out = grad_rows.shape[2]
+            grad_full = torch.ops.aten.slice_backward(grad_rows, [n, c, rows_out + 2, w], 2, 1, rows_out + 1, 1)
+            return torch.ops.aten.convolution_backward(
+                grad_full, rows, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+        early = need_x and _overlaps(x.shape[2], k)
+        works, got = [], {}
+        if early:  # the same on every rank (the same layer): each rank's neighbours wait for its halo gradients
+            halo_grads = [None, None]
+            if ctx.rank > 0:
+                halo_grads[0] = conv_backward(grad[:, :, :1], torch.cat((top, x[:, :, :k - 1]), 2),
+                                              [True, False, False])[0][:, :, :1]
+            if ctx.rank + 1 < ctx.world:
+                halo_grads[1] = conv_backward(grad[:, :, -1:], torch.cat((x[:, :, 1 - k:], bottom), 2),
+                                              [True, False, False])[0][:, :, -1:]
+            works, got = _post_edge_rows(*halo_grads, ctx.rank, ctx.world, ctx.group)
+        padded = torch.cat((top, x, bottom), dim=2)
+        dpadded, dweight, dbias = conv_backward(grad, padded, [need_x, need_w, need_b and ctx.has_bias])
+        if need_x and not early:
+            works, got = _post_edge_rows(dpadded[:, :, :1], dpadded[:, :, -1:], ctx.rank, ctx.world, ctx.group)
+        _wait(works)
         dx = None
-        if need_x:  # the same on every rank (the same layer): each rank's neighbours wait for its halo gradients
-            got = _exchange_edge_rows(dpadded, ctx.rank, ctx.world, ctx.group)
+        if need_x:
             dx = dpadded[:, :, 1:-1].clone()
             if ctx.rank - 1 in got:
                 dx[:, :, :1] += got[ctx.rank - 1]
@@ -147,16 +191,19 @@ class _FusedBNReLU(torch.autograd.Function):
     the conv run without its bias, which a training-mode BN cancels: the bias only enters the running mean, and its
     gradient is zero; in eval it is folded into the shift): fastunet's fused ops, the statistics (then one
     BN-apply + ReLU pass; backward: one reduce and one apply pass) synchronized over the BatchNormArgs' group in
-    training, as fast mode's synchronized BN does. Inputs: z, the BN's weight and bias, the conv bias (or None) and
-    the layer's BatchNormArgs; gradients for the first four."""
+    training, as fast mode's synchronized BN does. ``upscale`` 2: ``z`` is the sub-pixel up-conv's phase output
+    ``[N, 4C, h + 1, W + 1]`` and the result its ``[N, C, 2h, 2W]`` (fastunet.ops' logical layout). Inputs: z, the
+    BN's weight and bias, the conv bias (or None), the layer's BatchNormArgs and upscale; gradients for the first
+    four."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, conv_bias, bn):
-        mean, invstd, scale, shift, count = functional._fast_bn(z, bn, conv_bias, 1)
-        out = torch.empty_like(z)
-        ops.bn_relu_pool(z, scale, shift, 1, out, None)
+    def forward(ctx, z, weight, bias, conv_bias, bn, upscale):
+        mean, invstd, scale, shift, count = functional._fast_bn(z, bn, conv_bias, upscale)
+        out = torch.empty(ops.logical_shape(z, upscale), dtype=z.dtype, device=z.device,
+                          memory_format=ops.memory_format_of(z))
+        ops.bn_relu_pool(z, scale, shift, upscale, out, None)
         ctx.save_for_backward(z, mean, invstd, scale, shift, conv_bias)
-        ctx.training, ctx.sync = bn.training, functional._sync_of(bn, count)
+        ctx.training, ctx.sync, ctx.upscale = bn.training, functional._sync_of(bn, count), upscale
         return out
 
     @staticmethod
@@ -165,8 +212,23 @@ class _FusedBNReLU(torch.autograd.Function):
         z, mean, invstd, scale, shift, conv_bias = ctx.saved_tensors
         grad = grad.contiguous(memory_format=ops.memory_format_of(z))
         dz, dweight, dbias, dconv_bias = functional._fast_bn_backward(grad, None, z, mean, invstd, scale, shift,
-                                                                      conv_bias, ctx.training, 1, ctx.sync)
-        return dz, dweight, dbias, dconv_bias, None
+                                                                      conv_bias, ctx.training, ctx.upscale, ctx.sync)
+        return dz, dweight, dbias, dconv_bias, None, None
+
+
+class _PhaseWeights(torch.autograd.Function):
+    """functional.phase_weights (3x3 weights ``[O, I, 3, 3]`` -> the sub-pixel up-conv's ``[4O, I, 2, 2]``) with its
+    adjoint, phase_weights_backward, as backward; the gradient comes back in the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.out_channels, ctx.dtype = weight.shape[0], weight.dtype
+        return functional.phase_weights(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return functional.phase_weights_backward(grad, ctx.out_channels).to(ctx.dtype)
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -219,8 +281,9 @@ class SpatialUNet(nn.Module):
     moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
     those of the sum of the ranks' losses. The convolutions are ATen's on halo-padded stripes in both modes; exact
     mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode
-    fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's).
-    The fused blocks themselves (their convs, pool and concat) do not run on stripes.
+    fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's),
+    and its up blocks the sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase
+    convs on the low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows.
 
     ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
     group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
@@ -255,7 +318,7 @@ class SpatialUNet(nn.Module):
         if conv.kernel_size != (3, 3) or conv.padding != (1, 1):
             raise ValueError(f"fastunet.parallel.spatial exchanges one-row halos for 3x3 convs with padding 1; "
                              f"a conv has kernel_size={conv.kernel_size}, padding={conv.padding}")
-        return _HaloConv3x3.apply(x, weight, bias, self.group)
+        return _HaloConv.apply(x, weight, bias, self.group)
 
     def _bn(self, bn, x):
         if bn.training:
@@ -263,27 +326,40 @@ class SpatialUNet(nn.Module):
         return F.batch_norm(x, bn.running_mean, bn.running_var, self._param(bn.weight), self._param(bn.bias), False,
                             0.0, bn.eps)
 
-    def _fused_conv_bn_relu(self, conv, bn, x):
-        """Fast mode's conv3x3 (halo exchanged, its bias left to the BN) + BN + ReLU on a stripe (_FusedBNReLU)."""
-        z = _HaloConv3x3.apply(x, self._param(conv.weight), None, self.group)
+    def _fused_conv_bn_relu(self, conv, bn, x, upscale=1):
+        """Fast mode's conv (halo exchanged, its bias left to the BN) + BN + ReLU on a stripe (_FusedBNReLU): the
+        3x3 conv, or with ``upscale`` 2 the nearest upsample x2 + 3x3 conv as the sub-pixel conv of ``x``."""
+        weight = self._param(conv.weight)
+        z = _HaloConv.apply(x, weight if upscale == 1 else _PhaseWeights.apply(weight), None, self.group)
         group = dist.group.WORLD if self.bn_group is None else self.bn_group  # None: no synchronization there
         args = batch_norm_args(bn)._replace(weight=self._param(bn.weight), bias=self._param(bn.bias),
                                             group=group if bn.training else None)
         z = z.contiguous(memory_format=ops.memory_format_of(x))
-        return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args)
+        return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args, upscale)
+
+    def _fused_at(self, layers, i, x):
+        """Whether fast mode runs ``layers[i:i + 3]`` (conv3x3 + BN + ReLU, the seed's types) fused on ``x``."""
+        conv = layers[i] if i + 2 < len(layers) else None
+        return (not self.model.exact and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+                and conv.padding == (1, 1) and x.dtype in _FUSED_DTYPES and type(layers[i + 1]) is nn.BatchNorm2d
+                and isinstance(layers[i + 2], nn.ReLU))
 
     def _layers(self, sequence, x):
         layers = list(sequence)
         i = 0
         while i < len(layers):
             layer = layers[i]
+            if self._fused_at(layers, i, x):
+                x = self._fused_conv_bn_relu(layer, layers[i + 1], x)
+                i += 3
+                continue
+            if (isinstance(layer, nn.Upsample) and self._fused_at(layers, i + 1, x)
+                    and functional._subpixel_train(x)):  # where the whole model's up block runs the sub-pixel conv
+                x = self._fused_conv_bn_relu(layers[i + 1], layers[i + 2], x, upscale=2)
+                i += 4
+                continue
             i += 1
-            if (not self.model.exact and isinstance(layer, nn.Conv2d) and layer.kernel_size == (3, 3)
-                    and layer.padding == (1, 1) and x.dtype in _FUSED_DTYPES and i + 1 < len(layers)
-                    and type(layers[i]) is nn.BatchNorm2d and isinstance(layers[i + 1], nn.ReLU)):
-                x = self._fused_conv_bn_relu(layer, layers[i], x)
-                i += 2
-            elif isinstance(layer, nn.Conv2d):
+            if isinstance(layer, nn.Conv2d):
                 x = self._conv(layer, x)
             elif isinstance(layer, nn.BatchNorm2d):
                 x = self._bn(layer, x)

@@ -22,21 +22,24 @@ from helpers import (
 )
 
 import fastunet
-from fastunet import parallel
+from fastunet import functional, parallel
 from fastunet.reference import U_Net as Reference
 
 TIMEOUT_S = 300
 
 
 def _worker(rank, world, port, case_path, out_dir):
-    with gloo_process_group(rank, world, port):
-        case = torch.load(case_path)
+    case = torch.load(case_path)
+    # the up blocks' sub-pixel convs: where the whole model's run them, or (case["subpixel"]) at every size
+    threshold = 0 if case["subpixel"] else functional._SUBPIXEL_TRAIN_MIN_PIXELS
+    with gloo_process_group(rank, world, port), mock.patch.object(functional, "_SUBPIXEL_TRAIN_MIN_PIXELS", threshold):
         model = fastunet.U_Net(3, 2, exact=case["exact"])
         model.load_state_dict(case["state"])
         net = parallel.spatial(model)
         x = parallel.split_rows(case["x"]).requires_grad_()
         assert net.state_dict().keys() == model.state_dict().keys()
-        out = net(x)
+        with mock.patch.object(functional, "phase_weights", wraps=functional.phase_weights) as phase_weights:
+            out = net(x)
         # fast mode: the last decoder layer's BN + ReLU ran fused (exact mode: the seed's ATen layers)
         before_last_conv = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
         result_fused = "_FusedBNReLUBackward" in before_last_conv
@@ -46,7 +49,8 @@ def _worker(rank, world, port, case_path, out_dir):
         dist.all_reduce(loss)  # the whole image's loss: the sum of the stripes'
         result = {"out": parallel.gather_rows(out.detach()), "x_grad": parallel.gather_rows(x.grad), "loss": loss,
                   "grads": {n: p.grad for n, p in model.named_parameters()},
-                  "buffers": {n: b.clone() for n, b in model.named_buffers()}, "fused": result_fused}
+                  "buffers": {n: b.clone() for n, b in model.named_buffers()}, "fused": result_fused,
+                  "subpixel_up_convs": phase_weights.call_count}
         # gather_rows backward: a loss every rank computes from the gathered whole sends each rank its rows' grads,
         # summed over the ranks
         stripe = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -77,15 +81,17 @@ def _worker(rank, world, port, case_path, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_spatial(tmp_path, world, exact, state, x, g):
-    """One training step and one eval pass on ``world`` spawned gloo ranks; rank 0's results, after checking that
-    every rank holds the same gathered tensors, parameter gradients and buffers."""
+def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False):
+    """One training step and one eval pass on ``world`` spawned gloo ranks (``subpixel``: fast mode's up blocks run
+    the sub-pixel conv at every size); rank 0's results, after checking that every rank holds the same gathered
+    tensors, parameter gradients and buffers."""
     case_path = str(tmp_path / "case.pt")
-    torch.save(dict(state=state, exact=exact, x=x, g=g), case_path)
+    torch.save(dict(state=state, exact=exact, x=x, g=g, subpixel=subpixel), case_path)
     spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["gather_grad"] for r in results)
     assert all(r["fused"] == (not exact) for r in results)
+    assert all(r["subpixel_up_convs"] == (4 if subpixel else 0) for r in results)
     assert all(r.get("whole_images_same_step", world != 2) for r in results)
     assert all(r.get("double_backward_refused", world != 2) for r in results)
     for other in results[1:]:
@@ -97,12 +103,12 @@ def run_spatial(tmp_path, world, exact, state, x, g):
     return results[0]
 
 
-@pytest.mark.parametrize("world, n, h, exact, zero_stripe", [
-    (2, 1, 32, True, False),  # batch 1, stripes of exactly 16 rows
-    (2, 2, 64, False, True),  # 32-row stripes, rank 1's all zeros
-    (4, 1, 64, False, False),  # 16-row stripes on 4 ranks
+@pytest.mark.parametrize("world, n, h, exact, zero_stripe, subpixel", [
+    (2, 1, 32, True, False, False),  # batch 1, stripes of exactly 16 rows
+    (2, 2, 64, False, True, True),  # 32-row stripes, rank 1's all zeros, the sub-pixel up-convs
+    (4, 1, 64, False, False, False),  # 16-row stripes on 4 ranks
 ])
-def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero_stripe):
+def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero_stripe, subpixel):
     torch.manual_seed(world * 100 + h + n)
     ref = Reference(3, 2)
     well_conditioned(ref)
@@ -120,7 +126,7 @@ def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero
     x = draw() if zero_stripe else pool_tie_free(ref64, draw)
     g = torch.randn(n, 2, h, 32)
     state = copy.deepcopy(ref.state_dict())
-    got = run_spatial(tmp_path, world, exact, state, x, g)
+    got = run_spatial(tmp_path, world, exact, state, x, g, subpixel)
     want32 = train_step(ref, x, g)
     want64 = train_step(ref64, x.double(), g.double())
     result = (got["out"], got["x_grad"], got["grads"], got["buffers"])
