@@ -182,7 +182,7 @@ class Refusal(NamedTuple):
     warn: bool = True
 
 
-@torch.compiler.assume_constant_result
+@fastunet_ops.constant_for_compile
 def _transform_refusal():
     """A torch.func transform or forward-mode AD the fused Functions do not take, or None (a constant for
     torch.compile, which traces a call under the transforms it runs under)."""

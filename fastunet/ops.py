@@ -24,6 +24,7 @@ Activations may be NCHW-contiguous, channels_last or any strided view (e.g. a co
 import functools
 import importlib.util
 import os
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -306,7 +307,17 @@ def _triton_kernel(op):
     return run
 
 
-@torch.compiler.assume_constant_result
+def constant_for_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo at fastunet's import (it costs
+    about 3 s, in every process a user or torchrun starts): where Dynamo is not loaded yet, ``fn`` gets the mark that
+    function sets and Dynamo reads when it traces a call of ``fn`` (tests/test_compat.py checks the two agree)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_for_compile
 @functools.lru_cache(maxsize=None)
 def _gpu_runs_triton(index):
     """Whether the Triton kernels run on CUDA device ``index`` (compute capability 8.0 or newer); decided at the

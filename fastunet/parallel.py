@@ -12,7 +12,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed import pipelining
 from torch.nn.parallel import DistributedDataParallel
 
 from .model import BOTTLENECK, LEVELS, U_Net, _check_input, level_modules, skip_partner
@@ -169,19 +168,20 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory"):
 
 
 class Schedule(NamedTuple):
-    """A torch.distributed.pipelining schedule and how a rank holds its stages: ``per_rank`` stages, placed
-    ``"loop"`` (rank r holds stages r, r + R, ...) or ``"v"`` (rank r holds stages r and 2R - 1 - r)."""
+    """A torch.distributed.pipelining schedule (its class's name there) and how a rank holds its stages:
+    ``per_rank`` stages, placed ``"loop"`` (rank r holds stages r, r + R, ...) or ``"v"`` (rank r holds stages r
+    and 2R - 1 - r)."""
 
-    cls: type
+    class_name: str
     per_rank: int
     style: str
 
 
 SCHEDULES = {
-    "gpipe": Schedule(pipelining.ScheduleGPipe, 1, "loop"),
-    "1f1b": Schedule(pipelining.Schedule1F1B, 1, "loop"),
-    "interleaved": Schedule(pipelining.ScheduleInterleaved1F1B, 2, "loop"),
-    "zbv": Schedule(pipelining.ScheduleZBVZeroBubble, 2, "v"),
+    "gpipe": Schedule("ScheduleGPipe", 1, "loop"),
+    "1f1b": Schedule("Schedule1F1B", 1, "loop"),
+    "interleaved": Schedule("ScheduleInterleaved1F1B", 2, "loop"),
+    "zbv": Schedule("ScheduleZBVZeroBubble", 2, "v"),
 }
 
 
@@ -259,8 +259,11 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
         wrapped = [DistributedDataParallel(m, device_ids=device_ids, process_group=dp_group) for m in local]
     else:
         wrapped = local
+    from torch.distributed import pipelining  # here, not at import: it loads torch._dynamo (about 2 s)
+
     stages = [pipelining.PipelineStage(m, i, num_stages, device, group=group) for m, i in zip(wrapped, indices)]
-    runner = spec.cls(stages[0] if spec.per_rank == 1 else stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    runner = getattr(pipelining, spec.class_name)(stages[0] if spec.per_rank == 1 else stages,
+                                                  n_microbatches=microbatches, loss_fn=loss_fn)
     return LocalPipeline(runner, local, indices, 0 in indices, num_stages - 1 in indices)
 
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from helpers import (
 )
 
 import fastunet
+from fastunet import ops
 from fastunet.reference import U_Net as Reference
 
 
@@ -192,7 +194,9 @@ def test_importing_fastunet_changes_no_global_torch_setting():
         "            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,\n"
         "            torch.random.get_rng_state().sum().item(), torch.is_anomaly_enabled())\n"
         "before = settings()\n"
-        "import fastunet, fastunet.bench, fastunet.kernels\n"
+        "import sys, fastunet, fastunet.bench, fastunet.parallel, fastunet.train\n"
+        "assert 'torch._dynamo' not in sys.modules  # about 3 s of import, paid where torch.compile runs\n"
+        "import fastunet.kernels\n"
         "after = settings()\n"
         "assert before == after, (before, after)\n"
         "print('ok')\n"
@@ -200,3 +204,28 @@ def test_importing_fastunet_changes_no_global_torch_setting():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_compile_constant_mark_is_torch_compiler_s():
+    """fastunet marks its compile-time constants without importing Dynamo (ops.constant_for_compile): the mark is the
+    one torch.compiler.assume_constant_result sets, made by that function where Dynamo is loaded."""
+    import torch._dynamo  # noqa: F401
+
+    def reference():
+        pass
+
+    def loaded():
+        pass
+
+    def unloaded():
+        pass
+
+    torch.compiler.assume_constant_result(reference)
+    assert vars(reference)
+    with mock.patch.object(torch.compiler, "assume_constant_result", wraps=torch.compiler.assume_constant_result) as f:
+        ops.constant_for_compile(loaded)
+        with mock.patch.dict(sys.modules):
+            del sys.modules["torch._dynamo"]
+            ops.constant_for_compile(unloaded)
+    assert f.call_count == 1
+    assert vars(loaded) == vars(unloaded) == vars(reference)
