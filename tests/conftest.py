@@ -44,3 +44,15 @@ def fresh_warnings(monkeypatch):
         warnings.simplefilter("always")
         yield lambda: [str(w.message) for w in seen
                        if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("fastunet")]
+
+
+@pytest.fixture(scope="session")
+def ddp_sync_bn_training(tmp_path_factory):
+    """``fastunet.train --compare --sync-bn`` under torchrun on 2 processes (2 steps of batch 2 at 32 x 32, exact
+    mode), run once for the tests that train otherwise split and compare with it: (history, fastunet's
+    checkpoint, what it printed) and its output folder."""
+    from helpers import SMALL_TRAINING, torchrun
+
+    out = tmp_path_factory.mktemp("ddp_sync_bn")
+    args = [*SMALL_TRAINING, "--batch", "2", "--sync-bn", "--compare"]
+    return torchrun(2, args, out, checkpoint="checkpoint_fastunet.pt"), out

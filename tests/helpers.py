@@ -5,8 +5,11 @@ process-group ranks."""
 import contextlib
 import copy
 import datetime
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,3 +236,21 @@ def spawn_ranks(worker, args, nprocs, timeout_s):
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+
+
+TORCHRUN_TIMEOUT_S = 300
+# fastunet.train's arguments for 2 steps of batch 4 at 32 x 32 and 4 validation images (one padded batch), exact
+SMALL_TRAINING = ["--device", "cpu", "--size", "32", "--epochs", "1", "--steps-per-epoch", "2", "--val-samples", "3",
+                  "--no-progress", "--log-every", "0", "--exact"]
+
+
+def torchrun(processes, args, out, checkpoint="checkpoint.pt"):
+    """``python -m fastunet.train`` on ``processes`` gloo processes (one thread each, torchrun's default); its
+    history.json and fastunet's checkpoint, and what it printed."""
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m",
+         "fastunet.train", *args, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((out / "history.json").read_text()), torch.load(out / checkpoint), run.stdout

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import PNG_SIGNATURE, REPO
 
 from fastunet.bench import CONFIGS, PEERS, interleaved_median_ms, reference_flops
@@ -65,24 +66,8 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
             assert math.isclose(result["train_tflops"], want, rel_tol=1e-9)
 
 
-def test_bench_measures_a_subset_of_configs_and_refuses_unknown_ones(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "fastunet.bench", "--quick", "--device", "cpu", "--batch", "1", "--size", "32",
-         "--configs", "fastunet_fast", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
-    assert "skipped" not in configs["reference_eager"] and "skipped" not in configs["fastunet_fast"]
-    assert_speedups_over_reference_eager(configs)
-    for name in ("reference_compile", "fastunet_exact", "fastunet_fast_checkpointing", "fastunet_fast_compile"):
-        assert "not in --configs" in configs[name]["skipped"] or "torch.compile" in configs[name]["skipped"]
-    bad = subprocess.run([sys.executable, "-m", "fastunet.bench", "--configs", "fastunet_fats"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown fastunet_fats" in bad.stderr
-
-
-def test_a_compiler_failure_is_recorded_and_the_other_rows_still_run(tmp_path, monkeypatch, capsys):
+def test_a_subset_of_configs_runs_a_compiler_failure_is_recorded_and_unknown_configs_are_refused(
+        tmp_path, monkeypatch, capsys):
     import torch
 
     from fastunet import bench
@@ -98,7 +83,13 @@ def test_a_compiler_failure_is_recorded_and_the_other_rows_still_run(tmp_path, m
     assert configs["fastunet_fast_compile"]["skipped"] == "failed: RuntimeError: inductor broke"
     for key in MEASURED_KEYS:
         assert math.isfinite(configs["reference_eager"][key]), key
+    assert_speedups_over_reference_eager(configs)
+    for name in ("reference_compile", "fastunet_exact", "fastunet_fast", "fastunet_fast_checkpointing"):
+        assert "not in --configs" in configs[name]["skipped"], name
     assert "failed: RuntimeError: inductor broke" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--configs", "fastunet_fats"])
+    assert refused.value.code == 2 and "unknown fastunet_fats" in capsys.readouterr().err
 
 
 def test_interleaved_timing_runs_every_call_at_every_place_of_a_round():

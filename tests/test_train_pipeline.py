@@ -5,33 +5,14 @@ checkpoints load strictly into the seed U-Net."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import SMALL_TRAINING as SMALL
+from helpers import torchrun
 
 from fastunet.reference import U_Net as Reference
 from fastunet.train import main
-
-TIMEOUT_S = 300
-# 2 steps of batch 4 at 32 x 32 and 4 validation images (one padded batch): the stages' message shapes are fixed by
-# the training batch, which the validation batches are padded to.
-SMALL = ["--device", "cpu", "--size", "32", "--epochs", "1", "--steps-per-epoch", "2",
-         "--val-samples", "3", "--no-progress", "--log-every", "0", "--exact"]
-
-
-def torchrun(processes, args, out, checkpoint="checkpoint.pt"):
-    """``python -m fastunet.train`` on ``processes`` gloo processes (one thread each, torchrun's default); its
-    history.json and fastunet's checkpoint, and what it printed."""
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m",
-         "fastunet.train", *args, "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads((out / "history.json").read_text()), torch.load(out / checkpoint), run.stdout
 
 
 def assert_same_training(got, want):
@@ -68,20 +49,20 @@ def test_one_micro_batch_pipeline_is_single_process_training_bit_for_bit(tmp_pat
     assert_same_training(got, want)
 
 
-def test_two_by_two_mesh_with_sync_bn_is_ddp_bit_for_bit(tmp_path):
+def test_two_by_two_mesh_with_sync_bn_is_ddp_bit_for_bit(tmp_path, ddp_sync_bn_training):
     # 2 pipelines x 2 replicas: each stage's DDP averages over its replicas and its BatchNorms synchronize over
     # them, as DDP over 2 processes with --sync-bn does for the whole model (run with --compare: the reference
     # trains there too, under DDP with synchronized BN on gloo).
-    common = [*SMALL, "--batch", "2", "--sync-bn"]
-    got = torchrun(4, [*common, "--pipeline", "2", "--pp-schedule", "gpipe", "--microbatches", "1"], tmp_path / "mesh")
-    want = torchrun(2, [*common, "--compare"], tmp_path / "ddp", checkpoint="checkpoint_fastunet.pt")
+    want, ddp_out = ddp_sync_bn_training
+    got = torchrun(4, [*SMALL, "--batch", "2", "--sync-bn", "--pipeline", "2", "--pp-schedule", "gpipe",
+                       "--microbatches", "1"], tmp_path / "mesh")
     assert got[0]["config"]["world_size"] == 4 and want[0]["config"]["world_size"] == 2
     assert got[2].count("model      final loss") == want[2].count("model      final loss") == 1  # rank 0 alone
     assert_same_training(got, want)
     assert len(want[0]["models"]["reference"]["losses"]) == 2
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint_fastunet.pt", "checkpoint_reference.pt",
-                                                    "history.json", "loss.png"]
-    Reference(3, 1).load_state_dict(torch.load(tmp_path / "ddp" / "checkpoint_reference.pt")["model"], strict=True)
+    assert sorted(os.listdir(ddp_out)) == ["checkpoint_fastunet.pt", "checkpoint_reference.pt", "history.json",
+                                           "loss.png"]
+    Reference(3, 1).load_state_dict(torch.load(ddp_out / "checkpoint_reference.pt")["model"], strict=True)
 
 
 def test_interleaved_schedule_trains_a_channels_last_model_and_checkpoints(tmp_path):

@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from test_train_pipeline import SMALL, torchrun
+from helpers import SMALL_TRAINING as SMALL
+from helpers import torchrun
 
 from fastunet.reference import U_Net as Reference
 from fastunet.train import main
@@ -39,10 +40,9 @@ def test_two_stripes_train_as_one_process(tmp_path):
     assert_trains_alike(got, want)
 
 
-def test_two_replicas_of_two_stripes_with_sync_bn_train_as_ddp(tmp_path):
-    common = [*SMALL, "--batch", "2", "--sync-bn"]
-    got = torchrun(4, [*common, "--spatial", "2"], tmp_path / "mesh")
-    want = torchrun(2, common, tmp_path / "ddp")
+def test_two_replicas_of_two_stripes_with_sync_bn_train_as_ddp(tmp_path, ddp_sync_bn_training):
+    got = torchrun(4, [*SMALL, "--batch", "2", "--sync-bn", "--spatial", "2"], tmp_path / "mesh")
+    want = ddp_sync_bn_training[0]
     assert got[0]["config"]["world_size"] == 4 and want[0]["config"]["world_size"] == 2
     assert_trains_alike(got, want)
 

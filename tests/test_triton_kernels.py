@@ -420,6 +420,9 @@ CONV_TOL = {torch.float32: dict(rtol=2e-3, atol=2e-3) if HAS_GPU else dict(rtol=
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.id != "float64"])
 def test_conv3x3_bn_relu_stats_matches_specification(shape, layout, dtype):
     n, cin, cout, h, w = shape
+    if not HAS_GPU and cin > 32 and dtype != torch.float32:
+        pytest.skip("under the interpreter, several input-channel blocks (the last partial) run in float32 alone: "
+                    "their indices do not depend on the dtype, and a case takes 5 s")
     x = arrange(torch.randn(n, cin, h, w, device=DEVICE).to(dtype), layout)
     scale, shift = torch.rand(cin, device=DEVICE) + 0.5, torch.randn(cin, device=DEVICE)
     weight = (0.2 * torch.randn(cout, cin, 3, 3, device=DEVICE)).to(dtype)
