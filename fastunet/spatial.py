@@ -192,28 +192,33 @@ class _FusedBNReLU(torch.autograd.Function):
     gradient is zero; in eval it is folded into the shift): fastunet's fused ops, the statistics (then one
     BN-apply + ReLU pass; backward: one reduce and one apply pass) synchronized over the BatchNormArgs' group in
     training, as fast mode's synchronized BN does. ``upscale`` 2: ``z`` is the sub-pixel up-conv's phase output
-    ``[N, 4C, h + 1, W + 1]`` and the result its ``[N, C, 2h, 2W]`` (fastunet.ops' logical layout). Inputs: z, the
-    BN's weight and bias, the conv bias (or None), the layer's BatchNormArgs and upscale; gradients for the first
-    four."""
+    ``[N, 4C, h + 1, W + 1]`` and the result its ``[N, C, 2h, 2W]`` (fastunet.ops' logical layout). ``pool``: the
+    same pass also writes the 2x2 max-pool of the result (ATen's ties), returned second. Inputs: z, the BN's weight
+    and bias, the conv bias (or None), the layer's BatchNormArgs, upscale and pool; gradients for the first four."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, conv_bias, bn, upscale):
+    def forward(ctx, z, weight, bias, conv_bias, bn, upscale, pool):
         mean, invstd, scale, shift, count = functional._fast_bn(z, bn, conv_bias, upscale)
-        out = torch.empty(ops.logical_shape(z, upscale), dtype=z.dtype, device=z.device,
-                          memory_format=ops.memory_format_of(z))
-        ops.bn_relu_pool(z, scale, shift, upscale, out, None)
+        n, c, h, w = ops.logical_shape(z, upscale)
+        layout = ops.memory_format_of(z)
+        out = torch.empty((n, c, h, w), dtype=z.dtype, device=z.device, memory_format=layout)
+        pooled = torch.empty((n, c, h // 2, w // 2), dtype=z.dtype, device=z.device, memory_format=layout) if pool \
+            else None
+        ops.bn_relu_pool(z, scale, shift, upscale, out, pooled)
         ctx.save_for_backward(z, mean, invstd, scale, shift, conv_bias)
         ctx.training, ctx.sync, ctx.upscale = bn.training, functional._sync_of(bn, count), upscale
-        return out
+        return (out, pooled) if pool else out
 
     @staticmethod
     @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_pooled=None):
         z, mean, invstd, scale, shift, conv_bias = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=ops.memory_format_of(z))
-        dz, dweight, dbias, dconv_bias = functional._fast_bn_backward(grad, None, z, mean, invstd, scale, shift,
+        layout = ops.memory_format_of(z)
+        grad = grad.contiguous(memory_format=layout)
+        grad_pooled = None if grad_pooled is None else grad_pooled.contiguous(memory_format=layout)
+        dz, dweight, dbias, dconv_bias = functional._fast_bn_backward(grad, grad_pooled, z, mean, invstd, scale, shift,
                                                                       conv_bias, ctx.training, ctx.upscale, ctx.sync)
-        return dz, dweight, dbias, dconv_bias, None, None
+        return dz, dweight, dbias, dconv_bias, None, None, None
 
 
 class _PhaseWeights(torch.autograd.Function):
@@ -283,7 +288,8 @@ class SpatialUNet(nn.Module):
     mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode
     fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's),
     and its up blocks the sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase
-    convs on the low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows.
+    convs on the low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows; an
+    encoder block's last BN + ReLU writes its max-pool in the same pass.
 
     ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
     group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
@@ -326,16 +332,27 @@ class SpatialUNet(nn.Module):
         return F.batch_norm(x, bn.running_mean, bn.running_var, self._param(bn.weight), self._param(bn.bias), False,
                             0.0, bn.eps)
 
-    def _fused_conv_bn_relu(self, conv, bn, x, upscale=1):
+    def _fused_conv_bn_relu(self, conv, bn, x, upscale=1, pool=False):
         """Fast mode's conv (halo exchanged, its bias left to the BN) + BN + ReLU on a stripe (_FusedBNReLU): the
-        3x3 conv, or with ``upscale`` 2 the nearest upsample x2 + 3x3 conv as the sub-pixel conv of ``x``."""
+        3x3 conv, or with ``upscale`` 2 the nearest upsample x2 + 3x3 conv as the sub-pixel conv of ``x``; with
+        ``pool``, (the result, its 2x2 max-pool)."""
         weight = self._param(conv.weight)
         z = _HaloConv.apply(x, weight if upscale == 1 else _PhaseWeights.apply(weight), None, self.group)
         group = dist.group.WORLD if self.bn_group is None else self.bn_group  # None: no synchronization there
         args = batch_norm_args(bn)._replace(weight=self._param(bn.weight), bias=self._param(bn.bias),
                                             group=group if bn.training else None)
         z = z.contiguous(memory_format=ops.memory_format_of(x))
-        return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args, upscale)
+        return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args, upscale, pool)
+
+    def _encoder_block(self, sequence, x):
+        """An encoder block's layers on a stripe and the 2x2 max-pool of its output: (output, pooled); in fast mode
+        the pool is written by the last BN + ReLU's pass."""
+        layers = list(sequence)
+        last = len(layers) - 3
+        if last >= 0 and self._fused_at(layers, last, x):
+            return self._fused_conv_bn_relu(layers[last], layers[last + 1], self._layers(layers[:last], x), pool=True)
+        out = self._layers(layers, x)
+        return out, F.max_pool2d(out, 2)
 
     def _fused_at(self, layers, i, x):
         """Whether fast mode runs ``layers[i:i + 3]`` (conv3x3 + BN + ReLU, the seed's types) fused on ``x``."""
@@ -386,12 +403,11 @@ class SpatialUNet(nn.Module):
         if x.dim() != 4 or x.shape[2] % ROWS_MULTIPLE or x.shape[3] % ROWS_MULTIPLE or x.shape[1] != m.img_ch:
             raise ValueError(f"fastunet.parallel.spatial takes a stripe [N, {m.img_ch}, H_local, W] with H_local "
                              f"and W multiples of {ROWS_MULTIPLE}; got shape {tuple(x.shape)}")
-        pool = F.max_pool2d
-        x1 = self._layers(m.Conv1.conv, x)
-        x2 = self._layers(m.Conv2.conv, pool(x1, 2))
-        x3 = self._layers(m.Conv3.conv, pool(x2, 2))
-        x4 = self._layers(m.Conv4.conv, pool(x3, 2))
-        x5 = self._layers(m.Conv5.conv, pool(x4, 2))
+        x1, pooled = self._encoder_block(m.Conv1.conv, x)
+        x2, pooled = self._encoder_block(m.Conv2.conv, pooled)
+        x3, pooled = self._encoder_block(m.Conv3.conv, pooled)
+        x4, pooled = self._encoder_block(m.Conv4.conv, pooled)
+        x5 = self._layers(m.Conv5.conv, pooled)
         d = x5
         for skip, up, block in ((x4, m.Up5, m.Up_conv5), (x3, m.Up4, m.Up_conv4), (x2, m.Up3, m.Up_conv3),
                                 (x1, m.Up2, m.Up_conv2)):

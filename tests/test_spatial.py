@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from helpers import (
     assert_within_twice_reference_error,
     free_port,
@@ -38,7 +39,8 @@ def _worker(rank, world, port, case_path, out_dir):
         net = parallel.spatial(model)
         x = parallel.split_rows(case["x"]).requires_grad_()
         assert net.state_dict().keys() == model.state_dict().keys()
-        with mock.patch.object(functional, "phase_weights", wraps=functional.phase_weights) as phase_weights:
+        with mock.patch.object(functional, "phase_weights", wraps=functional.phase_weights) as phase_weights, \
+                mock.patch.object(F, "max_pool2d", wraps=F.max_pool2d) as max_pool2d:
             out = net(x)
         # fast mode: the last decoder layer's BN + ReLU ran fused (exact mode: the seed's ATen layers)
         before_last_conv = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
@@ -50,7 +52,7 @@ def _worker(rank, world, port, case_path, out_dir):
         result = {"out": parallel.gather_rows(out.detach()), "x_grad": parallel.gather_rows(x.grad), "loss": loss,
                   "grads": {n: p.grad for n, p in model.named_parameters()},
                   "buffers": {n: b.clone() for n, b in model.named_buffers()}, "fused": result_fused,
-                  "subpixel_up_convs": phase_weights.call_count}
+                  "subpixel_up_convs": phase_weights.call_count, "separate_pools": max_pool2d.call_count}
         # gather_rows backward: a loss every rank computes from the gathered whole sends each rank its rows' grads,
         # summed over the ranks
         stripe = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -92,6 +94,7 @@ def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False):
     assert all(r["gather_grad"] for r in results)
     assert all(r["fused"] == (not exact) for r in results)
     assert all(r["subpixel_up_convs"] == (4 if subpixel else 0) for r in results)
+    assert all(r["separate_pools"] == (4 if exact else 0) for r in results)  # fast mode: in the BN + ReLU pass
     assert all(r.get("whole_images_same_step", world != 2) for r in results)
     assert all(r.get("double_backward_refused", world != 2) for r in results)
     for other in results[1:]:
