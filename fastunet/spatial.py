@@ -68,7 +68,7 @@ class _GatherRows(torch.autograd.Function):
         rows = grad.shape[2] // dist.get_world_size(ctx.group)
         if ctx.same_loss:
             return grad.narrow(2, ctx.rank * rows, rows).contiguous(), None, None
-        total = grad.contiguous().clone()
+        total = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(total, group=ctx.group)
         return total.narrow(2, ctx.rank * rows, rows), None, None
 
@@ -248,7 +248,8 @@ class _SumGradOverRanks(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
     def backward(ctx, grad):
-        total = grad.to(torch.float64 if grad.dtype == torch.float32 else grad.dtype).contiguous().clone()
+        dtype = torch.float64 if grad.dtype == torch.float32 else grad.dtype
+        total = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)  # one copy, all-reduced in place
         dist.all_reduce(total, group=ctx.group)
         return total.to(grad.dtype), None
 
