@@ -1,6 +1,6 @@
 """fastunet's build settings for Python: the default GPU archs and the compiler flags of tools/build_settings.json
-(CMakeLists.txt reads that file too), and where the CUDA toolchain is. setup.py builds with them and
-tests/test_cuda_codegen.py compiles csrc/ops_cuda.cu to PTX with them. Plain Python, importable without torch."""
+(CMakeLists.txt reads that file too), and where the CUDA toolchain is. setup.py builds with them;
+tests/test_cuda_codegen.py finds the toolkit's cuobjdump with it. Plain Python, importable without torch."""
 
 import glob
 import json
