@@ -26,20 +26,22 @@ def assert_speedups_over_reference_eager(configs):
                 assert math.isclose(result[f"{key}_speedup"], want, rel_tol=1e-12), (result["config"], key)
 
 
-def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path):
+def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkeypatch, capfd):
+    """The ``--quick --peers`` run, in this process with one warm-up call and two timed ones per config (the rows,
+    not their timing; ``python -m fastunet.bench`` calls the same ``main``)."""
+    from fastunet import bench
+
+    monkeypatch.setattr(bench, "default_plan", lambda device, quick: (1, 32, 1, 2))
     out = tmp_path / "bench_out"
-    run = subprocess.run(
-        [sys.executable, "-m", "fastunet.bench", "--quick", "--no-compile", "--peers", "--device", "cpu", "--batch",
-         "1", "--size", "32", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "fused ops backend:" in run.stdout
-    assert "train ms" in run.stdout and "grad err" in run.stdout
+    assert bench.main(["--quick", "--no-compile", "--peers", "--device", "cpu", "--batch", "1", "--size", "32",
+                       "--out", str(out)]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert "fused ops backend:" in stdout
+    assert "train ms" in stdout and "grad err" in stdout
     for label in (*CONFIGS.values(), *PEERS.values()):
-        assert label in run.stdout
-    assert "fastunet fast: training step" in run.stderr  # progress lines
-    assert "[torch.onnx]" not in run.stdout  # the exporter's chatter stays off the table
+        assert label in stdout
+    assert "fastunet fast: training step" in stderr  # progress lines
+    assert "[torch.onnx]" not in stdout  # the exporter's chatter stays off the table
 
     assert (out / "speedup.png").read_bytes()[:8] == PNG_SIGNATURE
     report = json.loads((out / "results.json").read_text())
