@@ -83,12 +83,17 @@ def _gathered(per_rank, name):
     return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2], outs[0][3])
 
 
-def _setup(sizes, size):
+def _reference():
     torch.manual_seed(1234)
     ref = Reference(3, 2)
     well_conditioned(ref)
+    return ref
+
+
+def _batch(sizes, size):
+    """(x, g) of sum(sizes) images of size x size."""
     n = sum(sizes)
-    return ref, torch.randn(n, 3, size, size), torch.randn(n, 2, size, size)
+    return torch.randn(n, 3, size, size), torch.randn(n, 2, size, size)
 
 
 def _assert_bitwise(got, want, what):
@@ -147,13 +152,31 @@ def _runs(sync, sizes, x, g):
             "fast": dict(model="fastunet", exact=False, **common)}
 
 
-@pytest.mark.parametrize("sizes, size", [((2, 2), 32), ((3, 1), 16)], ids=["even", "uneven-rank-of-1"])
-def test_sync_bn_matches_the_distributed_reference_and_the_concatenated_batch(tmp_path, sizes, size):
+# The CPU cases: (synchronized BN, images per rank, image size).
+CPU_CASES = {"even": (True, (2, 2), 32), "uneven-rank-of-1": (True, (3, 1), 16), "per-rank": (False, (2, 2), 32)}
+
+
+@pytest.fixture(scope="module")
+def cpu_cases(tmp_path_factory):
+    """{case: (reference model, x, g, each rank's results)} of CPU_CASES, every case's runs made by one pair of
+    spawned gloo ranks (spawning them costs seconds)."""
+    ref = _reference()
+    runs, inputs = {}, {}
+    for case, (sync, sizes, size) in CPU_CASES.items():
+        inputs[case] = _batch(sizes, size)
+        runs.update({f"{case}/{name}": run for name, run in _runs(sync, sizes, *inputs[case]).items()})
+    per_rank = run_ranks(tmp_path_factory.mktemp("ranks"), runs, ref.state_dict())
+    return {case: (ref, *inputs[case], [{name.split("/")[1]: result for name, result in rank.items()
+                                         if name.split("/")[0] == case} for rank in per_rank])
+            for case in CPU_CASES}
+
+
+@pytest.mark.parametrize("case", ["even", "uneven-rank-of-1"])
+def test_sync_bn_matches_the_distributed_reference_and_the_concatenated_batch(cpu_cases, case):
     """Synchronized BN = one process on the whole batch: the distributed reference within float32 rounding of
     the float64 single-process run, exact mode bitwise that reference, fast mode within 2x of its error;
     also with an uneven split where one rank holds one image and the 1x1 bottleneck one value per channel."""
-    ref, x, g = _setup(sizes, size)
-    per_rank = run_ranks(tmp_path, _runs(True, sizes, x, g), ref.state_dict())
+    ref, x, g, per_rank = cpu_cases[case]
 
     def single_process_view(name):
         out, gx, grads, buffers = _gathered(per_rank, name)
@@ -166,12 +189,11 @@ def test_sync_bn_matches_the_distributed_reference_and_the_concatenated_batch(tm
     _assert_fast_within_twice(single_process_view("fast"), want, want64)
 
 
-def test_per_rank_bn_matches_the_reference_under_ddp(tmp_path):
+def test_per_rank_bn_matches_the_reference_under_ddp(cpu_cases):
     """Without sync each rank normalizes its own batch: exact mode is bitwise DDP(reference); fast mode is
     within 2x of its error against per-rank float64 references, averaged as DDP averages."""
-    sizes = (2, 2)
-    ref, x, g = _setup(sizes, 32)
-    per_rank = run_ranks(tmp_path, _runs(False, sizes, x, g), ref.state_dict())
+    sizes = CPU_CASES["per-rank"][1]
+    ref, x, g, per_rank = cpu_cases["per-rank"]
     for rank in range(WORLD):
         _assert_bitwise(per_rank[rank]["exact"], per_rank[rank]["reference"], f"rank {rank}")
     ref64 = copy.deepcopy(ref).double()
@@ -191,7 +213,7 @@ def test_sync_bn_on_cuda_matches_nn_sync_batchnorm(tmp_path):
     """On two GPUs (NCCL): fastunet.SyncBatchNorm and fastunet's exact mode are bitwise the
     nn.SyncBatchNorm-converted reference; fast mode is within 2x of its error against float64."""
     sizes = (2, 2)
-    ref, x, g = _setup(sizes, 32)
+    ref, (x, g) = _reference(), _batch(sizes, 32)
     runs = _runs(True, sizes, x, g)
     runs["torch"] = dict(runs["reference"], sync="torch")
     per_rank = run_ranks(tmp_path, runs, ref.state_dict(), backend="nccl")

@@ -103,12 +103,18 @@ def run_solver(unet_class, tmp_path, name):
     return solver, solver.test(), torch.load(solver.model_path)
 
 
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    """The seed U-Net's run (solver, test metrics, best checkpoint): the same for both modes, so run once."""
+    return run_solver(Reference, tmp_path_factory.mktemp("seed"), "seed")
+
+
 @pytest.mark.parametrize("exact", [True, False])
-def test_seed_solver_loop_with_fastunet_swapped_in(exact, tmp_path):
+def test_seed_solver_loop_with_fastunet_swapped_in(exact, tmp_path, seed_run):
     def fastunet_unet(img_ch, output_ch):
         return fastunet.U_Net(img_ch=img_ch, output_ch=output_ch, exact=exact)
 
-    ref, ref_test, ref_best = run_solver(Reference, tmp_path, "seed")
+    ref, ref_test, ref_best = seed_run
     got, got_test, got_best = run_solver(fastunet_unet, tmp_path, "fastunet")
     losses = [entry[2] for entry in ref.log if entry[0] == "loss"]
     assert losses[-1] < losses[0]  # it learns
