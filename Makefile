@@ -1,5 +1,5 @@
 # `make bench`: the main job (reference vs fastunet table on this machine's device).
-# `make test`: the test suite (unit, model, Triton-interpreter and C++ ctest).
+# `make test`: the test suite (unit, model, Triton-interpreter and C++ ctest beside them: tools/run_tests.sh).
 # `make lint`: ruff's lint (pyproject.toml) over the Python, clang-format (.clang-format) over the C++/CUDA.
 # `make wheel`: the wheel for this environment's torch/CUDA and the sdist in dist/, each installed outside the
 # checkout and smoke-tested (tools/build_wheel.sh).
@@ -18,8 +18,7 @@ bench: setup
 	$(PY) -m fastunet.bench $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests -q --durations=15
-	bash tools/run_ctest.sh
+	bash tools/run_tests.sh
 
 lint: setup
 	.venv/bin/ruff check .
