@@ -3,8 +3,8 @@
 #
 # The ctest's CMake build compiles the CPU ops a second time. It runs beside pytest as an idle-priority job
 # (SCHED_IDLE through chrt, else nice 19), in the cycles pytest leaves idle: much of the suite is single-threaded
-# Python on a 2-core CI machine. Its log is printed after pytest's. Arguments go to pytest (none: pyproject.toml's testpaths, tests/);
-# PYTHON as in tools/run_ctest.sh.
+# Python on a 2-core CI machine. Its log is printed after pytest's. Arguments go to pytest (none: pyproject.toml's
+# testpaths, tests/); PYTHON as in tools/run_ctest.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-$PWD/.venv/bin/python}"
