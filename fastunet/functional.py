@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops, winograd
+from . import ops, weight_cache, winograd
 from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased, update_running_stats
 
 _aten = torch.ops.aten
@@ -770,17 +770,18 @@ def _gemm_conv_bn_relu(x, conv, bn):
 
 def _winograd_conv_bn_relu(x, conv, bn, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN by Winograd F(2x2, 3x3) (fastunet.winograd): BN's scale folded
-    into the transformed weights, its shift (the conv bias included) as the bias, the ReLU in the output transform;
-    written into ``out`` if given, else a new tensor in x's layout."""
+    into the transformed weights (kept between calls by fastunet.weight_cache), its shift (the conv bias included)
+    as the bias, the ReLU in the output transform; written into ``out`` if given, else a new tensor in x's layout."""
     weight, bias = conv
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    return winograd.conv3x3(x, winograd.weights(weight, scale), shift, True, out)
+    u = weight_cache.lookup("winograd", (weight, scale), winograd.kept_weights, winograd.weights_into)
+    return winograd.conv3x3(x, winograd.weights(weight, scale) if u is None else u, shift, True, out)
 
 
 def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
-    up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; above, where fastunet.winograd.pays,
-    _winograd_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
+    _winograd_conv_bn_relu where fastunet.winograd.pays with kept weights; else up to _GEMM_MAX_PIXELS pixels per
+    batch _gemm_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
     less than the BN and ReLU passes over the output it saves (two per output value: where the pixels outnumber
     4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs
     measured 2.1-2.5x the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's
@@ -789,10 +790,10 @@ def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     n, cin, h, w = x.shape
     if exact:
         y = _unfolded_conv_bn_relu(x, conv, bn)
+    elif winograd.pays(x, cin, conv[0].shape[0], kept=True):
+        return _winograd_conv_bn_relu(x, conv, bn, out)
     elif n * h * w <= _GEMM_MAX_PIXELS:
         y = _gemm_conv_bn_relu(x, conv, bn)
-    elif winograd.pays(x, cin, conv[0].shape[0]):
-        return _winograd_conv_bn_relu(x, conv, bn, out)
     elif 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
         y = _unfolded_conv_bn_relu(x, conv, bn)
     else:

@@ -21,7 +21,8 @@ Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified 
     chunks likewise (one accumulator per thread, summed in thread order).
 
 ``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
-transform itself; ``release_workspace`` frees it) and ``conv3x3`` are the Python entry points. The chunks' V and M
+transform itself; ``release_workspace`` frees it), ``kept_weights`` (U in a buffer of its own, for
+fastunet.weight_cache) and ``conv3x3`` are the Python entry points. The chunks' V and M
 buffers of winograd_conv3x3 are kept per thread too (up to 32 MiB on the calling thread, a few MiB on the
 others), for the thread's life. ``pays`` says where Winograd beats oneDNN's direct convolution (measured, see
 below). The transforms only add (and halve, exactly), so the float32 error stays at the direct convolution's or
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 
 from . import _ext, ops
 
-__all__ = ["weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays", "release_workspace",
-           "WINOGRAD_OPS"]
+__all__ = ["weights", "kept_weights", "weights_into", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays",
+           "release_workspace", "WINOGRAD_OPS"]
 
 
 def _kernel_transform(g0, g1, g2):
@@ -223,13 +224,33 @@ def weights(weight, scale=None, transposed=False):
     """U ``[16, Cin, Cout]`` (``[16, Cout, Cin]`` if ``transposed``) of a float32 ``[Cout, Cin, 3, 3]`` weight,
     each output channel's kernel multiplied by ``scale`` (``[Cout]``) if given, for ``conv3x3``; held in this
     thread's workspace until the next call."""
-    cout, cin = weight.shape[:2]
-    a, b = (cout, cin) if transposed else (cin, cout)
-    # The 16 planes a cache line more than a power of two apart (a * b is one here): not all in the same cache sets.
-    plane = a * b + 16
-    u = _workspace_buffer(weight.device, "u", 16 * plane).as_strided((16, a, b), (plane, b, 1))
+    u = _u_layout(_workspace_buffer(weight.device, "u", _u_floats(weight)), weight, transposed)
     torch.ops.fastunet.winograd_weights(weight, scale, transposed, u)
     return u
+
+
+def _u_floats(weight):
+    # The 16 planes a cache line more than a power of two apart (Cin * Cout is one here): not all in the same cache
+    # sets.
+    return 16 * (weight.shape[0] * weight.shape[1] + 16)
+
+
+def _u_layout(floats, weight, transposed):
+    cout, cin = weight.shape[:2]
+    a, b = (cout, cin) if transposed else (cin, cout)
+    return floats.as_strided((16, a, b), (a * b + 16, b, 1))
+
+
+def kept_weights(weight, scale=None):
+    """``weights(weight, scale)`` in a buffer of its own (fastunet.weight_cache keeps it)."""
+    u = _u_layout(torch.empty(_u_floats(weight), device=weight.device), weight, False)
+    weights_into(u, weight, scale)
+    return u
+
+
+def weights_into(u, weight, scale=None):
+    """Remakes ``kept_weights(weight, scale)`` in u, a tensor it returned for a weight of the same shape."""
+    torch.ops.fastunet.winograd_weights(weight, scale, False, u)
 
 
 def conv3x3(x, u, bias=None, relu=False, out=None):
@@ -286,18 +307,24 @@ def conv3x3_weight_grad(x, grad, out=None):
     return out
 
 
-def pays(x, cin, cout):
+def pays(x, cin, cout, kept=False):
     """Whether fast mode's float32 CPU 3x3 conv of ``cin`` to ``cout`` channels over x ``[N, Cin, H, W]`` runs as
-    Winograd: where it measured faster than oneDNN's direct convolution on a 2-core AVX2 EPYC (benchmarks/RESULTS.md)
-    with its weights transformed at every call: from MIN_CHANNELS channels on both sides (the first layer's 3 input
-    channels make the input transform cost more than the multiplies saved), up to MAX_CHANNELS (the widest measured),
-    from MIN_PIXELS pixels per batch (fewer run as GEMMs, see fastunet.functional)."""
+    Winograd: where it measured faster than oneDNN's direct convolution and the GEMMs of few pixels
+    (fastunet.functional) on a 2-core AVX2 EPYC (benchmarks/RESULTS.md): from MIN_CHANNELS channels on both sides
+    (the first layer's 3 input channels make the input transform cost more than the multiplies saved), up to
+    MAX_CHANNELS (the widest measured), from MIN_PIXELS pixels per batch with its weights transformed at every call;
+    with ``kept`` weights (transformed once, fastunet.weight_cache), also from KEPT_MIN_PIXELS pixels where both
+    sides have KEPT_MIN_CHANNELS channels."""
     n, _, h, w = x.shape
+    pixels = n * h * w
+    enough = pixels >= MIN_PIXELS or (kept and pixels >= KEPT_MIN_PIXELS and min(cin, cout) >= KEPT_MIN_CHANNELS)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and MIN_CHANNELS <= min(cin, cout)
-            and max(cin, cout) <= MAX_CHANNELS and n * h * w >= MIN_PIXELS and not torch.compiler.is_compiling()
+            and max(cin, cout) <= MAX_CHANNELS and enough and not torch.compiler.is_compiling()
             and ops.backend_for(x.device) == "compiled")
 
 
 MIN_CHANNELS = 64
 MAX_CHANNELS = 1024
 MIN_PIXELS = 512
+KEPT_MIN_PIXELS = 128
+KEPT_MIN_CHANNELS = 256

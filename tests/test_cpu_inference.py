@@ -4,12 +4,14 @@ reference's error against float64 in both layouts, a NaN where the seed puts it.
 its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32)."""
 
 import copy
+import gc
 
 import pytest
 import torch
 from helpers import SIZE, pair, relative_error, well_conditioned
 
-from fastunet import functional
+import fastunet
+from fastunet import functional, weight_cache, winograd
 
 CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-convs
 
@@ -18,7 +20,8 @@ CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-c
 def conv_calls(monkeypatch):
     """The weight shapes of the convs of CPU inference: folded (functional._conv_relu), unfolded, as a GEMM and by
     Winograd; in
-    ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, whether it ran as a GEMM)."""
+    ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, the fewer of its input and output
+    channels, whether it ran as a GEMM)."""
     calls = Calls()
     folded, unfolded, gemm = functional._conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
     winograd = functional._winograd_conv_bn_relu
@@ -28,7 +31,7 @@ def conv_calls(monkeypatch):
             weight = conv if isinstance(conv, torch.Tensor) else conv[0]
             calls.append(tuple(weight.shape))
             if weight.shape[2:] == (3, 3):
-                calls.pixels.append((x.shape[0] * x.shape[2] * x.shape[3], as_gemm))
+                calls.pixels.append((x.shape[0] * x.shape[2] * x.shape[3], min(weight.shape[:2]), as_gemm))
             return run(x, conv, *args)
         return call
 
@@ -73,9 +76,12 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
     # Up2's input has 2 x 32 x 32 pixels at 64 x 64: its up-conv is the sub-pixel one; the others' the 3x3 one.
     subpixel = [call for call in conv_calls if call[2:] == (2, 2)]
     assert subpixel == ([(4 * 64, 128, 2, 2)] if batch * (h // 2) * (w // 2) >= 1024 else [])
-    # Up to 256 pixels per batch (levels 4 and 5 here, and level 3 of one 48 x 64 image) the convs are GEMMs.
-    assert [as_gemm for _, as_gemm in conv_calls.pixels] == [pixels <= 256 for pixels, _ in conv_calls.pixels]
-    assert sum(as_gemm for _, as_gemm in conv_calls.pixels) == (7 if batch == 2 else 12)
+    # Up to 256 pixels per batch the convs are GEMMs, except from 128 pixels where both sides have 256 channels or
+    # more (Winograd with kept weights): at 2 x 64 x 64 level 5's two, at 1 x 48 x 64 level 5's two, level 4's five
+    # (48 pixels) and Conv3's first (192 pixels, 128 input channels).
+    assert [as_gemm for *_, as_gemm in conv_calls.pixels] == [
+        pixels <= 256 and not (pixels >= 128 and channels >= 256) for pixels, channels, _ in conv_calls.pixels]
+    assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == (2 if batch == 2 else 8)
     assert out.shape == want.shape and out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
     assert relative_error(fast(x).detach(), exact) <= 2 * relative_error(want, exact) + 1e-7  # the Functions' path
@@ -152,5 +158,104 @@ def test_exact_cpu_inference_is_the_seed_bit_for_bit(conv_calls, memory_format, 
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=memory_format)
     with torch.no_grad():
         out, want = fast(x), ref(x)
-    assert len(conv_calls) == CONVS_3X3 and not any(as_gemm for _, as_gemm in conv_calls.pixels)
+    assert len(conv_calls) == CONVS_3X3 and not any(as_gemm for *_, as_gemm in conv_calls.pixels)
     assert out.stride() == want.stride() and torch.equal(out, want)
+
+
+def fresh_copy(model):
+    """A new fastunet U-Net with model's state: tensors no kept derived weight was made from."""
+    fresh = fastunet.U_Net(3, 2)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def channels_last_data(tensor):
+    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
+WRITES = {
+    "data": lambda m: m.Conv2.conv[3].weight.data.mul_(-0.5),
+    "optimizer": lambda m: torch.optim.SGD(m.parameters(), lr=0.1).step(),
+    "swapped parameter": lambda m: setattr(m.Conv2.conv[3], "weight", torch.nn.Parameter(torch.randn(128, 128, 3, 3))),
+    "running var through data": lambda m: m.Conv3.conv[4].running_var.data.mul_(2),
+    "BN weight": lambda m: m.Up_conv4.conv[1].weight.data.add_(1),
+    "negative zero": lambda m: m.Conv2.conv[3].weight.data.view(-1)[::7].mul_(-1),
+    "relaid out": lambda m: channels_last_data(m.Conv2.conv[3].weight),
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_kept_winograd_weights_follow_every_write(monkeypatch, write):
+    """Fast CPU inference keeps Winograd's transformed weights between calls (fastunet.weight_cache): none is made
+    again while the weights and BN stay, and after any write (through ``.data``, an optimizer, a swapped
+    parameter, a BN buffer, a sign of zero, a new layout) the output is bit for bit a fresh model's."""
+    _, fast, _ = trained_state_models()
+    transforms = []
+    for name in ("weights", "kept_weights", "weights_into"):
+        monkeypatch.setattr(winograd, name, counted_calls(transforms, getattr(winograd, name)))
+    for p in fast.parameters():
+        p.grad = torch.randn_like(p)
+    if write == "negative zero":
+        with torch.no_grad():
+            fast.Conv2.conv[3].weight.view(-1)[::7] = 0.0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = fast(x), fast(x)
+        made = len(transforms)
+        third = fast(x)
+        assert made > 0 and len(transforms) == made and torch.equal(second, first) and torch.equal(third, first)
+        WRITES[write](fast)
+        out = fast(x)
+        assert len(transforms) > made
+        assert torch.equal(out, fresh_copy(fast)(x))
+        assert torch.equal(fast(x), out)
+
+
+def counted_calls(calls, function):
+    def call(*args):
+        calls.append(function.__name__)
+        return function(*args)
+    return call
+
+
+def test_kept_weights_go_with_their_model():
+    entries = len(weight_cache._entries)
+    _, fast, _ = trained_state_models()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x), fast(x)
+    assert len(weight_cache._entries) > entries
+    del fast
+    gc.collect()
+    assert len(weight_cache._entries) == entries
+
+
+def test_weight_cache_compares_bits():
+    """lookup: None at a weight's first call, made at the second, kept at the third, remade in place after a write
+    that torch.equal would not see (0.0 to -0.0), anew after a new layout."""
+    weight = torch.randn(6, 4)
+    weight[2, 1] = 0.0
+    scale = torch.rand(6)
+    made = []
+
+    def make(w, s):
+        made.append("new")
+        return w * s.view(-1, 1)
+
+    def make_into(out, w, s):
+        made.append("into")
+        torch.mul(w, s.view(-1, 1), out=out)
+
+    lookup = lambda: weight_cache.lookup("test", (weight, scale), make, make_into)  # noqa: E731
+    assert lookup() is None and not made
+    kept = lookup()
+    assert made == ["new"] and torch.equal(kept, weight * scale.view(-1, 1))
+    assert lookup() is kept and made == ["new"]
+    weight.data[2, 1] = -0.0
+    assert lookup() is kept and made == ["new", "into"] and torch.signbit(kept[2, 1])
+    scale.mul_(2)
+    assert torch.equal(lookup(), weight * scale.view(-1, 1)) and made == ["new", "into", "into"]
+    weight.data = weight.data.t().contiguous().t()
+    assert torch.equal(lookup(), weight * scale.view(-1, 1)) and made[-1] == "new"
+    weight_cache.clear()
+    assert lookup() is None

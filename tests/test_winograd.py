@@ -176,7 +176,8 @@ def counted(calls, function):
 
 
 def force_winograd(monkeypatch):
-    """Winograd for every fast-mode CPU inference 3x3 conv above the GEMM path's pixels."""
+    """Winograd for every fast-mode CPU 3x3 conv in inference, and in training for those above the GEMM path's
+    pixels."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MAX_CHANNELS", 1 << 20)
     monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
@@ -195,9 +196,9 @@ def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypa
     x = torch.randn(2, 3, 64, 48).contiguous(memory_format=memory_format)
     with torch.no_grad():
         out, want, exact = fast(x), ref(x), ref64(x.double())
-    # The 3x3 convs above 256 pixels per batch (levels 1-3: four in each block level, two up-convs), not Up2's
-    # sub-pixel one (2 x 32 x 24 low-resolution pixels in); the others are GEMMs.
-    assert len(calls) == 14
+    # Every 3x3 conv (Winograd comes before the GEMMs of few pixels in inference) but Up2's sub-pixel one (2 x 32 x
+    # 24 low-resolution pixels in).
+    assert len(calls) == 21
     assert out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
 
