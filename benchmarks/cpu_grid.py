@@ -6,7 +6,7 @@ Runtime on its export join the interleaving; with ``--bf16``, every model runs u
 Runtime, float32, stays out).
 
   python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5] [--peers]
-                                [--bf16]
+                                [--bf16] [--models fast,exact]
 """
 
 import argparse
@@ -29,15 +29,17 @@ MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastune
 PEERS = {"compile": "reference_compile"}
 
 
-def point_ms(size, batch, channels_last, phase, reps, peers, bf16):
-    """Median ms per model name at one grid point, the models' calls interleaved."""
+def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(MODELS)):
+    """Median ms per model name at one grid point, the models' calls interleaved: eager and ``models`` (names of
+    MODELS), and with ``peers`` PEERS and ONNX Runtime."""
     cpu = torch.device("cpu")
     torch.manual_seed(size * 100 + batch)
     batches = random_batches(1, batch, size, cpu, channels_last)
     state = initial_state(batches, cpu)
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
     runs = {}
-    for name, config in {**MODELS, **(PEERS if peers else {})}.items():
+    chosen = {name: config for name, config in MODELS.items() if name == "eager" or name in models}
+    for name, config in {**chosen, **(PEERS if peers else {})}.items():
         model = build_model(config, cpu, channels_last, state).train(phase == "train")
         train, infer = make_steps(model, autocast)
         runs[name] = functools.partial(train if phase == "train" else infer, *batches[0])
@@ -57,7 +59,12 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--peers", action="store_true", help="also torch.compile and ONNX Runtime (inference)")
     parser.add_argument("--bf16", action="store_true", help="every model under torch.autocast('cpu', bfloat16)")
+    parser.add_argument("--models", default="fast,exact", help="fastunet's modes to time beside eager")
     args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS) - {""})
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)} (choose from fast, exact)")
     precision = "bfloat16 autocast" if args.bf16 else "float32"
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, medians of {args.reps} "
           "interleaved calls after one warm-up round (compilation and export before it)")
@@ -67,7 +74,7 @@ def main(argv=None):
         for size in map(int, args.sizes.split(",")):
             for batch in map(int, args.batches.split(",")):
                 for channels_last in (False, True):
-                    ms = point_ms(size, batch, channels_last, phase, args.reps, args.peers, args.bf16)
+                    ms = point_ms(size, batch, channels_last, phase, args.reps, args.peers, args.bf16, models)
                     cells = [f"{name} {value:.1f} ({ms['eager'] / value:.2f}x"
                              + (", slower)" if value > ms["eager"] else ")")
                              for name, value in ms.items() if name != "eager"]
