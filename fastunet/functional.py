@@ -19,7 +19,9 @@ Two modes:
                gradient is exactly zero, and it still enters the running mean. CPU inference (float32, eval
                BN, nothing for autograd to record) skips the Functions: oneDNN's convs with the BN folded
                into their weights and bias at the call where that pays, im2col GEMMs for the convs of few
-               pixels, the sub-pixel up-conv where that pays (_cpu_inference); a plain U-Net runs it in
+               pixels, the sub-pixel up-conv where that pays, Winograd for the wide convs with their
+               transformed weights kept between calls and checked bit for bit against the live weights and BN
+               at every call by fastunet.weight_cache (all in _cpu_inference); a plain U-Net runs it in
                channels_last whatever the input's layout.
 In both modes the Functions own the BN running-stats update (``BatchNormArgs.factor``), as nn.BatchNorm2d's
 own call does. The Functions are in the ``forward`` + ``setup_context`` form, so torch.func.grad, vjp and
@@ -780,7 +782,8 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
 
 def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
-    _winograd_conv_bn_relu where fastunet.winograd.pays with kept weights; else up to _GEMM_MAX_PIXELS pixels per
+    _winograd_conv_bn_relu where fastunet.winograd.pays (with kept weights unless fastunet.weight_cache is off);
+    else up to _GEMM_MAX_PIXELS pixels per
     batch _gemm_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
     less than the BN and ReLU passes over the output it saves (two per output value: where the pixels outnumber
     4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs
@@ -790,7 +793,7 @@ def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     n, cin, h, w = x.shape
     if exact:
         y = _unfolded_conv_bn_relu(x, conv, bn)
-    elif winograd.pays(x, cin, conv[0].shape[0], kept=True):
+    elif winograd.pays(x, cin, conv[0].shape[0], kept=weight_cache.enabled):
         return _winograd_conv_bn_relu(x, conv, bn, out)
     elif n * h * w <= _GEMM_MAX_PIXELS:
         y = _gemm_conv_bn_relu(x, conv, bn)

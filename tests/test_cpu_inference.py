@@ -259,3 +259,20 @@ def test_weight_cache_compares_bits():
     assert torch.equal(lookup(), weight * scale.view(-1, 1)) and made[-1] == "new"
     weight_cache.clear()
     assert lookup() is None
+
+
+def test_weight_cache_can_be_turned_off(monkeypatch, conv_calls):
+    """With fastunet.weight_cache off nothing is kept, and the convs of 128-256 pixels are GEMMs again (Winograd
+    there pays only with kept weights): at 2 x 64 x 64 level 4's five and level 5's two."""
+    monkeypatch.setattr(weight_cache, "enabled", False)
+    entries = len(weight_cache._entries)
+    weight = torch.randn(3, 2)
+    make = lambda w: w.clone()  # noqa: E731
+    assert all(weight_cache.lookup("test", (weight,), make, torch.Tensor.copy_) is None for _ in range(3))
+    ref, fast, _ = trained_state_models()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, again, want = fast(x), fast(x), ref(x)
+    assert len(weight_cache._entries) == entries and torch.equal(again, out)
+    assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == 2 * 7
+    assert relative_error(out, want) < 1e-4
