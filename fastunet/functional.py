@@ -776,7 +776,7 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
     as the bias, the ReLU in the output transform; written into ``out`` if given, else a new tensor in x's layout."""
     weight, bias = conv
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    u = weight_cache.lookup("winograd", (weight, scale), winograd.kept_weights, winograd.weights_into)
+    u = weight_cache.lookup("winograd", (weight, scale), winograd.kept_weights)
     return winograd.conv3x3(x, winograd.weights(weight, scale) if u is None else u, shift, True, out)
 
 

@@ -8,10 +8,11 @@ transform's time). So every write is seen, ``.data`` writes and swapped tensors 
 would miss.
 
 An entry is made at the second call with the same weight tensor (weights made anew at every call, by a
-parametrization say, never pay for one) and remade in place when the tensors changed (an optimizer step between
-validations). It costs a copy of the weight and the derived tensor: for a U-Net at 256 x 256, 366 MB (2.65x its
-parameters; 52 MB at 64 x 64, where the deep levels run as GEMMs). ``clear`` frees every entry; ``enabled = False``
-uses and keeps none from then on (each call makes its derived weights anew, in a per-thread workspace).
+parametrization say, never pay for one), and made anew when the tensors changed (an optimizer step between
+validations, or one weight shared by two layers with different BNs). It costs a copy of the weight and the derived
+tensor: for a U-Net at 256 x 256, 366 MB (2.65x its parameters; 52 MB at 64 x 64, where the deep levels run as
+GEMMs). ``clear`` frees every entry; ``enabled = False`` uses and keeps none from then on (each call makes its
+derived weights anew, in a per-thread workspace).
 """
 
 import threading
@@ -46,17 +47,12 @@ class _Derived:
     def matches(self, sources):
         return all(_same_layout(s, c) and torch.equal(_bits(s), _bits(c)) for s, c in zip(sources, self.sources))
 
-    def refresh(self, sources, make_into):
-        for s, c in zip(sources, self.sources):
-            c.copy_(s)
-        make_into(self.tensor, *sources)
 
-
-def lookup(kind, sources, make, make_into):
+def lookup(kind, sources, make):
     """The tensor ``make(*sources)`` would return, kept from an earlier call with the same ``sources[0]`` tensor
-    where every source still has the bits it had then; None at the first call with that tensor (the caller makes
-    it its own way). ``make_into(out, *sources)`` remakes it in place where the sources changed but kept their
-    shapes, dtypes, devices and strides; None whenever ``enabled`` is False. Call under torch.no_grad()."""
+    where every source still has the bits it had then, else made anew and kept; None at the first call with that
+    tensor (the caller makes it its own way) and whenever ``enabled`` is False. A kept tensor is never written
+    again (another thread may still be reading it). Call under torch.no_grad()."""
     if not enabled:
         return None
     weight = sources[0]
@@ -66,13 +62,8 @@ def lookup(kind, sources, make, make_into):
             per_weight[kind] = None
             return None
         entry = per_weight[kind]
-        if entry is None:
+        if entry is None or not entry.matches(sources):
             entry = per_weight[kind] = _Derived(sources, make(*sources))
-        elif not entry.matches(sources):
-            if all(_same_layout(s, c) for s, c in zip(sources, entry.sources)):
-                entry.refresh(sources, make_into)
-            else:
-                entry = per_weight[kind] = _Derived(sources, make(*sources))
         return entry.tensor
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import _ext, ops
 
-__all__ = ["weights", "kept_weights", "weights_into", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays",
+__all__ = ["weights", "kept_weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays",
            "release_workspace", "WINOGRAD_OPS"]
 
 
@@ -244,13 +244,8 @@ def _u_layout(floats, weight, transposed):
 def kept_weights(weight, scale=None):
     """``weights(weight, scale)`` in a buffer of its own (fastunet.weight_cache keeps it)."""
     u = _u_layout(torch.empty(_u_floats(weight), device=weight.device), weight, False)
-    weights_into(u, weight, scale)
-    return u
-
-
-def weights_into(u, weight, scale=None):
-    """Remakes ``kept_weights(weight, scale)`` in u, a tensor it returned for a weight of the same shape."""
     torch.ops.fastunet.winograd_weights(weight, scale, False, u)
+    return u
 
 
 def conv3x3(x, u, bias=None, relu=False, out=None):

@@ -191,7 +191,7 @@ def test_kept_winograd_weights_follow_every_write(monkeypatch, write):
     parameter, a BN buffer, a sign of zero, a new layout) the output is bit for bit a fresh model's."""
     _, fast, _ = trained_state_models()
     transforms = []
-    for name in ("weights", "kept_weights", "weights_into"):
+    for name in ("weights", "kept_weights"):
         monkeypatch.setattr(winograd, name, counted_calls(transforms, getattr(winograd, name)))
     for p in fast.parameters():
         p.grad = torch.randn_like(p)
@@ -209,6 +209,22 @@ def test_kept_winograd_weights_follow_every_write(monkeypatch, write):
         assert len(transforms) > made
         assert torch.equal(out, fresh_copy(fast)(x))
         assert torch.equal(fast(x), out)
+
+
+def test_kept_weights_made_under_inference_mode_are_remade_outside_it():
+    """Weights kept by calls under torch.inference_mode() are made anew by a call under torch.no_grad() after a
+    write, and the other way round (an inference tensor cannot be written outside inference mode)."""
+    _, fast, _ = trained_state_models()
+    x = torch.randn(2, 3, 64, 64)
+    for first, then in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+        with first():
+            fast(x), fast(x)
+        with torch.no_grad():
+            fast.Conv3.conv[0].weight.mul_(-0.5)
+        with then():
+            out = fast(x)
+        with torch.no_grad():
+            assert torch.equal(out, fresh_copy(fast)(x))
 
 
 def counted_calls(calls, function):
@@ -231,32 +247,31 @@ def test_kept_weights_go_with_their_model():
 
 
 def test_weight_cache_compares_bits():
-    """lookup: None at a weight's first call, made at the second, kept at the third, remade in place after a write
-    that torch.equal would not see (0.0 to -0.0), anew after a new layout."""
+    """lookup: None at a weight's first call, made at the second, kept at the third, made anew after a write that
+    torch.equal would not see (0.0 to -0.0), after a scale's write and after a new layout; a kept tensor is never
+    written again (another thread may be reading it)."""
     weight = torch.randn(6, 4)
     weight[2, 1] = 0.0
     scale = torch.rand(6)
     made = []
 
     def make(w, s):
-        made.append("new")
-        return w * s.view(-1, 1)
+        made.append(w * s.view(-1, 1))
+        return made[-1]
 
-    def make_into(out, w, s):
-        made.append("into")
-        torch.mul(w, s.view(-1, 1), out=out)
-
-    lookup = lambda: weight_cache.lookup("test", (weight, scale), make, make_into)  # noqa: E731
+    lookup = lambda: weight_cache.lookup("test", (weight, scale), make)  # noqa: E731
     assert lookup() is None and not made
     kept = lookup()
-    assert made == ["new"] and torch.equal(kept, weight * scale.view(-1, 1))
-    assert lookup() is kept and made == ["new"]
+    first = kept.clone()
+    assert len(made) == 1 and torch.equal(kept, weight * scale.view(-1, 1))
+    assert lookup() is kept and len(made) == 1
     weight.data[2, 1] = -0.0
-    assert lookup() is kept and made == ["new", "into"] and torch.signbit(kept[2, 1])
+    assert lookup() is made[-1] and len(made) == 2 and torch.signbit(made[-1][2, 1])
     scale.mul_(2)
-    assert torch.equal(lookup(), weight * scale.view(-1, 1)) and made == ["new", "into", "into"]
+    assert lookup() is made[-1] and len(made) == 3 and torch.equal(made[-1], weight * scale.view(-1, 1))
     weight.data = weight.data.t().contiguous().t()
-    assert torch.equal(lookup(), weight * scale.view(-1, 1)) and made[-1] == "new"
+    assert lookup() is made[-1] and len(made) == 4
+    assert torch.equal(kept, first) and not torch.signbit(kept[2, 1])
     weight_cache.clear()
     assert lookup() is None
 
@@ -268,7 +283,7 @@ def test_weight_cache_can_be_turned_off(monkeypatch, conv_calls):
     entries = len(weight_cache._entries)
     weight = torch.randn(3, 2)
     make = lambda w: w.clone()  # noqa: E731
-    assert all(weight_cache.lookup("test", (weight,), make, torch.Tensor.copy_) is None for _ in range(3))
+    assert all(weight_cache.lookup("test", (weight,), make) is None for _ in range(3))
     ref, fast, _ = trained_state_models()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
