@@ -804,6 +804,13 @@ def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     return y if out is None else out.copy_(y)
 
 
+def _forget_kept_weights(*weights):
+    """fastunet.weight_cache.forget of the weights a block runs outside CPU inference (eager only: Dynamo need not
+    trace a lock)."""
+    if not torch.compiler.is_compiling():
+        weight_cache.forget(*weights)
+
+
 def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact):
     """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
     y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, conv1, bn1, exact), conv2, bn2, exact)
@@ -845,6 +852,7 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     """
     if _cpu_inference(x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
         return _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact)
+    _forget_kept_weights(conv1[0], conv2[0])
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
     return outputs[0], outputs[1]
@@ -964,4 +972,5 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     """
     if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
         return _up_block_inference(d, buf, conv, bn, exact)
+    _forget_kept_weights(conv[0])
     return _apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact)[0]

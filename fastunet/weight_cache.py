@@ -11,7 +11,8 @@ An entry is made at the second call with the same weight tensor (weights made an
 parametrization say, never pay for one), and made anew when the tensors changed (an optimizer step between
 validations, or one weight shared by two layers with different BNs). It costs a copy of the weight and the derived
 tensor: for a U-Net at 256 x 256, 366 MB (2.65x its parameters; 52 MB at 64 x 64, where the deep levels run as
-GEMMs). ``clear`` frees every entry; ``enabled = False`` uses and keeps none from then on (each call makes its
+GEMMs), while the model runs inference: fast-mode training frees its layers' entries (``forget``). ``clear`` frees
+every entry; ``enabled = False`` uses and keeps none from then on (each call makes its
 derived weights anew, in a per-thread workspace).
 """
 
@@ -20,7 +21,7 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["lookup", "clear", "enabled"]
+__all__ = ["lookup", "forget", "clear", "enabled"]
 
 enabled = True
 
@@ -65,6 +66,15 @@ def lookup(kind, sources, make):
         if entry is None or not entry.matches(sources):
             entry = per_weight[kind] = _Derived(sources, make(*sources))
         return entry.tensor
+
+
+def forget(*weights):
+    """Frees what is kept for these weight tensors. Fast-mode training calls it for the convs it runs, so that weights
+    changing at every step hold no stale derived tensors (in a loop of training and validation, the memory of the
+    kept weights is the validation's alone)."""
+    with _lock:
+        for weight in weights:
+            _entries.pop(weight, None)
 
 
 def clear():

@@ -247,6 +247,27 @@ def test_kept_weights_go_with_their_model():
     assert len(weight_cache._entries) == entries
 
 
+def test_training_frees_kept_weights():
+    """A training step frees the entries its layers' weights had from inference (they would be stale after the
+    step), and inference after it keeps them again, with the fresh model's bits."""
+    gc.collect()
+    entries = len(weight_cache._entries)
+    _, fast, _ = trained_state_models()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x), fast(x)
+    assert len(weight_cache._entries) > entries
+    fast.train()
+    fast(x).square().mean().backward()
+    torch.optim.SGD(fast.parameters(), lr=0.1).step()
+    assert len(weight_cache._entries) == entries
+    fast.eval()
+    with torch.no_grad():
+        fast(x), fast(x)
+        assert len(weight_cache._entries) > entries
+        assert torch.equal(fast(x), fresh_copy(fast)(x))
+
+
 def test_weight_cache_compares_bits():
     """lookup: None at a weight's first call, made at the second, kept at the third, made anew after a write that
     torch.equal would not see (0.0 to -0.0), after a scale's write and after a new layout; a kept tensor is never
