@@ -783,13 +783,13 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
 def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
     _winograd_conv_bn_relu where fastunet.winograd.pays (with kept weights unless fastunet.weight_cache is off);
-    else up to _GEMM_MAX_PIXELS pixels per
-    batch _gemm_conv_bn_relu; else folded into the conv (_conv_relu) where folding (a pass over the weights) costs
-    less than the BN and ReLU passes over the output it saves (two per output value: where the pixels outnumber
-    4.5 x the input channels) and ``x`` is channels_last, else _unfolded_conv_bn_relu. In NCHW the folded convs
-    measured 2.1-2.5x the seed's error against float64 (eight seeds; channels_last 0.97-1.0x), outside fast mode's
-    2x rule: NCHW runs unfolded (a plain U-Net turns NCHW inputs into channels_last for CPU inference).
-    Written into ``out`` if given (the Winograd conv writes there directly), else a new tensor."""
+    else up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; else folded into the conv (_conv_relu) where
+    folding (a pass over the weights) costs less than the BN and ReLU passes over the output it saves (two per
+    output value: where the pixels outnumber 4.5 x the input channels) and ``x`` is channels_last, else
+    _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x the seed's error against float64 (eight
+    seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW runs unfolded (a plain U-Net turns NCHW
+    inputs into channels_last for CPU inference). Written into ``out`` if given (the Winograd conv writes there
+    directly), else a new tensor."""
     n, cin, h, w = x.shape
     if exact:
         y = _unfolded_conv_bn_relu(x, conv, bn)

@@ -12,8 +12,8 @@ parametrization say, never pay for one), and made anew when the tensors changed 
 validations, or one weight shared by two layers with different BNs). It costs a copy of the weight and the derived
 tensor: for a U-Net at 256 x 256, 366 MB (2.65x its parameters; 52 MB at 64 x 64, where the deep levels run as
 GEMMs), while the model runs inference: fast-mode training frees its layers' entries (``forget``). ``clear`` frees
-every entry; ``enabled = False`` uses and keeps none from then on (each call makes its
-derived weights anew, in a per-thread workspace).
+every entry; ``enabled = False`` uses and keeps none from then on (each call makes its derived weights anew, in a
+per-thread workspace).
 """
 
 import threading
@@ -71,7 +71,9 @@ def lookup(kind, sources, make):
 def forget(*weights):
     """Frees what is kept for these weight tensors. Fast-mode training calls it for the convs it runs, so that weights
     changing at every step hold no stale derived tensors (in a loop of training and validation, the memory of the
-    kept weights is the validation's alone)."""
+    kept weights is the validation's alone). Takes no lock while nothing is kept (CUDA training, say)."""
+    if not _entries:
+        return
     with _lock:
         for weight in weights:
             _entries.pop(weight, None)

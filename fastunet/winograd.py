@@ -224,9 +224,12 @@ def weights(weight, scale=None, transposed=False):
     """U ``[16, Cin, Cout]`` (``[16, Cout, Cin]`` if ``transposed``) of a float32 ``[Cout, Cin, 3, 3]`` weight,
     each output channel's kernel multiplied by ``scale`` (``[Cout]``) if given, for ``conv3x3``; held in this
     thread's workspace until the next call."""
-    u = _u_layout(_workspace_buffer(weight.device, "u", _u_floats(weight)), weight, transposed)
-    torch.ops.fastunet.winograd_weights(weight, scale, transposed, u)
-    return u
+    return _transformed(_workspace_buffer(weight.device, "u", _u_floats(weight)), weight, scale, transposed)
+
+
+def kept_weights(weight, scale=None):
+    """``weights(weight, scale)`` in a buffer of its own (fastunet.weight_cache keeps it)."""
+    return _transformed(torch.empty(_u_floats(weight), device=weight.device), weight, scale, False)
 
 
 def _u_floats(weight):
@@ -235,16 +238,12 @@ def _u_floats(weight):
     return 16 * (weight.shape[0] * weight.shape[1] + 16)
 
 
-def _u_layout(floats, weight, transposed):
+def _transformed(floats, weight, scale, transposed):
+    """U of ``weights`` in ``floats`` (_u_floats of them)."""
     cout, cin = weight.shape[:2]
     a, b = (cout, cin) if transposed else (cin, cout)
-    return floats.as_strided((16, a, b), (a * b + 16, b, 1))
-
-
-def kept_weights(weight, scale=None):
-    """``weights(weight, scale)`` in a buffer of its own (fastunet.weight_cache keeps it)."""
-    u = _u_layout(torch.empty(_u_floats(weight), device=weight.device), weight, False)
-    torch.ops.fastunet.winograd_weights(weight, scale, False, u)
+    u = floats.as_strided((16, a, b), (a * b + 16, b, 1))
+    torch.ops.fastunet.winograd_weights(weight, scale, transposed, u)
     return u
 
 
