@@ -234,7 +234,8 @@ def counted_calls(calls, function):
     return call
 
 
-def test_kept_weights_go_with_their_model():
+def model_with_kept_weights():
+    """(fast model, its input, the entries of fastunet.weight_cache before it): two inference calls made them."""
     gc.collect()  # earlier tests' models gone before counting
     entries = len(weight_cache._entries)
     _, fast, _ = trained_state_models()
@@ -242,6 +243,11 @@ def test_kept_weights_go_with_their_model():
     with torch.no_grad():
         fast(x), fast(x)
     assert len(weight_cache._entries) > entries
+    return fast, x, entries
+
+
+def test_kept_weights_go_with_their_model():
+    fast, _, entries = model_with_kept_weights()
     del fast
     gc.collect()
     assert len(weight_cache._entries) == entries
@@ -250,13 +256,7 @@ def test_kept_weights_go_with_their_model():
 def test_training_frees_kept_weights():
     """A training step frees the entries its layers' weights had from inference (they would be stale after the
     step), and inference after it keeps them again, with the fresh model's bits."""
-    gc.collect()
-    entries = len(weight_cache._entries)
-    _, fast, _ = trained_state_models()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fast(x), fast(x)
-    assert len(weight_cache._entries) > entries
+    fast, x, entries = model_with_kept_weights()
     fast.train()
     fast(x).square().mean().backward()
     torch.optim.SGD(fast.parameters(), lr=0.1).step()
