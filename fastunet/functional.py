@@ -272,6 +272,41 @@ def _float32_conv(x):
     return x.device.type == "cpu" and x.dtype in _CPU_NATIVE_DOT and not _CPU_NATIVE_DOT[x.dtype]
 
 
+def _aten_conv_layout(x, w):
+    """The memory format fast mode moves the activations to for its ATen training conv of ``x`` by ``w``, or None
+    to run it as they lie: the weight's where the two differ on the CPU and the weights outnumber the activations in
+    and out (a model's NCHW weights at the deep levels, whose activations are channels_last inside). oneDNN lays a
+    weight of the other layout out anew in every forward and backward, which at few pixels costs more than moving
+    the activations: 1024 -> 1024 channels at 2 x 8 x 8 took 254 ms forward and backward against 108 ms in the
+    weight's layout (benchmarks/RESULTS.md)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        return None
+    weight_layout = ops.memory_format_of(w)
+    n, _, h, width = x.shape
+    if weight_layout != ops.memory_format_of(x) and w.numel() > x.numel() + n * w.shape[0] * h * width:
+        return weight_layout
+    return None
+
+
+def _aten_conv(x, w):
+    """ATen's ``conv2d(x, w, padding=1)`` (no bias), in the layout _aten_conv_layout picks, the output then in
+    x's."""
+    layout = _aten_conv_layout(x, w)
+    if layout is None:
+        return _conv(x, w, None)
+    return _conv(x.contiguous(memory_format=layout), w, None).contiguous(memory_format=ops.memory_format_of(x))
+
+
+def _aten_conv_backward(dz, x, w, output_mask):
+    """(dx, dw) of _aten_conv by ATen's convolution_backward, in the same layout, dx then in x's."""
+    layout = _aten_conv_layout(x, w)
+    if layout is None:
+        return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
+    dx, dw = _aten.convolution_backward(dz.contiguous(memory_format=layout), x.contiguous(memory_format=layout), w,
+                                        None, *_CONV_ARGS, [*output_mask, False])[:2]
+    return (None if dx is None else dx.contiguous(memory_format=ops.memory_format_of(x))), dw
+
+
 def _fast_conv(x, w):
     """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
     pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
@@ -281,7 +316,7 @@ def _fast_conv(x, w):
     if _winograd_train_conv(x, w):
         return winograd.conv3x3(x, winograd.weights(w))
     if not _gemm_train_conv(x, w):
-        return _conv(x, w, None)
+        return _aten_conv(x, w)
     n, _, h, width = x.shape
     cout, k = w.shape[0], w.shape[2]
     if ops.memory_format_of(w) == torch.channels_last:
@@ -311,7 +346,7 @@ def _fast_conv_backward(dz, x, w, output_mask):
     if _shifted_gemm_train_conv(x, w):
         return _shifted_gemm_backward(dz, x, w, output_mask)
     if not _gemm_train_conv(x, w):
-        return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
+        return _aten_conv_backward(dz, x, w, output_mask)
     if ops.memory_format_of(w) == torch.channels_last:
         return _taps_outer_gemm_backward(dz, x, w, output_mask)
     n, cin, h, width = x.shape

@@ -431,3 +431,46 @@ def test_gemm_training_convs_match_aten(k, memory_format, weight_format):
         assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
+
+
+class ConvLayouts(TorchDispatchMode):
+    """Records the memory format of the input of each ATen convolution and convolution backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        convs = {torch.ops.aten.convolution.default: 0, torch.ops.aten.convolution_backward.default: 1}
+        if func in convs:
+            self.layouts.append(ops.memory_format_of(args[convs[func]]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("size, moved", [(16, True), (20, False)])
+@pytest.mark.parametrize("weight_format", FORMATS)
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_activations(
+        size, moved, memory_format, weight_format, monkeypatch):
+    """Fast mode's ATen training conv (neither GEMMs nor Winograd) of 64 -> 64 channels: at 16 x 16 pixels the
+    weights outnumber the activations in and out, and where the two layouts differ the conv and its backward run in
+    the weights' (functional._aten_conv_layout), the output and input gradient then moved to x's layout, the weight
+    gradient in the weights'; at 20 x 20 they run as the activations lie. Either way the output and both gradients
+    match ATen's in float64."""
+    monkeypatch.setattr(functional.winograd, "MIN_CHANNELS", 1 << 20)
+    x = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)
+    weight = torch.randn(64, 64, 3, 3).contiguous(memory_format=weight_format)
+    dz = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)
+    assert not functional._gemm_train_conv(x, weight) and not functional._winograd_train_conv(x, weight)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    z64 = F.conv2d(x64, w64, padding=1)
+    dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
+    with ConvLayouts() as recorded:
+        z = functional._fast_conv(x, weight)
+        dx, dw = functional._fast_conv_backward(dz, x, weight, [True, True])
+    ran_in = weight_format if moved else memory_format
+    assert recorded.layouts == [ran_in, ran_in]
+    for got, want, layout in ((z, z64, memory_format), (dx, dx64, memory_format), (dw, dw64, weight_format)):
+        assert got.dtype == torch.float32 and (not moved or got.is_contiguous(memory_format=layout))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
