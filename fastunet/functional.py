@@ -277,8 +277,8 @@ def _aten_conv_layout(x, w):
     to run it as they lie: the weight's where the two differ on the CPU and the weights outnumber the activations in
     and out (a model's NCHW weights at the deep levels, whose activations are channels_last inside). oneDNN lays a
     weight of the other layout out anew in every forward and backward, which at few pixels costs more than moving
-    the activations: 1024 -> 1024 channels at 2 x 8 x 8 took 254 ms forward and backward against 108 ms in the
-    weight's layout (benchmarks/RESULTS.md)."""
+    the activations: 1024 -> 1024 channels at 1 x 16 x 16 took 352 ms forward and backward against 176 ms in the
+    weights' layout (benchmarks/RESULTS.md)."""
     if torch.compiler.is_compiling() or x.device.type != "cpu":
         return None
     weight_layout = ops.memory_format_of(w)
@@ -310,7 +310,7 @@ def _aten_conv_backward(dz, x, w, output_mask):
 def _fast_conv(x, w):
     """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
     pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
-    ATen's; the output in x's layout and dtype, computed in float32 where _float32_conv says so."""
+    ATen's (_aten_conv); the output in x's layout and dtype, computed in float32 where _float32_conv says so."""
     if _float32_conv(x):
         return _fast_conv(x.float(), w.float()).to(x.dtype)
     if _winograd_train_conv(x, w):
