@@ -7,11 +7,11 @@ its BatchNorm under DDP; ``info()`` says what was built and what runs where; ``p
 ``python -m fastunet.train`` benchmark and train it against the reference.
 """
 
-from . import _ext, functional, ops, reference  # noqa: F401  (loads the compiled ops; submodules as attributes)
+from . import _ext, conv, functional, ops, reference  # noqa: F401  (loads the compiled ops; submodules as attributes)
 from .environment import info
 from .model import U_Net, conv_block, up_conv
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
-__all__ = ["U_Net", "SyncBatchNorm", "conv_block", "convert_sync_batchnorm", "functional", "info", "ops", "reference",
-           "up_conv"]
+__all__ = ["U_Net", "SyncBatchNorm", "conv", "conv_block", "convert_sync_batchnorm", "functional", "info", "ops",
+           "reference", "up_conv"]

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, weight_cache, winograd
+from .conv import policy
 from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased, update_running_stats
 
 _aten = torch.ops.aten
@@ -174,26 +175,20 @@ def _conv(x, w, b):
     return _aten.convolution(x, w, b, *_CONV_ARGS)
 
 
-# Up to this many pixels per image, fast mode's CPU training convs (float32) run as im2col and GEMMs rather than
-# oneDNN's convolution, which lays the weights out anew at every call, forward and backward: at 8 x 8 pixels, batch 2,
-# a forward and backward took 137 ms against 183 ms at 1024 -> 1024 channels, 105 against 160 ms for the 2x2
-# sub-pixel conv 1024 -> 2048, and the same at 512 -> 1024; at 16 x 16 oneDNN is faster (benchmarks/RESULTS.md).
-_GEMM_TRAIN_MAX_PIXELS = 64
-
-
 def _gemm_train_conv(x, w):
-    """Whether fast mode's training conv of ``x`` by ``w`` runs as GEMMs (_fast_conv, _fast_conv_backward): eager
-    only, since Dynamo cannot speculate the GEMM backward's reshapes of gradients of unknown layout."""
+    """Whether fast mode's training conv of ``x`` by ``w`` runs as GEMMs (_fast_conv, _fast_conv_backward): up to
+    the policy's ``gemm_train_max_pixels`` pixels per image (fastunet.conv.policy); eager only, since Dynamo cannot
+    speculate the GEMM backward's reshapes of gradients of unknown layout."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.shape[2] * x.shape[3] <= _GEMM_TRAIN_MAX_PIXELS and not torch.compiler.is_compiling())
+            and x.shape[2] * x.shape[3] <= policy.value("gemm_train_max_pixels") and not torch.compiler.is_compiling())
 
 
 def _winograd_train_conv(x, w):
     """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and both
-    gradients: where fastunet.winograd.pays and the GEMMs of few pixels (_gemm_train_conv) do not run it; eager
-    only."""
-    return (w.shape[2] == 3 and w.dtype == torch.float32 and winograd.pays(x, w.shape[1], w.shape[0])
-            and not _gemm_train_conv(x, w))
+    gradients: where the policy's ``winograd_train`` allows it, fastunet.winograd.pays and the GEMMs of few pixels
+    (_gemm_train_conv) do not run it; eager only."""
+    return (w.shape[2] == 3 and w.dtype == torch.float32 and policy.value("winograd_train")
+            and winograd.pays(x, w.shape[1], w.shape[0]) and not _gemm_train_conv(x, w))
 
 
 def _shifted_gemm_train_conv(x, w):
@@ -250,26 +245,13 @@ def _subpixel_train(d):
     return d.device.type != "cpu" or d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_TRAIN_MIN_PIXELS
 
 
-def _has_native_dot(dtype):
-    """Whether this CPU has dot-product instructions for ``dtype`` (bfloat16: AVX-512 BF16 or AMX; float16: AMX-FP16),
-    which oneDNN's convolutions of that dtype use; without them it emulates them. A torch without the probe (private
-    API) answers False."""
-    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == torch.bfloat16 else (
-        "_is_amx_fp16_supported",)
-    return any(getattr(torch.cpu, name, lambda: False)() for name in names)
-
-
-# dtype -> whether fast mode's CPU convolutions of that dtype stay in it (_float32_conv).
-_CPU_NATIVE_DOT = {dtype: _has_native_dot(dtype) for dtype in (torch.bfloat16, torch.float16)}
-
-
 def _float32_conv(x):
     """Whether fast mode runs a CPU convolution of a bfloat16/float16 ``x`` in float32, its inputs upcast (exactly)
-    and its output rounded back: where the CPU has no dot products of that dtype (_CPU_NATIVE_DOT), oneDNN's
+    and its output rounded back: where the CPU has no dot products of that dtype (policy.native_dot), oneDNN's
     emulated ones made a 1 x 3 x 64^2 bfloat16 training step 26x as slow as a float32 one (benchmarks/RESULTS.md).
     The float32 product of the rounded inputs is at least as accurate as the half-precision conv, which accumulates
     in float32 too."""
-    return x.device.type == "cpu" and x.dtype in _CPU_NATIVE_DOT and not _CPU_NATIVE_DOT[x.dtype]
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not policy.native_dot(x.dtype)
 
 
 def _aten_conv_layout(x, w):
@@ -924,8 +906,9 @@ class UpsampleConvCat(torch.autograd.Function):
             if upscale == 2:
                 w4 = phase_weights(w).to(wc.dtype)
                 z4 = _fast_conv(dc, w4)
-            else:  # the conv on the upsampled input, which backward recomputes; z4: the conv's output as it lies
-                w4, z4 = wc, _fast_conv(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
+            else:  # the conv on the upsampled input, which backward recomputes; z4: the conv's output as it lies.
+                # No w4: an input returned as an output and saved is an error under torch.func.
+                w4, z4 = None, _fast_conv(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
             mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, upscale)
             ops.bn_relu_pool(z4, scale, shift, upscale, out, None)
             return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
@@ -988,7 +971,7 @@ class UpsampleConvCat(torch.autograd.Function):
                     dw = None if dw4 is None else phase_weights_backward(dw4, cout)
                 else:
                     u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                    du, dw = _fast_conv_backward(dz4, u, w4, [need[0], need[2]])
+                    du, dw = _fast_conv_backward(dz4, u, wc, [need[0], need[2]])
                     dd = None if du is None else _aten.upsample_nearest2d_backward(du, list(u.shape[2:]),
                                                                                    list(dc.shape), 2.0, 2.0)
                 del dz4

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from . import _ext, functional, reference
 from . import ops as fastunet_ops
+from .conv import policy
 from .sync_batchnorm import SyncBatchNorm, sync_group
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -509,7 +510,8 @@ class U_Net(_NotScriptable, reference.U_Net):
         channels with unit stride, and a training step ran 1.2x faster so (benchmarks/RESULTS.md). Only where no
         layer could tell: every module the seed's own type, without hooks, every block fused (its modules would
         run on another layout than the seed's) and in fast mode, no autocast, eager; in eval, only where every
-        block runs CPU inference (functional._cpu_inference)."""
+        block runs CPU inference (functional._cpu_inference); in training, where the policy's ``channels_last_train``
+        says so (fastunet.conv.policy)."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or x.is_contiguous(memory_format=torch.channels_last)
                 or not x.is_contiguous() or global_hooks() or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling()):
@@ -522,7 +524,7 @@ class U_Net(_NotScriptable, reference.U_Net):
         if any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv))):
             return False  # a block running its own modules would run them in another layout than the seed's
         if self.training:
-            return True
+            return policy.value("channels_last_train")
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
         return functional._cpu_inference(x, (*self.parameters(), *stats), bns)

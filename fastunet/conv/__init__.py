@@ -1,0 +1,5 @@
+"""Fast mode's convolution choices: ``policy`` holds every hardware-dependent one."""
+
+from . import policy
+
+__all__ = ["policy"]
