@@ -1,6 +1,8 @@
 """Test setup. Without a GPU, Triton kernels run on the CPU through its interpreter: TRITON_INTERPRET
 must be set before triton (or any fastunet kernel) is imported, hence here, at the top."""
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fastunet import _ext  # noqa: E402
+from fastunet.conv import policy  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
@@ -34,6 +37,22 @@ def _fresh_seed(request):
     """Each test draws fresh random inputs, reproducibly from its own name."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _collect_cycles():
+    """Frees, after each test, what reference cycles hold: a failed assertion's traceback holds the frames of the
+    check that failed (models, their float64 twins, gradients: about 1 GB at 32 x 32), and Python's collector,
+    counting objects rather than bytes, may not run for many tests."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture
+def conv_policy():
+    """``conv_policy(name=value, ...)``: forces choices of fastunet.conv.policy until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **choices: stack.enter_context(policy.override(**choices))
 
 
 @pytest.fixture
@@ -56,3 +75,11 @@ def ddp_sync_bn_training(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_sync_bn")
     args = [*SMALL_TRAINING, "--batch", "2", "--sync-bn", "--compare"]
     return torchrun(2, args, out, checkpoint="checkpoint_fastunet.pt"), out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The pytest process's peak resident memory (CI's log shows it; the suite is to stay under 4 GB)."""
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    terminalreporter.write_line(f"peak RSS of the pytest process: {peak_mib:.0f} MiB")

@@ -14,9 +14,11 @@ from helpers import (
     assert_bitwise,
     assert_results_bitwise,
     assert_within_twice_reference_error,
+    checked,
     conv_bias_before_bn,
     pair,
     pool_tie_free,
+    ran_under_avx2_kernels,
     relative_error,
     train_step,
     well_conditioned,
@@ -25,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
 from fastunet import functional, winograd
+from fastunet.conv import policy
 from fastunet.reference import U_Net as Reference
 
 
@@ -116,15 +119,27 @@ def well_conditioned_fast_pair():
     return ref, fast, copy.deepcopy(ref).double()
 
 
+@pytest.mark.parametrize("avx2_choices", [False, True])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_fast_mode_error_within_twice_the_reference_error(memory_format):
-    ref, fast, ref64 = well_conditioned_fast_pair()
-    for m in (ref, fast):
-        m.to(memory_format=memory_format)
-    x = pool_tie_free(ref64, lambda: torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format))
-    g = torch.randn(4, 2, SIZE, SIZE)
-    exact = train_step(ref64, x.double(), g.double())
-    assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
+def test_fast_mode_error_within_twice_the_reference_error(memory_format, avx2_choices, conv_policy, request):
+    """The error rule over fresh draws, with either set of the policy's CPU training choices forced, whatever this
+    CPU would pick: AVX-512's (oneDNN's convs in the seed's layout), and AVX2's (the GEMMs of few pixels, Winograd,
+    channels_last inside), judged where they are chosen (ran_under_avx2_kernels)."""
+    if avx2_choices and ran_under_avx2_kernels(request):
+        return
+    conv_policy(gemm_train_max_pixels=policy.GEMM_TRAIN_MAX_PIXELS_AVX2 if avx2_choices else 0,
+                winograd_train=avx2_choices, channels_last_train=avx2_choices)
+
+    def check():
+        ref, fast, ref64 = well_conditioned_fast_pair()
+        for m in (ref, fast):
+            m.to(memory_format=memory_format)
+        x = pool_tie_free(ref64, lambda: torch.randn(4, 3, SIZE, SIZE).contiguous(memory_format=memory_format))
+        g = torch.randn(4, 2, SIZE, SIZE)
+        exact = train_step(ref64, x.double(), g.double())
+        assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
+
+    checked(False, check)
 
 
 def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
@@ -147,7 +162,7 @@ def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():
     assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
 
 
-def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch):
+def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch, conv_policy):
     """A plain fast U-Net trains on an NCHW float32 CPU input in channels_last inside: the convs see channels_last,
     and the step (output, input gradient, parameter gradients, BN buffers) has the bits of the same step on a
     channels_last input, the output and input gradient in the seed's strides. A hooked model stays in NCHW."""
@@ -159,6 +174,7 @@ def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch):
         return fast_conv(x, w)
 
     monkeypatch.setattr(functional, "_fast_conv", recorded)
+    conv_policy(channels_last_train=True)  # the policy's choice with AVX2-class oneDNN kernels
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
     twin = copy.deepcopy(fast)
@@ -238,10 +254,10 @@ def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
 
 
 @pytest.mark.parametrize("native_bf16", [False, True])
-def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, monkeypatch):
+def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, monkeypatch, conv_policy):
     """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (functional._float32_conv), in
     bfloat16 on one with them; the output is autocast's bfloat16 either way, close to float64."""
-    monkeypatch.setitem(functional._CPU_NATIVE_DOT, torch.bfloat16, native_bf16)
+    conv_policy(native_dot_bfloat16=native_bf16)
     conv_dtypes = set()
     gemm_train_conv = functional._gemm_train_conv
 
@@ -274,14 +290,14 @@ def test_blocks_are_drop_ins_for_the_reference_blocks():
 
 
 @pytest.mark.parametrize("exact, backend", [(True, "aot_eager"), (False, "inductor")])
-def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch):
+def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_policy):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager
     (the eager kernels) it is also the eager step up to rounding (inductor re-associates what surrounds the fused
     ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs or Winograd and keeping
     NCHW inside, as a compiled graph does (functional._gemm_train_conv, winograd.pays, U_Net._channels_last_inside).
     Its inference is eager's."""
-    monkeypatch.setattr(functional, "_GEMM_TRAIN_MAX_PIXELS", 0)
+    conv_policy(gemm_train_max_pixels=0)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
     monkeypatch.setattr(fastunet.U_Net, "_channels_last_inside", lambda model, x: False)
     ref, fast = pair(exact=exact)

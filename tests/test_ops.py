@@ -410,13 +410,14 @@ class Copies(TorchDispatchMode):
 @pytest.mark.parametrize("k", [3, 2])
 @pytest.mark.parametrize("weight_format", FORMATS)
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_gemm_training_convs_match_aten(k, memory_format, weight_format):
-    """Fast mode's few-pixel training convs (im2col and GEMMs) against ATen's convolution in float64: the output
-    and both gradients, in the input's and weights' layouts, in every pairing of the two; the weights are read as
-    they lie and their gradient made in their layout, never copied."""
+def test_gemm_training_convs_match_aten(k, memory_format, weight_format, conv_policy):
+    """Fast mode's few-pixel training convs (im2col and GEMMs, forced on through the policy on any CPU) against
+    ATen's convolution in float64: the output and both gradients, in the input's and weights' layouts, in every
+    pairing of the two; the weights are read as they lie and their gradient made in their layout, never copied."""
     n, cin, cout, h, w = 2, 40, 24, 8, 6
+    conv_policy(gemm_train_max_pixels=h * w)
     assert functional._gemm_train_conv(torch.empty(n, cin, h, w), torch.empty(cout, cin, k, k))
-    assert not functional._gemm_train_conv(torch.empty(n, cin, 16, 16), torch.empty(cout, cin, k, k))
+    assert not functional._gemm_train_conv(torch.empty(n, cin, h, w + 1), torch.empty(cout, cin, k, k))
     x = torch.randn(n, cin, h, w).contiguous(memory_format=memory_format)
     weight = torch.randn(cout, cin, k, k).contiguous(memory_format=weight_format)
     dz = torch.randn(n, cout, h + 3 - k, w + 3 - k)

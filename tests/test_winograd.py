@@ -6,11 +6,12 @@ seed's error against float64."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_within_twice_reference_error, relative_error, train_step
+from helpers import assert_within_twice_reference_error, ran_under_avx2_kernels, relative_error, train_step
 from test_cpu_inference import trained_state_models
 from test_model import well_conditioned_fast_pair
 
 from fastunet import ops, winograd
+from fastunet.conv import policy
 
 pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "compiled", reason="needs the compiled CPU ops")
 
@@ -205,8 +206,13 @@ def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypa
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_training_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
-    """Fast-mode training with every 3x3 conv above the GEMM bound as Winograd, forward and both gradients."""
+def test_training_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed, conv_policy,
+                                                                      request):
+    """Fast-mode training with every 3x3 conv above the GEMM bound as Winograd, forward and both gradients: the
+    policy's choice with AVX2-class oneDNN kernels, judged there (ran_under_avx2_kernels)."""
+    if ran_under_avx2_kernels(request):
+        return
+    conv_policy(winograd_train=True, gemm_train_max_pixels=policy.GEMM_TRAIN_MAX_PIXELS_AVX2)
     force_winograd(monkeypatch)
     calls = []
     for name in ("conv3x3", "conv3x3_weight_grad"):
