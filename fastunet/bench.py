@@ -433,7 +433,32 @@ def reference_flops(batch, size):
 
 def matmul_peak_tflops(device, dtype):
     """Measured dense matmul throughput of ``device`` in ``dtype`` (CUDA: 8192^3, mean of 10 after 3 warm-up;
-    CPU: 2048^3), TF/s: the peak the model FLOPs are held against."""
+    CPU: 2048^3), TF/s: the peak the model FLOPs are held against. float32 on CUDA runs in TF32 exactly where the
+    convs do (peak_in_tf32), so that the peak and the convs held against it multiply alike."""
+    with matmul_tf32(peak_in_tf32(device, dtype)):
+        return timed_matmul_tflops(device, dtype)
+
+
+def peak_in_tf32(device, dtype):
+    """Whether matmul_peak_tflops measures in TF32: float32 on CUDA while ATen's float32 convs run in TF32."""
+    return device.type == "cuda" and dtype == torch.float32 and ops.cudnn_conv_tf32()
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """torch's float32 CUDA matmuls in TF32 (``enabled``) or in float32 inside the block, as before after it."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # older torch: allow_tf32
+    previous = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if enabled else "ieee") if name == "fp32_precision" else enabled)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
+
+
+def timed_matmul_tflops(device, dtype):
+    """TF/s of n x n matmuls in ``dtype`` under the current precision settings (matmul_peak_tflops's sizes)."""
     n = 8192 if device.type == "cuda" else 2048
     reps = 10 if device.type == "cuda" else 3
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -465,7 +490,7 @@ def environment(device):
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "cuda": torch.version.cuda if cuda else None,
-        "tf32_convs": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "tf32_convs": ops.cudnn_conv_tf32() if cuda else None,
         "cpu_threads": torch.get_num_threads(),
         "fused_ops_backend": ops.backend_for(device),
         "second_conv": ops.conv3x3_mode(),
@@ -493,6 +518,8 @@ def add_speedups(results):
             result["infer_speedup"] = base["infer_ms"] / result["infer_ms"]
 
 
+# The legend's note on the float32 CUDA peak's precision (report["matmul_tf32"]; None: not float32 on CUDA).
+PEAK_PRECISION = {True: ", in TF32 as the convs", False: ", in true float32 as the convs", None: ""}
 TABLE_COLUMNS = (
     ("config", "label", "{}"),
     ("train ms", "train_ms", "{:.2f}"),
@@ -542,7 +569,7 @@ def table_legend(report):
         "",
         f"TF/s: the reference's model FLOPs of a training step ({report['train_gflop']:.0f} GFLOP) per second; "
         f"of peak: against the measured {report['dtype']} matmul peak of this device "
-        f"({report['matmul_peak_tflops']:.1f} TF/s).",
+        f"({report['matmul_peak_tflops']:.1f} TF/s{PEAK_PRECISION[report.get('matmul_tf32')]}).",
         "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
         f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
@@ -749,9 +776,11 @@ def main(argv=None):
         add_cpu_peak_memory(report, results, args)
     add_speedups(results)
     progress(f"{args.dtype} matmul peak of the device")
+    float32_cuda = device.type == "cuda" and args.dtype == "float32"
     train_flops, infer_flops = reference_flops(args.batch, args.size)
     report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
-                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
+                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)),
+                  matmul_tf32=peak_in_tf32(device, getattr(torch, args.dtype)) if float32_cuda else None)
     add_model_flops(results, train_flops, report["matmul_peak_tflops"])
     report["second_conv_picks"] = second_conv_picks()
     report["configs"] = results
