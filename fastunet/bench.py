@@ -261,8 +261,8 @@ def relative_error(value, exact):
     return ((value.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
 
 
-def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last):
-    """Errors, times and (CUDA) peak memory of one config."""
+def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last, memory=True):
+    """Errors, times and (CUDA, unless not ``memory``) peak memory of one config."""
     label = CONFIGS[config]
     compiling = " (torch.compile compiles on the first calls)" if config in COMPILED else ""
     progress(f"{label}: first training step{compiling}, errors vs float64")
@@ -292,7 +292,7 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     result["infer_rel_err"] = relative_error(infer_out, exact_step.infer_out)
     progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
     result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
-    if device.type == "cuda":
+    if device.type == "cuda" and memory:
         progress(f"{label}: peak memory")
         result.update(measure_peak_memory(model, batches[0], device, autocast))
     return result
@@ -651,9 +651,15 @@ def parse_args(argv):
                         help="leave out the torch.compile rows (reference and fastunet)")
     parser.add_argument("--peers", action="store_true",
                         help="add the reference exported to ONNX in ONNX Runtime (CPU provider; inference only)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="leave out the peak-memory columns (on the CPU a fresh subprocess measures them)")
+    parser.add_argument("--reps", type=int, help="timed reps per config, after one warm-up call (default: by "
+                                                   "device and --quick; 1 rehearses the run in the least time)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
     if args.size is not None and args.size % 16:
         parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
     if args.configs is not None:
@@ -701,7 +707,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
         elif config in COMPILED:  # a compiler failure is recorded, not fatal to the other rows
             try:
                 results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
-                                       args.channels_last))
+                                       args.channels_last, not args.no_memory))
             except Exception as error:  # noqa: BLE001 (the compiler stack raises many kinds)
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
                 reason = f"failed: {type(error).__name__}: {first_line}"
@@ -709,7 +715,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
                 results.append({"config": config, "label": label, "skipped": reason})
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
-                                   args.channels_last))
+                                   args.channels_last, not args.no_memory))
     return results + (measure_peers(args, device, state, batches, exact_step, warmup, reps) if args.peers else [])
 
 
@@ -758,13 +764,16 @@ def main(argv=None):
     select_kernels(args)
     device = select_device(args.device)
     batch, size, warmup, reps = default_plan(device, args.quick)
+    if args.reps is not None:
+        warmup, reps = 1, args.reps
     args.batch, args.size = args.batch or batch, args.size or size
     report = environment(device)
     progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
              f"fused ops backend: {report['fused_ops_backend']}")
     report.update(
         shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
-        warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
+        warmup=warmup, reps=reps, batches=N_BATCHES,
+        memory_method="n/a: --no-memory" if args.no_memory else memory_method(device),
     )
     torch.manual_seed(0)
     batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
@@ -772,7 +781,7 @@ def main(argv=None):
     progress("float64 reference training step (for the errors)")
     exact_step = float64_reference(state, batches[0], device)
     results = measure_configs(args, device, state, batches, exact_step, warmup, reps)
-    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:
+    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:  # not with --no-memory
         add_cpu_peak_memory(report, results, args)
     add_speedups(results)
     progress(f"{args.dtype} matmul peak of the device")
