@@ -12,15 +12,17 @@ Prints a markdown table.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import types
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastunet import _ext, ops
-from fastunet.bench import matmul_peak_tflops, median_ms
+from fastunet.bench import PEAK_PRECISION, matmul_peak_tflops, median_ms, peak_in_tf32
 
 ENCODER = [(3, 64), (64, 128), (128, 256), (256, 512), (512, 1024)]
 DECODER = [(1024, 512), (512, 256), (256, 128), (128, 64)]  # Up5..Up2 in, out channels
@@ -38,20 +40,46 @@ def copy_bandwidth_gbs(device, reps):
     return 2 * src.nbytes / (timed_ms(lambda: dst.copy_(src), device, reps) * 1e-3) / 1e9
 
 
+class Implementation(NamedTuple):
+    """One implementation of the fused ops: the namespace that holds them and what ``ops.select_cuda_kernels``
+    must register while they are timed (None: nothing to register)."""
+
+    ops: object
+    cuda_kernels: Optional[str]
+
+
 def implementations(device):
-    """{backend name: namespace holding the fused ops} of every implementation that runs on ``device``."""
+    """{backend name: Implementation} of every implementation that runs on ``device``. On CUDA both go through
+    ``torch.ops.fastunet`` (the same dispatch cost), with the compiled CUDA kernels registered for the "cuda" rows
+    and the Triton kernels for the "triton" rows."""
     found = {}
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if _ext.has_cuda_kernels() and _ext.cuda_arch_problem(capability) is None:
-            found["cuda"] = torch.ops.fastunet
+            found["cuda"] = Implementation(torch.ops.fastunet, "compiled")
         if ops._triton_usable():
-            from fastunet import kernels
-
-            found["triton"] = kernels
+            found["triton"] = Implementation(torch.ops.fastunet, "triton")
     elif _ext.available():
-        found["compiled"] = torch.ops.fastunet
-    return found or {"reference": types.SimpleNamespace(**{op: getattr(ops, op + "_ref") for op in ops.FUSED_OPS})}
+        found["compiled"] = Implementation(torch.ops.fastunet, None)
+    references = types.SimpleNamespace(**{op: getattr(ops, op + "_ref") for op in ops.FUSED_OPS})
+    return found or {"reference": Implementation(references, None)}
+
+
+@contextlib.contextmanager
+def serving(impl):
+    """``impl``'s kernels registered for CUDA inside the block (select_cuda_kernels), the previous choice after."""
+    if impl.cuda_kernels is None:
+        yield
+        return
+    previous = ops._cuda_kernels
+    chosen = ops.select_cuda_kernels(impl.cuda_kernels)
+    if chosen != impl.cuda_kernels:
+        ops.select_cuda_kernels(previous)
+        raise RuntimeError(f"roofline: the {impl.cuda_kernels} CUDA kernels cannot serve here ({chosen} would)")
+    try:
+        yield
+    finally:
+        ops.select_cuda_kernels(previous)
 
 
 def fused_op_cases(impl, n, c, h, w, upscale, pool, dtype, device):
@@ -112,8 +140,9 @@ def fused_op_rows(name, impls, batch, c, h, w, s, pool, dtype, device, reps, ban
     """The rows of one layer's fused ops: bytes, each backend's time, the fastest one's GB/s and the floor."""
     timed = {}  # op -> (bytes, {backend: ms})
     for backend, impl in impls.items():
-        for op, fn, nbytes in fused_op_cases(impl, batch, c, h, w, s, pool, dtype, device):
-            timed.setdefault(op, (nbytes, {}))[1][backend] = timed_ms(fn, device, reps)
+        with serving(impl):
+            for op, fn, nbytes in fused_op_cases(impl.ops, batch, c, h, w, s, pool, dtype, device):
+                timed.setdefault(op, (nbytes, {}))[1][backend] = timed_ms(fn, device, reps)
     rows = []
     for op, (nbytes, by_backend) in timed.items():
         best = min(by_backend, key=by_backend.get)
@@ -174,17 +203,18 @@ def main(argv=None):
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_gbs(device, args.reps)
     peak = matmul_peak_tflops(device, dtype)
+    tf32 = peak_in_tf32(device, dtype) if device.type == "cuda" and dtype == torch.float32 else None
     impls = implementations(device)
     rows = measure_rows(impls, batch, size, dtype, device, args.reps, bandwidth, peak)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, fused ops timed in: {', '.join(impls)} (the model uses "
           f"{ops.backend_for(device)}), batch {batch} x 3 x {size} x {size}, {args.dtype}, channels_last; copy "
-          f"bandwidth {bandwidth:.0f} GB/s, matmul {peak:.1f} TF/s\n")
+          f"bandwidth {bandwidth:.0f} GB/s, matmul {peak:.1f} TF/s{PEAK_PRECISION[tf32]}\n")
     print_table(rows, impls)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, batch=batch, size=size, dtype=args.dtype,
-                           bandwidth_gbs=bandwidth, matmul_tflops=peak, rows=rows), f, indent=2)
+                           bandwidth_gbs=bandwidth, matmul_tflops=peak, matmul_tf32=tf32, rows=rows), f, indent=2)
     return 0
 
 

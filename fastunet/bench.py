@@ -261,8 +261,8 @@ def relative_error(value, exact):
     return ((value.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
 
 
-def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last):
-    """Errors, times and (CUDA) peak memory of one config."""
+def measure(config, state, batches, exact_step, device, autocast, warmup, reps, channels_last, memory=True):
+    """Errors, times and (CUDA, unless not ``memory``) peak memory of one config."""
     label = CONFIGS[config]
     compiling = " (torch.compile compiles on the first calls)" if config in COMPILED else ""
     progress(f"{label}: first training step{compiling}, errors vs float64")
@@ -292,7 +292,7 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     result["infer_rel_err"] = relative_error(infer_out, exact_step.infer_out)
     progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
     result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
-    if device.type == "cuda":
+    if device.type == "cuda" and memory:
         progress(f"{label}: peak memory")
         result.update(measure_peak_memory(model, batches[0], device, autocast))
     return result
@@ -433,7 +433,32 @@ def reference_flops(batch, size):
 
 def matmul_peak_tflops(device, dtype):
     """Measured dense matmul throughput of ``device`` in ``dtype`` (CUDA: 8192^3, mean of 10 after 3 warm-up;
-    CPU: 2048^3), TF/s: the peak the model FLOPs are held against."""
+    CPU: 2048^3), TF/s: the peak the model FLOPs are held against. float32 on CUDA runs in TF32 exactly where the
+    convs do (peak_in_tf32), so that the peak and the convs held against it multiply alike."""
+    with matmul_tf32(peak_in_tf32(device, dtype)):
+        return timed_matmul_tflops(device, dtype)
+
+
+def peak_in_tf32(device, dtype):
+    """Whether matmul_peak_tflops measures in TF32: float32 on CUDA while ATen's float32 convs run in TF32."""
+    return device.type == "cuda" and dtype == torch.float32 and ops.cudnn_conv_tf32()
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """torch's float32 CUDA matmuls in TF32 (``enabled``) or in float32 inside the block, as before after it."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # older torch: allow_tf32
+    previous = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if enabled else "ieee") if name == "fp32_precision" else enabled)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
+
+
+def timed_matmul_tflops(device, dtype):
+    """TF/s of n x n matmuls in ``dtype`` under the current precision settings (matmul_peak_tflops's sizes)."""
     n = 8192 if device.type == "cuda" else 2048
     reps = 10 if device.type == "cuda" else 3
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -465,7 +490,7 @@ def environment(device):
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "cuda": torch.version.cuda if cuda else None,
-        "tf32_convs": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "tf32_convs": ops.cudnn_conv_tf32() if cuda else None,
         "cpu_threads": torch.get_num_threads(),
         "fused_ops_backend": ops.backend_for(device),
         "second_conv": ops.conv3x3_mode(),
@@ -493,6 +518,8 @@ def add_speedups(results):
             result["infer_speedup"] = base["infer_ms"] / result["infer_ms"]
 
 
+# The legend's note on the float32 CUDA peak's precision (report["matmul_tf32"]; None: not float32 on CUDA).
+PEAK_PRECISION = {True: ", in TF32 as the convs", False: ", in true float32 as the convs", None: ""}
 TABLE_COLUMNS = (
     ("config", "label", "{}"),
     ("train ms", "train_ms", "{:.2f}"),
@@ -542,7 +569,7 @@ def table_legend(report):
         "",
         f"TF/s: the reference's model FLOPs of a training step ({report['train_gflop']:.0f} GFLOP) per second; "
         f"of peak: against the measured {report['dtype']} matmul peak of this device "
-        f"({report['matmul_peak_tflops']:.1f} TF/s).",
+        f"({report['matmul_peak_tflops']:.1f} TF/s{PEAK_PRECISION[report.get('matmul_tf32')]}).",
         "speedup: over reference eager. MiB: peak memory of one step above the weights and inputs held "
         f"before it ({report['memory_method']}).",
         "err: ||x - x64|| / ||x64|| against a float64 training step of the reference on the same weights and "
@@ -624,9 +651,15 @@ def parse_args(argv):
                         help="leave out the torch.compile rows (reference and fastunet)")
     parser.add_argument("--peers", action="store_true",
                         help="add the reference exported to ONNX in ONNX Runtime (CPU provider; inference only)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="leave out the peak-memory columns (on the CPU a fresh subprocess measures them)")
+    parser.add_argument("--reps", type=int, help="timed reps per config, after one warm-up call (default: by "
+                                                   "device and --quick; 1 rehearses the run in the least time)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
     if args.size is not None and args.size % 16:
         parser.error("--size must be a multiple of 16 (four 2x2 max-pools)")
     if args.configs is not None:
@@ -674,7 +707,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
         elif config in COMPILED:  # a compiler failure is recorded, not fatal to the other rows
             try:
                 results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
-                                       args.channels_last))
+                                       args.channels_last, not args.no_memory))
             except Exception as error:  # noqa: BLE001 (the compiler stack raises many kinds)
                 first_line = (str(error).strip().splitlines() or [""])[0][:200]
                 reason = f"failed: {type(error).__name__}: {first_line}"
@@ -682,7 +715,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
                 results.append({"config": config, "label": label, "skipped": reason})
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
-                                   args.channels_last))
+                                   args.channels_last, not args.no_memory))
     return results + (measure_peers(args, device, state, batches, exact_step, warmup, reps) if args.peers else [])
 
 
@@ -731,13 +764,16 @@ def main(argv=None):
     select_kernels(args)
     device = select_device(args.device)
     batch, size, warmup, reps = default_plan(device, args.quick)
+    if args.reps is not None:
+        warmup, reps = 1, args.reps
     args.batch, args.size = args.batch or batch, args.size or size
     report = environment(device)
     progress(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
              f"fused ops backend: {report['fused_ops_backend']}")
     report.update(
         shape=[args.batch, IMG_CH, args.size, args.size], dtype=args.dtype, channels_last=args.channels_last,
-        warmup=warmup, reps=reps, batches=N_BATCHES, memory_method=memory_method(device),
+        warmup=warmup, reps=reps, batches=N_BATCHES,
+        memory_method="n/a: --no-memory" if args.no_memory else memory_method(device),
     )
     torch.manual_seed(0)
     batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
@@ -745,13 +781,15 @@ def main(argv=None):
     progress("float64 reference training step (for the errors)")
     exact_step = float64_reference(state, batches[0], device)
     results = measure_configs(args, device, state, batches, exact_step, warmup, reps)
-    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:
+    if device.type == "cpu" and report["memory_method"] == CPU_MEMORY_METHOD:  # not with --no-memory
         add_cpu_peak_memory(report, results, args)
     add_speedups(results)
     progress(f"{args.dtype} matmul peak of the device")
+    float32_cuda = device.type == "cuda" and args.dtype == "float32"
     train_flops, infer_flops = reference_flops(args.batch, args.size)
     report.update(train_gflop=train_flops / 1e9, infer_gflop=infer_flops / 1e9,
-                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)))
+                  matmul_peak_tflops=matmul_peak_tflops(device, getattr(torch, args.dtype)),
+                  matmul_tf32=peak_in_tf32(device, getattr(torch, args.dtype)) if float32_cuda else None)
     add_model_flops(results, train_flops, report["matmul_peak_tflops"])
     report["second_conv_picks"] = second_conv_picks()
     report["configs"] = results

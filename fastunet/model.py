@@ -411,7 +411,10 @@ class U_Net(_NotScriptable, reference.U_Net):
 
     Same positional signature, parameters, buffers, ``state_dict`` keys and BatchNorm semantics as
     ``fastunet.reference.U_Net``; H and W must be multiples of 16. ``exact=True`` makes the forward and
-    every gradient and BN buffer bit-identical to the reference on the same device and dtype; the default
+    every gradient and BN buffer bit-identical to the reference on the same device and dtype (on CUDA: with
+    ``torch.backends.cudnn.deterministic = True`` and ``torch.backends.cudnn.benchmark = False``, or under
+    ``torch.use_deterministic_algorithms(True)``, so that cuDNN gives both models' identical conv calls the same
+    deterministic engines; otherwise it may pick other, non-deterministic ones from call to call); the default
     fast mode re-associates arithmetic (sub-pixel up-conv, own BN) and stays within 2x of the reference's
     float32 error against a float64 run.
     Input: float32, or bfloat16/float16 under autocast or with a model converted by ``.to(dtype)``;

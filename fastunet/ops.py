@@ -21,6 +21,7 @@ Per-channel vectors (scale, shift, mean, ...) are float32 (float64 for float64 a
 Activations may be NCHW-contiguous, channels_last or any strided view (e.g. a concat-buffer slice).
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -301,10 +302,24 @@ def _triton_kernel(op):
         if _gpu_runs_triton(args[0].device.index):
             from . import kernels
 
-            return getattr(kernels, op.name)(*args)
+            with launch_device(args[0]):
+                return getattr(kernels, op.name)(*args)
         return op.reference(*args)
 
     return run
+
+
+@contextlib.contextmanager
+def launch_device(tensor):
+    """Makes ``tensor``'s CUDA device the current one inside the block (nothing for other devices). Triton launches
+    on torch.cuda.current_device() and that device's current stream, whatever device the tensors are on; as
+    csrc's CUDAGuard and getCurrentCUDAStream do for the compiled kernels, every Triton launch (and timing) runs in
+    it, so a model on cuda:1 while cuda:0 is current runs on cuda:1's memory and cuda:1's current stream."""
+    if tensor.device.type == "cuda":
+        with torch.cuda.device(tensor.device):
+            yield
+    else:
+        yield
 
 
 def constant_for_compile(fn):
@@ -369,6 +384,21 @@ select_cuda_kernels(
 # The second conv of a fast-mode double block
 # ----------------------------------------------------------------------------------------------------
 
+
+def cudnn_conv_tf32():
+    """Whether ATen runs float32 convolutions on CUDA in TF32 (torch's default): cuDNN's conv precision,
+    ``torch.backends.cudnn.conv.fp32_precision``, resolved as ATen does (an unset "none" defers to
+    ``torch.backends.cudnn.fp32_precision``, then to ``torch.backends.fp32_precision``; the legacy
+    ``torch.backends.cudnn.allow_tf32`` sets the conv's). It is the switch for convolutions, not the matmul one
+    (``torch.backends.cuda.matmul``): what follows it (the Triton conv, the bench's peak) stands in for a conv."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):  # torch before the fp32_precision settings
+        return bool(cudnn.allow_tf32)
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
 CONV3X3_MODES = ("aten", "triton", "auto")
 _conv3x3_mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
 _CONV_CHOICES = {}
@@ -422,6 +452,13 @@ def conv3x3_choices():
 
 
 def _time_conv3x3(x, weight, stats, reps=5):
+    """The faster of "aten" and "triton" for conv3x3_backend on CUDA: median of ``reps`` CUDA-event timings, on
+    x's device and its current stream."""
+    with launch_device(x):
+        return _time_conv3x3_on_its_device(x, weight, stats, reps)
+
+
+def _time_conv3x3_on_its_device(x, weight, stats, reps):
     from . import kernels
 
     c = x.shape[1]

@@ -240,6 +240,9 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
         raise ValueError("fastunet: the zbv schedule's split backward runs no DistributedDataParallel hook, so its "
                          "gradients would not be averaged over dp_group; use gpipe, 1f1b or interleaved with data "
                          "parallelism")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the stages' device current: where Triton launches, as PipelineStage expects
     spec = SCHEDULES[schedule]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     num_stages = spec.per_rank * world
@@ -251,7 +254,6 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
     local = [modules[i] for i in indices]
     if any(p.is_meta for p in model.parameters()):
         materialize(model, local)
-    device = torch.device("cpu") if device is None else torch.device(device)
     for module in local:
         module.to(device)
     if dp_group is not None:

@@ -752,9 +752,12 @@ def check_args(parser, args):
 
 def setup_distributed(device_arg):
     """(device, rank, world size). Under torchrun (LOCAL_RANK set, or WORLD_SIZE > 1) it initialises the default
-    process group: nccl on CUDA (device cuda:LOCAL_RANK), gloo on the CPU."""
+    process group: nccl on CUDA (device cuda:LOCAL_RANK), gloo on the CPU. A CUDA device named by its index becomes
+    the current one (as under torchrun), so that work launched on the current device (Triton's) runs there."""
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "LOCAL_RANK" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
         return device, 0, 1
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

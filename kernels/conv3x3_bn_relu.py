@@ -6,23 +6,30 @@ nine taps times the input channels, and the weight is read as a ``[9*Cin, Cout]`
 ``a = relu(x*scale + shift)``, computed in float32, rounded to x's dtype (as the unfused path stores the
 activation) and 0 in the zero padding: the activation of layer 1 is never written to memory. The epilogue
 stores the conv output and, per tile of rows, the mean and the sum of squared deviations of each output
-channel (of the values as stored); a second kernel merges the tiles with Chan et al.'s pairwise formula. No
-atomics: deterministic.
+channel (of the values as stored); a second kernel merges them with Chan et al.'s pairwise formula, in parallel:
+each program merges a group of up to ``fan_in`` tiles as a tree (``tl.reduce``), and the groups are merged again
+the same way until one is left (log_fan_in(tiles) launches). No atomics, a tree fixed by the shapes:
+deterministic.
+
+float32 products follow torch's switch for convolutions: TF32 where ATen's float32 convs run in TF32 (cuDNN's conv
+precision, ``torch.backends.cudnn.conv.fp32_precision`` or the legacy ``torch.backends.cudnn.allow_tf32``: this
+conv stands in for a cuDNN conv, so it obeys the conv switch, not the matmul one), true float32 ("ieee") otherwise.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import cudnn_conv_tf32, launch_device
 from .utils import acc_dtype, bn_relu
-
-_BLOCK_C = 64
 
 
 @triton.jit
 def _conv_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, z_ptr, partial_ptr, H, W, Cin, Cout, M, m_tiles,
-                 x_sn, x_sc, x_sh, x_sw, z_sn, z_sc, z_sh, z_sw, STATS: tl.constexpr,
+                 x_sn, x_sc, x_sh, x_sw, z_sn, z_sc, z_sh, z_sw, STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -50,7 +57,7 @@ def _conv_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, z_ptr, partial_ptr, H, W, C
             w_rows = (tap * Cin + ks).to(tl.int64)
             weight = tl.load(w_ptr + w_rows[:, None] * Cout + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                              other=0)
-            acc += tl.dot(a, weight)
+            acc += tl.dot(a, weight, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     z = acc.to(z_ptr.dtype.element_ty)
     offsets = (n * z_sn + h * z_sh + w * z_sw)[:, None] + cols[None, :].to(tl.int64) * z_sc
@@ -65,24 +72,74 @@ def _conv_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, z_ptr, partial_ptr, H, W, C
 
 
 @triton.jit
-def _merge_stats_kernel(partial_ptr, mean_ptr, var_ptr, Cout, M, m_tiles, BLOCK_M: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = channels < Cout
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    count = tl.zeros([BLOCK_C], tl.float32)
-    for tile in range(m_tiles):
-        tile_count = tl.minimum(BLOCK_M, M - tile * BLOCK_M).to(tl.float32)
-        tile_mean = tl.load(partial_ptr + tile * Cout + channels, mask=ok, other=0)
-        tile_m2 = tl.load(partial_ptr + (m_tiles + tile) * Cout + channels, mask=ok, other=0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / total)
-        m2 += tile_m2 + delta * delta * (count * tile_count / total)
-        count = total
-    tl.store(mean_ptr + channels, mean, mask=ok)
-    tl.store(var_ptr + channels, m2 / count, mask=ok)
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s merge of two parts' (count, mean, sum of squared deviations); an empty part (count 0) leaves
+    the other as it is."""
+    count = count_a + count_b
+    share_b = tl.where(count > 0, count_b / count, 0.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * share_b, m2_a + m2_b + delta * delta * (count_a * share_b)
+
+
+@triton.jit
+def _merge_stats_kernel(partial_ptr, merged_ptr, mean_ptr, var_ptr, Cout, M, parts, span, FINAL: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (g, c) merges parts [g*BLOCK_P, (g+1)*BLOCK_P) of partial ``[2, parts, Cout]`` (mean, m2 of the
+    rows [p*span, (p+1)*span) of M, the last part shorter) for BLOCK_C channels: into part g of merged
+    ``[2, groups, Cout]``, or (FINAL, one group) into mean and var."""
+    group = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    part = (group * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    part_ok = part < parts
+    ok = part_ok[:, None] & (channels < Cout)[None, :]
+    offsets = part[:, None] * Cout + channels[None, :]
+    mean = tl.load(partial_ptr + offsets, mask=ok, other=0)
+    m2 = tl.load(partial_ptr + parts * Cout + offsets, mask=ok, other=0)
+    rows = tl.where(part_ok, tl.minimum(span, M - part * span), 0).to(tl.float32)
+    count = tl.broadcast_to(rows[:, None], (BLOCK_P, BLOCK_C))
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, _chan_merge)
+    channel_ok = channels < Cout
+    if FINAL:
+        tl.store(mean_ptr + channels, mean, mask=channel_ok)
+        tl.store(var_ptr + channels, m2 / count, mask=channel_ok)
+    else:
+        groups = tl.num_programs(0)
+        tl.store(merged_ptr + group * Cout + channels, mean, mask=channel_ok)
+        tl.store(merged_ptr + (groups + group) * Cout + channels, m2, mask=channel_ok)
+
+
+class MergePlan(NamedTuple):
+    """The tree that merges the conv's per-tile statistics: each launch merges groups of up to ``fan_in`` parts of
+    ``block_c`` channels."""
+
+    fan_in: int
+    block_c: int
+
+
+def _merge_plan(device):
+    return MergePlan(64, 32) if device.type == "cuda" else MergePlan(4, 16)
+
+
+def _merge_stats(partial, m, tile_rows, mean, var):
+    """Merges the per-tile ``partial`` ``[2, tiles, Cout]`` of M rows (``tile_rows`` a tile) into mean and var."""
+    plan = _merge_plan(partial.device)
+    parts, span, cout = partial.shape[1], tile_rows, partial.shape[2]
+    while True:
+        groups = triton.cdiv(parts, plan.fan_in)
+        merged = partial if groups == 1 else partial.new_empty((2, groups, cout))
+        wrap_triton(_merge_stats_kernel)[(groups, triton.cdiv(cout, plan.block_c))](
+            partial, merged, mean, var, cout, m, parts, span, FINAL=groups == 1, BLOCK_P=plan.fan_in,
+            BLOCK_C=plan.block_c,
+        )
+        if groups == 1:
+            return
+        partial, parts, span = merged, groups, span * plan.fan_in
+
+
+def input_precision(dtype):
+    """tl.dot's input_precision for the conv in ``dtype``: float32 in TF32 exactly where ATen's float32 convs on
+    CUDA are (cudnn_conv_tf32), else "ieee"; half-precision inputs multiply exactly either way."""
+    return "tf32" if dtype != torch.float32 or cudnn_conv_tf32() else "ieee"
 
 
 def _blocks(device):
@@ -113,16 +170,16 @@ def conv3x3_bn_relu_stats(x: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     z = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     partial = torch.empty((2, m_tiles if stats else 1, cout), dtype=acc_dtype(x.dtype), device=x.device)
     matrix = weight.permute(2, 3, 1, 0).reshape(9 * cin, cout).contiguous()
-    wrap_triton(_conv_kernel)[(m_tiles, triton.cdiv(cout, block_n))](
-        x, scale, shift, matrix, z, partial, h, w, cin, cout, m, m_tiles, *x.stride(), *z.stride(),
-        STATS=stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
     mean = torch.empty(cout if stats else 0, dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
-    if stats:
-        wrap_triton(_merge_stats_kernel)[(triton.cdiv(cout, _BLOCK_C),)](
-            partial, mean, var, cout, m, m_tiles, BLOCK_M=block_m, BLOCK_C=_BLOCK_C,
+    with launch_device(x):
+        wrap_triton(_conv_kernel)[(m_tiles, triton.cdiv(cout, block_n))](
+            x, scale, shift, matrix, z, partial, h, w, cin, cout, m, m_tiles, *x.stride(), *z.stride(),
+            STATS=stats, INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k,
         )
+        if stats:
+            _merge_stats(partial, m, block_m, mean, var)
     return z, mean, var
 
 

@@ -356,10 +356,19 @@ for upscale, pool in ((1, True), (2, False)):
                  ptx("bn_relu_backward", "_backward_reduce_partial_kernel", "bf16", tile, channels_last=True)):
         assert "ld.global.v4.b32" in text and not re.search(r"ld\.global\.(b16|u16)", text), (upscale, pool)
 
-# The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores.
+# The Triton conv: its input load rounds the BN product on its own too, and its GEMM runs on tensor cores; float32
+# in TF32 only when asked ("ieee": true float32 products, no TF32 instruction).
+conv_tile = dict(STATS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
 for activation in ("fp32", "bf16"):
-    text = ptx("conv3x3_bn_relu", "_conv_kernel", activation, dict(STATS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+    text = ptx("conv3x3_bn_relu", "_conv_kernel", activation, dict(conv_tile, INPUT_PRECISION="tf32"))
     assert "mul.rn.f32" in text and ("wgmma" in text or "mma.sync" in text), activation
+    assert ("tf32" in text) == (activation == "fp32"), activation
+text = ptx("conv3x3_bn_relu", "_conv_kernel", "fp32", dict(conv_tile, INPUT_PRECISION="ieee"))
+assert "tf32" not in text and "wgmma" not in text and "mma.sync" not in text
+# Its statistics' tree merge (tl.reduce over a tuple, which the interpreter runs as a loop) compiles for the GPU.
+for final in (False, True):
+    assert "st.global" in ptx("conv3x3_bn_relu", "_merge_stats_kernel", "fp32", dict(FINAL=final, BLOCK_P=64,
+                                                                                      BLOCK_C=32))
 """
 
 
@@ -411,6 +420,7 @@ def test_ops_trace_under_torch_compile_fullgraph(upscale, pool):
 # ----------------------------------------------------------------------------------------------------
 
 from fastunet import functional  # noqa: E402
+from fastunet.kernels import conv3x3_bn_relu  # noqa: E402
 from fastunet.kernels.conv3x3_bn_relu import conv3x3_bn_relu_stats_ref  # noqa: E402
 
 # float32 on a GPU runs TF32 products (as cuDNN convs do by default); the interpreter multiplies in float32.
@@ -438,6 +448,42 @@ def test_conv3x3_bn_relu_stats_matches_specification(shape, layout, dtype):
     torch.testing.assert_close((mean, var), (want_mean, want_var), **SUM_TOL_FLOAT32)
     again, no_mean, no_var = kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, False)
     assert torch.equal(again, z) and no_mean.numel() == 0 and no_var.numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 15), (1, 5, 5), (3, 11, 13), (2, 16, 16)], ids=str)
+def test_conv_statistics_merge_in_parallel_and_match_the_specification(shape, monkeypatch):
+    """The per-tile statistics merge in a tree of launches, each over groups of tiles in parallel (not one program
+    walking every tile): an odd tile count, a single tile, two levels with a partial group, an even count. The
+    results match bn_stats_ref of z as stored, and bit for bit on a second call."""
+    n, h, w = shape
+    x = arrange(torch.randn(n, 6, h, w, device=DEVICE), "channels_last")
+    scale, shift = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    weight = 0.2 * torch.randn(20, 6, 3, 3, device=DEVICE)
+    grids = []
+    wrap = conv3x3_bn_relu.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            if self.kernel is conv3x3_bn_relu._merge_stats_kernel:
+                grids.append(grid)
+            return wrap(self.kernel)[grid]
+
+    monkeypatch.setattr(conv3x3_bn_relu, "wrap_triton", Recording)
+    z, mean, var = kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, True)
+    block_m = conv3x3_bn_relu._blocks(x.device)[0]
+    plan = conv3x3_bn_relu._merge_plan(x.device)
+    groups, want_grids = -(-n * h * w // block_m), []
+    while not want_grids or groups > 1:
+        groups = -(-groups // plan.fan_in)
+        want_grids.append((groups, -(-20 // plan.block_c)))
+    assert grids == want_grids and (len(grids) > 1) == (n * h * w > block_m * plan.fan_in)
+    want_mean, want_var = ops.bn_stats_ref(z.double(), 1)
+    torch.testing.assert_close((mean.double(), var.double()), (want_mean, want_var), rtol=1e-5, atol=1e-6)
+    again = kernels.conv3x3_bn_relu_stats(x, scale, shift, weight, True)
+    assert torch.equal(again[1], mean) and torch.equal(again[2], var)
 
 
 @pytest.mark.parametrize("training", [True, False])
