@@ -872,8 +872,10 @@ def prepare_pipelined(model, args, device, mesh):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = functools.partial(_micro_batch_loss, kind=args.loss, device_type=device.type)
+    batch = (args.batch, args.img_ch, args.size, args.size)  # the stages balanced for its memory (with Adam's state)
     local = parallel.build_pipeline(model, args.microbatches, loss_fn, schedule=args.pp_schedule,
-                                    group=mesh.split_group, device=device, dp_group=mesh.dp_group)
+                                    group=mesh.split_group, device=device, example_input=batch,
+                                    dp_group=mesh.dp_group)
     return PipelinedUNet(local, mesh.split_group, mesh.dp_group)
 
 
