@@ -270,8 +270,11 @@ class _Bucket:
         self.flat, self.arrived, self.work = None, set(), None
 
     def slot(self, i):
+        """Parameter i's gradient in the bucket, laid out as the parameter (a contiguous or channels_last one)."""
         p = self.params[i]
-        return self.flat[self.offsets[i]:self.offsets[i + 1]].view(p.shape)
+        dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+        stride = p.stride() if dense else torch.empty(p.shape, device="meta").stride()
+        return self.flat.as_strided(p.shape, stride, self.offsets[i])
 
     def complete(self):
         return len(self.arrived) == len(self.params)
@@ -289,7 +292,8 @@ class _GradBuckets:
     makes their gradients; one dtype per bucket, float32 for a float32 model); a bucket whose gradients have all
     arrived is all-reduced asynchronously (dist.all_reduce, async_op), in bucket order on every rank, while backward
     goes on. At the end of backward (an autograd engine callback, as DDP's) the rest are launched, all are waited
-    on and the sums are written into the ``.grad``s. What a ``.grad`` held before the backward (accumulation over
+    on. Each ``.grad`` is its slot in its bucket once copied there (reduced in place, one copy of the gradients, as
+    DDP's gradient_as_bucket_view): read it after backward. What a ``.grad`` held before the backward (accumulation over
     several backward calls) is set aside when the backward reaches the stripe's output and added back to the sum,
     so only the new part is summed."""
 
@@ -332,7 +336,10 @@ class _GradBuckets:
         bucket, i = self.where[p]
         if bucket.flat is None:
             bucket.flat = p.new_zeros(bucket.offsets[-1])
-        bucket.slot(i).copy_(p.grad)
+        slot = bucket.slot(i)
+        slot.copy_(p.grad)
+        if self.kept[p] is None:
+            p.grad = slot  # reduced in place: the bucket is the gradient, as DDP's gradient_as_bucket_view
         bucket.arrived.add(i)
         while self.next < len(self.buckets) and self.buckets[self.next].complete():
             self.buckets[self.next].launch(self.group)
@@ -348,11 +355,9 @@ class _GradBuckets:
                 for i in bucket.arrived:
                     p = bucket.params[i]
                     kept = self.kept.pop(p)
-                    if kept is None:
-                        p.grad.copy_(bucket.slot(i))
-                    else:
+                    if kept is not None:
                         p.grad = kept.add_(bucket.slot(i))
-                bucket.flat = None
+                bucket.flat = None  # the gradients hold it now
             if self.reached and not any(b.arrived for b in self.buckets):
                 raise RuntimeError(
                     "fastunet.parallel.spatial sums the parameter gradients over the ranks as backward() "
