@@ -291,11 +291,11 @@ class _GradBuckets:
     copied into a flat bucket of about ``cap_bytes`` (the parameters in reverse order, about the order backward
     makes their gradients; one dtype per bucket, float32 for a float32 model); a bucket whose gradients have all
     arrived is all-reduced asynchronously (dist.all_reduce, async_op), in bucket order on every rank, while backward
-    goes on. At the end of backward (an autograd engine callback, as DDP's) the rest are launched, all are waited
-    on. Each ``.grad`` is its slot in its bucket once copied there (reduced in place, one copy of the gradients, as
-    DDP's gradient_as_bucket_view): read it after backward. What a ``.grad`` held before the backward (accumulation over
-    several backward calls) is set aside when the backward reaches the stripe's output and added back to the sum,
-    so only the new part is summed."""
+    goes on. At the end of backward (an autograd engine callback, as DDP's) the rest are launched and all are
+    waited on. Each ``.grad`` is its slot in its bucket once copied there (reduced in place: one copy of the
+    gradients, as DDP's gradient_as_bucket_view), so read it after backward. What a ``.grad`` held before the
+    backward (accumulation over several backward calls) is set aside when the backward reaches the stripe's output
+    and added back to the sum, so only the new part is summed."""
 
     def __init__(self, params, group, cap_bytes):
         self.group, self.cap_bytes = group, cap_bytes
