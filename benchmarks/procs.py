@@ -1,9 +1,8 @@
 """What the multi-process benchmarks (pipeline.py, spatial.py) share: each rank's peak memory from /proc, spawned
-gloo ranks that write their results as JSON, and the largest image a memory budget fits from two measured sizes."""
+gloo ranks that write their results as JSON."""
 
 import datetime
 import json
-import math
 import os
 import socket
 import tempfile
@@ -47,10 +46,9 @@ def peak_mib(base_kib):
 
 
 def add_run_options(parser):
-    """The options both benchmarks take: --procs, --steps, --budget-mib."""
+    """The options both benchmarks take: --procs, --steps."""
     parser.add_argument("--procs", default="1,2,4", help="process counts (default 1,2,4)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
-    parser.add_argument("--budget-mib", type=float, default=1024.0, help="memory budget per rank (default 1024)")
 
 
 def _free_port():
@@ -81,18 +79,3 @@ def measure(worker, world, config):
             with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
     return results
-
-
-def largest_side(small, large, peak_small, peak_large, budget_mib, square=True):
-    """The largest multiple of 16 that a side can take within ``budget_mib`` on the line through the two measured
-    (side, peak) points, sides ``small`` and ``large``: the image square (pixels = side^2), or (``square=False``)
-    its other side fixed (pixels proportional to the side); 0 if none fits. Activation memory follows the pixels."""
-    def pixels(side):
-        return side * side if square else side
-
-    slope = (peak_large - peak_small) / (pixels(large) - pixels(small))
-    intercept = peak_small - slope * pixels(small)
-    if slope <= 0 or budget_mib <= intercept:
-        return 0
-    room = (budget_mib - intercept) / slope
-    return int(math.sqrt(room) if square else room) // 16 * 16

@@ -115,7 +115,6 @@ def level_costs(model, balance="memory"):
         raise ValueError(f"fastunet: balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
     costs = []
     for level in range(len(LEVELS)):
-        depth = level if level <= BOTTLENECK else len(LEVELS) - 1 - level  # 0 at full resolution
         cost = 0.0
         for name in level_modules(level):
             for conv in getattr(model, name).modules():
@@ -123,37 +122,138 @@ def level_costs(model, balance="memory"):
                     # an up block's conv runs at the resolution of the level it writes into
                     per_pixel = conv.out_channels * (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
                                                      if balance == "flops" else 1)
-                    cost += per_pixel / 4 ** depth
+                    cost += per_pixel / 4 ** _depth(level)
         costs.append(cost)
     return costs
 
 
+def _depth(level):
+    """How many times level ``level``'s convolutions' resolution is halved from the image's (0 at full size)."""
+    return level if level <= BOTTLENECK else len(LEVELS) - 1 - level
+
+
+# Bytes training saves for backward per byte of a level's convolution outputs, as counted with
+# torch.autograd.graph.saved_tensors_hooks (parameters left out) at 1 x 3 x 64^2 and 128^2 (the largest ratio of the
+# two sizes, rounded up): fast mode saves the conv outputs BN needs and the fused BN + ReLU's outputs (encoder
+# levels, 1.0-1.3), the decoders also their concatenations and up-convs (1.8-2.3); exact mode runs the seed's
+# modules, which save the ReLUs' and BNs' inputs besides (2.3-2.6 and 3.3-3.4). tests/test_parallel.py holds the
+# estimate to these counts.
+_SAVED_PER_CONV_OUTPUT = {False: (1.3, 2.2), True: (2.5, 3.4)}  # exact: (encoder levels, decoder levels)
+
+
+def _last_conv(model, level):
+    return [m for name in level_modules(level) for m in getattr(model, name).modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+class MemoryModel(NamedTuple):
+    """What balance="memory" counts a stage to hold in training, in bytes: ``parameters`` per level (the parameters,
+    their gradients and ``optimizer_states`` parameter-sized optimizer tensors each), ``activations`` per level
+    (saved for backward, one micro-batch), the tensors each level hands on per micro-batch (``sent``: ``h`` and
+    ``skips``, by the level that makes them), and ``held``, the micro-batches each stage holds at once."""
+
+    parameters: list
+    activations: list
+    h: list
+    skips: list
+    held: list
+
+    def stage(self, index, first, end):
+        """Stage ``index`` of levels ``first`` to ``end - 1``: its parameters' bytes, plus per micro-batch it holds
+        its levels' saved activations and its boundary tensors (what it receives and sends, the inputs kept for
+        backward), plus one more micro-batch's boundary tensors (the gradients coming back and going out)."""
+        boundary = (self.h[first - 1] if first else 0) + (self.h[end - 1] if end < len(LEVELS) else 0)
+        boundary += sum(self.skips[k] for k in range(BOTTLENECK) if k < first <= skip_partner(k))
+        boundary += sum(self.skips[k] for k in range(BOTTLENECK) if k < end <= skip_partner(k))
+        held = self.held[index]
+        return sum(self.parameters[first:end]) + held * sum(self.activations[first:end]) + (held + 1) * boundary
+
+
+def memory_model(model, example_input=None, image_size=None, held=None, optimizer_states=2, num_stages=1):
+    """The MemoryModel of training ``model`` on micro-batches like ``example_input`` (one micro-batch ``[n, C, H,
+    W]``, a tensor or its shape, float32 unless a tensor says otherwise) or of one float32 image of ``image_size``
+    (an int or (H, W)); ``held``: the micro-batches each of the ``num_stages`` stages holds at once (default 1)."""
+    if example_input is None and image_size is None:
+        raise ValueError("fastunet: balance='memory' counts the activations of the images trained: give "
+                         "example_input= (a micro-batch) or image_size=, or balance='flops', or boundaries=")
+    if example_input is not None:
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+        itemsize = example_input.element_size() if isinstance(example_input, torch.Tensor) else 4
+        if len(shape) != 4:
+            raise ValueError(f"fastunet: example_input is one micro-batch [N, C, H, W]; got shape {shape}")
+        batch, height, width = shape[0], shape[2], shape[3]
+    else:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        batch, itemsize = 1, 4
+    if not optimizer_states >= 0:
+        raise ValueError(f"fastunet: optimizer_states counts parameter-sized optimizer tensors; got {optimizer_states}")
+    pixels = batch * height * width
+    encoder, decoder = _SAVED_PER_CONV_OUTPUT[bool(model.exact)]
+    per_pixel = level_costs(model, "memory")
+    parameters, activations, h, skips = [], [], [], []
+    for level in range(len(LEVELS)):
+        held_params = [p for name in level_modules(level) for p in getattr(model, name).parameters()]
+        parameters.append((2 + optimizer_states) * sum(p.numel() * p.element_size() for p in held_params))
+        factor = encoder if level <= BOTTLENECK else decoder
+        activations.append(factor * per_pixel[level] * pixels * itemsize)
+        channels = _last_conv(model, level).out_channels
+        out_depth = _depth(level) + 1 if level < BOTTLENECK else _depth(level)
+        h.append(channels * pixels * itemsize / 4 ** out_depth)
+        skips.append(channels * pixels * itemsize / 4 ** _depth(level) if level < BOTTLENECK else 0)
+    held = [1] * num_stages if held is None else list(held)
+    return MemoryModel(parameters, activations, h, skips, held)
+
+
 def balanced_boundaries(costs, num_stages):
     """The levels where stages 1 to ``num_stages - 1`` start, so that the costliest stage costs the least (every
-    contiguous cut tried; the first such cut wins a tie)."""
+    contiguous cut tried; the first such cut wins a tie). ``costs``: each level's (a stage costs the sum of its
+    levels'), or a MemoryModel (a stage costs MemoryModel.stage)."""
+    if isinstance(costs, MemoryModel):
+        levels, stage_cost = len(costs.parameters), costs.stage
+    else:
+        levels, stage_cost = len(costs), lambda _, a, b: sum(costs[a:b])
     best = None
-    for cut in itertools.combinations(range(1, len(costs)), num_stages - 1):
-        edges = (0, *cut, len(costs))
-        worst = max(sum(costs[a:b]) for a, b in zip(edges, edges[1:]))
+    for cut in itertools.combinations(range(1, levels), num_stages - 1):
+        edges = (0, *cut, levels)
+        worst = max(stage_cost(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
         if best is None or worst < best[0]:
             best = (worst, cut)
     return best[1]
 
 
-def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory"):
+def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", example_input=None, image_size=None,
+                    held_microbatches=None, optimizer_states=2):
     """``model`` (a fastunet.U_Net) cut into ``num_stages`` UNetStage modules sharing its parameters.
 
     ``boundaries``: the names of the levels where stages 1 to ``num_stages - 1`` start, in order (levels: Conv1 ...
     Conv5, then Up5 ... Up2, each decoder level with its double block, the last with the 1x1 conv); by default
-    chosen by ``balance``: ``"memory"`` (activation memory per stage) or ``"flops"`` (compute per stage), see
-    level_costs. Chained, the stages compute what the model does (in exact mode, bit for bit); their
-    ``state_dict`` keys together are the model's. Fast mode's CPU training runs in the layout the stages get
-    (the whole model's channels_last inside is not taken across stages).
+    chosen by ``balance``, so that the costliest stage costs the least:
+
+    - ``"memory"``: what a stage holds in training (MemoryModel): its parameters, their gradients and the
+      optimizer's state (``optimizer_states`` parameter-sized tensors per parameter: 2 for Adam or AdamW, the
+      default; 1 for SGD with momentum; 0 for plain SGD), the activations its levels save for backward for each
+      micro-batch it holds at once (``held_microbatches``, one count per stage, default 1; build_pipeline passes
+      its schedule's), and the tensors it receives and sends (kept per micro-batch held, plus one micro-batch's
+      gradients). The activations need the micro-batch: ``example_input`` (one micro-batch ``[n, C, H, W]``, a
+      tensor or its shape) or ``image_size`` (one float32 image, an int or (H, W)). Saved activations are
+      estimated from the convolutions' output sizes (measured bytes saved per output element, per mode).
+    - ``"flops"``: compute per stage (the convolutions' multiply-adds; level_costs).
+
+    Chained, the stages compute what the model does (in exact mode, bit for bit); their ``state_dict`` keys
+    together are the model's. Fast mode's CPU training runs in the layout the stages get (the whole model's
+    channels_last inside is not taken across stages).
     """
+    if not isinstance(model, U_Net):
+        raise TypeError(f"fastunet.parallel cuts a fastunet.U_Net into stages, not a {type(model).__name__}")
     if not 1 <= num_stages <= len(LEVELS):
         raise ValueError(f"fastunet: a U-Net has {len(LEVELS)} levels to cut into stages; num_stages={num_stages}")
     if boundaries is None:
-        cut = balanced_boundaries(level_costs(model, balance), num_stages)
+        if balance == "memory":
+            costs = memory_model(model, example_input, image_size, held_microbatches, optimizer_states, num_stages)
+            if len(costs.held) != num_stages:
+                raise ValueError(f"fastunet: held_microbatches gives {len(costs.held)} counts for {num_stages} stages")
+        else:
+            costs = level_costs(model, balance)
+        cut = balanced_boundaries(costs, num_stages)
     else:
         names = tuple(boundaries)
         unknown = [n for n in names if n not in LEVELS[1:]]
@@ -215,7 +315,7 @@ def materialize(model, modules):
 
 
 def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None, device=None, boundaries=None,
-                   balance="memory", dp_group=None):
+                   balance="memory", example_input=None, image_size=None, optimizer_states=2, dp_group=None):
     """This rank's pipeline stages of ``model`` (a fastunet.U_Net) and the torch.distributed.pipelining schedule
     that runs them over the ranks of ``group``.
 
@@ -227,7 +327,12 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
     stages), ``"interleaved"`` (interleaved 1F1B, two stages per rank in a loop) or ``"zbv"`` (the zero-bubble V
     schedule, two stages per rank in a V: rank 0 holds the first and the last). ``loss_fn(logits, target)`` is the
     loss of one micro-batch; the gradients are averaged over the ``microbatches`` (scale_grads), so a step equals
-    gradient accumulation of the mean loss over the micro-batches. Each BatchNorm normalizes each micro-batch and
+    gradient accumulation of the mean loss over the micro-batches. ``boundaries``, ``balance`` and
+    ``optimizer_states``: as pipeline_stages; balance="memory" (the default) counts the activations of the
+    micro-batches each stage holds at once under ``schedule`` (GPipe: all of them; 1F1B: stage s of P, min(M, P -
+    s); the two-stages-per-rank schedules: counted as all of them), so it needs ``example_input`` (the batch
+    ``step`` takes, a tensor or its shape ``[N, C, H, W]``, split into the micro-batches) or ``image_size``
+    (micro-batches of one image). Each BatchNorm normalizes each micro-batch and
     moves its running stats once per micro-batch. ``dp_group``: the ranks holding the same stages in other
     data-parallel replicas; each stage is then wrapped in DistributedDataParallel over it, which averages the
     gradients once per step, after the last micro-batch (not with ``"zbv"``, whose split backward runs no DDP hook).
@@ -246,7 +351,17 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
     spec = SCHEDULES[schedule]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     num_stages = spec.per_rank * world
-    modules = pipeline_stages(model, num_stages, boundaries=boundaries, balance=balance)
+    if example_input is not None:
+        shape = list(example_input.shape if isinstance(example_input, torch.Tensor) else example_input)
+        if len(shape) != 4 or shape[0] % microbatches:
+            raise ValueError(f"fastunet: example_input is the batch [N, C, H, W] step takes, N a multiple of the "
+                             f"{microbatches} micro-batches; got shape {tuple(shape)}")
+        shape[0] //= microbatches
+        example_input = example_input.new_empty(shape, device="meta") if isinstance(
+            example_input, torch.Tensor) else shape
+    held = [min(microbatches, num_stages - s) if schedule == "1f1b" else microbatches for s in range(num_stages)]
+    modules = pipeline_stages(model, num_stages, boundaries=boundaries, balance=balance, example_input=example_input,
+                              image_size=image_size, held_microbatches=held, optimizer_states=optimizer_states)
     if spec.style == "v":
         indices = [rank, num_stages - 1 - rank]
     else:

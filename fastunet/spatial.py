@@ -4,10 +4,14 @@ Each rank of a process group holds a horizontal stripe of every activation: ``H 
 ranks, a multiple of 16 so that max-pool, upsample and the skip concatenation stay local at every level. Before
 each 3x3 convolution a rank exchanges one row with each neighbour (the halo, zeros at the image's top and bottom),
 so the convolution sees what it sees in the whole image; BatchNorm's statistics are synchronized over the group
-(SyncBatchNorm's semantics); each parameter's gradient is summed over the ranks in backward, so every rank ends
-with the gradient of the sum of the ranks' losses, the whole image's loss. Autograd-aware functions on
-point-to-point sends and collectives, no engine of its own.
+(SyncBatchNorm's semantics); the parameter gradients are summed over the ranks as DistributedDataParallel sums
+them (float32 buckets of about 25 MB, each all-reduced asynchronously as soon as backward has made it, waited on at
+the end of backward), so every rank ends with the gradient of the sum of the ranks' losses, the whole image's loss.
+Autograd-aware functions on point-to-point sends and collectives and torch's own gradient hooks, no engine of its
+own.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,7 @@ from .model import (
 )
 from .sync_batchnorm import _all_gather_single, synchronized_batch_norm
 
+BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket size
 ROWS_MULTIPLE = 16  # four 2x2 max-pools: a stripe of 16k rows stays whole down to the bottleneck
 _LAYER_TYPES = (U_Net, *_SEED_MODULE_TYPES)  # what SpatialUNet runs itself (BatchNorm2d: subclasses too)
 
@@ -236,22 +241,136 @@ class _PhaseWeights(torch.autograd.Function):
         return functional.phase_weights_backward(grad, ctx.out_channels).to(ctx.dtype)
 
 
-class _SumGradOverRanks(torch.autograd.Function):
-    """The identity, whose backward sums the gradient over the group's ranks (a parameter's use on a stripe gives
-    the part of its gradient that stripe makes)."""
+class _ParameterUse(torch.autograd.Function):
+    """The identity on a parameter as a stripe reads it; its backward counts the gradients that reach the
+    parameters through the stripe's graph (_GradBuckets tells a backward that accumulates them into ``.grad`` from
+    one that does not, such as torch.autograd.grad)."""
 
     @staticmethod
-    def forward(ctx, p, group):
-        ctx.group = group
+    def forward(ctx, p, buckets):
+        ctx.buckets = buckets
         return p.view_as(p)
 
     @staticmethod
-    @once_differentiable  # its exchanges are not recorded: a second derivative through it would be wrong
+    @once_differentiable
     def backward(ctx, grad):
-        dtype = torch.float64 if grad.dtype == torch.float32 else grad.dtype
-        total = grad.to(dtype, memory_format=torch.contiguous_format, copy=True)  # one copy, all-reduced in place
-        dist.all_reduce(total, group=ctx.group)
-        return total.to(grad.dtype), None
+        ctx.buckets.reached += 1
+        return grad, None
+
+
+class _Bucket:
+    """Parameters whose gradients are all-reduced as one flat tensor: where each one's gradient lies in it
+    (``offsets``), the flat tensor once the first has arrived, which have arrived, and the all-reduce's work."""
+
+    def __init__(self, params):
+        self.params = params
+        self.offsets = [0]
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.flat, self.arrived, self.work = None, set(), None
+
+    def slot(self, i):
+        """Parameter i's gradient in the bucket, laid out as the parameter (a contiguous or channels_last one)."""
+        p = self.params[i]
+        dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+        stride = p.stride() if dense else torch.empty(p.shape, device="meta").stride()
+        return self.flat.as_strided(p.shape, stride, self.offsets[i])
+
+    def complete(self):
+        return len(self.arrived) == len(self.params)
+
+    def launch(self, group):
+        if self.flat is None:  # no gradient arrived (none in this backward on any rank): zeros, as every rank sends
+            self.flat = self.params[0].new_zeros(self.offsets[-1])
+        self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+
+class _GradBuckets:
+    """The parameter gradients of a SpatialUNet summed over ``group`` as DistributedDataParallel sums them: each
+    gradient, once backward has accumulated it into ``.grad`` (Tensor.register_post_accumulate_grad_hook), is
+    copied into a flat bucket of about ``cap_bytes`` (the parameters in reverse order, about the order backward
+    makes their gradients; one dtype per bucket, float32 for a float32 model); a bucket whose gradients have all
+    arrived is all-reduced asynchronously (dist.all_reduce, async_op), in bucket order on every rank, while backward
+    goes on. At the end of backward (an autograd engine callback, as DDP's) the rest are launched and all are
+    waited on. Each ``.grad`` is its slot in its bucket once copied there (reduced in place: one copy of the
+    gradients, as DDP's gradient_as_bucket_view), so read it after backward. What a ``.grad`` held before the
+    backward (accumulation over several backward calls) is set aside when the backward reaches the stripe's output
+    and added back to the sum, so only the new part is summed."""
+
+    def __init__(self, params, group, cap_bytes):
+        self.group, self.cap_bytes = group, cap_bytes
+        self.params = list(params)
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._accumulated)
+        self.task, self.reached = None, 0
+
+    def start(self, grad):
+        """Tensor hook on the stripe's output: the first time a backward reaches one, buckets are laid out, the
+        ``.grad``s set aside and the end-of-backward callback queued."""
+        task = torch._C._current_graph_task_id()
+        if task == self.task:
+            return
+        if self.task is not None:  # a backward that ended in an error: its gradients as they were before it
+            self._restore()
+        self.task, self.reached = task, 0
+        self.buckets, self.where, self.next = [], {}, 0
+        size, dtype = 0, None
+        for p in reversed(self.params):
+            if not p.requires_grad:
+                continue
+            if not self.buckets or p.dtype != dtype or size + p.nbytes > self.cap_bytes:
+                self.buckets.append([])
+                size, dtype = 0, p.dtype
+            self.buckets[-1].append(p)
+            size += p.nbytes
+        self.buckets = [_Bucket(params) for params in self.buckets]
+        self.where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self.kept = {p: p.grad for p in self.where}
+        for p in self.where:
+            p.grad = None
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _accumulated(self, p):
+        if self.task is None or torch._C._current_graph_task_id() != self.task or p not in self.where:
+            return  # another backward's (the model run whole, another SpatialUNet of it)
+        bucket, i = self.where[p]
+        if bucket.flat is None:
+            bucket.flat = p.new_zeros(bucket.offsets[-1])
+        slot = bucket.slot(i)
+        slot.copy_(p.grad)
+        if self.kept[p] is None:
+            p.grad = slot  # reduced in place: the bucket is the gradient, as DDP's gradient_as_bucket_view
+        bucket.arrived.add(i)
+        while self.next < len(self.buckets) and self.buckets[self.next].complete():
+            self.buckets[self.next].launch(self.group)
+            self.next += 1
+
+    def _finish(self):
+        try:
+            for bucket in self.buckets[self.next:]:
+                bucket.launch(self.group)
+            self.next = len(self.buckets)
+            for bucket in self.buckets:
+                bucket.work.wait()
+                for i in bucket.arrived:
+                    p = bucket.params[i]
+                    kept = self.kept.pop(p)
+                    if kept is not None:
+                        p.grad = kept.add_(bucket.slot(i))
+                bucket.flat = None  # the gradients hold it now
+            if self.reached and not any(b.arrived for b in self.buckets):
+                raise RuntimeError(
+                    "fastunet.parallel.spatial sums the parameter gradients over the ranks as backward() "
+                    "accumulates them into .grad (as DistributedDataParallel does); torch.autograd.grad returns them "
+                    "unsummed. Call backward() and read .grad")
+        finally:
+            self._restore()
+
+    def _restore(self):
+        """Puts back the gradients set aside whose parameters this backward did not reach, and ends it."""
+        for p, kept in self.kept.items():
+            p.grad = kept
+        self.kept, self.buckets, self.where, self.task = {}, [], {}, None
 
 
 def _layer_refusals(model):
@@ -297,10 +416,18 @@ class SpatialUNet(nn.Module):
     a training loop that computes one loss from them on every rank, unchanged. ``bn_group``: the ranks BatchNorm's
     statistics are synchronized over (default ``group``; a group holding it, such as the world where the batch is
     also split data-parallel over replicas of ``group``, gives synchronized BatchNorm over the replicas too).
+    ``bucket_cap_mb``: the size of a gradient bucket (_GradBuckets). Gradients are summed as ``backward()``
+    accumulates them into ``.grad``; torch.autograd.grad for the parameters raises an error (it would return them
+    unsummed). ``sum_grads=False``: the gradients are left unsummed, for DistributedDataParallel over data-parallel
+    replicas of the group to sum them over the stripes in its own all-reduce (sum_over_stripes_hook); DDP over a
+    SpatialUNet that sums them itself would undo one of the two sums.
     """
 
-    def __init__(self, model, group=None, *, whole_images=False, bn_group=None):
+    def __init__(self, model, group=None, *, whole_images=False, bn_group=None, sum_grads=True,
+                 bucket_cap_mb=BUCKET_CAP_MB):
         super().__init__()
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"fastunet.parallel.spatial: bucket_cap_mb must be positive, got {bucket_cap_mb}")
         if not isinstance(model, U_Net):
             raise TypeError(f"fastunet.parallel.spatial splits a fastunet.U_Net by rows, not a {type(model).__name__}")
         for name, child in model.named_children():
@@ -308,7 +435,8 @@ class SpatialUNet(nn.Module):
         object.__setattr__(self, "model", model)  # its children are this module's: the same state_dict keys
         object.__setattr__(self, "group", group)  # a ProcessGroup, not a module
         object.__setattr__(self, "bn_group", group if bn_group is None else bn_group)
-        self.whole_images = whole_images
+        object.__setattr__(self, "grad_buckets", None)  # laid out at the first training forward (_GradBuckets)
+        self.whole_images, self.sum_grads, self.bucket_cap_mb = whole_images, sum_grads, bucket_cap_mb
 
     def train(self, mode=True):
         """As nn.Module.train, and the U-Net's own flag too."""
@@ -316,7 +444,16 @@ class SpatialUNet(nn.Module):
         return super().train(mode)
 
     def _param(self, p):
-        return _SumGradOverRanks.apply(p, self.group) if p is not None and p.requires_grad else p
+        buckets = self.grad_buckets
+        return _ParameterUse.apply(p, buckets) if buckets is not None and p is not None and p.requires_grad else p
+
+    def _prepare_grad_buckets(self):
+        """The _GradBuckets summing the gradients over ``group``, made once, where a training forward needs them;
+        none where the group is one rank or ``sum_grads`` is off."""
+        if (self.grad_buckets is None and self.sum_grads and torch.is_grad_enabled()
+                and dist.get_world_size(self.group) > 1):
+            buckets = _GradBuckets(self.model.parameters(), self.group, self.bucket_cap_mb * 1e6)
+            object.__setattr__(self, "grad_buckets", buckets)
 
     def _conv(self, conv, x):
         weight, bias = self._param(conv.weight), self._param(conv.bias)
@@ -401,6 +538,7 @@ class SpatialUNet(nn.Module):
             raise ValueError("fastunet.parallel.spatial runs the seed U-Net's layers itself on row stripes and "
                              "cannot honour: " + "; ".join(reasons) + ". Run the model whole, or remove them.")
         m = self.model
+        self._prepare_grad_buckets()
         if x.dim() != 4 or x.shape[2] % ROWS_MULTIPLE or x.shape[3] % ROWS_MULTIPLE or x.shape[1] != m.img_ch:
             raise ValueError(f"fastunet.parallel.spatial takes a stripe [N, {m.img_ch}, H_local, W] with H_local "
                              f"and W multiples of {ROWS_MULTIPLE}; got shape {tuple(x.shape)}")
@@ -413,11 +551,30 @@ class SpatialUNet(nn.Module):
         for skip, up, block in ((x4, m.Up5, m.Up_conv5), (x3, m.Up4, m.Up_conv4), (x2, m.Up3, m.Up_conv3),
                                 (x1, m.Up2, m.Up_conv2)):
             d = self._layers(block.conv, torch.cat((skip, self._layers(up.up, d)), dim=1))
-        return self._conv(m.Conv_1x1, d)
+        out = self._conv(m.Conv_1x1, d)
+        if self.grad_buckets is not None and out.requires_grad:
+            out.register_hook(self.grad_buckets.start)
+        return out
 
 
-def spatial(model, group=None, *, whole_images=False, bn_group=None):
+def spatial(model, group=None, *, whole_images=False, bn_group=None, sum_grads=True, bucket_cap_mb=BUCKET_CAP_MB):
     """``model`` (a fastunet.U_Net) as a SpatialUNet over the ranks of ``group`` (default: the world); see
-    SpatialUNet for ``whole_images`` and ``bn_group``."""
-    return SpatialUNet(model, group, whole_images=whole_images, bn_group=bn_group)
+    SpatialUNet for the other arguments."""
+    return SpatialUNet(model, group, whole_images=whole_images, bn_group=bn_group, sum_grads=sum_grads,
+                       bucket_cap_mb=bucket_cap_mb)
+
+
+class StripesAndReplicas(NamedTuple):
+    """sum_over_stripes_hook's state: the group of every stripe of every replica, and the number of replicas."""
+
+    group: object
+    replicas: int
+
+
+def sum_over_stripes_hook(state, bucket):
+    """A DistributedDataParallel communication hook for DDP over replicas of a SpatialUNet built with
+    ``sum_grads=False``: each bucket of gradients summed over ``state.group`` (every stripe of every replica) and
+    divided by ``state.replicas``: summed over the stripes, averaged over the replicas, in one all-reduce."""
+    tensor = bucket.buffer().div_(state.replicas)
+    return dist.all_reduce(tensor, group=state.group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 import fastunet
 
-from . import parallel, reference
+from . import parallel, reference, spatial
 
 OUTPUT_CH = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -875,21 +875,28 @@ def prepare_pipelined(model, args, device, mesh):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = functools.partial(_micro_batch_loss, kind=args.loss, device_type=device.type)
+    batch = (args.batch, args.img_ch, args.size, args.size)  # the stages balanced for its memory (with Adam's state)
     local = parallel.build_pipeline(model, args.microbatches, loss_fn, schedule=args.pp_schedule,
-                                    group=mesh.split_group, device=device, dp_group=mesh.dp_group)
+                                    group=mesh.split_group, device=device, example_input=batch,
+                                    dp_group=mesh.dp_group)
     return PipelinedUNet(local, mesh.split_group, mesh.dp_group)
 
 
 def prepare_spatial(model, args, device, mesh):
     """``model`` on ``device`` split by rows over ``mesh.split_group`` (fastunet.parallel.spatial, taking and
-    returning whole images), DDP-wrapped over the replicas; ``--sync-bn``: BatchNorm over every process."""
+    returning whole images), DDP-wrapped over the replicas (its buckets summed over the stripes and averaged over
+    the replicas in one all-reduce); ``--sync-bn``: BatchNorm over every process."""
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     net = parallel.spatial(model, mesh.split_group, whole_images=True,
-                           bn_group=dist.group.WORLD if args.sync_bn else None)
+                           bn_group=dist.group.WORLD if args.sync_bn else None, sum_grads=mesh.dp_group is None)
     if mesh.dp_group is None:
         return net
     device_ids = [device] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.dp_group)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, process_group=mesh.dp_group)
+    # one all-reduce per bucket over every process: summed over the stripes, averaged over the replicas
+    ddp.register_comm_hook(spatial.StripesAndReplicas(dist.group.WORLD, dist.get_world_size(mesh.dp_group)),
+                           spatial.sum_over_stripes_hook)
+    return ddp
 
 
 def train_model(name, model, train_set, val_set, args, config, device, rank, world, mesh=None):

@@ -17,7 +17,7 @@ from helpers import (
 
 import fastunet
 from fastunet import parallel
-from fastunet.model import LEVELS
+from fastunet.model import LEVELS, level_modules
 from fastunet.reference import U_Net as Reference
 
 CUTS = [((), "one stage"), (("Conv3",), "encoder | rest"), (("Up4",), "Conv4 and Up5 in one stage"),
@@ -97,7 +97,7 @@ def test_fast_mode_stages_are_within_the_error_rule():
     ref, model = pair(exact=False)
     well_conditioned(ref, model)
     ref64 = copy.deepcopy(ref).double()
-    stages = parallel.pipeline_stages(model, 3)
+    stages = parallel.pipeline_stages(model, 3, image_size=32)
     x, g = pool_tie_free(ref64, lambda: torch.randn(2, 3, 32, 32)), torch.randn(2, 2, 32, 32)
     got, _ = chained_step(stages, x, g)
     assert_within_twice_reference_error(got, train_step(ref, x, g), train_step(ref64, x.double(), g.double()))
@@ -106,13 +106,13 @@ def test_fast_mode_stages_are_within_the_error_rule():
 def test_stages_share_the_parameters_and_their_state_dicts_load_into_the_seed():
     model = fastunet.U_Net(3, 2)
     for num_stages in range(1, len(LEVELS) + 1):
-        stages = parallel.pipeline_stages(model, num_stages)
+        stages = parallel.pipeline_stages(model, num_stages, image_size=64)
         keys = [k for s in stages for k in s.state_dict()]
         assert sorted(keys) == sorted(model.state_dict()) and len(keys) == len(set(keys))
         for stage in stages:
             for name, p in stage.named_parameters():
                 assert p is model.get_parameter(name)
-    merged = {k: v for s in parallel.pipeline_stages(model, 3) for k, v in s.state_dict().items()}
+    merged = {k: v for s in parallel.pipeline_stages(model, 3, balance="flops") for k, v in s.state_dict().items()}
     seed = Reference(3, 2)
     seed.load_state_dict(merged, strict=True)
     assert all(torch.equal(v, seed.state_dict()[k]) for k, v in merged.items())
@@ -131,6 +131,79 @@ def test_balanced_cuts_minimise_the_costliest_stage():
                 assert worst <= _worst(costs, other)
     stages = parallel.pipeline_stages(model, 2, balance="flops")
     assert stages[1].first == parallel.balanced_boundaries(flops, 2)[0]
+
+
+def _saved_bytes_per_level(model, x):
+    """The bytes each level saves for backward (torch.autograd.graph.saved_tensors_hooks; each storage once,
+    parameters left out) in a training forward of ``x``, the levels run as one-level stages."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    counted, h = [], (x,)
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for stage in parallel.pipeline_stages(model, len(LEVELS), boundaries=LEVELS[1:]):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = stage(*(t.detach().requires_grad_() for t in h))
+        h = h if isinstance(h, tuple) else (h,)
+        counted.append(sum(saved.values()))
+    return counted
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_memory_balance_counts_what_a_rank_holds(exact):
+    model = fastunet.U_Net(3, 1, exact=exact)
+    x = torch.randn(2, 3, 64, 64)
+    held = parallel.memory_model(model, x, held=[2, 1], num_stages=2)
+    for level in range(len(LEVELS)):
+        param_bytes = sum(4 * p.numel() for m in level_modules(level) for p in getattr(model, m).parameters())
+        assert held.parameters[level] == 4 * param_bytes  # the parameters, their gradients, Adam's two moments
+    sgd = parallel.memory_model(model, x, optimizer_states=0)
+    assert all(2 * a == b for a, b in zip(sgd.parameters, held.parameters))
+    # the saved activations estimated from the convolutions' outputs: within a third of what training saves
+    for level, (estimate, counted) in enumerate(zip(held.activations, _saved_bytes_per_level(model, x))):
+        assert 0.75 * counted <= estimate <= 1.35 * counted, LEVELS[level]
+    # the boundary of a cut before Up4: Up5's output and the 3 upper skips (2 images, float32), held for each
+    # micro-batch and once more for the gradients
+    boundary = 4 * 2 * (512 * 8 * 8 + 64 * 64 * 64 + 128 * 32 * 32 + 256 * 16 * 16)
+    up4 = LEVELS.index("Up4")
+    assert held.stage(1, up4, len(LEVELS)) == pytest.approx(
+        sum(held.parameters[up4:]) + sum(held.activations[up4:]) + 2 * boundary)
+    # a stage holding two micro-batches holds their activations and boundaries twice
+    assert held.stage(0, 0, up4) == pytest.approx(sum(held.parameters[:up4]) + 2 * sum(held.activations[:up4])
+                                                  + 3 * boundary)
+
+
+def test_the_memory_balance_follows_the_image_size():
+    with torch.device("meta"):
+        model = fastunet.U_Net(3, 1)
+    cuts = {}
+    for side in (128, 1024):
+        one_f_one_b = [4, 3, 2, 1]  # what build_pipeline passes for 1F1B over 4 stages and 4 micro-batches
+        costs = parallel.memory_model(model, (1, 3, side, side), held=one_f_one_b, num_stages=4)
+        cut = parallel.balanced_boundaries(costs, 4)
+        for other in _all_cuts(len(LEVELS), 4):
+            assert _worst_stage(costs, cut) <= _worst_stage(costs, other)
+        stages = parallel.pipeline_stages(model, 4, example_input=torch.empty(1, 3, side, side, device="meta"),
+                                          held_microbatches=one_f_one_b)
+        assert tuple(s.first for s in stages[1:]) == cut
+        cuts[side] = cut
+    # small images: the parameters (96% in Conv4 ... Up4) dominate, the bottleneck gets a stage to itself; large
+    # ones: the full-resolution activations do, and the deep levels share one stage
+    assert LEVELS.index("Conv5") in cuts[128] and LEVELS.index("Up5") in cuts[128]
+    assert cuts[1024] != cuts[128]
+    with pytest.raises(ValueError, match="example_input= .* or image_size="):
+        parallel.pipeline_stages(model, 2)
+
+
+def _worst_stage(costs, cut):
+    edges = (0, *cut, len(LEVELS))
+    return max(costs.stage(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
 
 
 def _worst(costs, cut):
@@ -182,7 +255,7 @@ def test_materialize_builds_only_the_local_stages_as_the_constructor_would(memor
     torch.manual_seed(5)
     with torch.device("meta"):
         model = fastunet.convert_sync_batchnorm(fastunet.U_Net(3, 2)).to(memory_format=memory_format)
-    stages = parallel.pipeline_stages(model, 3)
+    stages = parallel.pipeline_stages(model, 3, image_size=(64, 32))
     local = [stages[0], stages[2]]
     parallel.materialize(model, local)
     assert torch.equal(torch.rand(4), after)
@@ -203,4 +276,4 @@ def test_materialize_refuses_a_layer_it_cannot_initialise():
     model.Conv_1x1 = torch.nn.Sequential(torch.nn.Conv2d(64, 2, 1)).to("meta")
     model.Conv_1x1.register_parameter("scale", torch.nn.Parameter(torch.ones(1, device="meta")))
     with pytest.raises(TypeError, match="a Sequential on the meta device has no reset_parameters"):
-        parallel.materialize(model, parallel.pipeline_stages(model, 2))
+        parallel.materialize(model, parallel.pipeline_stages(model, 2, example_input=(1, 3, 32, 32)))

@@ -28,7 +28,8 @@ def _worker(rank, world, port, case_path, out_dir):
         for schedule in case["schedules"]:
             model = fastunet.U_Net(3, 2, exact=True)
             model.load_state_dict(case["state"])
-            local = parallel.build_pipeline(model, case["microbatches"], _linear_loss, schedule=schedule)
+            local = parallel.build_pipeline(model, case["microbatches"], _linear_loss, schedule=schedule,
+                                            example_input=case["x"])
             args = (case["x"],) if local.first else ()
             kwargs = dict(target=case["g"], losses=[]) if local.last else {}
             out = local.schedule.step(*args, **kwargs)

@@ -36,7 +36,7 @@ def _worker(rank, world, port, case_path, out_dir):
     with gloo_process_group(rank, world, port), mock.patch.object(functional, "_SUBPIXEL_TRAIN_MIN_PIXELS", threshold):
         model = fastunet.U_Net(3, 2, exact=case["exact"])
         model.load_state_dict(case["state"])
-        net = parallel.spatial(model)
+        net = parallel.spatial(model, bucket_cap_mb=case["bucket_cap_mb"])
         x = parallel.split_rows(case["x"]).requires_grad_()
         assert net.state_dict().keys() == model.state_dict().keys()
         with mock.patch.object(functional, "phase_weights", wraps=functional.phase_weights) as phase_weights, \
@@ -46,13 +46,15 @@ def _worker(rank, world, port, case_path, out_dir):
         before_last_conv = [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None]
         result_fused = "_FusedBNReLUBackward" in before_last_conv
         g = parallel.split_rows(case["g"])
-        (out * g).sum().backward()
+        with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+            (out * g).sum().backward()
         loss = (out.detach().double() * g.double()).sum()  # the stripe's loss, summed in float64 as the test sums
         dist.all_reduce(loss)  # the whole image's loss: the sum of the stripes'
         result = {"out": parallel.gather_rows(out.detach()), "x_grad": parallel.gather_rows(x.grad), "loss": loss,
                   "grads": {n: p.grad for n, p in model.named_parameters()},
                   "buffers": {n: b.clone() for n, b in model.named_buffers()}, "fused": result_fused,
-                  "subpixel_up_convs": phase_weights.call_count, "separate_pools": max_pool2d.call_count}
+                  "subpixel_up_convs": phase_weights.call_count, "separate_pools": max_pool2d.call_count,
+                  "buckets_reduced": [c.args[0].numel() for c in all_reduce.call_args_list if c.kwargs.get("async_op")]}
         # gather_rows backward: a loss every rank computes from the gathered whole sends each rank its rows' grads,
         # summed over the ranks
         stripe = torch.randn(1, 2, 16, 4, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -69,6 +71,19 @@ def _worker(rank, world, port, case_path, out_dir):
             result["whole_images_same_step"] = torch.equal(out.detach(), result["out"]) and all(
                 torch.equal(p.grad, result["grads"][n]) for n, p in whole.named_parameters()) and all(
                 torch.equal(b, result["buffers"][n]) for n, b in whole.named_buffers())
+            # a second backward without zeroing the gradients adds its sum to theirs (only the new part is summed)
+            before = {n: p.grad.clone() for n, p in whole.named_parameters()}
+            out = parallel.spatial(whole, whole_images=True, bn_group=dist.group.WORLD)(case["x"])
+            (out * case["g"]).sum().backward()
+            result["accumulated_twice"] = all(torch.equal(p.grad, 2 * before[n]) for n, p in whole.named_parameters())
+            # torch.autograd.grad would return the parameters' gradients unsummed: refused, the .grads left as they were
+            try:
+                torch.autograd.grad(parallel.spatial(whole)(parallel.split_rows(case["x"])).sum(),
+                                    list(whole.parameters()))
+                result["autograd_grad_refused"] = False
+            except RuntimeError as error:
+                result["autograd_grad_refused"] = "autograd.grad" in str(error) and all(
+                    torch.equal(p.grad, 2 * before[n]) for n, p in whole.named_parameters())
             # a second derivative through the stripes is refused, not silently wrong (the exchanges are not recorded)
             stripe = parallel.split_rows(case["x"]).requires_grad_()
             first, = torch.autograd.grad(parallel.spatial(whole)(stripe).sum(), stripe, create_graph=True)
@@ -83,12 +98,13 @@ def _worker(rank, world, port, case_path, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False):
+def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False, bucket_cap_mb=25):
     """One training step and one eval pass on ``world`` spawned gloo ranks (``subpixel``: fast mode's up blocks run
-    the sub-pixel conv at every size); rank 0's results, after checking that every rank holds the same gathered
-    tensors, parameter gradients and buffers."""
+    the sub-pixel conv at every size; gradients summed in buckets of ``bucket_cap_mb``); rank 0's results, after
+    checking that every rank holds the same gathered tensors, parameter gradients and buffers, and that each
+    gradient went into exactly one all-reduced bucket."""
     case_path = str(tmp_path / "case.pt")
-    torch.save(dict(state=state, exact=exact, x=x, g=g, subpixel=subpixel), case_path)
+    torch.save(dict(state=state, exact=exact, x=x, g=g, subpixel=subpixel, bucket_cap_mb=bucket_cap_mb), case_path)
     spawn_ranks(_worker, (world, free_port(), case_path, str(tmp_path)), world, TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["gather_grad"] for r in results)
@@ -97,6 +113,15 @@ def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False):
     assert all(r["separate_pools"] == (4 if exact else 0) for r in results)  # fast mode: in the BN + ReLU pass
     assert all(r.get("whole_images_same_step", world != 2) for r in results)
     assert all(r.get("double_backward_refused", world != 2) for r in results)
+    assert all(r.get("accumulated_twice", world != 2) and r.get("autograd_grad_refused", world != 2) for r in results)
+    # float32 buckets of at most bucket_cap_mb (a parameter larger than that alone), every parameter's gradient in
+    # exactly one: the buckets' elements add up to the parameters'
+    params = {n: v for n, v in state.items() if "running" not in n and "num_batches" not in n}
+    sizes = sorted(v.numel() for v in params.values())
+    for r in results:
+        assert sum(r["buckets_reduced"]) == sum(sizes)
+        assert all(n * 4 <= bucket_cap_mb * 1e6 or n in sizes for n in r["buckets_reduced"])
+        assert len(r["buckets_reduced"]) > 1
     for other in results[1:]:
         for key in ("out", "x_grad", "eval", "loss"):
             assert torch.equal(other[key], results[0][key]), key
@@ -106,12 +131,12 @@ def run_spatial(tmp_path, world, exact, state, x, g, subpixel=False):
     return results[0]
 
 
-@pytest.mark.parametrize("world, n, h, exact, zero_stripe, subpixel", [
-    (2, 1, 32, True, False, False),  # batch 1, stripes of exactly 16 rows
-    (2, 2, 64, False, True, True),  # 32-row stripes, rank 1's all zeros, the sub-pixel up-convs
-    (4, 1, 64, False, False, False),  # 16-row stripes on 4 ranks
+@pytest.mark.parametrize("world, n, h, exact, zero_stripe, subpixel, bucket_cap_mb", [
+    (2, 1, 32, True, False, False, 25),  # batch 1, stripes of exactly 16 rows
+    (2, 2, 64, False, True, True, 25),  # 32-row stripes, rank 1's all zeros, the sub-pixel up-convs
+    (4, 1, 64, False, False, False, 2),  # 16-row stripes on 4 ranks, 2 MB gradient buckets
 ])
-def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero_stripe, subpixel):
+def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero_stripe, subpixel, bucket_cap_mb):
     torch.manual_seed(world * 100 + h + n)
     ref = Reference(3, 2)
     well_conditioned(ref)
@@ -129,7 +154,7 @@ def test_spatial_step_matches_the_whole_image(tmp_path, world, n, h, exact, zero
     x = draw() if zero_stripe else pool_tie_free(ref64, draw)
     g = torch.randn(n, 2, h, 32)
     state = copy.deepcopy(ref.state_dict())
-    got = run_spatial(tmp_path, world, exact, state, x, g, subpixel)
+    got = run_spatial(tmp_path, world, exact, state, x, g, subpixel, bucket_cap_mb)
     want32 = train_step(ref, x, g)
     want64 = train_step(ref64, x.double(), g.double())
     result = (got["out"], got["x_grad"], got["grads"], got["buffers"])
