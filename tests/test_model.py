@@ -298,6 +298,10 @@ def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_
     NCHW inside, as a compiled graph does (functional._gemm_train_conv, winograd.pays, U_Net._channels_last_inside).
     Its inference is eager's."""
     conv_policy(gemm_train_max_pixels=0)
+    # Inductor's layout optimization runs the convs in channels_last, whose oneDNN kernels are 2-5x less accurate
+    # than the NCHW ones the eager seed runs on an AVX-512 CPU (benchmarks/RESULTS.md, issue 31): the seed compiled
+    # by inductor gets that too. The fused ops under the compiler are judged here in the seed's layout.
+    monkeypatch.setattr(torch._inductor.config, "layout_optimization", False)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
     monkeypatch.setattr(fastunet.U_Net, "_channels_last_inside", lambda model, x: False)
     ref, fast = pair(exact=exact)
