@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import U_Net, ops, reference
+from .explain import explain
 
 CONFIGS = {
     "reference_eager": "reference eager",
@@ -657,6 +658,9 @@ def parse_args(argv):
                                                    "device and --quick; 1 rehearses the run in the least time)")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and speedup.png")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.add_argument("--explain", action="store_true",
+                        help="first print fastunet.explain of the fast model on the bench's input (training step "
+                             "and inference): each conv layer's algorithm, layout, dtype and the rule that picked it")
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
@@ -759,6 +763,16 @@ def write_outputs(report, args):
     progress(f"wrote {json_path} and {png_path}")
 
 
+def print_explanations(state, x, device, args):
+    """fastunet.explain of the fast model on ``x`` (``--explain``), a training step's and inference's, under the
+    bench's autocast."""
+    model = build_model("fastunet_fast", device, args.channels_last, state)
+    for train in (True, False):
+        with autocast_for(device, args.dtype)():
+            print(f"fastunet.explain ({'training step' if train else 'inference'}):\n"
+                  f"{explain(model, x, train=train)}\n", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     select_kernels(args)
@@ -778,6 +792,8 @@ def main(argv=None):
     torch.manual_seed(0)
     batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
     state = initial_state(batches, device)
+    if args.explain:
+        print_explanations(state, batches[0][0], device, args)
     progress("float64 reference training step (for the errors)")
     exact_step = float64_reference(state, batches[0], device)
     results = measure_configs(args, device, state, batches, exact_step, warmup, reps)

@@ -807,18 +807,31 @@ def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
     seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW runs unfolded (a plain U-Net turns NCHW
     inputs into channels_last for CPU inference). Written into ``out`` if given (the Winograd conv writes there
     directly), else a new tensor."""
+    choice = _inference_conv_choice(x, conv[0].shape[0], exact)
+    if choice == "winograd":
+        return _winograd_conv_bn_relu(x, conv, bn, out)
+    if choice == "gemm":
+        y = _gemm_conv_bn_relu(x, conv, bn)
+    elif choice == "folded":
+        y = _conv_relu(x, *_folded(conv, bn))
+    else:
+        y = _unfolded_conv_bn_relu(x, conv, bn)
+    return y if out is None else out.copy_(y)
+
+
+def _inference_conv_choice(x, cout, exact):
+    """How _conv_bn_relu_inference runs its conv of ``x`` to ``cout`` channels: "winograd", "gemm", "folded" or
+    "unfolded" (see there; fastunet.explain reports it)."""
     n, cin, h, w = x.shape
     if exact:
-        y = _unfolded_conv_bn_relu(x, conv, bn)
-    elif winograd.pays(x, cin, conv[0].shape[0], kept=weight_cache.enabled):
-        return _winograd_conv_bn_relu(x, conv, bn, out)
-    elif n * h * w <= _GEMM_MAX_PIXELS:
-        y = _gemm_conv_bn_relu(x, conv, bn)
-    elif 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
-        y = _unfolded_conv_bn_relu(x, conv, bn)
-    else:
-        y = _conv_relu(x, *_folded(conv, bn))
-    return y if out is None else out.copy_(y)
+        return "unfolded"
+    if winograd.pays(x, cin, cout, kept=weight_cache.enabled):
+        return "winograd"
+    if n * h * w <= _GEMM_MAX_PIXELS:
+        return "gemm"
+    if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
+        return "unfolded"
+    return "folded"
 
 
 def _forget_kept_weights(*weights):
@@ -846,7 +859,7 @@ def _up_block_inference(d, buf, conv, bn, exact):
     n, _, h, w = d.shape
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
-    if exact or n * h * w < _SUBPIXEL_MIN_PIXELS:
+    if not _subpixel_inference(d, exact):
         _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact, out)
         return buf
     weight, bias = _folded(conv, bn)
@@ -856,6 +869,12 @@ def _up_block_inference(d, buf, conv, bn, exact):
             k = 2 * a + b
             out[:, :, a::2, b::2].copy_(phases[:, k * cout:(k + 1) * cout, a:a + h, b:b + w])
     return buf
+
+
+def _subpixel_inference(d, exact):
+    """Whether _up_block_inference runs the folded sub-pixel conv on ``d`` (fast mode, from _SUBPIXEL_MIN_PIXELS
+    low-resolution pixels per batch)."""
+    return not exact and d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_MIN_PIXELS
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):

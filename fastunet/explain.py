@@ -1,0 +1,257 @@
+"""``fastunet.explain(model, x, train=False)``: what each conv layer of a fastunet model runs for this input here:
+its input shape, algorithm, layout and dtype, and the rule that picked them (or why the block runs its own modules).
+Nothing runs: stand-in tensors (fake, no memory) walk the levels, and every choice is asked of the function that
+makes it in the forward (model.fused_refusal, U_Net._channels_last_inside, functional's predicates, policy)."""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import functional, ops, weight_cache
+from . import model as fastunet_model
+from .conv import policy
+
+_FAKE = FakeTensorMode()
+_LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "NCHW"}
+WINOGRAD = "winograd F(2x2,3x3)"
+GEMM = "gemm (im2col)"
+SUBPIXEL = "sub-pixel 2x2"
+
+
+class Line(NamedTuple):
+    """One conv layer: its name in the model, its input shape, the algorithm, layout and dtype it runs in, and why."""
+
+    layer: str
+    shape: tuple
+    algorithm: str
+    layout: str
+    dtype: str
+    rule: str
+
+
+class Explanation(tuple):
+    """The ``Line`` of each conv layer, in the order the forward runs them; ``str()`` is the table."""
+
+    def __str__(self):
+        rows = [("layer", "input", "algorithm", "layout", "dtype", "rule")]
+        rows += [(line.layer, "x".join(map(str, line.shape)), line.algorithm, line.layout, line.dtype, line.rule)
+                 for line in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5]
+                         for row in rows)
+
+
+def explain(model, x, train=False):
+    """The Explanation of ``model`` (a fastunet.U_Net, conv_block or up_conv) on input ``x`` (only its shape, dtype,
+    device and layout are read): a training step (``train=True``; forward and backward run the same algorithms) or
+    an inference forward under torch.no_grad() (``train=False``), under the autocast now in force. The model's
+    train/eval flags are put back; nothing else is touched."""
+    if not isinstance(model, (fastunet_model.U_Net, fastunet_model.conv_block, fastunet_model.up_conv)):
+        raise TypeError(f"fastunet.explain takes a fastunet.U_Net, conv_block or up_conv, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError("fastunet.explain needs the model's 4-D input tensor [N, C, H, W]")
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        with torch.enable_grad() if train else torch.no_grad():
+            if isinstance(model, fastunet_model.U_Net):
+                return Explanation(_unet_lines(model, x))
+            walk = _double_lines if isinstance(model, fastunet_model.conv_block) else _up_lines
+            return Explanation(walk("", model, _like(x)))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _like(t, shape=None, dtype=None, layout=None):
+    """A stand-in like ``t``, with the given shape, dtype or layout instead of its own."""
+    with _FAKE:
+        return torch.empty(shape or t.shape, dtype=dtype or t.dtype, device=t.device,
+                           memory_format=layout or ops.memory_format_of(t))
+
+
+def _convs(block):
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _name(prefix, suffix):
+    return ".".join(part for part in (prefix, suffix) if part)
+
+
+def _line(name, x, algorithm, rule, layout=None):
+    layout = _LAYOUTS[ops.memory_format_of(x) if layout is None else layout]
+    return Line(name, tuple(x.shape), algorithm, layout, str(x.dtype).removeprefix("torch."), rule)
+
+
+def _aten(x):
+    """What ATen's convolution of ``x`` runs on."""
+    if x.device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
+        return "cudnn"
+    onednn = x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.dtype != torch.float64
+    return "aten (oneDNN)" if onednn else "aten"
+
+
+def _cast(x):
+    """A stand-in of ``x`` in the dtype autocast gives a conv of it."""
+    return _like(x, dtype=functional._cast_dtype(x, functional._autocast_dtype(x.device.type)))
+
+
+def _fast_conv_line(name, x, w, rule=""):
+    """The Line of functional._fast_conv(x, w) (and its backward), asked of its own predicates."""
+    notes = [rule] if rule else []
+    if functional._float32_conv(x):
+        notes.append(f"float32 on the upcast {str(x.dtype).removeprefix('torch.')}: policy "
+                     f"native_dot_{str(x.dtype).removeprefix('torch.')}=False")
+        x, w = _like(x, dtype=torch.float32), _like(w, dtype=torch.float32)
+    n, cin, h, width = x.shape
+    gemm_max = policy.value("gemm_train_max_pixels")
+    channels = f"{w.shape[1]}->{w.shape[0]} channels, {n * h * width} pixels per batch"
+    if functional._winograd_train_conv(x, w):
+        return _line(name, x, WINOGRAD, "; ".join(notes + [f"policy winograd_train=True; winograd.pays at {channels}"]))
+    if functional._gemm_train_conv(x, w):
+        notes.append(f"policy gemm_train_max_pixels={gemm_max} >= {h * width} pixels per image")
+        if w.shape[2] == 2 and x.is_contiguous(memory_format=torch.channels_last):
+            notes.append("backward by the same GEMMs")
+        return _line(name, x, GEMM, "; ".join(notes))
+    if w.shape[2] == 3:
+        notes.append("policy winograd_train=False" if not policy.value("winograd_train")
+                     else f"winograd does not pay at {channels}")
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        notes.append(f"policy gemm_train_max_pixels={gemm_max} < {h * width} pixels per image")
+    layout = functional._aten_conv_layout(x, w)
+    if layout is not None:
+        notes.append(f"moved to the weights' {_LAYOUTS[layout]} (the weights outnumber the activations)")
+    algorithm = _aten(x)
+    if functional._shifted_gemm_train_conv(x, w):
+        algorithm += ", backward by shifted GEMMs"
+    return _line(name, x, algorithm, "; ".join(notes), layout)
+
+
+def _inference_line(name, x, cout, exact, rule=""):
+    """The Line of functional._conv_bn_relu_inference on ``x`` (CPU inference)."""
+    choice = functional._inference_conv_choice(x, cout, exact)
+    n, cin, h, w = x.shape
+    pixels = n * h * w
+    reasons = {
+        "winograd": (WINOGRAD, f"winograd.pays at {cin}->{cout} channels, {pixels} pixels per batch "
+                               f"(weights kept: {weight_cache.enabled})"),
+        "gemm": (GEMM, f"_GEMM_MAX_PIXELS={functional._GEMM_MAX_PIXELS} >= {pixels} pixels per batch"),
+        "folded": (f"{_aten(x)}, BN folded", f"channels_last, {pixels} pixels per batch: BN folded into the weights"),
+        "unfolded": (_aten(x), "exact mode: the seed's ops" if exact else "NCHW: not folded (over the error rule)"
+                     if ops.memory_format_of(x) != torch.channels_last else
+                     f"{pixels} pixels per batch, {cin} input channels: BN and ReLU passes cheaper than folding"),
+    }
+    algorithm, why = reasons[choice]
+    return _line(name, x, algorithm, "; ".join(r for r in ("CPU inference", rule, why) if r))
+
+
+def _bn_tensors(bn):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var  # as functional._cpu_inference takes them
+
+
+def _module_lines(name, block, x, reason, rule="block runs its own modules: "):
+    """The Lines of a block that runs its own modules: each nn.Conv2d in it, at the block's resolution (doubled after
+    an nn.Upsample)."""
+    lines, scale = [], 1
+    x = _cast(x)
+    for sub, m in block.named_modules():
+        if isinstance(m, nn.Upsample):
+            scale = 2
+        elif isinstance(m, nn.Conv2d):
+            shape = (x.shape[0], m.in_channels, x.shape[2] * scale, x.shape[3] * scale)
+            lines.append(_line(_name(name, sub), _like(x, shape), _aten(x), rule + reason))
+    return lines
+
+
+def _double_lines(name, block, x):
+    """The Lines of a double block (conv_block) on ``x``."""
+    if not isinstance(block, fastunet_model.conv_block):
+        return _module_lines(name, block, x, f"it is a {type(block).__name__}, not a fastunet conv_block")
+    refusal = fastunet_model.fused_refusal(block, x)
+    if refusal is not None:
+        return _module_lines(name, block, x, refusal.reason)
+    c1, b1, _, c2, b2, _ = block.conv
+    names = _name(name, "conv.0"), _name(name, "conv.3")
+    tensors = (x, c1.weight, c1.bias, *_bn_tensors(b1), c2.weight, c2.bias, *_bn_tensors(b2))
+    if functional._cpu_inference(x, tensors, (b1, b2)):
+        z1 = _like(x, (x.shape[0], c1.out_channels, *x.shape[2:]))
+        return [_inference_line(names[0], x, c1.out_channels, block.exact),
+                _inference_line(names[1], z1, c2.out_channels, block.exact)]
+    xc = _cast(x)
+    z1 = _like(xc, (x.shape[0], c1.out_channels, *x.shape[2:]))
+    if block.exact:
+        return [_line(n, t, _aten(t), "exact mode: ATen's convolution, as the seed's") for n, t in zip(names, (xc, z1))]
+    w1, w2 = _cast(c1.weight), _cast(c2.weight)
+    mode = ops.conv3x3_mode()
+    if mode == "auto" and x.device.type == "cuda":
+        second = _line(names[1], z1, "triton or " + _aten(z1), "FASTUNET_CONV=auto: the faster at the first call")
+    elif ops.conv3x3_backend(z1, w2, b2.training) == "triton":
+        second = _line(names[1], z1, "triton", f"FASTUNET_CONV={mode}: BN+ReLU in the conv's input load")
+    else:
+        second = _fast_conv_line(names[1], z1, w2, f"ops.conv3x3_backend: aten (FASTUNET_CONV={mode})")
+    return [_fast_conv_line(names[0], xc, w1), second]
+
+
+def _up_lines(name, block, d):
+    """The Lines of an up block (up_conv) on ``d``: one, its conv."""
+    if not isinstance(block, fastunet_model.up_conv):
+        return _module_lines(name, block, d, f"it is a {type(block).__name__}, not a fastunet up_conv")
+    refusal = fastunet_model.fused_refusal(block, d)
+    if refusal is not None:
+        return _module_lines(name, block, d, refusal.reason)
+    _, conv, bn, _ = block.up
+    layer = _name(name, "up.1")
+    n, cin, h, w = d.shape
+    pixels = f"{n * h * w} low-resolution pixels per batch"
+    if functional._cpu_inference(d, (d, conv.weight, conv.bias, *_bn_tensors(bn)), (bn,)):
+        if functional._subpixel_inference(d, block.exact):
+            return [_line(layer, d, f"{SUBPIXEL}, {_aten(d)}, BN folded",
+                          f"CPU inference; _SUBPIXEL_MIN_PIXELS={functional._SUBPIXEL_MIN_PIXELS} <= {pixels}")]
+        rule = "upsampled" if block.exact else f"upsampled: {pixels} < _SUBPIXEL_MIN_PIXELS"
+        return [_inference_line(layer, _like(d, (n, cin, 2 * h, 2 * w)), conv.out_channels, block.exact, rule)]
+    dc, wc = _cast(d), _cast(conv.weight)
+    upsampled = _like(dc, (n, cin, 2 * h, 2 * w))
+    if block.exact:
+        return [_line(layer, upsampled, _aten(upsampled), "exact mode: ATen's convolution, as the seed's")]
+    if not functional._subpixel_train(dc):
+        return [_fast_conv_line(layer, upsampled, wc, f"upsampled: {pixels} < _SUBPIXEL_TRAIN_MIN_PIXELS="
+                                                      f"{functional._SUBPIXEL_TRAIN_MIN_PIXELS}")]
+    w4 = _like(wc, (4 * conv.out_channels, cin, 2, 2))
+    why = "on CUDA" if d.device.type != "cpu" else f"{pixels} >= _SUBPIXEL_TRAIN_MIN_PIXELS"
+    line = _fast_conv_line(layer, dc, w4, f"sub-pixel: {why}")
+    return [line._replace(algorithm=f"{SUBPIXEL}, {line.algorithm}")]
+
+
+def _unet_lines(model, x):
+    """The Lines of a U_Net: a first line for the input's layout inside, then each level's convs in forward order."""
+    n, _, h, w = x.shape
+    if model.pad_to_multiple:
+        h, w = -(-h // 16) * 16, -(-w // 16) * 16
+    padded = _like(x, (n, x.shape[1], h, w), layout=None if (h, w) == x.shape[2:] else torch.contiguous_format)
+    fastunet_model._check_input(padded, model.img_ch, next(model.parameters(), None))
+    inside = model._channels_last_inside(padded)
+    forced_off = model.training and not policy.value("channels_last_train")
+    rule = "as it lies" + ": policy channels_last_train=False" * forced_off
+    if inside:
+        rule = "channels_last inside: " + ("policy channels_last_train=True" if model.training else "CPU inference")
+    h_t = _like(padded, layout=torch.channels_last) if inside else padded
+    lines, skips = [_line("(input)", h_t, "-", rule)], []
+    dtype = functional._cast_dtype(h_t, functional._autocast_dtype(h_t.device.type))
+    for level in fastunet_model.LEVELS[:fastunet_model.BOTTLENECK + 1]:
+        block = getattr(model, level)
+        lines += _double_lines(level, block, h_t)
+        out = _like(h_t, (n, _convs(block)[-1].out_channels, *h_t.shape[2:]), dtype)
+        skips.append(out)
+        h_t = _like(out, (n, out.shape[1], out.shape[2] // 2, out.shape[3] // 2))
+    h_t = skips.pop()
+    for level in range(fastunet_model.BOTTLENECK + 1, len(fastunet_model.LEVELS)):
+        up, decoder = model.decoder_level(level)
+        up_name, decoder_name = fastunet_model.level_modules(level)[:2]
+        lines += _up_lines(up_name, up, h_t)
+        skip = skips.pop()
+        cat = _like(skip, (n, skip.shape[1] + _convs(up)[-1].out_channels, *skip.shape[2:]))
+        lines += _double_lines(decoder_name, decoder, cat)
+        h_t = _like(cat, (n, _convs(decoder)[-1].out_channels, *cat.shape[2:]))
+    return lines + _module_lines("Conv_1x1", model.Conv_1x1, h_t, "the seed's 1x1 conv module", "")
