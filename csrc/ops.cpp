@@ -125,10 +125,11 @@ void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, int64_t 
 // along the width channel by channel, else over a fixed number of chunks of cell rows summed in order.
 struct CpuBackend {
   static constexpr int64_t kReductionChunks = 64;
-  // The dtypes that take the line loops: float32, the one CPU training and inference run in (float64 runs the
-  // pure-PyTorch path, bf16/fp16 are not worth their compile time on the CPU); the others go cell by cell.
+  // The dtypes that take the line loops: float32 and the 16-bit floats (loaded, widened to float32, rounded once
+  // on store; cpu_lines.h); float64, which runs the pure-PyTorch path in training, goes cell by cell.
   template <typename scalar_t>
-  static constexpr bool kLines = std::is_same_v<scalar_t, float>;
+  static constexpr bool kLines =
+      std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
   template <typename acc_t>
   using sum_type = double;

@@ -344,35 +344,39 @@ def laid_out(t, layout):
     return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
 @pytest.mark.parametrize("values", [random, quantised])
-def test_long_lines_and_border_cells_match_reference(layout, upscale, hw, values):
+def test_long_lines_and_border_cells_match_reference(dtype, layout, upscale, hw, values):
     """Lines long enough for the vector loops' bodies and remainders (19 channels; 18-37 cells a row), next to
     the per-cell code on the cells of an odd size's last row and column and the up block's border; every op
-    against its specification (elementwise ops bitwise), outputs poisoned so that unwritten elements show."""
+    against its specification (elementwise ops bitwise), outputs poisoned so that unwritten elements show. In
+    bfloat16 and float16 the lines widen to float32 and round once on store: the elementwise results equal the
+    specification's and, bit for bit, the per-cell code's (the "strided" layout) on the same values."""
     h, w = hw
     pool = h % 2 == 0 or upscale == 2
     n, c = 2, 19
-    z = laid_out(values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1), layout)
+    z = laid_out(values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype), layout)
     scale, shift = torch.randn(c), torch.randn(c)
     shape = ops.logical_shape(z, upscale)
     extra = 5
-    buf = laid_out(torch.full((n, c + 2 * extra, *shape[2:]), float("nan")), layout)
+    buf = laid_out(torch.full((n, c + 2 * extra, *shape[2:]), float("nan"), dtype=dtype), layout)
     out = buf.narrow(1, extra, c)
-    pooled = laid_out(torch.full((n, c, shape[2] // 2, shape[3] // 2), float("nan")), layout) if pool else None
+    pooled_shape = (n, c, shape[2] // 2, shape[3] // 2)
+    pooled = laid_out(torch.full(pooled_shape, float("nan"), dtype=dtype), layout) if pool else None
     LIB.bn_relu_pool(z, scale, shift, upscale, out, pooled)
-    want = torch.empty(shape)
-    want_pool = torch.empty(n, c, shape[2] // 2, shape[3] // 2) if pool else None
+    want = torch.empty(shape, dtype=dtype)
+    want_pool = torch.empty(pooled_shape, dtype=dtype) if pool else None
     ops.bn_relu_pool_ref(z, scale, shift, upscale, want, want_pool)
     assert torch.equal(out.nan_to_num(123.0), want.nan_to_num(123.0))
     assert buf.narrow(1, 0, extra).isnan().all() and buf.narrow(1, extra + c, extra).isnan().all()
     if pool:
         assert torch.equal(pooled.nan_to_num(123.0), want_pool.nan_to_num(123.0))
 
-    grad = laid_out(torch.randn(shape), layout)
-    grad_pooled = laid_out(torch.randn(n, c, shape[2] // 2, shape[3] // 2), layout) if pool else None
+    grad = laid_out(torch.randn(shape, dtype=dtype), layout)
+    grad_pooled = laid_out(torch.randn(pooled_shape, dtype=dtype), layout) if pool else None
     args = (grad, grad_pooled, z, scale, shift)
     got = LIB.relu_pool_backward(*args, upscale)
     assert torch.equal(got, ops.relu_pool_backward_ref(*args, upscale))
@@ -389,8 +393,38 @@ def test_long_lines_and_border_cells_match_reference(layout, upscale, hw, values
     for got, want in zip(sums, want_sums):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     dz = LIB.bn_relu_backward_apply(*args, mean, invstd, *want_sums, upscale)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(dz, ops.bn_relu_backward_apply_ref(*args, mean, invstd, *want_sums, upscale),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=tolerance, atol=1e-4 if dtype == torch.bfloat16 else 1e-6)
+    if layout != "strided":
+        per_cell = [laid_out(t, "strided") if t is not None and t.dim() == 4 else t for t in args]
+        assert torch.equal(dz, LIB.bn_relu_backward_apply(*per_cell, mean, invstd, *want_sums, upscale))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_16_bit_lines_convert_every_value_as_aten(dtype, layout):
+    """The lines' own 16-bit conversions (csrc/cpu_lines.h) on every bit pattern: each of 6 channels holds all 65536
+    values of z and of the output's gradient (NaNs, infinities, subnormals included), scaled by factors whose products
+    round to subnormals, overflow and land on ties; bn_relu_pool and relu_pool_backward equal the specification, which
+    converts with ATen, bit for bit (NaNs compared as NaNs)."""
+    c = 6
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    z = laid_out(torch.stack([every[torch.randperm(every.numel())] for _ in range(c)]).view(1, c, 256, 256), layout)
+    scale = torch.tensor([1.0, -1.0, 3.0, 2.0**-9, 1.0 + 2.0**-9, 0.1]) * torch.where(torch.rand(c) < 0.5, 1.0, 1.5)
+    shift = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0**-20, -0.25])
+    out = laid_out(torch.full((1, c, 256, 256), float("nan"), dtype=dtype), layout)
+    pooled = laid_out(torch.full((1, c, 128, 128), float("nan"), dtype=dtype), layout)
+    LIB.bn_relu_pool(z, scale, shift, 1, out, pooled)
+    want, want_pool = torch.empty_like(out), torch.empty_like(pooled)
+    ops.bn_relu_pool_ref(z, scale, shift, 1, want, want_pool)
+    for got, expected in ((out, want), (pooled, want_pool)):
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(0), expected.nan_to_num(0))
+    grad = laid_out(every[torch.randperm(every.numel())].view(1, 1, 256, 256).expand(1, c, 256, 256), layout)
+    grad_pooled = laid_out(torch.randn(1, c, 128, 128, dtype=dtype), layout)
+    got = LIB.relu_pool_backward(grad, grad_pooled, z, scale, shift, 1)
+    want = ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, 1)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
 
 
 class Copies(TorchDispatchMode):
