@@ -165,13 +165,20 @@ def _module_lines(name, block, x, reason, rule="block runs its own modules: "):
     return lines
 
 
+def _refused_lines(name, block, x, kind):
+    """The Lines of ``block`` running its own modules on ``x`` where it is not a fastunet ``kind`` or refuses the
+    fused path (fastunet.model.fused_refusal), else None."""
+    if not isinstance(block, kind):
+        return _module_lines(name, block, x, f"it is a {type(block).__name__}, not a fastunet {kind.__name__}")
+    refusal = fastunet_model.fused_refusal(block, x)
+    return None if refusal is None else _module_lines(name, block, x, refusal.reason)
+
+
 def _double_lines(name, block, x):
     """The Lines of a double block (conv_block) on ``x``."""
-    if not isinstance(block, fastunet_model.conv_block):
-        return _module_lines(name, block, x, f"it is a {type(block).__name__}, not a fastunet conv_block")
-    refusal = fastunet_model.fused_refusal(block, x)
-    if refusal is not None:
-        return _module_lines(name, block, x, refusal.reason)
+    refused = _refused_lines(name, block, x, fastunet_model.conv_block)
+    if refused is not None:
+        return refused
     c1, b1, _, c2, b2, _ = block.conv
     names = _name(name, "conv.0"), _name(name, "conv.3")
     tensors = (x, c1.weight, c1.bias, *_bn_tensors(b1), c2.weight, c2.bias, *_bn_tensors(b2))
@@ -196,11 +203,9 @@ def _double_lines(name, block, x):
 
 def _up_lines(name, block, d):
     """The Lines of an up block (up_conv) on ``d``: one, its conv."""
-    if not isinstance(block, fastunet_model.up_conv):
-        return _module_lines(name, block, d, f"it is a {type(block).__name__}, not a fastunet up_conv")
-    refusal = fastunet_model.fused_refusal(block, d)
-    if refusal is not None:
-        return _module_lines(name, block, d, refusal.reason)
+    refused = _refused_lines(name, block, d, fastunet_model.up_conv)
+    if refused is not None:
+        return refused
     _, conv, bn, _ = block.up
     layer = _name(name, "up.1")
     n, cin, h, w = d.shape
