@@ -3,17 +3,16 @@ its input shape, algorithm, layout and dtype, and the rule that picked them (or 
 Nothing runs: stand-in tensors (fake, no memory) walk the levels, and every choice is asked of the function that
 makes it in the forward (model.fused_refusal, U_Net._channels_last_inside, functional's predicates, policy)."""
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import functional, ops, weight_cache
 from . import model as fastunet_model
 from .conv import policy
 
-_FAKE = FakeTensorMode()
 _LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "NCHW"}
 WINOGRAD = "winograd F(2x2,3x3)"
 GEMM = "gemm (im2col)"
@@ -65,9 +64,18 @@ def explain(model, x, train=False):
             m.training = mode
 
 
+@functools.cache
+def _fake_mode():
+    """The fake-tensor mode of the stand-ins, made at the first explain (importing it imports torch._dynamo: about
+    3 s, not paid by ``import fastunet``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
 def _like(t, shape=None, dtype=None, layout=None):
     """A stand-in like ``t``, with the given shape, dtype or layout instead of its own."""
-    with _FAKE:
+    with _fake_mode():
         return torch.empty(shape or t.shape, dtype=dtype or t.dtype, device=t.device,
                            memory_format=layout or ops.memory_format_of(t))
 

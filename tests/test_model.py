@@ -289,8 +289,19 @@ def test_blocks_are_drop_ins_for_the_reference_blocks():
     assert torch.equal(fast.Up5(d), ref.Up5(d))
 
 
+@pytest.fixture
+def seed_layout_under_inductor():
+    """Inductor's layout optimization off: it runs the convs in channels_last, whose oneDNN kernels are 2-5x less
+    accurate than the NCHW ones the eager seed runs on an AVX-512 CPU (benchmarks/RESULTS.md, issue 31), as the seed
+    compiled by inductor does too. The fused ops under the compiler are judged in the seed's layout."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(layout_optimization=False):
+        yield
+
+
 @pytest.mark.parametrize("exact, backend", [(True, "aot_eager"), (False, "inductor")])
-def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_policy):
+def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_policy, seed_layout_under_inductor):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager
     (the eager kernels) it is also the eager step up to rounding (inductor re-associates what surrounds the fused
@@ -298,10 +309,6 @@ def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_
     NCHW inside, as a compiled graph does (functional._gemm_train_conv, winograd.pays, U_Net._channels_last_inside).
     Its inference is eager's."""
     conv_policy(gemm_train_max_pixels=0)
-    # Inductor's layout optimization runs the convs in channels_last, whose oneDNN kernels are 2-5x less accurate
-    # than the NCHW ones the eager seed runs on an AVX-512 CPU (benchmarks/RESULTS.md, issue 31): the seed compiled
-    # by inductor gets that too. The fused ops under the compiler are judged here in the seed's layout.
-    monkeypatch.setattr(torch._inductor.config, "layout_optimization", False)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
     monkeypatch.setattr(fastunet.U_Net, "_channels_last_inside", lambda model, x: False)
     ref, fast = pair(exact=exact)
