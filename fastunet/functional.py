@@ -736,13 +736,13 @@ def _cpu_inference(x, tensors, bns):
 
 # The sub-pixel up-conv's 2x2 convolution (oneDNN's, as ATen's CPU convolutions are) runs in about half the time
 # of the 3x3 one on the upsampled input from 32 x 32 low-resolution pixels per batch up; below, making its weights
-# costs more than it saves (measured on a 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
+# costs more than it saves (measured on a 2-core AVX2 EPYC, benchmarks/RESULTS.md).
 _SUBPIXEL_MIN_PIXELS = 1024
 
 
 # Up to this many pixels per batch, a 3x3 conv's weights outweigh its input, and im2col with one GEMM against the
 # weights as they lie (_gemm_conv_bn_relu) beats oneDNN's convolution, which lays the weights out anew at every
-# call: 1.6-3.4x at 1024 channels, still 1.5x at 512 (a 2-core AVX-512 EPYC, benchmarks/RESULTS.md).
+# call: 1.75-2.3x at 1024 channels, still 1.5x at 512 (a 2-core AVX2 EPYC, benchmarks/RESULTS.md).
 _GEMM_MAX_PIXELS = 256
 
 

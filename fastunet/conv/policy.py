@@ -52,7 +52,7 @@ _TABLE = {
     # (forward 1.5-2.0e-7, input gradient 2.0-2.2e-7 against 3.3e-7), so there the GEMMs are off.
     "gemm_train_max_pixels": Entry(
         0 if onednn_isa() == "avx512" else GEMM_TRAIN_MAX_PIXELS_AVX2, "pixels per image",
-        "GEMM vs oneDNN: 2-core AVX2 EPYC, benchmarks/RESULTS.md (fast conv timings); accuracy: 2-core Xeon "
+        "GEMM vs oneDNN: 2-core AVX2 EPYC, benchmarks/RESULTS.md (convolution measurements); accuracy: 2-core Xeon "
         "(Sapphire Rapids, AVX-512), ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 column, benchmarks/RESULTS.md 'Issue 31'"),
     # Whether fast mode's CPU float32 training runs its wide 3x3 convs as Winograd F(2x2, 3x3) where
     # fastunet.winograd.pays, and an NCHW input in channels_last inside (fastunet.U_Net._channels_last_inside).
@@ -70,7 +70,7 @@ _TABLE = {
     # step 26x as slow as float32 on a CPU without them.
     "native_dot_bfloat16": Entry(
         _has_native_dot(torch.bfloat16), "bool (lscpu: avx512_bf16 or amx_bf16)",
-        "2-core AVX2 EPYC, benchmarks/RESULTS.md (bf16 autocast step)"),
+        "2-core AVX2 EPYC, benchmarks/RESULTS.md (bfloat16 autocast on the CPU)"),
     "native_dot_float16": Entry(
         _has_native_dot(torch.float16), "bool (lscpu: amx_fp16)", "as native_dot_bfloat16"),
 }
