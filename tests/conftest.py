@@ -2,6 +2,7 @@
 must be set before triton (or any fastunet kernel) is imported, hence here, at the top."""
 
 import contextlib
+import ctypes
 import gc
 import os
 import subprocess
@@ -39,13 +40,26 @@ def _fresh_seed(request):
     yield
 
 
+def _malloc_trim():
+    """glibc's malloc_trim(0), where there is one: hands the heap's free pages back to the system."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return lambda pad: 0
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 @pytest.fixture(autouse=True)
 def _collect_cycles():
     """Frees, after each test, what reference cycles hold: a failed assertion's traceback holds the frames of the
     check that failed (models, their float64 twins, gradients: about 1 GB at 32 x 32), and Python's collector,
-    counting objects rather than bytes, may not run for many tests."""
+    counting objects rather than bytes, may not run for many tests. Then the freed heap goes back to the system,
+    so that one test's peak does not sit on what earlier tests left in glibc's free lists."""
     yield
     gc.collect()
+    _MALLOC_TRIM(0)
 
 
 @pytest.fixture
