@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 import fastunet
 
-from . import parallel, reference, spatial
+from .. import parallel, reference, spatial
 
 OUTPUT_CH = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -997,6 +997,3 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    main()
