@@ -15,13 +15,14 @@ import torch.distributed as dist
 import fastunet
 
 from .. import parallel, reference
-from .data import build_datasets, build_loaders
+from .data import DataError, build_datasets, build_loaders
 from .distributed import prepare, prepare_pipelined, prepare_spatial, process_mesh, setup_distributed
 from .loop import log, train
 from .metrics import compare_losses, final_window
 from .report import write_results
 
 OUTPUT_CH = 1
+PROG = "python -m fastunet.train"
 
 
 def default_plan(device, data):
@@ -36,8 +37,10 @@ def default_plan(device, data):
 
 
 def parse_args(argv):
+    """The options of ``argv`` (sys.argv's when None), checked (check_args); those left unset are filled in by
+    fill_defaults once the device is known."""
     parser = argparse.ArgumentParser(
-        prog="python -m fastunet.train",
+        prog=PROG,
         description="Train the reference U-Net or fastunet.U_Net on binary segmentation; --compare trains both.",
     )
     parser.add_argument("--model", choices=("fastunet", "reference"), default="fastunet",
@@ -136,8 +139,9 @@ def load_data(args, rank, world):
     """(training set, validation set) of build_datasets, checked to hold a batch per process, and logged."""
     train_set, val_set = build_datasets(args, world)
     if len(train_set) < args.batch * world:
-        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {args.batch} "
-                         f"per data-parallel process ({world}); lower --batch or add images")
+        raise DataError(f"the training split of {args.data} has {len(train_set)} images, fewer than one batch of "
+                        f"{args.batch} per data-parallel process ({world}): lower --batch or --val-samples, or add "
+                        f"images")
     log(f"data: {args.data}, {len(train_set)} training and {len(val_set)} validation images of "
         f"{args.img_ch} x {args.size} x {args.size}", rank)
     return train_set, val_set
@@ -225,12 +229,26 @@ def run(args, device, rank, world):
     return result
 
 
+def data_error_message(error):
+    """The one-line message of a DataError. One raised in a DataLoader worker comes back re-made around the
+    worker's traceback text (torch.utils.data's ExceptionWrapper), whose last line is ``<class>: <message>``."""
+    lines = str(error).strip().splitlines()
+    if len(lines) <= 1:
+        return str(error)
+    _, colon, message = lines[-1].partition(": ")
+    return message if colon else lines[-1]
+
+
 def main(argv=None):
-    """Parses ``argv``, trains (under torchrun: in every process), returns the history dict of run()."""
+    """Parses ``argv``, trains (under torchrun: in every process), returns the history dict of run(). A DataError
+    ends it as a bad option does: one ``error:`` line on stderr, exit status 2."""
     args = parse_args(argv)
     device, rank, world = setup_distributed(args.device)
     try:
         return run(args, device, rank, world)
+    except DataError as error:
+        print(f"{PROG}: error: {data_error_message(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

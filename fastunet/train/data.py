@@ -1,5 +1,6 @@
 """The training data: the synthetic shapes, an images/ + masks/ folder, and the loaders over them."""
 
+import importlib.util
 import math
 import os
 
@@ -8,6 +9,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A problem with the training data that its user can fix (a missing, unreadable or unpaired file, a size or
+    channel count that does not fit), with a one-line message naming the file and what to do;
+    ``python -m fastunet.train`` prints it as its ``error:`` line instead of a traceback."""
 
 
 def _check_size(size):
@@ -86,31 +93,41 @@ class SyntheticShapes(Dataset):
 
 def _image_files(folder):
     """stem -> path of the png/jpg files in ``folder``."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as error:
+        raise DataError(f"cannot list {folder} ({_reason(error)}); make it a readable folder") from error
     files = {}
-    for entry in sorted(os.listdir(folder)):
+    for entry in entries:
         stem, ext = os.path.splitext(entry)
         if ext.lower() in IMAGE_EXTENSIONS:
             if stem in files:
-                raise ValueError(f"two files named {stem} in {folder}: {os.path.basename(files[stem])} and {entry}")
+                raise DataError(f"{folder} holds two files of the stem {stem}, {os.path.basename(files[stem])} and "
+                                f"{entry}: images and masks pair by stem, keep one of them")
             files[stem] = os.path.join(folder, entry)
     return files
 
 
+def _reason(error):
+    """An exception's message on one line (the ``error:`` line is one line)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _read_image(path):
-    """The file as float32 ``[C, H, W]`` in [0, 1] (PIL if installed, else matplotlib.image.imread)."""
+    """The file as float32 ``[C, H, W]`` in [0, 1] (8-bit by 255, 16-bit by 65535), read with PIL; DataError if
+    PIL cannot read it (not an image, truncated, unreadable)."""
     import numpy as np
+    from PIL import Image
 
     try:
-        from PIL import Image
-    except ImportError:
-        import matplotlib.image
-
-        array = matplotlib.image.imread(path)
-    else:
         with Image.open(path) as image:
             if image.mode not in ("L", "LA", "RGB", "RGBA", "I;16", "I", "F"):  # palette, 1-bit, CMYK, ...
                 image = image.convert("RGB")
             array = np.array(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL's reading errors
+        reason = _reason(error).replace(f" {str(path)!r}", "")  # PIL's messages may name the file again
+        raise DataError(f"cannot read {path} as an image ({reason}); replace it, or remove it and its image or "
+                        f"mask") from error
     if array.dtype == np.uint8:
         array = array / 255.0
     elif array.dtype.kind in "ui":  # 16-bit PNGs (PIL modes I;16 and I)
@@ -130,7 +147,9 @@ def _to_channels(image, channels, path):
         return colour.expand(channels, -1, -1)
     if colour.shape[0] == channels:
         return colour
-    raise ValueError(f"{path} has {image.shape[0]} channels; cannot make the {channels} channels asked (--img-ch)")
+    possible = " or ".join(str(count) for count in sorted({1, 3, image.shape[0]}))
+    raise DataError(f"{path} has {image.shape[0]} channels, which make {possible} channels, not the {channels} that "
+                    f"--img-ch {channels} asks: set --img-ch to one of those")
 
 
 def _resize_crop(image, size):
@@ -149,28 +168,34 @@ class ImageMaskFolder(Dataset):
     """Pairs ``root/images/<stem>.png|jpg`` with the mask of the same stem in ``root/masks/``.
 
     Item ``i`` (files in stem order) is ``(image, mask)``: image float32 ``[img_ch, size, size]`` standardised
-    per image, mask float32 ``[1, size, size]`` of 0 and 1. Files are read with PIL if installed, else with
-    matplotlib.image.imread, scaled to [0, 1] (8-bit by 255, 16-bit by 65535), resized so that the shorter side
-    is ``size`` (bilinear, antialiased) and centre-cropped to a square. Images: alpha is dropped, grey repeated to
-    ``img_ch`` channels, colours averaged for ``img_ch=1``. Masks: colours averaged, foreground where > 0.5.
+    per image, mask float32 ``[1, size, size]`` of 0 and 1. Files are read with PIL, scaled to [0, 1], resized so
+    that the shorter side is ``size`` (bilinear, antialiased) and centre-cropped to a square. Images: alpha is
+    dropped, grey repeated to ``img_ch`` channels, colours averaged for ``img_ch=1``. Masks: colours averaged,
+    foreground where > 0.5. A folder or file its user must fix raises DataError: here a missing folder, no images,
+    an image without a mask; when an item is read, a file PIL cannot read or an image and mask of other sizes.
     """
 
     def __init__(self, root, size=64, img_ch=3):
         _check_size(size)
         self.root, self.size, self.img_ch = root, size, img_ch
+        if importlib.util.find_spec("PIL") is None:  # matplotlib, which draws loss.png, depends on it
+            raise DataError("reading an image folder needs Pillow: pip install pillow")
+        if not os.path.isdir(root):
+            raise DataError(f"{root} is not a folder: --data takes 'synthetic' or a folder with images/ and masks/")
         image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
         for folder in (image_dir, mask_dir):
             if not os.path.isdir(folder):
-                raise FileNotFoundError(f"{folder} is missing: a data folder holds images/ and masks/, with a mask "
-                                        f"of the same file name (stem) for every image")
+                raise DataError(f"{folder} is missing: a data folder holds images/ and masks/, with a mask of the "
+                                f"same file name (stem) for every image")
         images, masks = _image_files(image_dir), _image_files(mask_dir)
         if not images:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
+            raise DataError(f"{image_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}): put the training images "
+                            f"there and their masks in {mask_dir}")
         missing = sorted(set(images) - set(masks))
         if missing:
-            listed = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise ValueError(f"{len(missing)} of the {len(images)} images in {image_dir} have no mask of the same "
-                             f"stem in {mask_dir}: {listed}")
+            others = f" (and {len(missing) - 1} more of the {len(images)} images)" if len(missing) > 1 else ""
+            raise DataError(f"{images[missing[0]]} has no mask{others}: add {mask_dir}/{missing[0]}.png (or .jpg) or "
+                            f"remove the image")
         self.pairs = [(images[stem], masks[stem]) for stem in sorted(images)]
 
     def __len__(self):
@@ -180,8 +205,8 @@ class ImageMaskFolder(Dataset):
         image_path, mask_path = self.pairs[index]
         image, mask = _read_image(image_path), _read_image(mask_path)
         if image.shape[1:] != mask.shape[1:]:
-            raise ValueError(f"{image_path} is {tuple(image.shape[1:])} but its mask {mask_path} is "
-                             f"{tuple(mask.shape[1:])} (H, W)")
+            raise DataError(f"{image_path} is {tuple(image.shape[1:])} (H, W) but its mask {mask_path} is "
+                            f"{tuple(mask.shape[1:])}: a mask has its image's size")
         image = _resize_crop(_to_channels(image, self.img_ch, image_path), self.size)
         mask = _resize_crop(_to_channels(mask, 1, mask_path), self.size)
         return _standardise(image), (mask > 0.5).float()
