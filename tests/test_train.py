@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader, Subset
 
 import fastunet
 from fastunet.reference import U_Net as Reference
-from fastunet.train import ImageMaskFolder, SyntheticShapes, compare_losses, dice_iou, dice_iou_per_sample, main
+from fastunet.train import (
+    DataError,
+    ImageMaskFolder,
+    SyntheticShapes,
+    compare_losses,
+    dice_iou,
+    dice_iou_per_sample,
+    main,
+)
 
 # 2 epochs x 10 steps of batch 4 at 32 x 32: about 20 s for both models on 2 cores.
 TINY = ["--device", "cpu", "--size", "32", "--batch", "4", "--epochs", "2", "--steps-per-epoch", "10",
@@ -162,15 +170,15 @@ def test_image_mask_folder_reads_resizes_and_binarises(tmp_path):
 
 
 def test_image_mask_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="images"):
+    with pytest.raises(DataError, match="images"):
         ImageMaskFolder(tmp_path, size=32)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         ImageMaskFolder(tmp_path, size=32)
     write_folder(tmp_path / "data", 2)
     os.remove(tmp_path / "data" / "masks" / "case1.png")
-    with pytest.raises(ValueError, match="case1"):
+    with pytest.raises(DataError, match="case1"):
         ImageMaskFolder(tmp_path / "data", size=32)
     with pytest.raises(ValueError, match="multiple of 16"):
         ImageMaskFolder(tmp_path / "data", size=40)
