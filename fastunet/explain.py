@@ -1,7 +1,8 @@
 """``fastunet.explain(model, x, train=False)``: what each conv layer of a fastunet model runs for this input here:
 its input shape, algorithm, layout and dtype, and the rule that picked them (or why the block runs its own modules).
-Nothing runs: stand-in tensors (fake, no memory) walk the levels, and every choice is asked of the function that
-makes it in the forward (model.fused_refusal, U_Net._channels_last_inside, functional's predicates, policy)."""
+Nothing runs: stand-in tensors (fake, no memory) walk the levels, and every choice is asked of what makes it in the
+forward: model.fused_refusal, U_Net._channels_last_inside, and fastunet.conv.policy's choosers, whose rules the lines
+print."""
 
 import functools
 from typing import NamedTuple
@@ -9,7 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import functional, ops, weight_cache
+from . import functional, ops
 from . import model as fastunet_model
 from .conv import policy
 
@@ -107,52 +108,38 @@ def _cast(x):
 
 
 def _fast_conv_line(name, x, w, rule=""):
-    """The Line of functional._fast_conv(x, w) (and its backward), asked of its own predicates."""
-    notes = [rule] if rule else []
-    if functional._float32_conv(x):
-        notes.append(f"float32 on the upcast {str(x.dtype).removeprefix('torch.')}: policy "
-                     f"native_dot_{str(x.dtype).removeprefix('torch.')}=False")
+    """The Line of conv.training.forward(x, w) (and its backward): the policy's upcast, train_conv and conv_layout."""
+    notes = [rule]
+    layer = policy.Layer.of(x, w, train=True)
+    upcast = policy.upcast(layer)
+    if upcast.algorithm:
         x, w = _like(x, dtype=torch.float32), _like(w, dtype=torch.float32)
-    n, cin, h, width = x.shape
-    gemm_max = policy.value("gemm_train_max_pixels")
-    channels = f"{w.shape[1]}->{w.shape[0]} channels, {n * h * width} pixels per batch"
-    if functional._winograd_train_conv(x, w):
-        return _line(name, x, WINOGRAD, "; ".join(notes + [f"policy winograd_train=True; winograd.pays at {channels}"]))
-    if functional._gemm_train_conv(x, w):
-        notes.append(f"policy gemm_train_max_pixels={gemm_max} >= {h * width} pixels per image")
-        if w.shape[2] == 2 and x.is_contiguous(memory_format=torch.channels_last):
+        layer = policy.Layer.of(x, w, train=True)
+    notes.append(upcast.rule if upcast.algorithm else "")
+    choice = policy.train_conv(layer)
+    notes.append(choice.rule)
+    if choice.algorithm == "winograd":
+        return _line(name, x, WINOGRAD, _joined(notes))
+    if choice.algorithm == "gemm":
+        if layer.kernel == 2 and layer.nhwc_dense:
             notes.append("backward by the same GEMMs")
-        return _line(name, x, GEMM, "; ".join(notes))
-    if w.shape[2] == 3:
-        notes.append("policy winograd_train=False" if not policy.value("winograd_train")
-                     else f"winograd does not pay at {channels}")
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        notes.append(f"policy gemm_train_max_pixels={gemm_max} < {h * width} pixels per image")
-    layout = functional._aten_conv_layout(x, w)
-    if layout is not None:
-        notes.append(f"moved to the weights' {_LAYOUTS[layout]} (the weights outnumber the activations)")
-    algorithm = _aten(x)
-    if functional._shifted_gemm_train_conv(x, w):
-        algorithm += ", backward by shifted GEMMs"
-    return _line(name, x, algorithm, "; ".join(notes), layout)
+        return _line(name, x, GEMM, _joined(notes))
+    layout = policy.conv_layout(layer)
+    notes.append(layout.rule)
+    algorithm = _aten(x) + ", backward by shifted GEMMs" * (choice.algorithm == "shifted_gemm")
+    return _line(name, x, algorithm, _joined(notes), layout.algorithm)
 
 
-def _inference_line(name, x, cout, exact, rule=""):
-    """The Line of functional._conv_bn_relu_inference on ``x`` (CPU inference)."""
-    choice = functional._inference_conv_choice(x, cout, exact)
-    n, cin, h, w = x.shape
-    pixels = n * h * w
-    reasons = {
-        "winograd": (WINOGRAD, f"winograd.pays at {cin}->{cout} channels, {pixels} pixels per batch "
-                               f"(weights kept: {weight_cache.enabled})"),
-        "gemm": (GEMM, f"_GEMM_MAX_PIXELS={functional._GEMM_MAX_PIXELS} >= {pixels} pixels per batch"),
-        "folded": (f"{_aten(x)}, BN folded", f"channels_last, {pixels} pixels per batch: BN folded into the weights"),
-        "unfolded": (_aten(x), "exact mode: the seed's ops" if exact else "NCHW: not folded (over the error rule)"
-                     if ops.memory_format_of(x) != torch.channels_last else
-                     f"{pixels} pixels per batch, {cin} input channels: BN and ReLU passes cheaper than folding"),
-    }
-    algorithm, why = reasons[choice]
-    return _line(name, x, algorithm, "; ".join(r for r in ("CPU inference", rule, why) if r))
+def _joined(notes):
+    return "; ".join(note for note in notes if note)
+
+
+def _inference_line(name, x, weight, exact, rule=""):
+    """The Line of functional._conv_bn_relu_inference on ``x`` by ``weight`` (CPU inference): policy.inference_conv."""
+    choice = functional._inference_conv_choice(x, weight, exact)
+    algorithm = {"winograd": WINOGRAD, "gemm": GEMM, "folded": f"{_aten(x)}, BN folded"}.get(choice.algorithm,
+                                                                                            _aten(x))
+    return _line(name, x, algorithm, _joined(["CPU inference", rule, choice.rule]))
 
 
 def _bn_tensors(bn):
@@ -192,8 +179,8 @@ def _double_lines(name, block, x):
     tensors = (x, c1.weight, c1.bias, *_bn_tensors(b1), c2.weight, c2.bias, *_bn_tensors(b2))
     if functional._cpu_inference(x, tensors, (b1, b2)):
         z1 = _like(x, (x.shape[0], c1.out_channels, *x.shape[2:]))
-        return [_inference_line(names[0], x, c1.out_channels, block.exact),
-                _inference_line(names[1], z1, c2.out_channels, block.exact)]
+        return [_inference_line(names[0], x, c1.weight, block.exact),
+                _inference_line(names[1], z1, c2.weight, block.exact)]
     xc = _cast(x)
     z1 = _like(xc, (x.shape[0], c1.out_channels, *x.shape[2:]))
     if block.exact:
@@ -202,10 +189,10 @@ def _double_lines(name, block, x):
     mode = ops.conv3x3_mode()
     if mode == "auto" and x.device.type == "cuda":
         second = _line(names[1], z1, "triton or " + _aten(z1), "FASTUNET_CONV=auto: the faster at the first call")
-    elif ops.conv3x3_backend(z1, w2, b2.training) == "triton":
-        second = _line(names[1], z1, "triton", f"FASTUNET_CONV={mode}: BN+ReLU in the conv's input load")
     else:
-        second = _fast_conv_line(names[1], z1, w2, f"ops.conv3x3_backend: aten (FASTUNET_CONV={mode})")
+        choice = policy.second_conv(policy.Layer.of(z1, w2, train=b2.training), mode, lambda: None)
+        second = (_line(names[1], z1, "triton", choice.rule) if choice.algorithm == "triton" else
+                  _fast_conv_line(names[1], z1, w2, f"second conv: {choice.rule}"))
     return [_fast_conv_line(names[0], xc, w1), second]
 
 
@@ -217,23 +204,20 @@ def _up_lines(name, block, d):
     _, conv, bn, _ = block.up
     layer = _name(name, "up.1")
     n, cin, h, w = d.shape
-    pixels = f"{n * h * w} low-resolution pixels per batch"
     if functional._cpu_inference(d, (d, conv.weight, conv.bias, *_bn_tensors(bn)), (bn,)):
-        if functional._subpixel_inference(d, block.exact):
-            return [_line(layer, d, f"{SUBPIXEL}, {_aten(d)}, BN folded",
-                          f"CPU inference; _SUBPIXEL_MIN_PIXELS={functional._SUBPIXEL_MIN_PIXELS} <= {pixels}")]
-        rule = "upsampled" if block.exact else f"upsampled: {pixels} < _SUBPIXEL_MIN_PIXELS"
-        return [_inference_line(layer, _like(d, (n, cin, 2 * h, 2 * w)), conv.out_channels, block.exact, rule)]
+        choice = policy.up_conv(policy.Layer.of(d, conv.weight, train=False, exact=block.exact))
+        if choice.algorithm == "subpixel":
+            return [_line(layer, d, f"{SUBPIXEL}, {_aten(d)}, BN folded", f"CPU inference; {choice.rule}")]
+        return [_inference_line(layer, _like(d, (n, cin, 2 * h, 2 * w)), conv.weight, block.exact, choice.rule)]
     dc, wc = _cast(d), _cast(conv.weight)
     upsampled = _like(dc, (n, cin, 2 * h, 2 * w))
     if block.exact:
         return [_line(layer, upsampled, _aten(upsampled), "exact mode: ATen's convolution, as the seed's")]
-    if not functional._subpixel_train(dc):
-        return [_fast_conv_line(layer, upsampled, wc, f"upsampled: {pixels} < _SUBPIXEL_TRAIN_MIN_PIXELS="
-                                                      f"{functional._SUBPIXEL_TRAIN_MIN_PIXELS}")]
+    choice = policy.up_conv(policy.Layer.of(dc, wc, train=True))
+    if choice.algorithm == "upsampled":
+        return [_fast_conv_line(layer, upsampled, wc, choice.rule)]
     w4 = _like(wc, (4 * conv.out_channels, cin, 2, 2))
-    why = "on CUDA" if d.device.type != "cpu" else f"{pixels} >= _SUBPIXEL_TRAIN_MIN_PIXELS"
-    line = _fast_conv_line(layer, dc, w4, f"sub-pixel: {why}")
+    line = _fast_conv_line(layer, dc, w4, choice.rule)
     return [line._replace(algorithm=f"{SUBPIXEL}, {line.algorithm}")]
 
 
@@ -244,11 +228,8 @@ def _unet_lines(model, x):
         h, w = -(-h // 16) * 16, -(-w // 16) * 16
     padded = _like(x, (n, x.shape[1], h, w), layout=None if (h, w) == x.shape[2:] else torch.contiguous_format)
     fastunet_model._check_input(padded, model.img_ch, next(model.parameters(), None))
-    inside = model._channels_last_inside(padded)
-    forced_off = model.training and not policy.value("channels_last_train")
-    rule = "as it lies" + ": policy channels_last_train=False" * forced_off
-    if inside:
-        rule = "channels_last inside: " + ("policy channels_last_train=True" if model.training else "CPU inference")
+    inside, rule = model._channels_last_inside(padded)
+    rule = ("channels_last inside: " if inside else "as it lies: ") + rule
     h_t = _like(padded, layout=torch.channels_last) if inside else padded
     lines, skips = [_line("(input)", h_t, "-", rule)], []
     dtype = functional._cast_dtype(h_t, functional._autocast_dtype(h_t.device.type))

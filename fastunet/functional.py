@@ -40,12 +40,15 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops, weight_cache, winograd
-from .conv import policy
+from . import ops, weight_cache
+from .conv import aten as conv_aten
+from .conv import gemm, policy, training, winograd
+from .conv.subpixel import conv_relu_into, phase_weights, phase_weights_backward  # noqa: F401  (public names)
 from .sync_batchnorm import all_reduce_sums, sync_batch_stats, unbiased, update_running_stats
 
 _aten = torch.ops.aten
-_CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
+_CONV_ARGS = conv_aten.CONV_ARGS
+
 
 
 class BatchNormArgs(NamedTuple):
@@ -72,56 +75,6 @@ class BatchNormArgs(NamedTuple):
     def settings(self):
         return self.eps, self.factor, self.training, self.group
 
-
-# The sub-pixel decomposition of upsample2x + conv3x3 along one axis: output phase 0 (even rows) sees the 2-tap
-# kernel (r0, r1 + r2) of the 3 taps r0, r1, r2, phase 1 (odd rows) (r0 + r1, r2). [phase][tap] -> the taps summed.
-_PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
-
-
-def _tap_sum(t, dim, taps):
-    """The sum of ``t``'s ``taps`` along ``dim`` (a view where it is one tap)."""
-    first = t.select(dim, taps[0])
-    return first if len(taps) == 1 else first + t.select(dim, taps[1])
-
-
-def _unfold_taps(g):
-    """The adjoint of the sub-pixel decomposition along one axis (_PHASE_TAPS): ``[2 phases, 2 taps, ...]`` ->
-    ``[3 taps, ...]``, one output allocation."""
-    (even0, even1), (odd0, odd1) = (phase.unbind(0) for phase in g.unbind(0))
-    out = even0.new_empty((3, *even0.shape))
-    for tap, (even, odd) in enumerate(((even0, odd0), (even1, odd0), (even1, odd1))):
-        torch.add(even, odd, out=out[tap])
-    return out
-
-
-def phase_weights(w):
-    """3x3 weights ``[O, I, 3, 3]`` -> sub-pixel 2x2 weights ``[4*O, I, 2, 2]``, float32 (float64 stays), in w's
-    memory format (a channels_last model's convs then take them without a layout copy). Made at every call: one
-    output allocation, each tap written once (the rows' tap sums, then the columns' into place).
-
-    ``conv2d(x, phase_weights(w), padding=1)[:, (2a+b)*O + o, i+a, j+b]`` equals
-    ``conv2d(upsample2x(x), w, padding=1)[:, o, 2i+a, 2j+b]`` for a, b in {0, 1}.
-    """
-    o, i = w.shape[:2]
-    w = w.to(ops.acc_dtype(w.dtype))
-    w4 = torch.empty((4 * o, i, 2, 2), dtype=w.dtype, device=w.device, memory_format=ops.memory_format_of(w))
-    phases = w4.unflatten(0, (2, 2, o))  # [a, b, O, I, row tap, column tap]
-    for a in range(2):
-        for row_tap in range(2):
-            rows = _tap_sum(w, 2, _PHASE_TAPS[a][row_tap])  # [O, I, 3 column taps]
-            for b in range(2):
-                for column_tap in range(2):
-                    phases[a, b, :, :, row_tap, column_tap] = _tap_sum(rows, 2, _PHASE_TAPS[b][column_tap])
-    return w4
-
-
-def phase_weights_backward(dw4, out_channels):
-    """Gradient through phase_weights: ``[4*O, I, 2, 2]`` (any strides) -> ``[O, I, 3, 3]`` contiguous, float32
-    (float64 stays). The tap sums run on whole ``[O, I]`` planes, taps outermost."""
-    d6 = dw4.to(ops.acc_dtype(dw4.dtype)).reshape(2, 2, out_channels, dw4.shape[1], 2, 2)  # [a, b, O, I, rt, ct]
-    columns = _unfold_taps(d6.permute(1, 5, 4, 0, 2, 3))  # [b, ct, rt, a, O, I] -> [3 columns, rt, a, O, I]
-    taps = _unfold_taps(columns.permute(2, 1, 0, 3, 4))  # [a, rt, 3 columns, O, I] -> [3 rows, 3 columns, O, I]
-    return taps.permute(2, 3, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,212 +124,12 @@ def _vec(value, c, like):
     return torch.full((c,), value, dtype=ops.acc_dtype(like.dtype), device=like.device)
 
 
-def _conv(x, w, b):
-    return _aten.convolution(x, w, b, *_CONV_ARGS)
 
+def _subpixel_train(d, w):
+    """Whether fast-mode training's up block runs the sub-pixel conv on ``d`` with 3x3 weights ``w`` (else the 3x3
+    conv on the upsampled ``d``): policy.up_conv."""
+    return policy.up_conv(policy.Layer.of(d, w, train=True)).algorithm == "subpixel"
 
-def _gemm_train_conv(x, w):
-    """Whether fast mode's training conv of ``x`` by ``w`` runs as GEMMs (_fast_conv, _fast_conv_backward): up to
-    the policy's ``gemm_train_max_pixels`` pixels per image (fastunet.conv.policy); eager only, since Dynamo cannot
-    speculate the GEMM backward's reshapes of gradients of unknown layout."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.shape[2] * x.shape[3] <= policy.value("gemm_train_max_pixels") and not torch.compiler.is_compiling())
-
-
-def _winograd_train_conv(x, w):
-    """Whether fast mode's training 3x3 conv of ``x`` by ``w`` runs as Winograd F(2x2, 3x3), forward and both
-    gradients: where the policy's ``winograd_train`` allows it, fastunet.winograd.pays and the GEMMs of few pixels
-    (_gemm_train_conv) do not run it; eager only."""
-    return (w.shape[2] == 3 and w.dtype == torch.float32 and policy.value("winograd_train")
-            and winograd.pays(x, w.shape[1], w.shape[0]) and not _gemm_train_conv(x, w))
-
-
-def _shifted_gemm_train_conv(x, w):
-    """Whether the backward of fast mode's training sub-pixel conv (2x2, padding 1) of ``x`` by ``w`` runs as
-    shifted GEMMs (_shifted_gemm_backward): float32 channels_last on the CPU, where _gemm_train_conv does not run it;
-    eager only (Dynamo cannot speculate a layout test in a backward)."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype == torch.float32 and w.shape[2] == 2 and x.is_contiguous(memory_format=torch.channels_last)
-            and not _gemm_train_conv(x, w))
-
-
-def _shifted_gemm_backward(dz, x, w, output_mask):
-    """(dx, dw) of the sub-pixel conv ``conv2d(x, w, padding=1)`` (x ``[N, Cin, h, w]`` channels_last, w
-    ``[Cout, Cin, 2, 2]``, dz ``[N, Cout, h+1, w+1]``), each None where ``output_mask`` says so: four GEMMs per
-    gradient over the pixels as rows. With x zero-padded to an ``(h+2) x (w+2)`` grid and dz zero-extended to the
-    same grid, tap (a, b) pairs row r of dz with row r + a(w+2) + b of x, within one image; the zero rows add
-    nothing. dw comes taps outermost, as phase_weights_backward reads it best. oneDNN's channels_last backward of
-    these convs took 1.1-2.7x as long (benchmarks/RESULTS.md)."""
-    n, cin, h, width = x.shape
-    cout = w.shape[0]
-    grid_dz = dz.new_zeros((n, h + 2, width + 2, cout))
-    grid_dz[:, :h + 1, :width + 1] = dz.permute(0, 2, 3, 1)
-    rows_dz = grid_dz.view(-1, cout)
-    taps = [(a, b, a * (width + 2) + b) for a in range(2) for b in range(2)]
-    length = rows_dz.shape[0]
-    dx = dw = None
-    if output_mask[0]:
-        grid_dx = x.new_zeros((n, h + 2, width + 2, cin))
-        rows_dx = grid_dx.view(-1, cin)
-        for a, b, shift in taps:
-            rows_dx[shift:].addmm_(rows_dz[:length - shift], w[:, :, a, b])
-        dx = grid_dx[:, 1:h + 1, 1:width + 1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    if output_mask[1]:
-        grid_x = x.new_zeros((n, h + 2, width + 2, cin))
-        grid_x[:, 1:h + 1, 1:width + 1] = x.permute(0, 2, 3, 1)
-        rows_x = grid_x.view(-1, cin)
-        dw_taps = x.new_empty((2, 2, cout, cin))
-        for a, b, shift in taps:
-            torch.mm(rows_dz[:length - shift].t(), rows_x[shift:], out=dw_taps[a, b])
-        dw = dw_taps.permute(2, 3, 0, 1)
-    return dx, dw
-
-
-# Fast-mode CPU training runs the up-conv as the sub-pixel 2x2 conv from this many low-resolution pixels per batch;
-# below, the 3x3 conv on the upsampled input: there the weights outweigh the pixels, and the sub-pixel conv's four
-# phase kernels (4/9 more weights, and their transforms both ways) cost more than its fewer multiplies save: a
-# 1 x 3 x 64^2 step went from 0.81x to 0.95x eager, 2 x 3 x 128^2 from 1.39x to 1.51x (benchmarks/RESULTS.md).
-_SUBPIXEL_TRAIN_MIN_PIXELS = 1024
-
-
-def _subpixel_train(d):
-    """Whether fast-mode training's up block runs the sub-pixel conv on ``d`` (else the 3x3 conv on the upsampled
-    ``d``): always on CUDA; on the CPU from _SUBPIXEL_TRAIN_MIN_PIXELS low-resolution pixels per batch."""
-    return d.device.type != "cpu" or d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_TRAIN_MIN_PIXELS
-
-
-def _float32_conv(x):
-    """Whether fast mode runs a CPU convolution of a bfloat16/float16 ``x`` in float32, its inputs upcast (exactly)
-    and its output rounded back: where the CPU has no dot products of that dtype (policy.native_dot), oneDNN's
-    emulated ones made a 1 x 3 x 64^2 bfloat16 training step 26x as slow as a float32 one (benchmarks/RESULTS.md).
-    The float32 product of the rounded inputs is at least as accurate as the half-precision conv, which accumulates
-    in float32 too."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not policy.native_dot(x.dtype)
-
-
-def _aten_conv_layout(x, w):
-    """The memory format fast mode moves the activations to for its ATen training conv of ``x`` by ``w``, or None
-    to run it as they lie: the weight's where the two differ on the CPU and the weights outnumber the activations in
-    and out (a model's NCHW weights at the deep levels, whose activations are channels_last inside). oneDNN lays a
-    weight of the other layout out anew in every forward and backward, which at few pixels costs more than moving
-    the activations: 1024 -> 1024 channels at 1 x 16 x 16 took 352 ms forward and backward against 176 ms in the
-    weights' layout (benchmarks/RESULTS.md)."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
-        return None
-    weight_layout = ops.memory_format_of(w)
-    n, _, h, width = x.shape
-    if weight_layout != ops.memory_format_of(x) and w.numel() > x.numel() + n * w.shape[0] * h * width:
-        return weight_layout
-    return None
-
-
-def _aten_conv(x, w):
-    """ATen's ``conv2d(x, w, padding=1)`` (no bias), in the layout _aten_conv_layout picks, the output then in
-    x's."""
-    layout = _aten_conv_layout(x, w)
-    if layout is None:
-        return _conv(x, w, None)
-    return _conv(x.contiguous(memory_format=layout), w, None).contiguous(memory_format=ops.memory_format_of(x))
-
-
-def _aten_conv_backward(dz, x, w, output_mask):
-    """(dx, dw) of _aten_conv by ATen's convolution_backward, in the same layout, dx then in x's."""
-    layout = _aten_conv_layout(x, w)
-    if layout is None:
-        return _aten.convolution_backward(dz, x, w, None, *_CONV_ARGS, [*output_mask, False])[:2]
-    dx, dw = _aten.convolution_backward(dz.contiguous(memory_format=layout), x.contiguous(memory_format=layout), w,
-                                        None, *_CONV_ARGS, [*output_mask, False])[:2]
-    return (None if dx is None else dx.contiguous(memory_format=ops.memory_format_of(x))), dw
-
-
-def _fast_conv(x, w):
-    """Fast mode's training convolution ``conv2d(x, w, padding=1)`` (3x3, or the sub-pixel 2x2), no bias: for few
-    pixels (_gemm_train_conv) im2col and one GEMM per image, else where it pays (_winograd_train_conv) Winograd, else
-    ATen's (_aten_conv); the output in x's layout and dtype, computed in float32 where _float32_conv says so."""
-    if _float32_conv(x):
-        return _fast_conv(x.float(), w.float()).to(x.dtype)
-    if _winograd_train_conv(x, w):
-        return winograd.conv3x3(x, winograd.weights(w))
-    if not _gemm_train_conv(x, w):
-        return _aten_conv(x, w)
-    n, _, h, width = x.shape
-    cout, k = w.shape[0], w.shape[2]
-    if ops.memory_format_of(w) == torch.channels_last:
-        rows = torch.bmm(_taps_outer_columns(x, k), _taps_outer_weights(w).t().expand(n, -1, -1))  # [N, pixels, Cout]
-        z = rows.view(n, h + 3 - k, width + 3 - k, cout).permute(0, 3, 1, 2)
-    else:
-        z = torch.bmm(w.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, k, padding=1))  # [N, Cout, pixels]
-        z = z.view(n, cout, h + 3 - k, width + 3 - k)
-    return z.contiguous(memory_format=ops.memory_format_of(x))
-
-
-def _fast_conv_backward(dz, x, w, output_mask):
-    """(dx, dw) of _fast_conv, each None where ``output_mask`` says so: ATen's convolution_backward, or for few
-    pixels the GEMMs' adjoints (the input's through F.fold, the weights' as one GEMM over the batch), or where
-    _fast_conv runs Winograd, both by Winograd, or for the channels_last sub-pixel conv shifted GEMMs. Where
-    _fast_conv runs in float32, so does this; dx comes back in x's dtype, dw in float32."""
-    if _float32_conv(x):
-        dx, dw = _fast_conv_backward(dz.float(), x.float(), w.float(), output_mask)
-        return (None if dx is None else dx.to(x.dtype)), dw
-    if _winograd_train_conv(x, w):
-        dx = None
-        if output_mask[0]:
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=ops.memory_format_of(x))
-            winograd.conv3x3_input_grad(dz, w, dx)
-        dw = winograd.conv3x3_weight_grad(x, dz, torch.empty_like(w)) if output_mask[1] else None
-        return dx, dw
-    if _shifted_gemm_train_conv(x, w):
-        return _shifted_gemm_backward(dz, x, w, output_mask)
-    if not _gemm_train_conv(x, w):
-        return _aten_conv_backward(dz, x, w, output_mask)
-    if ops.memory_format_of(w) == torch.channels_last:
-        return _taps_outer_gemm_backward(dz, x, w, output_mask)
-    n, cin, h, width = x.shape
-    cout, k = w.shape[0], w.shape[2]
-    dz = dz.reshape(n, cout, -1)
-    dx = dw = None
-    if output_mask[0]:
-        cols_grad = torch.bmm(w.reshape(cout, -1).t().expand(n, -1, -1), dz)  # [N, Cin*k*k, pixels]
-        dx = F.fold(cols_grad, (h, width), k, padding=1).contiguous(memory_format=ops.memory_format_of(x))
-    if output_mask[1]:
-        cols = F.unfold(x, k, padding=1)  # [N, Cin*k*k, pixels]
-        dw = torch.mm(dz.transpose(0, 1).reshape(cout, -1), cols.transpose(1, 2).reshape(-1, cin * k * k))
-        dw = dw.view(w.shape)
-    return dx, dw
-
-
-def _taps_outer_columns(x, k):
-    """im2col of ``x`` ``[N, Cin, H, W]`` (any layout) for a k x k conv with padding 1: ``[N, Ho*Wo, k*k*Cin]``, the
-    pixels as rows, taps outside the channels within a row (the order of a channels_last weight's memory)."""
-    n, cin, h, width = x.shape
-    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [N, H + 2, W + 2, Cin]
-    sn, sh, sw, sc = padded.stride()
-    ho, wo = h + 3 - k, width + 3 - k
-    return padded.as_strided((n, ho, wo, k, k, cin), (sn, sh, sw, sh, sw, sc)).reshape(n, ho * wo, k * k * cin)
-
-
-def _taps_outer_weights(w):
-    """A channels_last weight ``[Cout, Cin, k, k]`` as the ``[Cout, k*k*Cin]`` matrix its memory holds (a view)."""
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-
-
-def _taps_outer_gemm_backward(dz, x, w, output_mask):
-    """_fast_conv_backward's GEMMs for a channels_last weight (the model's ``.to(memory_format=torch.channels_last)``):
-    the columns taps outside the channels (_taps_outer_columns), so the weight is read as it lies and its gradient
-    comes out channels_last, neither copied (a weight-sized copy each way cost about a quarter of a 1 x 3 x 64^2
-    step, benchmarks/RESULTS.md)."""
-    n, cin, h, width = x.shape
-    cout, k = w.shape[0], w.shape[2]
-    rows_dz = dz.permute(0, 2, 3, 1).reshape(n, -1, cout)  # [N, pixels, Cout]
-    dx = dw = None
-    if output_mask[0]:
-        cols_grad = torch.bmm(rows_dz, _taps_outer_weights(w).expand(n, -1, -1))  # [N, pixels, k*k*Cin]
-        cols_grad = cols_grad.view(n, -1, k, k, cin).permute(0, 4, 2, 3, 1).reshape(n, cin * k * k, -1)
-        dx = F.fold(cols_grad, (h, width), k, padding=1).contiguous(memory_format=ops.memory_format_of(x))
-    if output_mask[1]:
-        cols = _taps_outer_columns(x, k).reshape(-1, k * k * cin)
-        dw = torch.mm(rows_dz.reshape(-1, cout).t(), cols).view(cout, k, k, cin).permute(0, 3, 1, 2)
-    return dx, dw
 
 
 def _apply(function, *args):
@@ -397,7 +150,7 @@ def _second_conv(z1, scale1, shift1, w2, stats):
         return z2, ((mean, var) if stats else None)
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    return _fast_conv(a1, w2), None
+    return training.forward(a1, w2), None
 
 
 def _check_no_exact_sync(exact, *bns):
@@ -601,17 +354,17 @@ class DoubleConvBNReLU(torch.autograd.Function):
             casts = (_cast_copy(x, cast), _cast_copy(w1, cast), _cast_copy(w2, cast))
             xc, w1c, w2c = (c if c is not None else t for c, t in zip(casts, (x, w1, w2)))
             if exact:
-                z1 = _conv(xc, w1c, _cast(b1, cast))
+                z1 = conv_aten.conv(xc, w1c, _cast(b1, cast))
                 t1, *bn1_saved = _exact_bn(z1, bn1)
                 a1 = torch.empty_like(t1)
                 _relu_pool_exact(t1, a1)
                 del t1
-                z2 = _conv(a1, w2c, _cast(b2, cast))
+                z2 = conv_aten.conv(a1, w2c, _cast(b2, cast))
                 t2, *bn2_saved = _exact_bn(z2, bn2)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 _relu_pool_exact(t2, out, pooled)
                 return (buf, pooled, *casts, z1, a1, *bn1_saved, z2, t2, *bn2_saved)
-            z1 = _fast_conv(xc, w1c)
+            z1 = training.forward(xc, w1c)
             mean1, invstd1, scale1, shift1, count1 = _fast_bn(z1, bn1, b1, 1)
             # Layer 1's activation is not kept: backward recomputes it from z1.
             z2, stats2 = _second_conv(z1, scale1, shift1, w2c, bn2.training)
@@ -707,12 +460,12 @@ def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, ne
                                             bn2.training, 1, _sync_of(bn2, counts[1]))
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    da1, dw2 = _fast_conv_backward(dz2, a1, w2c, [True, need[7]])
+    da1, dw2 = training.backward(dz2, a1, w2c, [True, need[7]])
     del a1, dz2
     dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
                                             _sync_of(bn1, counts[0]))
     del da1
-    dx, dw1 = _fast_conv_backward(dz1, xc, w1c, [need[0], need[1]])
+    dx, dw1 = training.backward(dz1, xc, w1c, [need[0], need[1]])
     return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
 
 
@@ -734,32 +487,13 @@ def _cpu_inference(x, tensors, bns):
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-# The sub-pixel up-conv's 2x2 convolution (oneDNN's, as ATen's CPU convolutions are) runs in about half the time
-# of the 3x3 one on the upsampled input from 32 x 32 low-resolution pixels per batch up; below, making its weights
-# costs more than it saves (measured on a 2-core AVX2 EPYC, benchmarks/RESULTS.md).
-_SUBPIXEL_MIN_PIXELS = 1024
-
-
-# Up to this many pixels per batch, a 3x3 conv's weights outweigh its input, and im2col with one GEMM against the
-# weights as they lie (_gemm_conv_bn_relu) beats oneDNN's convolution, which lays the weights out anew at every
-# call: 1.75-2.3x at 1024 channels, still 1.5x at 512 (a 2-core AVX2 EPYC, benchmarks/RESULTS.md).
-_GEMM_MAX_PIXELS = 256
-
 
 def _folded(conv, bn):
     """(weight, bias) of the conv followed by an eval-mode BN: BN's scale folded into the weights, its shift (the
-    conv bias included) as the bias; made at every call, the weights in channels_last (oneDNN lays those out for
-    its convs in about a quarter of the time NCHW ones take)."""
+    conv bias included) as the bias; made at every call (conv_aten.folded_weight)."""
     weight, bias = conv
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    folded = torch.empty_like(weight, memory_format=torch.channels_last)
-    return torch.mul(weight, scale.view(-1, 1, 1, 1), out=folded), shift
-
-
-def _conv_relu(x, weight, bias):
-    """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place (oneDNN's
-    fused ReLU would turn a NaN into 0, where the seed keeps it)."""
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "").relu_()
+    return conv_aten.folded_weight(weight, scale), shift
 
 
 def _unfolded_conv_bn_relu(x, conv, bn):
@@ -769,26 +503,15 @@ def _unfolded_conv_bn_relu(x, conv, bn):
 
 
 def _gemm_conv_bn_relu(x, conv, bn):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM per image against the weights as they lie,
-    the BN as a scale and shift of the product; the output in x's layout. The im2col columns follow the weights'
-    layout (taps outside the channels for channels_last weights, F.unfold's channels outside the taps for NCHW
-    ones), so the weights are never copied. bmm, not matmul: matmul picks its kernel by requires_grad, and the
-    bits must not depend on that."""
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM per image (gemm.conv_scale_shift_relu),
+    the BN as a scale and shift of the product; the output in x's layout."""
     weight, bias = conv
-    n, _, h, w = x.shape
-    cout = weight.shape[0]
     _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    if ops.memory_format_of(weight) == torch.channels_last:
-        product = torch.bmm(_taps_outer_columns(x, 3), _taps_outer_weights(weight).t().expand(n, -1, -1))
-        out = torch.addcmul(shift, product, scale).relu_()  # [N, H*W, Cout]
-        return out.view(n, h, w, cout).permute(0, 3, 1, 2).contiguous(memory_format=ops.memory_format_of(x))
-    product = torch.bmm(weight.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]
-    out = torch.addcmul(shift.view(-1, 1), product, scale.view(-1, 1)).relu_()
-    return out.view(n, cout, h, w).contiguous(memory_format=ops.memory_format_of(x))
+    return gemm.conv_scale_shift_relu(x, weight, scale, shift)
 
 
 def _winograd_conv_bn_relu(x, conv, bn, out=None):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN by Winograd F(2x2, 3x3) (fastunet.winograd): BN's scale folded
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN by Winograd F(2x2, 3x3) (fastunet.conv.winograd): BN's scale folded
     into the transformed weights (kept between calls by fastunet.weight_cache), its shift (the conv bias included)
     as the bias, the ReLU in the output transform; written into ``out`` if given, else a new tensor in x's layout."""
     weight, bias = conv
@@ -798,40 +521,25 @@ def _winograd_conv_bn_relu(x, conv, bn, out=None):
 
 
 def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN. Exact mode: _unfolded_conv_bn_relu, the seed's ops. Fast mode:
-    _winograd_conv_bn_relu where fastunet.winograd.pays (with kept weights unless fastunet.weight_cache is off);
-    else up to _GEMM_MAX_PIXELS pixels per batch _gemm_conv_bn_relu; else folded into the conv (_conv_relu) where
-    folding (a pass over the weights) costs less than the BN and ReLU passes over the output it saves (two per
-    output value: where the pixels outnumber 4.5 x the input channels) and ``x`` is channels_last, else
-    _unfolded_conv_bn_relu. In NCHW the folded convs measured 2.1-2.5x the seed's error against float64 (eight
-    seeds; channels_last 0.97-1.0x), outside fast mode's 2x rule: NCHW runs unfolded (a plain U-Net turns NCHW
-    inputs into channels_last for CPU inference). Written into ``out`` if given (the Winograd conv writes there
-    directly), else a new tensor."""
-    choice = _inference_conv_choice(x, conv[0].shape[0], exact)
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN by what policy.inference_conv picks: the seed's ops (unfolded),
+    Winograd (with kept weights unless fastunet.weight_cache is off), the GEMMs, or oneDNN's conv with the BN folded
+    in (conv_aten.conv_relu). Written into ``out`` if given (the Winograd conv writes there directly), else a new
+    tensor."""
+    choice = _inference_conv_choice(x, conv[0], exact).algorithm
     if choice == "winograd":
         return _winograd_conv_bn_relu(x, conv, bn, out)
     if choice == "gemm":
         y = _gemm_conv_bn_relu(x, conv, bn)
     elif choice == "folded":
-        y = _conv_relu(x, *_folded(conv, bn))
+        y = conv_aten.conv_relu(x, *_folded(conv, bn))
     else:
         y = _unfolded_conv_bn_relu(x, conv, bn)
     return y if out is None else out.copy_(y)
 
 
-def _inference_conv_choice(x, cout, exact):
-    """How _conv_bn_relu_inference runs its conv of ``x`` to ``cout`` channels: "winograd", "gemm", "folded" or
-    "unfolded" (see there; fastunet.explain reports it)."""
-    n, cin, h, w = x.shape
-    if exact:
-        return "unfolded"
-    if winograd.pays(x, cin, cout, kept=weight_cache.enabled):
-        return "winograd"
-    if n * h * w <= _GEMM_MAX_PIXELS:
-        return "gemm"
-    if 2 * n * h * w < 9 * cin or not x.is_contiguous(memory_format=torch.channels_last):
-        return "unfolded"
-    return "folded"
+def _inference_conv_choice(x, weight, exact):
+    """policy.inference_conv's Choice for the conv of ``x`` by ``weight`` in CPU inference."""
+    return policy.inference_conv(policy.Layer.of(x, weight, train=False, exact=exact), kept=weight_cache.enabled)
 
 
 def _forget_kept_weights(*weights):
@@ -853,28 +561,20 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact
 
 
 def _up_block_inference(d, buf, conv, bn, exact):
-    """upsample_conv_cat's result: from _SUBPIXEL_MIN_PIXELS low-resolution pixels up, the folded sub-pixel 2x2
-    conv+ReLU on ``d``, its four phases then interleaved into the buffer; below (and in exact mode),
-    _conv_bn_relu_inference on ATen's nearest upsample of ``d``, into the buffer."""
-    n, _, h, w = d.shape
+    """upsample_conv_cat's result, into the buffer: where policy.up_conv picks the sub-pixel conv, its folded form on
+    ``d`` (subpixel.conv_relu_into); else _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
     cout = conv[0].shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
-    if not _subpixel_inference(d, exact):
+    if not _subpixel_inference(d, conv[0], exact):
         _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact, out)
         return buf
-    weight, bias = _folded(conv, bn)
-    phases = _conv_relu(d, phase_weights(weight), bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
-    for a in range(2):
-        for b in range(2):
-            k = 2 * a + b
-            out[:, :, a::2, b::2].copy_(phases[:, k * cout:(k + 1) * cout, a:a + h, b:b + w])
+    conv_relu_into(d, *_folded(conv, bn), out)
     return buf
 
 
-def _subpixel_inference(d, exact):
-    """Whether _up_block_inference runs the folded sub-pixel conv on ``d`` (fast mode, from _SUBPIXEL_MIN_PIXELS
-    low-resolution pixels per batch)."""
-    return not exact and d.shape[0] * d.shape[2] * d.shape[3] >= _SUBPIXEL_MIN_PIXELS
+def _subpixel_inference(d, weight, exact):
+    """Whether _up_block_inference runs the folded sub-pixel conv on ``d`` (policy.up_conv)."""
+    return policy.up_conv(policy.Layer.of(d, weight, train=False, exact=exact)).algorithm == "subpixel"
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
@@ -916,18 +616,18 @@ class UpsampleConvCat(torch.autograd.Function):
             dc, wc = (c if c is not None else t for c, t in zip(casts, (d, w)))
             if exact:
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                z = _conv(u, wc, _cast(b, cast))
+                z = conv_aten.conv(u, wc, _cast(b, cast))
                 del u  # recomputed in backward: an exact copy
                 t, *bn_saved = _exact_bn(z, bn)
                 _relu_pool_exact(t, out)
                 return (buf, *casts, z, t, *bn_saved)
-            upscale = 2 if _subpixel_train(dc) else 1
+            upscale = 2 if _subpixel_train(dc, wc) else 1
             if upscale == 2:
                 w4 = phase_weights(w).to(wc.dtype)
-                z4 = _fast_conv(dc, w4)
+                z4 = training.forward(dc, w4)
             else:  # the conv on the upsampled input, which backward recomputes; z4: the conv's output as it lies.
                 # No w4: an input returned as an output and saved is an error under torch.func.
-                w4, z4 = None, _fast_conv(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
+                w4, z4 = None, training.forward(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
             mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, upscale)
             ops.bn_relu_pool(z4, scale, shift, upscale, out, None)
             return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
@@ -982,15 +682,15 @@ class UpsampleConvCat(torch.autograd.Function):
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
                 w4, z4, mean, invstd, scale, shift = saved
-                subpixel = _subpixel_train(dc)
+                subpixel = _subpixel_train(dc, wc)
                 dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b,
                                                            bn.training, 2 if subpixel else 1, _sync_of(bn, ctx.extra))
                 if subpixel:
-                    dd, dw4 = _fast_conv_backward(dz4, dc, w4, [need[0], need[2]])
+                    dd, dw4 = training.backward(dz4, dc, w4, [need[0], need[2]])
                     dw = None if dw4 is None else phase_weights_backward(dw4, cout)
                 else:
                     u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                    du, dw = _fast_conv_backward(dz4, u, wc, [need[0], need[2]])
+                    du, dw = training.backward(dz4, u, wc, [need[0], need[2]])
                     dd = None if du is None else _aten.upsample_nearest2d_backward(du, list(u.shape[2:]),
                                                                                    list(dc.shape), 2.0, 2.0)
                 del dz4

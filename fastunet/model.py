@@ -467,7 +467,7 @@ class U_Net(_NotScriptable, reference.U_Net):
                                                    and not (self.checkpointing and self.training)):
             return super().forward(x)  # the seed's graph; each block still decides for itself
         self.check_training_batch(x.shape)
-        to_nchw = self._channels_last_inside(x)
+        to_nchw = self._channels_last_inside(x).algorithm
         h = x.contiguous(memory_format=torch.channels_last) if to_nchw else x
         out = self.run_levels(0, len(LEVELS), h, {})
         return out.clone(memory_format=torch.contiguous_format) if to_nchw else out
@@ -507,30 +507,23 @@ class U_Net(_NotScriptable, reference.U_Net):
         return getattr(self, up), getattr(self, decoder)
 
     def _channels_last_inside(self, x):
-        """Whether a fast-mode float32 CPU forward on an NCHW ``x`` runs in channels_last inside, its output coming
-        back NCHW (and its input gradient NCHW, as autograd gives it back through the layout change). oneDNN's
-        convs run 10-20% faster in channels_last and take the folded BN there, Winograd's transforms read the
-        channels with unit stride, and a training step ran 1.2x faster so (benchmarks/RESULTS.md). Only where no
-        layer could tell: every module the seed's own type, without hooks, every block fused (its modules would
-        run on another layout than the seed's) and in fast mode, no autocast, eager; in eval, only where every
-        block runs CPU inference (functional._cpu_inference); in training, where the policy's ``channels_last_train``
-        says so (fastunet.conv.policy)."""
+        """policy.model_layout's Choice: whether a fast-mode float32 CPU forward on an NCHW ``x`` runs in
+        channels_last inside, its output (and input gradient) coming back NCHW. Only where no layer could tell:
+        every module the seed's own type, without hooks, every block fused (its modules would run on another layout
+        than the seed's) and in fast mode, no autocast, eager; in eval, where every block runs CPU inference."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or x.is_contiguous(memory_format=torch.channels_last)
                 or not x.is_contiguous() or global_hooks() or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling()):
-            return False  # the cheap refusals first: every forward (CUDA) asks
+            return policy.Choice(False, "not a float32 NCHW CPU input, eager")  # the cheap refusals first
         modules = tuple(self.modules())
-        if any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:]):
-            return False
-        if any(p.dtype != torch.float32 for p in self.parameters()):
-            return False
-        if any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv))):
-            return False  # a block running its own modules would run them in another layout than the seed's
-        if self.training:
-            return policy.value("channels_last_train")
+        if (any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:])
+                or any(p.dtype != torch.float32 for p in self.parameters())
+                or any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv)))):
+            return policy.Choice(False, "not a plain fast float32 U-Net")
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
-        return functional._cpu_inference(x, (*self.parameters(), *stats), bns)
+        inference = not self.training and functional._cpu_inference(x, (*self.parameters(), *stats), bns)
+        return policy.model_layout(self.training, inference)
 
     def _encode(self, run, encoder, x, up, pool):
         """One encoder level: (skip, pooled). The skip is ``(buf, channels)``: the level's output in the first

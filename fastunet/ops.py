@@ -426,24 +426,23 @@ def conv3x3_backend(x, weight, stats=True):
     "triton" (fastunet.kernels.conv3x3_bn_relu_stats: the activation is formed in the conv's input load and
     never written, and layer 2's BN statistics come from the conv's epilogue).
 
-    conv3x3_mode() ``aten`` (default until the Triton conv is measured at parity), ``triton`` (wherever the
-    Triton kernels run), or ``auto``: on CUDA, both are timed on the first call of each shape and the faster is
-    kept (``conv3x3_choices()`` lists the picks; under torch.compile an untimed shape takes aten, and under
-    torch.use_deterministic_algorithms(True) every shape does).
+    The rule is fastunet.conv.policy.second_conv's, by conv3x3_mode(): ``aten`` (default until the Triton conv is
+    measured at parity), ``triton`` (wherever the Triton kernels run), or ``auto``: on CUDA, both are timed on the
+    first call of each shape and the faster is kept (``conv3x3_choices()`` lists the picks).
     """
-    mode = conv3x3_mode()
-    if (mode not in ("triton", "auto") or x.dtype == torch.float64 or not _triton_usable()
-            or backend_for(x.device) == "reference"):  # forced, or a GPU the kernels do not run on
-        return "aten"
-    if mode == "triton":
-        return "triton"
-    if x.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
-        return "aten"  # a pick by timing could differ from run to run
+    from .conv import policy
+
+    layer = policy.Layer.of(x, weight, train=stats)
+    return policy.second_conv(layer, conv3x3_mode(), lambda: _timed_pick(x, weight, stats)).algorithm
+
+
+def _timed_pick(x, weight, stats):
+    """The ``auto`` pick of conv3x3_backend for this shape: timed at its first eager call, None where untimed."""
     key = (tuple(x.shape), weight.shape[0], x.dtype, memory_format_of(x) == torch.channels_last, x.device.index,
            stats)
     if key not in _CONV_CHOICES and not torch.compiler.is_compiling():
         _CONV_CHOICES[key] = _time_conv3x3(x, weight, stats)
-    return _CONV_CHOICES.get(key, "aten")
+    return _CONV_CHOICES.get(key)
 
 
 def conv3x3_choices():

@@ -508,8 +508,9 @@ class SpatialUNet(nn.Module):
                 x = self._fused_conv_bn_relu(layer, layers[i + 1], x)
                 i += 3
                 continue
+            # the sub-pixel conv where the whole model's up block runs it
             if (isinstance(layer, nn.Upsample) and self._fused_at(layers, i + 1, x)
-                    and functional._subpixel_train(x)):  # where the whole model's up block runs the sub-pixel conv
+                    and functional._subpixel_train(x, layers[i + 1].weight)):
                 x = self._fused_conv_bn_relu(layers[i + 1], layers[i + 2], x, upscale=2)
                 i += 4
                 continue

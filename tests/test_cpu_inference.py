@@ -11,19 +11,21 @@ import torch
 from helpers import SIZE, pair, relative_error, well_conditioned
 
 import fastunet
-from fastunet import functional, weight_cache, winograd
+from fastunet import functional, weight_cache
+from fastunet.conv import aten as conv_aten
+from fastunet.conv import policy, winograd
 
 CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-convs
 
 
 @pytest.fixture
 def conv_calls(monkeypatch):
-    """The weight shapes of the convs of CPU inference: folded (functional._conv_relu), unfolded, as a GEMM and by
+    """The weight shapes of the convs of CPU inference: folded (conv.aten.conv_relu), unfolded, as a GEMM and by
     Winograd; in
     ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, the fewer of its input and output
     channels, whether it ran as a GEMM)."""
     calls = Calls()
-    folded, unfolded, gemm = functional._conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
+    folded, unfolded, gemm = conv_aten.conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
     winograd = functional._winograd_conv_bn_relu
 
     def counted(run, as_gemm):
@@ -35,7 +37,7 @@ def conv_calls(monkeypatch):
             return run(x, conv, *args)
         return call
 
-    monkeypatch.setattr(functional, "_conv_relu", counted(folded, False))
+    monkeypatch.setattr(conv_aten, "conv_relu", counted(folded, False))
     monkeypatch.setattr(functional, "_unfolded_conv_bn_relu", counted(unfolded, False))
     monkeypatch.setattr(functional, "_gemm_conv_bn_relu", counted(gemm, True))
     monkeypatch.setattr(functional, "_winograd_conv_bn_relu", counted(winograd, False))
@@ -75,12 +77,15 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
     assert len(conv_calls) == CONVS_3X3
     # Up2's input has 2 x 32 x 32 pixels at 64 x 64: its up-conv is the sub-pixel one; the others' the 3x3 one.
     subpixel = [call for call in conv_calls if call[2:] == (2, 2)]
-    assert subpixel == ([(4 * 64, 128, 2, 2)] if batch * (h // 2) * (w // 2) >= 1024 else [])
-    # Up to 256 pixels per batch the convs are GEMMs, except from 128 pixels where both sides have 256 channels or
-    # more (Winograd with kept weights): at 2 x 64 x 64 level 5's two, at 1 x 48 x 64 level 5's two, level 4's five
-    # (48 pixels) and Conv3's first (192 pixels, 128 input channels).
+    assert subpixel == ([(4 * 64, 128, 2, 2)] if batch * (h // 2) * (w // 2) >= policy.value("subpixel_min_pixels")
+                        else [])
+    # Up to gemm_max_pixels pixels per batch the convs are GEMMs, except where Winograd with kept weights pays: at
+    # 2 x 64 x 64 level 5's two, at 1 x 48 x 64 level 5's two, level 4's five (48 pixels) and Conv3's first (192
+    # pixels, 128 input channels).
+    kept_pixels, kept_channels = policy.value("winograd_kept_min_pixels"), policy.value("winograd_kept_min_channels")
     assert [as_gemm for *_, as_gemm in conv_calls.pixels] == [
-        pixels <= 256 and not (pixels >= 128 and channels >= 256) for pixels, channels, _ in conv_calls.pixels]
+        pixels <= policy.value("gemm_max_pixels") and not (pixels >= kept_pixels and channels >= kept_channels)
+        for pixels, channels, _ in conv_calls.pixels]
     assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == (2 if batch == 2 else 8)
     assert out.shape == want.shape and out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7

@@ -160,3 +160,30 @@ def test_bench_explain_prints_both_tables(capsys):
     bench.print_explanations(state, _input(), torch.device("cpu"), args)
     out = capsys.readouterr().out
     assert "(training step)" in out and "(inference)" in out and out.count("Up_conv2.conv.3") == 2
+
+
+def test_a_plan_entry_changes_what_runs_and_explain_follows():
+    """policy.use_plan: a tuned plan's entry for one layer's key comes before the rules; the forward runs it (same
+    result up to rounding) and explain prints it with the rule "plan"; the other layer keeps the rules' choice. An
+    entry the layer cannot run, or an algorithm no decision has, is an error."""
+    torch.manual_seed(0)
+    block = fastunet.conv_block(8, 16)
+    x = torch.randn(2, 8, 16, 16)
+    key = policy.Layer.of(x, block.conv[0].weight, train=True).key()
+    with policy.override(gemm_train_max_pixels=0, winograd_train=False):
+        default = _check_agrees(block, x, True)
+        want = block(x)
+        with policy.use_plan({("train_conv", key): "gemm"}):
+            planned = _check_agrees(block, x, True)
+            calls = _run(block, x, True)
+            got = block(x)
+    assert default[0].algorithm == "aten (oneDNN)" and planned[0].algorithm == GEMM and planned[0].rule == "plan"
+    assert planned[1] == default[1]
+    assert ("aten", (2, 8, 16, 16), "NCHW", "float32") not in calls and sum(calls.values()) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not one this layer can run"):
+        with policy.use_plan({("train_conv", key): "shifted_gemm"}):
+            block(x)
+    with pytest.raises(ValueError, match="for decision 'train_conv'"):
+        with policy.use_plan({("train_conv", key): "fft"}):
+            pass

@@ -26,8 +26,8 @@ from helpers import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
-from fastunet import functional, winograd
-from fastunet.conv import policy
+from fastunet import functional
+from fastunet.conv import policy, training
 from fastunet.reference import U_Net as Reference
 
 
@@ -167,13 +167,13 @@ def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch, 
     and the step (output, input gradient, parameter gradients, BN buffers) has the bits of the same step on a
     channels_last input, the output and input gradient in the seed's strides. A hooked model stays in NCHW."""
     layouts = []
-    fast_conv = functional._fast_conv
+    fast_conv = training.forward
 
     def recorded(x, w):
         layouts.append(x.is_contiguous(memory_format=torch.channels_last))
         return fast_conv(x, w)
 
-    monkeypatch.setattr(functional, "_fast_conv", recorded)
+    monkeypatch.setattr(training, "forward", recorded)
     conv_policy(channels_last_train=True)  # the policy's choice with AVX2-class oneDNN kernels
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
@@ -255,17 +255,17 @@ def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, monkeypatch, conv_policy):
-    """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (functional._float32_conv), in
+    """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (policy.upcast), in
     bfloat16 on one with them; the output is autocast's bfloat16 either way, close to float64."""
     conv_policy(native_dot_bfloat16=native_bf16)
     conv_dtypes = set()
-    gemm_train_conv = functional._gemm_train_conv
+    train_conv = policy.train_conv
 
-    def recorded(x, w):  # asked for every conv, forward and backward, whichever way it then runs
-        conv_dtypes.add(x.dtype)
-        return gemm_train_conv(x, w)
+    def recorded(layer):  # asked for every conv, forward and backward, after the upcast, whichever way it then runs
+        conv_dtypes.add(layer.dtype)
+        return train_conv(layer)
 
-    monkeypatch.setattr(functional, "_gemm_train_conv", recorded)
+    monkeypatch.setattr(policy, "train_conv", recorded)
     ref, fast = pair(exact=False)
     well_conditioned(ref, fast)
     ref64 = copy.deepcopy(ref).double()
@@ -301,16 +301,14 @@ def seed_layout_under_inductor():
 
 
 @pytest.mark.parametrize("exact, backend", [(True, "aot_eager"), (False, "inductor")])
-def test_compiles_fullgraph_and_matches_eager(exact, backend, monkeypatch, conv_policy, seed_layout_under_inductor):
+def test_compiles_fullgraph_and_matches_eager(exact, backend, conv_policy, seed_layout_under_inductor):
     """torch.compile(fullgraph=True) traces the fused ops. The compiled model's training step (output, input and
     parameter gradients, buffers) is within 2x of the float32 reference's error against float64; under aot_eager
     (the eager kernels) it is also the eager step up to rounding (inductor re-associates what surrounds the fused
     ops: it is held to the 2x rule), eager taking ATen's convs where it would take GEMMs or Winograd and keeping
-    NCHW inside, as a compiled graph does (functional._gemm_train_conv, winograd.pays, U_Net._channels_last_inside).
-    Its inference is eager's."""
-    conv_policy(gemm_train_max_pixels=0)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1 << 20)
-    monkeypatch.setattr(fastunet.U_Net, "_channels_last_inside", lambda model, x: False)
+    NCHW inside, as a compiled graph does (the policy's choices forced so). Its inference is eager's."""
+    conv_policy(gemm_train_max_pixels=0, winograd_min_channels=policy.value("winograd_max_channels") + 1,
+                channels_last_train=False, channels_last_inference=False)
     ref, fast = pair(exact=exact)
     well_conditioned(ref, fast)
     ref64 = copy.deepcopy(ref).double()

@@ -8,6 +8,7 @@ from helpers import backward_case, case, random, slice_of_buffer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastunet import _ext, functional, ops
+from fastunet.conv import gemm, policy, training
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"compiled ops not built: {_ext.load_error}")
 LIB = torch.ops.fastunet
@@ -221,11 +222,12 @@ def test_gradcheck_double_conv_bn_relu(exact, training, pool):
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("subpixel", [True, False])
-def test_gradcheck_upsample_conv_cat(exact, training, subpixel, monkeypatch):
+def test_gradcheck_upsample_conv_cat(exact, training, subpixel, conv_policy):
     """Both of fast mode's up-conv paths (the sub-pixel conv, the conv on the upsampled input) and exact mode's."""
-    monkeypatch.setattr(functional, "_SUBPIXEL_TRAIN_MIN_PIXELS", 0 if subpixel else 1 << 30)
     inputs, (rm, rv) = up_block_inputs()
-    assert functional._subpixel_train(inputs[0]) == subpixel
+    pixels = inputs[0].shape[0] * inputs[0].shape[2] * inputs[0].shape[3]
+    conv_policy(subpixel_train_min_pixels=pixels if subpixel else pixels + 1)
+    assert functional._subpixel_train(inputs[0], inputs[2]) == subpixel
     torch.autograd.gradcheck(up_block_function(training, exact, rm, rv), inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
@@ -286,24 +288,29 @@ def test_sub_pixel_weight_gradient_is_the_adjoint_of_phase_weights(layout):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def train_choice(x, weight):
+    """The algorithm policy.train_conv picks for fast mode's training conv of ``x`` by ``weight``."""
+    return policy.train_conv(policy.Layer.of(x, weight, train=True)).algorithm
+
+
 @pytest.mark.parametrize("shape", [(2, 24, 16, 8, 10), (1, 8, 40, 9, 13), (3, 16, 16, 16, 5)])
 def test_shifted_gemm_sub_pixel_backward_matches_aten(shape):
-    """The channels_last sub-pixel conv's backward by shifted GEMMs (functional._shifted_gemm_backward) against
+    """The channels_last sub-pixel conv's backward by shifted GEMMs (conv.gemm.shifted_backward) against
     ATen's in float64, both gradients and each alone, odd sizes included; dx in channels_last."""
     n, cin, cout, h, w = shape
     x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(cout, cin, 2, 2)
     dz = torch.randn(n, cout, h + 1, w + 1).contiguous(memory_format=torch.channels_last)
-    assert functional._shifted_gemm_train_conv(x, weight)
-    assert not functional._shifted_gemm_train_conv(x.contiguous(), weight)
+    assert train_choice(x, weight) == "shifted_gemm"
+    assert train_choice(x.contiguous(), weight) == "aten"
     x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
     dx64, dw64 = torch.autograd.grad(F.conv2d(x64, w64, padding=1), (x64, w64), dz.double())
-    dx, dw = functional._fast_conv_backward(dz, x, weight, [True, True])
+    dx, dw = training.backward(dz, x, weight, [True, True])
     assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dw.dtype == torch.float32
     torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-4)
-    only_dx, none = functional._shifted_gemm_backward(dz, x, weight, [True, False])
-    none_, only_dw = functional._shifted_gemm_backward(dz, x, weight, [False, True])
+    only_dx, none = gemm.shifted_backward(dz, x, weight, [True, False])
+    none_, only_dw = gemm.shifted_backward(dz, x, weight, [False, True])
     assert none is None and none_ is None
     assert torch.equal(only_dx, dx) and torch.equal(only_dw, dw)
 
@@ -450,8 +457,8 @@ def test_gemm_training_convs_match_aten(k, memory_format, weight_format, conv_po
     pairing of the two; the weights are read as they lie and their gradient made in their layout, never copied."""
     n, cin, cout, h, w = 2, 40, 24, 8, 6
     conv_policy(gemm_train_max_pixels=h * w)
-    assert functional._gemm_train_conv(torch.empty(n, cin, h, w), torch.empty(cout, cin, k, k))
-    assert not functional._gemm_train_conv(torch.empty(n, cin, h, w + 1), torch.empty(cout, cin, k, k))
+    assert train_choice(torch.empty(n, cin, h, w), torch.empty(cout, cin, k, k)) == "gemm"
+    assert train_choice(torch.empty(n, cin, h, w + 1), torch.empty(cout, cin, k, k)) != "gemm"
     x = torch.randn(n, cin, h, w).contiguous(memory_format=memory_format)
     weight = torch.randn(cout, cin, k, k).contiguous(memory_format=weight_format)
     dz = torch.randn(n, cout, h + 3 - k, w + 3 - k)
@@ -459,13 +466,13 @@ def test_gemm_training_convs_match_aten(k, memory_format, weight_format, conv_po
     z64 = F.conv2d(x64, w64, padding=1)
     dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
     with Copies(weight) as recorded:
-        z = functional._fast_conv(x, weight)
-        dx, dw = functional._fast_conv_backward(dz.contiguous(memory_format=memory_format), x, weight, [True, True])
+        z = training.forward(x, weight)
+        dx, dw = training.backward(dz.contiguous(memory_format=memory_format), x, weight, [True, True])
     assert recorded.copies == []
     for got, want, layout in ((z, z64, memory_format), (dx, dx64, memory_format), (dw, dw64, weight_format)):
         assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
+    assert training.backward(dz, x, weight, [False, True])[0] is None
 
 
 class ConvLayouts(TorchDispatchMode):
@@ -486,26 +493,26 @@ class ConvLayouts(TorchDispatchMode):
 @pytest.mark.parametrize("weight_format", FORMATS)
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_activations(
-        size, moved, memory_format, weight_format, monkeypatch):
+        size, moved, memory_format, weight_format, conv_policy):
     """Fast mode's ATen training conv (neither GEMMs nor Winograd) of 64 -> 64 channels: at 16 x 16 pixels the
     weights outnumber the activations in and out, and where the two layouts differ the conv and its backward run in
-    the weights' (functional._aten_conv_layout), the output and input gradient then moved to x's layout, the weight
+    the weights' (policy.conv_layout), the output and input gradient then moved to x's layout, the weight
     gradient in the weights'; at 20 x 20 they run as the activations lie. Either way the output and both gradients
     match ATen's in float64."""
-    monkeypatch.setattr(functional.winograd, "MIN_CHANNELS", 1 << 20)
+    conv_policy(winograd_train=False)
     x = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)
     weight = torch.randn(64, 64, 3, 3).contiguous(memory_format=weight_format)
     dz = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)
-    assert not functional._gemm_train_conv(x, weight) and not functional._winograd_train_conv(x, weight)
+    assert train_choice(x, weight) == "aten"
     x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
     z64 = F.conv2d(x64, w64, padding=1)
     dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
     with ConvLayouts() as recorded:
-        z = functional._fast_conv(x, weight)
-        dx, dw = functional._fast_conv_backward(dz, x, weight, [True, True])
+        z = training.forward(x, weight)
+        dx, dw = training.backward(dz, x, weight, [True, True])
     ran_in = weight_format if moved else memory_format
     assert recorded.layouts == [ran_in, ran_in]
     for got, want, layout in ((z, z64, memory_format), (dx, dx64, memory_format), (dw, dw64, weight_format)):
         assert got.dtype == torch.float32 and (not moved or got.is_contiguous(memory_format=layout))
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert functional._fast_conv_backward(dz, x, weight, [False, True])[0] is None
+    assert training.backward(dz, x, weight, [False, True])[0] is None

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from fastunet import _ext, kernels, ops, winograd
+from fastunet import _ext, kernels, ops
+from fastunet.conv import winograd
 
 
 def kernel_sources(op):

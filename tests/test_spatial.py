@@ -24,6 +24,7 @@ from helpers import (
 
 import fastunet
 from fastunet import functional, parallel
+from fastunet.conv import policy
 from fastunet.reference import U_Net as Reference
 
 TIMEOUT_S = 300
@@ -32,8 +33,8 @@ TIMEOUT_S = 300
 def _worker(rank, world, port, case_path, out_dir):
     case = torch.load(case_path)
     # the up blocks' sub-pixel convs: where the whole model's run them, or (case["subpixel"]) at every size
-    threshold = 0 if case["subpixel"] else functional._SUBPIXEL_TRAIN_MIN_PIXELS
-    with gloo_process_group(rank, world, port), mock.patch.object(functional, "_SUBPIXEL_TRAIN_MIN_PIXELS", threshold):
+    threshold = 0 if case["subpixel"] else policy.value("subpixel_train_min_pixels")
+    with gloo_process_group(rank, world, port), policy.override(subpixel_train_min_pixels=threshold):
         model = fastunet.U_Net(3, 2, exact=case["exact"])
         model.load_state_dict(case["state"])
         net = parallel.spatial(model, bucket_cap_mb=case["bucket_cap_mb"])

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) on the CPU (fastunet.winograd): the compiled ops give their references' bits (layouts, odd
+"""Winograd F(2x2, 3x3) on the CPU (fastunet.conv.winograd): the compiled ops give their references' bits (layouts, odd
 sizes, chunks of tiles, unwritten elements poisoned), the references are the convolution and its input gradient
 (float64), bad arguments get errors naming them, and fast-mode CPU inference through them stays within 2x of the
 seed's error against float64."""
@@ -10,8 +10,8 @@ from helpers import assert_within_twice_reference_error, ran_under_avx2_kernels,
 from test_cpu_inference import trained_state_models
 from test_model import well_conditioned_fast_pair
 
-from fastunet import ops, winograd
-from fastunet.conv import policy
+from fastunet import ops
+from fastunet.conv import policy, winograd
 
 pytestmark = pytest.mark.skipif(ops.backend_for("cpu") != "compiled", reason="needs the compiled CPU ops")
 
@@ -179,18 +179,16 @@ def counted(calls, function):
     return call
 
 
-def force_winograd(monkeypatch):
+def force_winograd(conv_policy):
     """Winograd for every fast-mode CPU 3x3 conv in inference, and in training for those above the GEMM path's
-    pixels."""
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "MAX_CHANNELS", 1 << 20)
-    monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
+    pixels (where the policy's winograd_train allows it)."""
+    conv_policy(winograd_min_channels=1, winograd_max_channels=1 << 20, winograd_min_pixels=1)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed):
-    force_winograd(monkeypatch)
+def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypatch, memory_format, seed, conv_policy):
+    force_winograd(conv_policy)
     calls = []
     monkeypatch.setattr(winograd, "conv3x3", counted(calls, winograd.conv3x3))
     torch.manual_seed(seed)
@@ -216,7 +214,7 @@ def test_training_through_winograd_is_within_twice_the_reference_error(monkeypat
     if ran_under_avx2_kernels(request):
         return
     conv_policy(winograd_train=True, gemm_train_max_pixels=policy.GEMM_TRAIN_MAX_PIXELS_AVX2)
-    force_winograd(monkeypatch)
+    force_winograd(conv_policy)
     calls = []
     for name in ("conv3x3", "conv3x3_weight_grad"):
         monkeypatch.setattr(winograd, name, counted(calls, getattr(winograd, name)))

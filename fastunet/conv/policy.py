@@ -1,9 +1,18 @@
-"""The hardware-dependent choices of fast mode's CPU convolutions, in one table.
+"""Every algorithm choice of fast mode's convolutions, CPU and CUDA: one table of thresholds and one chooser per
+decision.
 
-Each entry names a choice whose best value depends on the CPU at hand, its default on this CPU (from what the CPU
-reports at import), its unit, and the machine and command that measured the rule. ``fastunet.conv.policy.value(name)``
-reads one; ``override(name=value, ...)`` sets some for a ``with`` block (the tests force every branch of every
-hardware-dependent choice on any CPU through it; users can too).
+The table holds each threshold or rule with its value on this CPU (from what the CPU reports at import), its unit
+and the machine and command that measured it. ``value(name)`` reads one; ``override(name=value, ...)`` sets some
+for a ``with`` block (the tests force every branch of every choice through it; users can too).
+
+A chooser takes the facts of one layer (``Layer``: what it computes, N/C/H/W, dtypes, layouts, train, exact) and
+returns a ``Choice``: the algorithm and the rule that picked it, a short string. The forward runs what the chooser
+says and ``fastunet.explain`` prints the same answer, so the two cannot drift apart.
+
+A tuned plan overrides choices per layer: ``use_plan(plan)`` (a ``with`` block, this thread) where ``plan`` maps
+``(decision, Layer.key())`` to an algorithm of that decision's ``ALGORITHMS``; a chooser consults the plan first and
+answers its entry with the rule ``"plan"``. An entry the layer cannot run (say Winograd for a 2x2 conv) is an
+error naming the layer. Empty by default.
 """
 
 import contextlib
@@ -13,9 +22,11 @@ from typing import NamedTuple
 
 import torch
 
+from .. import ops
+
 
 class Entry(NamedTuple):
-    """One choice: its value on this CPU, the unit, and where the rule behind the default was measured."""
+    """One threshold or rule: its value on this CPU, the unit, and where the rule behind the default was measured."""
 
     value: object
     unit: str
@@ -44,51 +55,94 @@ def _has_native_dot(dtype):
 # The few-pixel GEMMs' threshold where oneDNN's float32 kernels are AVX2-class (gemm_train_max_pixels below).
 GEMM_TRAIN_MAX_PIXELS_AVX2 = 64
 
+_EPYC = "2-core AVX2 EPYC"
+_SPR = "2-core Xeon (Sapphire Rapids, AVX-512)"
+_RESULTS = "benchmarks/RESULTS.md"
+
 _TABLE = {
-    # Fast mode's CPU float32 training convs of at most this many pixels per image run as im2col + GEMMs instead of
-    # oneDNN. With AVX2-class oneDNN kernels the GEMMs were faster (137 vs 183 ms forward + backward at 1024 -> 1024,
-    # 2 x 8 x 8) and more accurate (forward 1.8e-7 vs 5.7e-7-1.0e-6 relative error at the deep levels). oneDNN's
-    # AVX-512 kernels in the weights' layout are as fast at these sizes and 1.2-1.6x more accurate than the GEMMs
-    # (forward 1.5-2.0e-7, input gradient 2.0-2.2e-7 against 3.3e-7), so there the GEMMs are off.
+    # Training (fast mode, CPU, float32).
     "gemm_train_max_pixels": Entry(
         0 if onednn_isa() == "avx512" else GEMM_TRAIN_MAX_PIXELS_AVX2, "pixels per image",
-        "GEMM vs oneDNN: 2-core AVX2 EPYC, benchmarks/RESULTS.md (convolution measurements); accuracy: 2-core Xeon "
-        "(Sapphire Rapids, AVX-512), ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 column, benchmarks/RESULTS.md 'Issue 31'"),
-    # Whether fast mode's CPU float32 training runs its wide 3x3 convs as Winograd F(2x2, 3x3) where
-    # fastunet.winograd.pays, and an NCHW input in channels_last inside (fastunet.U_Net._channels_last_inside).
-    # Against oneDNN's AVX2 kernels both are faster and Winograd is more accurate; oneDNN's AVX-512 kernels in NCHW
-    # (the seed's layout) are 2-2.6x more accurate than Winograd and 2-5x more accurate than its own channels_last
-    # kernels, so that a training step's gradients went over twice the seed's error: on AVX-512 both are off.
-    # Inference keeps both (its output stays within the error rule).
+        f"{_EPYC}, {_RESULTS} (convolution measurements): at 1024 -> 1024, 2 x 8 x 8 the GEMMs took 137 vs oneDNN's "
+        f"AVX2 183 ms forward + backward, forward error 1.8e-7 vs 5.7e-7-1.0e-6; {_SPR}, {_RESULTS} 'Issue 31': "
+        "oneDNN's AVX-512 kernels as fast and 1.2-1.6x more accurate (forward 1.5-2.0e-7, input gradient 2.0-2.2e-7 "
+        "vs 3.3e-7): 0 there; ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 column"),
     "winograd_train": Entry(
         onednn_isa() != "avx512", "bool",
-        "speed: 2-core AVX2 EPYC, benchmarks/RESULTS.md; accuracy: 2-core Xeon (Sapphire Rapids), 'Issue 31'"),
+        f"speed: {_EPYC}, {_RESULTS}; accuracy: {_SPR}, 'Issue 31': oneDNN's AVX-512 NCHW kernels 2-2.6x more "
+        "accurate than Winograd (a step's gradients over twice the seed's error): off on AVX-512"),
     "channels_last_train": Entry(
-        onednn_isa() != "avx512", "bool", "as winograd_train"),
-    # Whether fast mode's CPU convolutions of bfloat16 / float16 stay in that dtype (the CPU has dot products for it)
-    # or run in float32 on the exactly upcast inputs: oneDNN's emulated bfloat16 convs made a 1 x 3 x 64^2 training
-    # step 26x as slow as float32 on a CPU without them.
+        onednn_isa() != "avx512", "bool",
+        f"speed: {_EPYC}, {_RESULTS} (a step 1.2x faster); accuracy: {_SPR}, 'Issue 31': oneDNN's AVX-512 "
+        "channels_last kernels 2-5x less accurate than its NCHW ones: off on AVX-512"),
+    "subpixel_train_min_pixels": Entry(
+        1024, "low-resolution pixels per batch",
+        f"{_EPYC}, {_RESULTS}: below, the 3x3 conv on the upsampled input: 1 x 3 x 64^2 step 0.81x -> 0.95x eager, "
+        "2 x 3 x 128^2 1.39x -> 1.51x"),
+    "aten_conv_in_weights_layout": Entry(
+        True, "bool (where the weights outnumber the activations in and out)",
+        f"{_EPYC}, {_RESULTS}: 1024 -> 1024 channels at 1 x 16 x 16, 352 ms forward + backward against 176 ms in "
+        "the weights' layout (oneDNN lays a weight of the other layout out anew at every call)"),
     "native_dot_bfloat16": Entry(
         _has_native_dot(torch.bfloat16), "bool (lscpu: avx512_bf16 or amx_bf16)",
-        "2-core AVX2 EPYC, benchmarks/RESULTS.md (bfloat16 autocast on the CPU)"),
+        f"{_EPYC}, {_RESULTS} (bfloat16 autocast on the CPU): emulated bfloat16 convs made a 1 x 3 x 64^2 training "
+        "step 26x as slow as float32"),
     "native_dot_float16": Entry(
         _has_native_dot(torch.float16), "bool (lscpu: amx_fp16)", "as native_dot_bfloat16"),
+    # Inference (fast mode, CPU, float32, eval BN).
+    "gemm_max_pixels": Entry(
+        256, "pixels per batch",
+        f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: im2col + one GEMM 1.75-2.3x oneDNN at 1024 channels, "
+        "1.5x at 512"),
+    "subpixel_min_pixels": Entry(
+        1024, "low-resolution pixels per batch",
+        f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: the 2x2 sub-pixel conv about half the 3x3 one's time "
+        "from 32 x 32 up"),
+    "fold_min_pixels_per_input_channel": Entry(
+        4.5, "pixels per batch / input channels",
+        "folding (a pass over the weights) against the BN and ReLU passes it saves (two per output value)"),
+    "fold_nchw": Entry(
+        False, "bool",
+        f"{_SPR}, eight seeds: folded NCHW convs 2.1-2.5x the seed's error against float64 (channels_last "
+        "0.97-1.0x), over fast mode's 2x rule"),
+    "channels_last_inference": Entry(
+        True, "bool",
+        f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: oneDNN's convs 10-20% faster in channels_last, which "
+        "takes the folded BN"),
+    # Winograd F(2x2, 3x3) (CPU, float32): where it pays, and its chunks.
+    "winograd_min_channels": Entry(
+        64, "channels (both sides)", f"{_EPYC}, {_RESULTS}: the first layer's 3 input channels lose"),
+    "winograd_max_channels": Entry(1024, "channels (either side)", f"{_EPYC}, {_RESULTS}: the widest measured"),
+    "winograd_min_pixels": Entry(512, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights transformed at every call"),
+    "winograd_kept_min_pixels": Entry(
+        128, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights kept (fastunet.weight_cache)"),
+    "winograd_kept_min_channels": Entry(
+        256, "channels (both sides)", f"{_EPYC}, {_RESULTS}: with winograd_kept_min_pixels"),
+    "winograd_chunk_floats": Entry(
+        1 << 18, "floats of V and M per chunk", f"{_EPYC}, {_RESULTS}: a core's cache, below winograd_wide_channels"),
+    "winograd_min_chunk_tiles": Entry(63, "tiles", f"{_EPYC}, {_RESULTS}: each chunk reads all of U"),
+    "winograd_wide_channels": Entry(
+        256, "channels (both sides)", f"{_EPYC}, {_RESULTS}: from here U outweighs the tiles: one chunk, every thread"),
+    "winograd_wide_chunk_floats": Entry(1 << 23, "floats", f"{_EPYC}, {_RESULTS}: the one chunk's cap"),
 }
 
-_overrides = threading.local()
+# name: the algorithms a decision answers (a plan's entries are checked against them).
+ALGORITHMS = {
+    "train_conv": ("winograd", "gemm", "shifted_gemm", "aten"),
+    "inference_conv": ("winograd", "gemm", "folded", "unfolded"),
+    "up_conv": ("subpixel", "upsampled"),
+    "second_conv": ("triton", "aten"),
+}
+
+_local = threading.local()
 
 
 def value(name):
-    """The value of choice ``name`` now: the innermost ``override`` of this thread, else the table's."""
-    for layer in reversed(getattr(_overrides, "stack", ())):
+    """The value of ``name`` now: the innermost ``override`` of this thread, else the table's."""
+    for layer in reversed(getattr(_local, "stack", ())):
         if name in layer:
             return layer[name]
     return _TABLE[name].value
-
-
-def native_dot(dtype):
-    """Whether fast mode's CPU convolutions of ``dtype`` (bfloat16 or float16) stay in it."""
-    return value("native_dot_bfloat16" if dtype == torch.bfloat16 else "native_dot_float16")
 
 
 def table():
@@ -98,14 +152,283 @@ def table():
 
 @contextlib.contextmanager
 def override(**choices):
-    """Sets the named choices for the ``with`` block in this thread (an unknown name is an error)."""
+    """Sets the named entries for the ``with`` block in this thread (an unknown name is an error)."""
     unknown = sorted(set(choices) - set(_TABLE))
     if unknown:
         raise KeyError(f"fastunet.conv.policy: no choice named {', '.join(unknown)}; the choices are "
                        f"{', '.join(sorted(_TABLE))}")
-    stack = _overrides.__dict__.setdefault("stack", [])
+    stack = _local.__dict__.setdefault("stack", [])
     stack.append(dict(choices))
     try:
         yield
     finally:
         stack.pop()
+
+
+@contextlib.contextmanager
+def use_plan(plan):
+    """Consults ``plan`` (``{(decision, Layer.key()): algorithm}``) before the rules, for the ``with`` block in this
+    thread; an inner plan's entries come before an outer one's. Unknown decisions or algorithms are errors."""
+    for (decision, _), algorithm in plan.items():
+        if algorithm not in ALGORITHMS.get(decision, ()):
+            raise ValueError(f"fastunet.conv.policy: a plan entry {algorithm!r} for decision {decision!r}; the "
+                             f"decisions and their algorithms are {ALGORITHMS}")
+    plans = _local.__dict__.setdefault("plans", [])
+    plans.append(dict(plan))
+    try:
+        yield
+    finally:
+        plans.pop()
+
+
+def _planned(decision, layer, allowed):
+    """The plan's Choice for ``layer``'s ``decision``, or None; an entry outside ``allowed`` is an error."""
+    plans = getattr(_local, "plans", None)
+    if not plans:
+        return None
+    key = (decision, layer.key())
+    for plan in reversed(plans):
+        if key in plan:
+            if plan[key] not in allowed:
+                raise ValueError(f"fastunet.conv.policy: the plan's {plan[key]!r} for {decision} of {layer} is not "
+                                 f"one this layer can run ({', '.join(allowed)})")
+            return Choice(plan[key], "plan")
+    return None
+
+
+class Layer(NamedTuple):
+    """The facts of one conv a choice reads (stand-in fake tensors give them as well as real ones).
+
+    kernel: the conv's size (3, or 2 for the up-conv's sub-pixel form); n, cin, h, w: its input's ``[N, C, H, W]``,
+    cout its output channels; dtype / weight_dtype; device; layout: the input's memory format
+    (``ops.memory_format_of``), nhwc_dense: whether it is channels_last-contiguous (a tensor of one pixel is both);
+    weight_layout: the weight's memory format; train: a training step (else inference); exact: exact mode."""
+
+    kernel: int
+    n: int
+    cin: int
+    cout: int
+    h: int
+    w: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    device: torch.device
+    layout: torch.memory_format
+    nhwc_dense: bool
+    weight_layout: torch.memory_format
+    train: bool
+    exact: bool
+
+    @classmethod
+    def of(cls, x, weight, train, exact=False):
+        """The facts of the conv of ``x`` by ``weight`` ``[Cout, Cin, k, k]``."""
+        n, cin, h, w = x.shape
+        return cls(weight.shape[2], n, cin, weight.shape[0], h, w, x.dtype, weight.dtype, x.device,
+                   ops.memory_format_of(x), x.is_contiguous(memory_format=torch.channels_last),
+                   ops.memory_format_of(weight), train, exact)
+
+    def key(self):
+        """The layer's key in a plan: its facts, the device as its type."""
+        return self._replace(device=self.device.type)
+
+    @property
+    def pixels(self):
+        return self.n * self.h * self.w
+
+
+class Choice(NamedTuple):
+    """A chooser's answer: the algorithm, and the rule that picked it."""
+
+    algorithm: object
+    rule: str
+
+
+def native_dot(dtype):
+    """Whether fast mode's CPU convolutions of ``dtype`` (bfloat16 or float16) stay in it."""
+    return value("native_dot_bfloat16" if dtype == torch.bfloat16 else "native_dot_float16")
+
+
+def upcast(layer):
+    """Choice(True) where fast mode runs a CPU conv of bfloat16/float16 in float32 on the (exactly) upcast inputs,
+    its output rounded back: the CPU has no dot products of that dtype (the float32 product of the rounded inputs
+    is at least as accurate as the half-precision conv, which accumulates in float32 too)."""
+    if layer.device.type != "cpu" or layer.dtype not in (torch.bfloat16, torch.float16):
+        return Choice(False, "")
+    name = str(layer.dtype).removeprefix("torch.")
+    if native_dot(layer.dtype):
+        return Choice(False, f"policy native_dot_{name}=True")
+    return Choice(True, f"float32 on the upcast {name}: policy native_dot_{name}=False")
+
+
+def _cpu_float32(layer):
+    return layer.device.type == "cpu" and layer.dtype == torch.float32 and layer.weight_dtype == torch.float32
+
+
+def winograd_pays(layer, kept=False):
+    """Choice(True) where a float32 CPU 3x3 conv runs faster as Winograd F(2x2, 3x3) than oneDNN's direct conv and the
+    GEMMs of few pixels: channels on both sides within [winograd_min_channels, winograd_max_channels], and
+    winograd_min_pixels pixels per batch, or with ``kept`` weights (fastunet.weight_cache) winograd_kept_min_pixels
+    where both sides have winograd_kept_min_channels. Needs the compiled ops, eager."""
+    if not (layer.device.type == "cpu" and layer.dtype == torch.float32) or torch.compiler.is_compiling():
+        return Choice(False, "winograd: float32 CPU eager only")
+    low, high, pixels = min(layer.cin, layer.cout), max(layer.cin, layer.cout), layer.pixels
+    where = f"{layer.cin}->{layer.cout} channels, {pixels} pixels per batch"
+    if ops.backend_for(layer.device) != "compiled":
+        return Choice(False, "winograd: needs the compiled ops")
+    if not value("winograd_min_channels") <= low or high > value("winograd_max_channels"):
+        return Choice(False, f"winograd does not pay at {where} (policy winograd_min/max_channels)")
+    enough = pixels >= value("winograd_min_pixels") or (
+        kept and pixels >= value("winograd_kept_min_pixels") and low >= value("winograd_kept_min_channels"))
+    if not enough:
+        return Choice(False, f"winograd does not pay at {where} (policy winograd_min_pixels)")
+    return Choice(True, f"winograd pays at {where}" + " (weights kept)" * (pixels < value("winograd_min_pixels")))
+
+
+def _gemm_train(layer):
+    """Whether a training conv runs as im2col GEMMs: float32 CPU, up to gemm_train_max_pixels pixels per image; eager
+    only (Dynamo cannot speculate the GEMM backward's reshapes of gradients of unknown layout)."""
+    return (_cpu_float32(layer) and layer.h * layer.w <= value("gemm_train_max_pixels")
+            and not torch.compiler.is_compiling())
+
+
+def train_conv(layer):
+    """How fast mode's training conv (3x3, or the sub-pixel 2x2; forward and backward) runs, after ``upcast``:
+    "winograd" (3x3 float32 where winograd_train allows it and it pays, not where the GEMMs run), "gemm" (im2col,
+    up to gemm_train_max_pixels pixels per image), "shifted_gemm" (ATen's forward; the channels_last sub-pixel
+    conv's backward by shifted GEMMs, which oneDNN's channels_last backward took 1.1-2.7x as long as) or "aten"."""
+    if torch.compiler.is_compiling():
+        return Choice("aten", "compiled: ATen's conv")
+    gemm = _gemm_train(layer)
+    allowed = ["aten"]
+    if layer.kernel == 3 and layer.weight_dtype == torch.float32 and not gemm:
+        pays = winograd_pays(layer)
+        if pays.algorithm:
+            allowed.append("winograd")
+    if _cpu_float32(layer):
+        allowed.append("gemm")
+    shifted = _cpu_float32(layer) and layer.kernel == 2 and layer.nhwc_dense and not gemm
+    if shifted:
+        allowed.append("shifted_gemm")
+    planned = _planned("train_conv", layer, allowed)
+    if planned is not None:
+        return planned
+    gemm_rule = f"policy gemm_train_max_pixels={value('gemm_train_max_pixels')}"
+    if "winograd" in allowed and value("winograd_train"):
+        return Choice("winograd", f"policy winograd_train=True; {pays.rule}")
+    if gemm:
+        return Choice("gemm", f"{gemm_rule} >= {layer.h * layer.w} pixels per image")
+    notes = []
+    if layer.kernel == 3:
+        notes.append("policy winograd_train=False" if not value("winograd_train") else winograd_pays(layer).rule)
+    if _cpu_float32(layer):
+        notes.append(f"{gemm_rule} < {layer.h * layer.w} pixels per image")
+    rule = "; ".join(n for n in notes if n)
+    return Choice("shifted_gemm" if shifted else "aten", rule)
+
+
+def conv_layout(layer):
+    """Choice(memory format or None) of fast mode's ATen training conv: the weight's where the two differ on the CPU
+    and the weights outnumber the activations in and out (a model's NCHW weights at the deep levels, whose
+    activations are channels_last inside; policy aten_conv_in_weights_layout), else None: as they lie."""
+    if torch.compiler.is_compiling() or layer.device.type != "cpu" or not value("aten_conv_in_weights_layout"):
+        return Choice(None, "")
+    weights = layer.cout * layer.cin * layer.kernel * layer.kernel
+    activations = layer.n * layer.cin * layer.h * layer.w + layer.n * layer.cout * layer.h * layer.w
+    if layer.weight_layout != layer.layout and weights > activations:
+        return Choice(layer.weight_layout, "moved to the weights' layout (the weights outnumber the activations)")
+    return Choice(None, "")
+
+
+def inference_conv(layer, kept):
+    """How CPU inference runs a conv + eval BN + ReLU: "unfolded" (the seed's ops: exact mode), "winograd" (where it
+    pays, ``kept``: weights kept by fastunet.weight_cache), "gemm" (up to gemm_max_pixels pixels per batch),
+    "folded" (BN folded into oneDNN's conv where folding costs less than the passes it saves:
+    fold_min_pixels_per_input_channel, and channels_last unless fold_nchw) or "unfolded"."""
+    if layer.exact:
+        return Choice("unfolded", "exact mode: the seed's ops")
+    pays = winograd_pays(layer, kept)
+    allowed = ["gemm", "folded", "unfolded"] + ["winograd"] * bool(pays.algorithm)
+    planned = _planned("inference_conv", layer, allowed)
+    if planned is not None:
+        return planned
+    if pays.algorithm:
+        return Choice("winograd", pays.rule)
+    pixels = layer.pixels
+    if pixels <= value("gemm_max_pixels"):
+        return Choice("gemm", f"policy gemm_max_pixels={value('gemm_max_pixels')} >= {pixels} pixels per batch")
+    if pixels < value("fold_min_pixels_per_input_channel") * layer.cin:
+        return Choice("unfolded", f"{pixels} pixels per batch, {layer.cin} input channels: BN and ReLU passes "
+                                  "cheaper than folding (policy fold_min_pixels_per_input_channel)")
+    if not layer.nhwc_dense and not value("fold_nchw"):
+        return Choice("unfolded", "NCHW: not folded (policy fold_nchw=False)")
+    return Choice("folded", f"{pixels} pixels per batch: BN folded into the weights")
+
+
+def up_conv(layer):
+    """How the up block runs its conv of the low-resolution ``layer`` input: "subpixel" (one 2x2 conv to 4x the
+    channels on it) or "upsampled" (the 3x3 conv on the nearest-upsampled input). Exact mode: upsampled. Training:
+    sub-pixel on CUDA, on the CPU from subpixel_train_min_pixels low-resolution pixels per batch (below, the weights
+    outweigh the pixels and the four phase kernels cost more than the multiplies they save). Inference (CPU): from
+    subpixel_min_pixels."""
+    if layer.exact:
+        return Choice("upsampled", "exact mode: the seed's ops")
+    planned = _planned("up_conv", layer, ("subpixel", "upsampled"))
+    if planned is not None:
+        return planned
+    if layer.train and layer.device.type != "cpu":
+        return Choice("subpixel", "sub-pixel: on CUDA")
+    name = "subpixel_train_min_pixels" if layer.train else "subpixel_min_pixels"
+    if torch.compiler.is_compiling():  # no rule text from shapes Dynamo may trace as symbols
+        return Choice("subpixel" if layer.pixels >= value(name) else "upsampled", "")
+    pixels = f"{layer.pixels} low-resolution pixels per batch"
+    if layer.pixels >= value(name):
+        return Choice("subpixel", f"sub-pixel: policy {name}={value(name)} <= {pixels}")
+    return Choice("upsampled", f"upsampled: {pixels} < policy {name}={value(name)}")
+
+
+def model_layout(train, cpu_inference):
+    """Choice(True) where a plain fast U-Net (every block fused; checked by the caller, U_Net._channels_last_inside)
+    runs a float32 NCHW CPU input in channels_last inside: in training where channels_last_train, in eval where
+    every block runs CPU inference (``cpu_inference``) and channels_last_inference."""
+    if train:
+        on = value("channels_last_train")
+        return Choice(on, f"policy channels_last_train={on}")
+    if not cpu_inference:
+        return Choice(False, "not CPU inference")
+    on = value("channels_last_inference")
+    return Choice(on, f"CPU inference: policy channels_last_inference={on}")
+
+
+def second_conv(layer, mode, timed_pick):
+    """What runs a fast-mode double block's second 3x3 conv (``layer.train``: with layer 2's batch statistics): "aten"
+    (a BN-apply + ReLU pass, then ATen's conv) or "triton" (the activation formed in the conv's input load).
+    ``mode`` is ops.conv3x3_mode(): "aten", "triton" (wherever the Triton kernels run) or "auto": on CUDA the faster
+    of the two at the first call of each shape, ``timed_pick()`` (None where untimed: aten), eager and
+    nondeterministic algorithms only (a pick by timing could differ from run to run)."""
+    if (mode not in ("triton", "auto") or layer.dtype == torch.float64 or not ops._triton_usable()
+            or ops.backend_for(layer.device) == "reference"):
+        return Choice("aten", f"FASTUNET_CONV={mode}")
+    planned = _planned("second_conv", layer, ("triton", "aten"))
+    if planned is not None:
+        return planned
+    if mode == "triton":
+        return Choice("triton", "FASTUNET_CONV=triton: BN+ReLU in the conv's input load")
+    if layer.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return Choice("aten", "FASTUNET_CONV=auto: aten off CUDA or under deterministic algorithms")
+    pick = timed_pick()
+    return Choice(pick or "aten", "FASTUNET_CONV=auto: the faster at the first call")
+
+
+def chunk_tiles(tiles, cin, cout, threads):
+    """Tiles per chunk of the Winograd conv for ``tiles`` tiles of ``cin`` to ``cout`` channels: below
+    winograd_wide_channels chunks of about winograd_chunk_floats floats of V and M (at least winograd_min_chunk_tiles
+    tiles), one per thread; from there on both sides one chunk of all the tiles up to winograd_wide_chunk_floats.
+    Odd where there are several, so that the 16 planes of V and M are not a power of two apart (the same cache
+    sets)."""
+    per_tile = 16 * (cin + cout)
+    if min(cin, cout) >= value("winograd_wide_channels"):
+        chunk = min(tiles, max(1, value("winograd_wide_chunk_floats") // per_tile))
+    else:
+        chunk = min(max(value("winograd_min_chunk_tiles"), value("winograd_chunk_floats") // per_tile),
+                    -(-tiles // threads))
+    return chunk if chunk == tiles or chunk % 2 else max(1, chunk - 1)

@@ -22,11 +22,11 @@ Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified 
 
 ``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
 transform itself; ``release_workspace`` frees it), ``kept_weights`` (U in a buffer of its own, for
-fastunet.weight_cache) and ``conv3x3`` are the Python entry points. The chunks' V and M
-buffers of winograd_conv3x3 are kept per thread too (up to 32 MiB on the calling thread, a few MiB on the
-others), for the thread's life. ``pays`` says where Winograd beats oneDNN's direct convolution (measured, see
-below). The transforms only add (and halve, exactly), so the float32 error stays at the direct convolution's or
-below: the GEMMs sum over Cin terms where a direct 3x3 conv sums over 9 Cin.
+fastunet.weight_cache) and ``conv3x3`` are the Python entry points. The chunks' V and M buffers of
+winograd_conv3x3 are kept per thread too (up to 32 MiB on the calling thread, a few MiB on the others), for the
+thread's life. Where Winograd runs, and its chunk sizes, are fastunet.conv.policy's choices. The transforms only
+add (and halve, exactly), so the float32 error stays at the direct convolution's or below: the GEMMs sum over Cin
+terms where a direct 3x3 conv sums over 9 Cin.
 """
 
 import threading
@@ -34,10 +34,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import _ext, ops
+from .. import _ext, ops
+from . import policy
 
-__all__ = ["weights", "kept_weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "pays",
-           "release_workspace", "WINOGRAD_OPS"]
+__all__ = ["weights", "kept_weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "release_workspace",
+           "WINOGRAD_OPS"]
 
 
 def _kernel_transform(g0, g1, g2):
@@ -261,26 +262,9 @@ def conv3x3(x, u, bias=None, relu=False, out=None):
     return out
 
 
-# Chunks of winograd_conv3x3 (measured on a 2-core AVX2 EPYC, benchmarks/RESULTS.md). Below WIDE_CHANNELS, chunks
-# of about CHUNK_FLOATS floats of V and M (a core's cache), at least MIN_CHUNK_TILES tiles (each chunk reads all of
-# U), one thread each; from WIDE_CHANNELS on both sides, where U outweighs the tiles, one chunk of all the tiles
-# (every thread on each step, U read once) up to WIDE_CHUNK_FLOATS.
-CHUNK_FLOATS = 1 << 18
-MIN_CHUNK_TILES = 63
-WIDE_CHANNELS = 256
-WIDE_CHUNK_FLOATS = 1 << 23
-
-
 def chunk_tiles(tiles, cin, cout):
-    """Tiles per chunk of winograd_conv3x3 for ``tiles`` tiles of ``cin`` to ``cout`` channels (see CHUNK_FLOATS):
-    odd where there are several, so that the 16 planes of V and M are not a power of two apart, which would put
-    them all in the same cache sets."""
-    per_tile = 16 * (cin + cout)
-    if min(cin, cout) >= WIDE_CHANNELS:
-        chunk = min(tiles, max(1, WIDE_CHUNK_FLOATS // per_tile))
-    else:
-        chunk = min(max(MIN_CHUNK_TILES, CHUNK_FLOATS // per_tile), -(-tiles // torch.get_num_threads()))
-    return chunk if chunk == tiles or chunk % 2 else max(1, chunk - 1)
+    """Tiles per chunk of winograd_conv3x3 (fastunet.conv.policy.chunk_tiles, over this thread's threads)."""
+    return policy.chunk_tiles(tiles, cin, cout, torch.get_num_threads())
 
 
 def conv3x3_input_grad(grad, weight, out=None):
@@ -299,26 +283,3 @@ def conv3x3_weight_grad(x, grad, out=None):
         out = torch.empty((cout, cin, 3, 3), dtype=x.dtype, device=x.device)
     torch.ops.fastunet.winograd_weight_grad(x, grad, chunk_tiles(_tiles(x), cin, cout), out)
     return out
-
-
-def pays(x, cin, cout, kept=False):
-    """Whether fast mode's float32 CPU 3x3 conv of ``cin`` to ``cout`` channels over x ``[N, Cin, H, W]`` runs as
-    Winograd: where it measured faster than oneDNN's direct convolution and the GEMMs of few pixels
-    (fastunet.functional) on a 2-core AVX2 EPYC (benchmarks/RESULTS.md): from MIN_CHANNELS channels on both sides
-    (the first layer's 3 input channels make the input transform cost more than the multiplies saved), up to
-    MAX_CHANNELS (the widest measured), from MIN_PIXELS pixels per batch with its weights transformed at every call;
-    with ``kept`` weights (transformed once, fastunet.weight_cache), also from KEPT_MIN_PIXELS pixels where both
-    sides have KEPT_MIN_CHANNELS channels."""
-    n, _, h, w = x.shape
-    pixels = n * h * w
-    enough = pixels >= MIN_PIXELS or (kept and pixels >= KEPT_MIN_PIXELS and min(cin, cout) >= KEPT_MIN_CHANNELS)
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and MIN_CHANNELS <= min(cin, cout)
-            and max(cin, cout) <= MAX_CHANNELS and enough and not torch.compiler.is_compiling()
-            and ops.backend_for(x.device) == "compiled")
-
-
-MIN_CHANNELS = 64
-MAX_CHANNELS = 1024
-MIN_PIXELS = 512
-KEPT_MIN_PIXELS = 128
-KEPT_MIN_CHANNELS = 256

@@ -1,0 +1,52 @@
+"""ATen's (oneDNN's on the CPU) convolutions as fast mode runs them: 3x3 (or the sub-pixel 2x2) with padding 1, in
+the layout fastunet.conv.policy.conv_layout picks, and oneDNN's conv + ReLU for CPU inference with an eval BN folded
+into its weights."""
+
+import torch
+
+from .. import ops
+from . import policy
+
+_aten = torch.ops.aten
+CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
+
+
+def conv(x, w, b):
+    """ATen's ``conv2d(x, w, b, padding=1)``: the call torch.nn's Conv2d makes."""
+    return _aten.convolution(x, w, b, *CONV_ARGS)
+
+
+def layout(x, w):
+    """The memory format the policy moves the activations to for the ATen conv of ``x`` by ``w``, or None."""
+    return policy.conv_layout(policy.Layer.of(x, w, train=True)).algorithm
+
+
+def forward(x, w):
+    """``conv2d(x, w, padding=1)`` (no bias) in the policy's layout, the output then in x's."""
+    moved = layout(x, w)
+    if moved is None:
+        return conv(x, w, None)
+    return conv(x.contiguous(memory_format=moved), w, None).contiguous(memory_format=ops.memory_format_of(x))
+
+
+def backward(dz, x, w, output_mask):
+    """(dx, dw) of ``forward`` by ATen's convolution_backward, in the same layout, dx then in x's."""
+    moved = layout(x, w)
+    if moved is None:
+        return _aten.convolution_backward(dz, x, w, None, *CONV_ARGS, [*output_mask, False])[:2]
+    dx, dw = _aten.convolution_backward(dz.contiguous(memory_format=moved), x.contiguous(memory_format=moved), w,
+                                        None, *CONV_ARGS, [*output_mask, False])[:2]
+    return (None if dx is None else dx.contiguous(memory_format=ops.memory_format_of(x))), dw
+
+
+def folded_weight(weight, scale):
+    """A conv's weight with an eval BN's ``scale`` folded in, made at every call, in channels_last (oneDNN lays those
+    out for its convs in about a quarter of the time NCHW ones take)."""
+    folded = torch.empty_like(weight, memory_format=torch.channels_last)
+    return torch.mul(weight, scale.view(-1, 1, 1, 1), out=folded)
+
+
+def conv_relu(x, weight, bias):
+    """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place (oneDNN's fused
+    ReLU would turn a NaN into 0, where the seed keeps it)."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "").relu_()
