@@ -4,7 +4,8 @@
 ``U_Net``; its pure-PyTorch twin is ``fastunet.reference.U_Net``) with fused conv+BN+ReLU and
 upsample+conv+concat blocks backed by CUDA, Triton and CPU kernels. ``convert_sync_batchnorm`` synchronizes
 its BatchNorm under DDP; ``info()`` says what was built and what runs where, ``explain(model, x)``
-which algorithm each conv layer runs for an input and why; ``python -m fastunet.bench`` and
+which algorithm each conv layer runs for an input and why, ``tune(model, x)`` times them on this machine and
+keeps the fastest; ``python -m fastunet.bench`` and
 ``python -m fastunet.train`` benchmark and train it against the reference.
 """
 
@@ -13,7 +14,8 @@ from .environment import info
 from .explain import explain
 from .model import U_Net, conv_block, up_conv
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .tune import tune
 
 __version__ = "0.1.0"
 __all__ = ["U_Net", "SyncBatchNorm", "conv", "conv_block", "convert_sync_batchnorm", "explain", "functional", "info",
-           "ops", "reference", "up_conv"]
+           "ops", "reference", "tune", "up_conv"]

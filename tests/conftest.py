@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 import zlib
 
@@ -23,6 +24,9 @@ if not HAS_GPU:
 # Exact mode on the CPU runs the seed's modules for users; the suite runs the fused path's exact twins there (the
 # CUDA path's logic), in spawned processes too. Tests of the modules path set model._EXACT_CPU_RUNS_MODULES.
 os.environ["FASTUNET_CPU_EXACT"] = "fused"
+# Plans that fastunet.tune stored on this machine would change what the tests run: the suite (and the processes it
+# spawns) reads and writes plans in a folder of its own.
+os.environ["FASTUNET_PLAN_DIR"] = os.path.join(tempfile.mkdtemp(prefix="fastunet-plans-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

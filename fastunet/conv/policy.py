@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .. import ops
+from . import plan as stored_plan
 
 
 class Entry(NamedTuple):
@@ -181,18 +182,39 @@ def use_plan(plan):
         plans.pop()
 
 
-def _planned(decision, layer, allowed):
-    """The plan's Choice for ``layer``'s ``decision``, or None; an entry outside ``allowed`` is an error."""
-    plans = getattr(_local, "plans", None)
-    if not plans:
-        return None
+@contextlib.contextmanager
+def recording():
+    """Records, in this thread for the ``with`` block, every decision a chooser makes that a plan could change: a
+    list of ``(decision, layer, candidates)``, the algorithms that keep fast mode's error rule on this CPU (what
+    ``fastunet.tune`` times)."""
+    previous = getattr(_local, "recorder", None)
+    _local.recorder = []
+    try:
+        yield _local.recorder
+    finally:
+        _local.recorder = previous
+
+
+def _planned(decision, layer, allowed, candidates=None):
+    """The plan's Choice for ``layer``'s ``decision``, or None: a ``use_plan`` plan's (an entry outside ``allowed``
+    is an error), else this machine's tuned plan's (fastunet.conv.plan; an entry outside ``candidates``, default
+    ``allowed``, is passed over: a plan from other rules)."""
+    candidates = tuple(allowed if candidates is None else candidates)
+    recorder = getattr(_local, "recorder", None)
+    if recorder is not None:
+        recorder.append((decision, layer, candidates))
     key = (decision, layer.key())
-    for plan in reversed(plans):
+    for plan in reversed(getattr(_local, "plans", ())):
         if key in plan:
             if plan[key] not in allowed:
                 raise ValueError(f"fastunet.conv.policy: the plan's {plan[key]!r} for {decision} of {layer} is not "
                                  f"one this layer can run ({', '.join(allowed)})")
             return Choice(plan[key], "plan")
+    if torch.compiler.is_compiling():
+        return None
+    tuned = stored_plan.current()
+    if tuned.get(key) in candidates:
+        return Choice(tuned[key], "tuned on this machine")
     return None
 
 
@@ -309,7 +331,11 @@ def train_conv(layer):
     shifted = _cpu_float32(layer) and layer.kernel == 2 and layer.nhwc_dense and not gemm
     if shifted:
         allowed.append("shifted_gemm")
-    planned = _planned("train_conv", layer, allowed)
+    # Tuning times only what keeps fast mode's error rule on this CPU: Winograd where winograd_train, the GEMMs where
+    # gemm_train_max_pixels is not 0 (both off on AVX-512 for accuracy, 'Issue 31').
+    candidates = [name for name in allowed if not (name == "winograd" and not value("winograd_train"))
+                  and not (name == "gemm" and not value("gemm_train_max_pixels"))]
+    planned = _planned("train_conv", layer, allowed, candidates)
     if planned is not None:
         return planned
     gemm_rule = f"policy gemm_train_max_pixels={value('gemm_train_max_pixels')}"
@@ -348,7 +374,9 @@ def inference_conv(layer, kept):
         return Choice("unfolded", "exact mode: the seed's ops")
     pays = winograd_pays(layer, kept)
     allowed = ["gemm", "folded", "unfolded"] + ["winograd"] * bool(pays.algorithm)
-    planned = _planned("inference_conv", layer, allowed)
+    # BN folded into NCHW convs is over the error rule (fold_nchw): not a candidate for tuning there.
+    candidates = [name for name in allowed if name != "folded" or layer.nhwc_dense or value("fold_nchw")]
+    planned = _planned("inference_conv", layer, allowed, candidates)
     if planned is not None:
         return planned
     if pays.algorithm:
