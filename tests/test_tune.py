@@ -108,3 +108,15 @@ def test_tune_rejects_bad_arguments():
         fastunet.tune(fastunet.U_Net(), torch.randn(1, 3, 32, 32), reps=0)
     with pytest.raises(TypeError, match="fastunet.explain takes"):
         fastunet.tune(torch.nn.Conv2d(3, 3, 3), torch.randn(1, 3, 32, 32))
+
+
+def test_train_tune_stores_a_plan_before_training(plan_dir, tmp_path):
+    """``python -m fastunet.train --tune`` tunes the model for its batch, then trains; with --spatial it is refused."""
+    from fastunet.train import main
+
+    result = main(["--device", "cpu", "--size", "32", "--batch", "2", "--epochs", "1", "--steps-per-epoch", "1",
+                   "--val-samples", "2", "--no-progress", "--tune", "--out", str(tmp_path / "out")])
+    assert len(result["models"]["fastunet"]["losses"]) == 1
+    assert stored_plan.current() and os.path.exists(stored_plan.path())
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--spatial", "2", "--tune", "--out", str(tmp_path / "out")])

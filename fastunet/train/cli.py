@@ -58,6 +58,10 @@ def parse_args(argv):
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="autocast to bfloat16, or float16 with a GradScaler (default none: float32)")
     parser.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    parser.add_argument("--tune", action="store_true",
+                        help="before training, time each conv layer's algorithms on this machine for this batch "
+                             "(fastunet.tune) and keep the fastest in this machine's plan (fastunet in fast mode, "
+                             "one process per device; not with --pipeline or --spatial)")
     parser.add_argument("--img-ch", type=int, default=3, help="image channels (default 3)")
     parser.add_argument("--out", default="train_out", help="folder for checkpoints, history.json and loss.png")
     parser.add_argument("--sync-bn", action="store_true", help="synchronized BatchNorm across torchrun processes "
@@ -108,6 +112,9 @@ def check_args(parser, args):
         parser.error("--train-samples applies to --data synthetic only (a folder is used whole)")
     if args.pipeline is None and args.microbatches is not None:
         parser.error("--microbatches applies to --pipeline only")
+    if args.tune and (args.pipeline or args.spatial):
+        parser.error("--tune times whole layers on one device: run it without --pipeline or --spatial first (later "
+                     "runs use the plan it stores)")
     if args.pipeline is not None and (args.compare or args.model != "fastunet" or args.amp == "fp16"):
         parser.error("--pipeline trains fastunet.U_Net alone (not --compare or --model reference), in float32 or "
                      "--amp bf16 (fp16's GradScaler would skip steps on some stages and not others)")
@@ -158,6 +165,18 @@ def build_model(name, args, state=None):
     return model
 
 
+def tune_model(model, args, device, rank):
+    """fastunet.tune of ``model`` for a training step on a batch of ``args`` on ``device``, under the run's autocast
+    (the model itself is not run or changed)."""
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    example = torch.empty(args.batch, args.img_ch, args.size, args.size, device=device, memory_format=layout)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    on_device = copy.deepcopy(model).to(device, memory_format=layout)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        tuning = fastunet.tune(on_device, example, train=True)
+    log(f"tuned {len(tuning)} conv choices on this machine: {tuning.file}", rank)
+
+
 def train_model(name, model, train_set, val_set, args, config, device, rank, world, mesh=None):
     """Trains one model of ``run`` from the seeded RNG state; its history with the final loss and checkpoint path.
     With a ProcessMesh ``mesh``, ``model`` trains as pipeline stages (``--pipeline``; built on the meta device) or
@@ -166,6 +185,8 @@ def train_model(name, model, train_set, val_set, args, config, device, rank, wor
     replica, replicas = (mesh.replica, mesh.replicas) if mesh else (rank, world)
     train_loader, val_loader = build_loaders(train_set, val_set, args, device, replica, replicas)
     checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
+    if args.tune and name == "fastunet" and not args.exact:
+        tune_model(model, args, device, rank)
     if mesh:
         prepared = (prepare_pipelined if args.pipeline else prepare_spatial)(model, args, device, mesh)
     else:
