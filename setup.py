@@ -119,7 +119,7 @@ print(
 
 setup(
     version=_version(with_cuda),
-    packages=["fastunet", "fastunet.conv", "fastunet.kernels"],
+    packages=["fastunet", "fastunet.bench", "fastunet.conv", "fastunet.kernels"],
     package_dir={"fastunet": "fastunet", "fastunet.kernels": "kernels"},
     ext_modules=[_extension(with_cuda)],
     cmdclass={"build_ext": BuildExtensionKeepingObjects},

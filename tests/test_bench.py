@@ -31,7 +31,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkey
     not their timing; ``python -m fastunet.bench`` calls the same ``main``)."""
     from fastunet import bench
 
-    monkeypatch.setattr(bench, "default_plan", lambda device, quick: (1, 32, 1, 2))
+    monkeypatch.setattr(bench.cli, "default_plan", lambda device, quick: (1, 32, 1, 2))
     out = tmp_path / "bench_out"
     assert bench.main(["--quick", "--no-compile", "--peers", "--device", "cpu", "--batch", "1", "--size", "32",
                        "--out", str(out)]) == 0
@@ -78,7 +78,7 @@ def test_a_subset_of_configs_runs_a_compiler_failure_is_recorded_and_unknown_con
         raise RuntimeError("inductor broke\nsecond line")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(bench, "default_plan", lambda device, quick: (2, 16, 1, 2))  # the rows, not their timing
+    monkeypatch.setattr(bench.cli, "default_plan", lambda device, quick: (2, 16, 1, 2))  # the rows, not their timing
     assert bench.main(["--device", "cpu", "--batch", "2", "--size", "16", "--configs", "fastunet_fast_compile",
                        "--out", str(tmp_path)]) == 0
     configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}

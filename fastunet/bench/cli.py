@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import U_Net, ops, reference
-from .explain import explain
+from .. import U_Net, ops, reference
+from ..explain import explain
 
 CONFIGS = {
     "reference_eager": "reference eager",
@@ -379,7 +379,7 @@ def memory_method(device):
 
 def cpu_peak_memory(configs, args):
     """config -> CPU peaks, from one fresh subprocess started with CPU_MEMORY_ENV (or an error line)."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
     spec = {"configs": configs, "batch": args.batch, "size": args.size, "dtype": args.dtype,
             "channels_last": args.channels_last}
@@ -812,6 +812,3 @@ def main(argv=None):
     write_outputs(report, args)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
