@@ -6,8 +6,8 @@ backward) and the inference time (median of timed reps after warm-up, inputs rot
 random batches), the speedups over the reference in eager mode, the peak memory a step needs above the
 weights and inputs it starts from, and the relative error of the training output, of the parameter gradients
 and of the inference output against a float64 run of the reference on the same weights and input. ``--peers``
-adds the reference exported to ONNX in ONNX Runtime (inference only). It writes the results as JSON and a bar
-chart of the speedups into ``--out``.
+adds the reference in ONNX Runtime and in OpenVINO (float32, and OpenVINO's default precision), inference only. It
+writes the results as JSON and a bar chart of the speedups into ``--out``.
 """
 
 import argparse
@@ -30,6 +30,7 @@ from .configs import (
     autocast_for,
     build_model,
     cpu_peak_memory,
+    failure,
     float64_reference,
     initial_state,
     measure,
@@ -142,7 +143,9 @@ def parse_args(argv):
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile rows (reference and fastunet)")
     parser.add_argument("--peers", action="store_true",
-                        help="add the reference exported to ONNX in ONNX Runtime (CPU provider; inference only)")
+                        help="add the reference in ONNX Runtime (its ONNX export, CPU provider) and in OpenVINO (CPU "
+                             "plugin; float32, and OpenVINO's default precision: bf16 on a CPU with bf16 dot "
+                             "products), inference only")
     parser.add_argument("--no-memory", action="store_true",
                         help="leave out the peak-memory columns (on the CPU a fresh subprocess measures them)")
     parser.add_argument("--reps", type=int, help="timed reps per config, after one warm-up call (default: by "
@@ -204,8 +207,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
                 results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
                                        args.channels_last, not args.no_memory))
             except Exception as error:  # noqa: BLE001 (the compiler stack raises many kinds)
-                first_line = (str(error).strip().splitlines() or [""])[0][:200]
-                reason = f"failed: {type(error).__name__}: {first_line}"
+                reason = failure(error)
                 progress(f"{label}: {reason}")
                 results.append({"config": config, "label": label, "skipped": reason})
         else:

@@ -161,6 +161,12 @@ def measure(config, state, batches, exact_step, device, autocast, warmup, reps, 
     return result
 
 
+def failure(error):
+    """A row's "skipped" reason for ``error``: its type and the first line of its message."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"failed: {type(error).__name__}: {first_line}"
+
+
 def measure_peak_memory(model, batch, device, autocast):
     """Peak memory (MiB) of a training step and of an inference call, each after one unmeasured call."""
     train, infer = make_steps(model, autocast)

@@ -89,14 +89,14 @@ def plot_speedups(report, path):
     measured = [result for result in report["configs"] if "skipped" not in result]
     positions = range(len(measured))
     width = 0.38
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(measured)), 4.6))
     phases = ((-width / 2, "train_speedup", "training step"), (width / 2, "infer_speedup", "inference"))
     for offset, key, name in phases:
         values = [r.get(key, float("nan")) for r in measured]  # nan: no bar (a row without a training step)
         bars = ax.bar([p + offset for p in positions], values, width, label=name)
         ax.bar_label(bars, labels=["" if v != v else f"{v:.2f}x" for v in values])
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-    ax.set_xticks(list(positions), [result["label"] for result in measured])
+    ax.set_xticks(list(positions), [result["label"] for result in measured], rotation=20, ha="right")
     ax.set_ylabel("speedup over reference eager")
     ax.set_title(f"U-Net {' x '.join(map(str, report['shape']))} {report['dtype']} on {report['device_name']}")
     ax.legend()
