@@ -208,3 +208,27 @@ def test_peers_say_why_a_row_is_left_out(monkeypatch):
         "reference_onnxruntime"]
     assert reasons["reference_openvino_f32"] == "skipped: float32 inference, in a bfloat16 run"
     assert reasons["reference_openvino_default"] == "skipped: openvino is not installed (pip install openvino)"
+
+
+def test_an_openvino_conversion_failure_is_a_row_saying_so(monkeypatch):
+    """A failure to export or convert the model is recorded in both OpenVINO rows (as a compiler failure is in the
+    compiled configs' rows), not fatal to the run."""
+    pytest.importorskip("openvino")
+    import argparse
+
+    import torch
+
+    from fastunet import reference
+    from fastunet.bench import peers
+
+    def broken_conversion(model, x):
+        raise RuntimeError("converter broke\nsecond line")
+
+    monkeypatch.setattr(peers, "openvino_model", broken_conversion)
+    state = reference.U_Net(3, 1).state_dict()
+    rows = peers.measure_openvino_rows(argparse.Namespace(dtype="float32", channels_last=False), torch.device("cpu"),
+                                       state, [(torch.randn(1, 3, 16, 16), None)], None, warmup=1, reps=1)
+    assert {row["config"]: row["skipped"] for row in rows} == {
+        "reference_openvino_f32": "failed: RuntimeError: converter broke",
+        "reference_openvino_default": "failed: RuntimeError: converter broke",
+    }
