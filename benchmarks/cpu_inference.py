@@ -15,8 +15,9 @@ import torch
 
 import fastunet
 from fastunet import functional
-from fastunet.bench import initial_state, interleaved_median_ms, relative_error
+from fastunet.bench import initial_state, interleaved_median_ms
 from fastunet.reference import U_Net as Reference
+from fastunet.testing import relative_error
 
 
 def through_functions(model, x):

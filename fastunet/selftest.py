@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import U_Net, _ext, ops, reference
-from .bench import bn_cancelled_biases, parameter_grads, relative_error
+from .testing import bn_cancelled_biases, parameter_grads, relative_error
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("nchw", "channels_last", "channel_slice")

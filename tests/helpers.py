@@ -20,8 +20,8 @@ import torch.nn.init as init
 
 import fastunet
 from fastunet import ops
-from fastunet.bench import relative_error  # noqa: F401  (the test files import it from here)
 from fastunet.reference import U_Net as Reference
+from fastunet.testing import relative_error  # noqa: F401  (the test files import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
 """``python -m fastunet.bench --quick`` end to end on the CPU: the table, the chart and the JSON (timings
 are not judged here; benchmarks/ holds the timing suites)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkey
     not their timing; ``python -m fastunet.bench`` calls the same ``main``)."""
     from fastunet import bench
 
-    monkeypatch.setattr(bench, "default_plan", lambda device, quick: (1, 32, 1, 2))
+    monkeypatch.setattr(bench.cli, "default_plan", lambda device, quick: (1, 32, 1, 2))
     out = tmp_path / "bench_out"
     assert bench.main(["--quick", "--no-compile", "--peers", "--device", "cpu", "--batch", "1", "--size", "32",
                        "--out", str(out)]) == 0
@@ -78,7 +79,7 @@ def test_a_subset_of_configs_runs_a_compiler_failure_is_recorded_and_unknown_con
         raise RuntimeError("inductor broke\nsecond line")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(bench, "default_plan", lambda device, quick: (2, 16, 1, 2))  # the rows, not their timing
+    monkeypatch.setattr(bench.cli, "default_plan", lambda device, quick: (2, 16, 1, 2))  # the rows, not their timing
     assert bench.main(["--device", "cpu", "--batch", "2", "--size", "16", "--configs", "fastunet_fast_compile",
                        "--out", str(tmp_path)]) == 0
     configs = {r["config"]: r for r in json.loads((tmp_path / "results.json").read_text())["configs"]}
@@ -133,3 +134,101 @@ def test_roofline_prints_every_op_of_every_layer_against_its_floor(tmp_path):
         else:
             assert math.isclose(row["tflops"], row["gflop"] / row["ms"], rel_tol=1e-12), row
     assert "| Conv1.1 | bn_relu_pool |" in run.stdout and "against a floor of" in run.stdout
+
+
+def openvino_inputs(size):
+    """(state, batches, float64 run) as the bench draws them at 1 x 3 x ``size`` x ``size``, and the seed's
+    eval-mode error against the float64 run in float32 and under bfloat16 autocast."""
+    import torch
+
+    from fastunet.bench import configs
+    from fastunet.testing import relative_error
+
+    device = torch.device("cpu")
+    torch.manual_seed(1)
+    batches = configs.random_batches(configs.N_BATCHES, 1, size, device, False)
+    state = configs.initial_state(batches, device)
+    exact_step = configs.float64_reference(state, batches[0], device)
+    seed = configs.build_model("reference_eager", device, False, state).eval()
+    with torch.no_grad():
+        seed_errors = {"f32": relative_error(seed(batches[0][0]), exact_step.infer_out)}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seed_errors["bf16"] = relative_error(seed(batches[0][0]), exact_step.infer_out)
+    return state, batches, exact_step, seed_errors
+
+
+def test_openvino_rows_run_in_the_precision_they_name_and_match_the_seed():
+    """The OpenVINO rows of ``--peers`` at 1 x 3 x 32 x 32: the float32 row within 4x the seed's float32 error (its
+    CPU convs add in another order: 1.6x here, 2.1x at 64 x 64), the default-precision row in the precision OpenVINO
+    picks for this CPU by default and within 2x the seed's error in that precision; a bfloat16 run leaves the float32
+    row out."""
+    openvino = pytest.importorskip("openvino")
+    import argparse
+
+    import torch
+
+    from fastunet.bench import peers
+
+    state, batches, exact_step, seed_errors = openvino_inputs(32)
+    args = argparse.Namespace(dtype="float32", channels_last=False)
+    rows = {row["config"]: row for row in
+            peers.measure_openvino_rows(args, torch.device("cpu"), state, batches, exact_step, warmup=1, reps=1)}
+    assert list(rows) == ["reference_openvino_f32", "reference_openvino_default"]
+    default_precision = openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    f32, default = rows["reference_openvino_f32"], rows["reference_openvino_default"]
+    assert f32["precision"] == "f32" and f32["label"] == "reference OpenVINO f32"
+    assert default["precision"] == default_precision
+    assert default["label"] == f"reference OpenVINO default ({default_precision})"
+    for row in rows.values():
+        assert "skipped" not in row and "train_ms" not in row, row
+        assert math.isfinite(row["infer_ms"]) and row["infer_ms"] > 0 and row["first_infer_s"] > 0, row
+    assert 0 < f32["infer_rel_err"] < 4 * seed_errors["f32"], (f32, seed_errors)
+    assert 0 < default["infer_rel_err"] < 2 * seed_errors.get(default_precision, seed_errors["f32"]), (
+        default, seed_errors)
+
+
+def test_peers_say_why_a_row_is_left_out(monkeypatch):
+    """Without openvino the OpenVINO rows are skipped naming the missing package; a bfloat16 run skips the float32
+    rows (ONNX Runtime's export, OpenVINO f32) and keeps OpenVINO's default precision; CUDA is refused."""
+    import argparse
+    import sys
+
+    import torch
+
+    from fastunet.bench import PEERS, peers
+
+    if importlib.util.find_spec("openvino") is not None:
+        assert "CPU only" in peers.openvino_refusal(torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    rows = peers.measure_peers(argparse.Namespace(dtype="bfloat16", channels_last=False), torch.device("cpu"),
+                               None, None, None, warmup=1, reps=1)
+    assert [row["config"] for row in rows] == list(PEERS)
+    reasons = {row["config"]: row["skipped"] for row in rows}
+    assert "float32" in reasons["reference_onnxruntime"] or "onnxruntime is not installed" in reasons[
+        "reference_onnxruntime"]
+    assert reasons["reference_openvino_f32"] == "skipped: float32 inference, in a bfloat16 run"
+    assert reasons["reference_openvino_default"] == "skipped: openvino is not installed (pip install openvino)"
+
+
+def test_an_openvino_conversion_failure_is_a_row_saying_so(monkeypatch):
+    """A failure to export or convert the model is recorded in both OpenVINO rows (as a compiler failure is in the
+    compiled configs' rows), not fatal to the run."""
+    pytest.importorskip("openvino")
+    import argparse
+
+    import torch
+
+    from fastunet import reference
+    from fastunet.bench import peers
+
+    def broken_conversion(model, x):
+        raise RuntimeError("converter broke\nsecond line")
+
+    monkeypatch.setattr(peers, "openvino_model", broken_conversion)
+    state = reference.U_Net(3, 1).state_dict()
+    rows = peers.measure_openvino_rows(argparse.Namespace(dtype="float32", channels_last=False), torch.device("cpu"),
+                                       state, [(torch.randn(1, 3, 16, 16), None)], None, warmup=1, reps=1)
+    assert {row["config"]: row["skipped"] for row in rows} == {
+        "reference_openvino_f32": "failed: RuntimeError: converter broke",
+        "reference_openvino_default": "failed: RuntimeError: converter broke",
+    }

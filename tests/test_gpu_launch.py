@@ -195,7 +195,7 @@ def test_the_float32_peak_is_measured_as_the_convs_multiply(conv_precision, monk
     torch.backends.cudnn.conv.fp32_precision = conv_precision
     before = torch.backends.cuda.matmul.fp32_precision
     seen = []
-    monkeypatch.setattr(bench, "timed_matmul_tflops",
+    monkeypatch.setattr(bench.timing, "timed_matmul_tflops",
                         lambda device, dtype: seen.append(torch.backends.cuda.matmul.fp32_precision) or 100.0)
     assert bench.matmul_peak_tflops(torch.device("cuda"), torch.float32) == 100.0
     assert bench.matmul_peak_tflops(torch.device("cuda"), torch.bfloat16) == 100.0

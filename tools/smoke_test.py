@@ -28,8 +28,8 @@ def train_step(model, x, target):
 
 def check_device(device):
     import fastunet
-    from fastunet.bench import relative_error
     from fastunet.reference import U_Net as Reference
+    from fastunet.testing import relative_error
 
     torch.manual_seed(0)
     reference = Reference(3, 1).to(device)
