@@ -83,7 +83,7 @@ def _planned_call(key, algorithm, run):
 
 
 def _interleaved(runs, reps):
-    from .bench import interleaved_median_ms
+    from .bench.timing import interleaved_median_ms
 
     return interleaved_median_ms(runs, reps)
 

@@ -120,3 +120,17 @@ def test_train_tune_stores_a_plan_before_training(plan_dir, tmp_path):
     assert stored_plan.current() and os.path.exists(stored_plan.path())
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--spatial", "2", "--tune", "--out", str(tmp_path / "out")])
+
+
+def test_bench_tune_stores_a_plan_the_fast_rows_follow(plan_dir, tmp_path, monkeypatch, capsys):
+    """``python -m fastunet.bench --tune`` prints the tunings, records the plan file, and the fast model's explain
+    then says tuned."""
+    from fastunet import bench
+
+    monkeypatch.setattr(bench.cli, "default_plan", lambda device, quick: (2, 16, 1, 1))
+    assert bench.main(["--device", "cpu", "--batch", "1", "--size", "32", "--configs", "fastunet_fast", "--no-memory",
+                       "--tune", "--explain", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["tuned_plan"] == stored_plan.path() and stored_plan.current()
+    out = capsys.readouterr().out
+    assert "plan: " + stored_plan.path() in out and "tuned on this machine" in out

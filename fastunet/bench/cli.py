@@ -21,6 +21,7 @@ import torch
 
 from .. import ops
 from ..explain import explain
+from ..tune import tune
 from .configs import (
     COMPILED,
     CONFIGS,
@@ -155,6 +156,10 @@ def parse_args(argv):
     parser.add_argument("--explain", action="store_true",
                         help="first print fastunet.explain of the fast model on the bench's input (training step "
                              "and inference): each conv layer's algorithm, layout, dtype and the rule that picked it")
+    parser.add_argument("--tune", action="store_true",
+                        help="first time each conv layer's algorithms on this machine for the bench's input "
+                             "(fastunet.tune, training step and inference) and keep the fastest in this machine's "
+                             "plan, which the fast rows then run")
     args = parser.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
@@ -256,6 +261,18 @@ def print_explanations(state, x, device, args):
                   f"{explain(model, x, train=train)}\n", flush=True)
 
 
+def tune_fast_model(state, x, device, args):
+    """fastunet.tune of the fast model on ``x`` (``--tune``), a training step's and inference's, under the bench's
+    autocast; prints the timings, returns the plan file."""
+    model = build_model("fastunet_fast", device, args.channels_last, state)
+    for train in (True, False):
+        progress(f"fastunet.tune ({'training step' if train else 'inference'})")
+        with autocast_for(device, args.dtype)():
+            tuning = tune(model, x, train=train)
+        print(f"{tuning}\n", flush=True)
+    return tuning.file
+
+
 def main(argv=None):
     args = parse_args(argv)
     select_kernels(args)
@@ -275,6 +292,8 @@ def main(argv=None):
     torch.manual_seed(0)
     batches = random_batches(N_BATCHES, args.batch, args.size, device, args.channels_last)
     state = initial_state(batches, device)
+    if args.tune:
+        report["tuned_plan"] = tune_fast_model(state, batches[0][0], device, args)
     if args.explain:
         print_explanations(state, batches[0][0], device, args)
     progress("float64 reference training step (for the errors)")
