@@ -2,8 +2,9 @@
 layouts, inference and training steps; the models interleaved call by call in one process (this machine's noise
 moves them alike), medians per point. Prints a markdown table, the cells slower than eager marked. With
 ``--peers``, torch.compile of the seed U-Net (inductor, compiled before the timing) and, for inference, ONNX
-Runtime on its export join the interleaving; with ``--bf16``, every model runs under bfloat16 autocast (ONNX
-Runtime, float32, stays out).
+Runtime on its export and OpenVINO (float32, and its default precision: bf16 on a CPU with bf16 dot products) join
+the interleaving; with ``--bf16``, every model runs under bfloat16 autocast (ONNX Runtime and OpenVINO's float32,
+float32 only, stay out).
 
   python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5] [--peers]
                                 [--bf16] [--models fast,exact]
@@ -24,6 +25,7 @@ from fastunet.bench import (
     onnxruntime_session,
     random_batches,
 )
+from fastunet.bench.peers import openvino_compiled, openvino_model, openvino_refusal
 
 MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastunet_exact"}
 PEERS = {"compile": "reference_compile"}
@@ -48,6 +50,14 @@ def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(
         session = onnxruntime_session(model, batches[0][0])
         inputs = {"x": batches[0][0].contiguous().numpy()}
         runs["onnxruntime"] = functools.partial(session.run, None, inputs)
+    if peers and phase == "infer" and openvino_refusal(cpu) is None:
+        model = build_model("reference_eager", cpu, channels_last, state).eval()
+        ov_model = openvino_model(model, batches[0][0])
+        inputs = {0: batches[0][0].contiguous().numpy()}
+        for hint in ([] if bf16 else ["f32"]) + [None]:
+            compiled = openvino_compiled(ov_model, hint)
+            name = f"openvino {compiled.precision}" + " (default)" * (hint is None)
+            runs[name] = functools.partial(compiled.compiled.create_infer_request().infer, inputs)
     return interleaved_median_ms(runs, reps)
 
 
@@ -57,7 +67,8 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--phases", default="infer,train")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--peers", action="store_true", help="also torch.compile and ONNX Runtime (inference)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also torch.compile, ONNX Runtime and OpenVINO (inference)")
     parser.add_argument("--bf16", action="store_true", help="every model under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--models", default="fast,exact", help="fastunet's modes to time beside eager")
     args = parser.parse_args(argv)
