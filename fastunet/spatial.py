@@ -21,21 +21,24 @@ from torch.autograd.function import once_differentiable
 
 from . import functional, ops
 from .model import (
-    _FUSED_DTYPES,
     _SEED_MODULE_TYPES,
     U_Net,
     _parametrization_refusal,
+    _plain_class,
+    _runs_fused,
     _upsample_refusal,
     batch_norm_args,
     global_hooks,
     has_hooks,
     is_plain_maxpool,
 )
-from .sync_batchnorm import _all_gather_single, synchronized_batch_norm
+from .sync_batchnorm import SyncBatchNorm, _all_gather_single, synchronized_batch_norm
 
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket size
 ROWS_MULTIPLE = 16  # four 2x2 max-pools: a stripe of 16k rows stays whole down to the bottleneck
-_LAYER_TYPES = (U_Net, *_SEED_MODULE_TYPES)  # what SpatialUNet runs itself (BatchNorm2d: subclasses too)
+# What SpatialUNet runs itself: these classes exactly (a subclass's forward of its own would be skipped), seen
+# through torch.nn.utils.parametrize; the BatchNorms' statistics synchronized over its bn_group.
+_STRIPE_LAYER_TYPES = (*_SEED_MODULE_TYPES, SyncBatchNorm)
 
 
 def _rank_world(group):
@@ -379,10 +382,10 @@ def _layer_refusals(model):
     for name, layer in model.named_modules():
         if ".parametrizations." in f".{name}.":
             continue  # a weight's or bias's parametrization runs as the layer reads it
-        name = name or "the model"
         checks = [_parametrization_refusal(layer)]
-        if not isinstance(layer, _LAYER_TYPES):
+        if layer is not model and _plain_class(layer) not in _STRIPE_LAYER_TYPES:
             checks.append(f"is a {type(layer).__name__}, which runs only whole")
+        name = name or "the model"
         if has_hooks(layer) and not global_hooks():
             checks.append("has hooks")
         if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats):
@@ -405,11 +408,13 @@ class SpatialUNet(nn.Module):
     logits ``[N, output_ch, H / R, W]``. In training each BatchNorm normalizes with the whole image's statistics and
     moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
     those of the sum of the ranks' losses. The convolutions are ATen's on halo-padded stripes in both modes; exact
-    mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode
-    fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's),
-    and its up blocks the sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase
-    convs on the low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows; an
-    encoder block's last BN + ReLU writes its max-pool in the same pass.
+    mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode, in
+    each block the whole model runs fused (fastunet.model.fused_refusal decides for both), fastunet's fused BN +
+    ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's), and its up blocks the
+    sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase convs on the
+    low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows; an encoder block's
+    last BN + ReLU writes its max-pool in the same pass. A layer it cannot run on stripes as the whole model runs it
+    (hooks, a class of its own, settings other than the seed's) is an error naming it.
 
     ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
     group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
@@ -482,38 +487,33 @@ class SpatialUNet(nn.Module):
         z = z.contiguous(memory_format=ops.memory_format_of(x))
         return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args, upscale, pool)
 
-    def _encoder_block(self, sequence, x):
-        """An encoder block's layers on a stripe and the 2x2 max-pool of its output: (output, pooled); in fast mode
-        the pool is written by the last BN + ReLU's pass."""
-        layers = list(sequence)
-        last = len(layers) - 3
-        if last >= 0 and self._fused_at(layers, last, x):
-            return self._fused_conv_bn_relu(layers[last], layers[last + 1], self._layers(layers[:last], x), pool=True)
-        out = self._layers(layers, x)
-        return out, F.max_pool2d(out, 2)
+    def _fused(self, block, x):
+        """Whether ``block`` (a conv_block or up_conv) runs fused on the stripe ``x``: where the whole model's block
+        would (fastunet.model.fused_refusal, the one place that decides; a fallback warns as there), in fast mode
+        (the stripes' fused ops are fast mode's; exact mode runs the seed's layers on them)."""
+        return not self.model.exact and _runs_fused(block, x)
 
-    def _fused_at(self, layers, i, x):
-        """Whether fast mode runs ``layers[i:i + 3]`` (conv3x3 + BN + ReLU, the seed's types) fused on ``x``."""
-        conv = layers[i] if i + 2 < len(layers) else None
-        return (not self.model.exact and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
-                and conv.padding == (1, 1) and x.dtype in _FUSED_DTYPES and type(layers[i + 1]) is nn.BatchNorm2d
-                and isinstance(layers[i + 2], nn.ReLU))
+    def _double_block(self, block, x, pool=False):
+        """A conv_block on a stripe; with ``pool``, (its output, the output's 2x2 max-pool), the pool written by the
+        last BN + ReLU's pass where the block runs fused."""
+        if self._fused(block, x):
+            conv1, bn1, _, conv2, bn2, _ = block.conv
+            return self._fused_conv_bn_relu(conv2, bn2, self._fused_conv_bn_relu(conv1, bn1, x), pool=pool)
+        out = self._layers(block.conv, x)
+        return (out, F.max_pool2d(out, 2)) if pool else out
+
+    def _up_block(self, block, x):
+        """An up_conv on a stripe; fused, the sub-pixel conv where the whole model's up block runs it."""
+        if not self._fused(block, x):
+            return self._layers(block.up, x)
+        _, conv, bn, _ = block.up
+        if functional._subpixel_train(x):
+            return self._fused_conv_bn_relu(conv, bn, x, upscale=2)
+        return self._fused_conv_bn_relu(conv, bn, F.interpolate(x, scale_factor=2, mode="nearest"))
 
     def _layers(self, sequence, x):
-        layers = list(sequence)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if self._fused_at(layers, i, x):
-                x = self._fused_conv_bn_relu(layer, layers[i + 1], x)
-                i += 3
-                continue
-            if (isinstance(layer, nn.Upsample) and self._fused_at(layers, i + 1, x)
-                    and functional._subpixel_train(x)):  # where the whole model's up block runs the sub-pixel conv
-                x = self._fused_conv_bn_relu(layers[i + 1], layers[i + 2], x, upscale=2)
-                i += 4
-                continue
-            i += 1
+        """The seed's layers of ``sequence`` one by one on a stripe (a block that does not run fused)."""
+        for layer in sequence:
             if isinstance(layer, nn.Conv2d):
                 x = self._conv(layer, x)
             elif isinstance(layer, nn.BatchNorm2d):
@@ -542,15 +542,14 @@ class SpatialUNet(nn.Module):
         if x.dim() != 4 or x.shape[2] % ROWS_MULTIPLE or x.shape[3] % ROWS_MULTIPLE or x.shape[1] != m.img_ch:
             raise ValueError(f"fastunet.parallel.spatial takes a stripe [N, {m.img_ch}, H_local, W] with H_local "
                              f"and W multiples of {ROWS_MULTIPLE}; got shape {tuple(x.shape)}")
-        x1, pooled = self._encoder_block(m.Conv1.conv, x)
-        x2, pooled = self._encoder_block(m.Conv2.conv, pooled)
-        x3, pooled = self._encoder_block(m.Conv3.conv, pooled)
-        x4, pooled = self._encoder_block(m.Conv4.conv, pooled)
-        x5 = self._layers(m.Conv5.conv, pooled)
-        d = x5
+        x1, pooled = self._double_block(m.Conv1, x, pool=True)
+        x2, pooled = self._double_block(m.Conv2, pooled, pool=True)
+        x3, pooled = self._double_block(m.Conv3, pooled, pool=True)
+        x4, pooled = self._double_block(m.Conv4, pooled, pool=True)
+        d = self._double_block(m.Conv5, pooled)
         for skip, up, block in ((x4, m.Up5, m.Up_conv5), (x3, m.Up4, m.Up_conv4), (x2, m.Up3, m.Up_conv3),
                                 (x1, m.Up2, m.Up_conv2)):
-            d = self._layers(block.conv, torch.cat((skip, self._layers(up.up, d)), dim=1))
+            d = self._double_block(block, torch.cat((skip, self._up_block(up, d)), dim=1))
         out = self._conv(m.Conv_1x1, d)
         if self.grad_buckets is not None and out.requires_grad:
             out.register_hook(self.grad_buckets.start)
