@@ -162,31 +162,33 @@ class _HaloConv(torch.autograd.Function):
         k = weight.shape[2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
 
-        def conv_backward(grad_rows, rows, mask):  # through the conv of ``rows`` (padding 1) cropped to its middle
-            rows_out = grad_rows.shape[2]
-            grad_full = torch.ops.aten.slice_backward(grad_rows, [n, c, rows_out + 2, w], 2, 1, rows_out + 1, 1)
-            return torch.ops.aten.convolution_backward(
-                grad_full, rows, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        def halo_backward(grad_row, rows, mask):  # through the middle output row of the conv of ``rows`` (padding 1)
+            grad_full = torch.ops.aten.slice_backward(grad_row, [n, c, 3, w], 2, 1, 2, 1)
+            return torch.ops.aten.convolution_backward(grad_full, rows, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                       [0, 0], 1, mask)
 
-        early = need_x and _overlaps(x.shape[2], k)
-        works, got = [], {}
-        if early:  # the same on every rank (the same layer): each rank's neighbours wait for its halo gradients
-            halo_grads = [None, None]
-            if ctx.rank > 0:
-                halo_grads[0] = conv_backward(grad[:, :, :1], torch.cat((top, x[:, :, :k - 1]), 2),
-                                              [True, False, False])[0][:, :, :1]
-            if ctx.rank + 1 < ctx.world:
-                halo_grads[1] = conv_backward(grad[:, :, -1:], torch.cat((x[:, :, 1 - k:], bottom), 2),
-                                              [True, False, False])[0][:, :, -1:]
-            works, got = _post_edge_rows(*halo_grads, ctx.rank, ctx.world, ctx.group)
-        padded = torch.cat((top, x, bottom), dim=2)
-        dpadded, dweight, dbias = conv_backward(grad, padded, [need_x, need_w, need_b and ctx.has_bias])
-        if need_x and not early:
-            works, got = _post_edge_rows(dpadded[:, :, :1], dpadded[:, :, -1:], ctx.rank, ctx.world, ctx.group)
+        # The conv of the halo-padded stripe is the conv of the stripe alone (padding 1) plus, in its first and
+        # last output rows, the conv of each halo row alone: each halo row's part backward on its own (its input
+        # gradient goes to the neighbour it came from, its weight gradient adds to the stripe's), no padded copy.
+        zeros = x.new_zeros((x.shape[0], x.shape[1], k - 1, x.shape[3]))
+        halo_grads, halo_dweights = [None, None], []
+        for side, (row, grad_row, rows) in enumerate((
+                (ctx.rank > 0, grad[:, :, :1], (top, zeros)),
+                (ctx.rank + 1 < ctx.world, grad[:, :, -1:], (zeros, bottom)))):
+            if row and (need_x or need_w):
+                dhalo, dweight, _ = halo_backward(grad_row, torch.cat(rows, 2), [need_x, need_w, False])
+                if need_x:
+                    halo_grads[side] = dhalo[:, :, -1:] if side else dhalo[:, :, :1]
+                halo_dweights.append(dweight)
+        works, got = _post_edge_rows(*halo_grads, ctx.rank, ctx.world, ctx.group) if need_x else ([], {})
+        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad, x, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [need_x, need_w, need_b and ctx.has_bias])
+        if need_w:
+            for part in halo_dweights:
+                dweight += part
         _wait(works)
-        dx = None
         if need_x:
-            dx = dpadded[:, :, 1:-1].clone()
             if ctx.rank - 1 in got:
                 dx[:, :, :1] += got[ctx.rank - 1]
             if ctx.rank + 1 in got:
