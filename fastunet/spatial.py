@@ -121,12 +121,14 @@ class _HaloConv(torch.autograd.Function):
 
     The exchange overlaps the interior (_overlaps): the halo rows travel while the conv runs on the stripe alone
     with padding 1, whose output rows are then right but for the first and the last, which are redone from the
-    halos (a conv of k rows each). In backward the halo rows' gradients (from the first and last output rows'
-    gradients alone) are sent first and travel while the conv's input and weight gradients are computed; they are
-    added to the edge rows of the ranks they came from. A stripe with too few rows waits for its halos and runs
-    the conv on its halo-padded rows. Each conv keeps padding 1 (oneDNN then picks the algorithm it picks for the
-    whole image; with padding (0, 1) it ran another at some shapes, with 6x the rounding error). The stripe and its
-    two halo rows are saved, not the padded copy."""
+    halos (a conv of k rows each). A stripe with too few rows waits for its halos and runs the conv on its
+    halo-padded rows. Backward splits the conv the same way: the halo rows' parts (each halo row alone through the
+    first or last output row's gradient) give the halo rows' gradients, sent first, which travel while the
+    stripe's own part (the stripe alone, padding 1) gives its input, weight and bias gradients; they are added to
+    the edge rows of the ranks they came from, and the halo parts' weight gradients to the stripe's. Each conv
+    keeps padding 1 (oneDNN then picks the algorithm it picks for the whole image; with padding (0, 1) it ran
+    another at some shapes, with 6x the rounding error). The stripe and its two halo rows are saved; backward
+    makes no padded copy of the stripe or of its gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
