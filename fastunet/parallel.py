@@ -314,6 +314,25 @@ def materialize(model, modules):
             layer.to_empty(device="meta", recurse=False)
 
 
+def check_microbatches(microbatches, schedule, ranks):
+    """A clear error, before any stage is built, where ``schedule`` cannot run ``microbatches`` micro-batches a step
+    on ``ranks`` ranks: a count that is not a positive integer; 1F1B with fewer micro-batches than stages (its
+    steady state runs one forward and one backward per stage); interleaved 1F1B where torch's
+    ScheduleInterleaved1F1B cannot split them into its max(1, M // ranks) rounds of equal size."""
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"fastunet: microbatches is the number of micro-batches a step splits the batch into, a "
+                         f"positive integer; got {microbatches!r}")
+    stages = SCHEDULES[schedule].per_rank * ranks
+    if schedule == "1f1b" and microbatches < stages:
+        raise ValueError(f"fastunet: the 1f1b schedule needs at least as many micro-batches as stages ({stages} on "
+                         f"{ranks} ranks); got {microbatches}. Use more micro-batches, or schedule='gpipe'")
+    rounds = max(1, microbatches // ranks)
+    if schedule == "interleaved" and microbatches % rounds:
+        raise ValueError(f"fastunet: the interleaved schedule runs the micro-batches in max(1, M // ranks) rounds of "
+                         f"equal size ({rounds} on {ranks} ranks), which {microbatches} micro-batches do not make; "
+                         f"use a multiple of {ranks}, or fewer than {2 * ranks}")
+
+
 def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None, device=None, boundaries=None,
                    balance="memory", example_input=None, image_size=None, optimizer_states=2, dp_group=None):
     """This rank's pipeline stages of ``model`` (a fastunet.U_Net) and the torch.distributed.pipelining schedule
@@ -324,9 +343,11 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
     then only this rank's stages get their parameters, the values the constructor would have drawn (see
     materialize), so no rank ever holds the whole model.
     ``schedule``: ``"gpipe"``, ``"1f1b"`` (one stage per rank; 1F1B needs at least as many micro-batches as
-    stages), ``"interleaved"`` (interleaved 1F1B, two stages per rank in a loop) or ``"zbv"`` (the zero-bubble V
-    schedule, two stages per rank in a V: rank 0 holds the first and the last). ``loss_fn(logits, target)`` is the
-    loss of one micro-batch; the gradients are averaged over the ``microbatches`` (scale_grads), so a step equals
+    stages), ``"interleaved"`` (interleaved 1F1B, two stages per rank in a loop; the micro-batches must split into
+    max(1, M // ranks) equal rounds, as a multiple of the ranks or fewer than twice them do) or ``"zbv"`` (the
+    zero-bubble V schedule, two stages per rank in a V: rank 0 holds the first and the last); a count the schedule
+    cannot run is an error before any stage is built (check_microbatches). ``loss_fn(logits, target)`` is the loss
+    of one micro-batch; the gradients are averaged over the ``microbatches`` (scale_grads), so a step equals
     gradient accumulation of the mean loss over the micro-batches. ``boundaries``, ``balance`` and
     ``optimizer_states``: as pipeline_stages; balance="memory" (the default) counts the activations of the
     micro-batches each stage holds at once under ``schedule`` (GPipe: all of them; 1F1B: stage s of P, min(M, P -
@@ -351,6 +372,7 @@ def build_pipeline(model, microbatches, loss_fn, *, schedule="gpipe", group=None
     spec = SCHEDULES[schedule]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     num_stages = spec.per_rank * world
+    check_microbatches(microbatches, schedule, world)
     if example_input is not None:
         shape = list(example_input.shape if isinstance(example_input, torch.Tensor) else example_input)
         if len(shape) != 4 or shape[0] % microbatches:

@@ -21,21 +21,24 @@ from torch.autograd.function import once_differentiable
 
 from . import functional, ops
 from .model import (
-    _FUSED_DTYPES,
     _SEED_MODULE_TYPES,
     U_Net,
     _parametrization_refusal,
+    _plain_class,
+    _runs_fused,
     _upsample_refusal,
     batch_norm_args,
     global_hooks,
     has_hooks,
     is_plain_maxpool,
 )
-from .sync_batchnorm import _all_gather_single, synchronized_batch_norm
+from .sync_batchnorm import SyncBatchNorm, _all_gather_single, synchronized_batch_norm
 
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default bucket size
 ROWS_MULTIPLE = 16  # four 2x2 max-pools: a stripe of 16k rows stays whole down to the bottleneck
-_LAYER_TYPES = (U_Net, *_SEED_MODULE_TYPES)  # what SpatialUNet runs itself (BatchNorm2d: subclasses too)
+# What SpatialUNet runs itself: these classes exactly (a subclass's forward of its own would be skipped), seen
+# through torch.nn.utils.parametrize; the BatchNorms' statistics synchronized over its bn_group.
+_STRIPE_LAYER_TYPES = (*_SEED_MODULE_TYPES, SyncBatchNorm)
 
 
 def _rank_world(group):
@@ -118,12 +121,14 @@ class _HaloConv(torch.autograd.Function):
 
     The exchange overlaps the interior (_overlaps): the halo rows travel while the conv runs on the stripe alone
     with padding 1, whose output rows are then right but for the first and the last, which are redone from the
-    halos (a conv of k rows each). In backward the halo rows' gradients (from the first and last output rows'
-    gradients alone) are sent first and travel while the conv's input and weight gradients are computed; they are
-    added to the edge rows of the ranks they came from. A stripe with too few rows waits for its halos and runs
-    the conv on its halo-padded rows. Each conv keeps padding 1 (oneDNN then picks the algorithm it picks for the
-    whole image; with padding (0, 1) it ran another at some shapes, with 6x the rounding error). The stripe and its
-    two halo rows are saved, not the padded copy."""
+    halos (a conv of k rows each). A stripe with too few rows waits for its halos and runs the conv on its
+    halo-padded rows. Backward splits the conv the same way: the halo rows' parts (each halo row alone through the
+    first or last output row's gradient) give the halo rows' gradients, sent first, which travel while the
+    stripe's own part (the stripe alone, padding 1) gives its input, weight and bias gradients; they are added to
+    the edge rows of the ranks they came from, and the halo parts' weight gradients to the stripe's. Each conv
+    keeps padding 1 (oneDNN then picks the algorithm it picks for the whole image; with padding (0, 1) it ran
+    another at some shapes, with 6x the rounding error). The stripe and its two halo rows are saved; backward
+    makes no padded copy of the stripe or of its gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group):
@@ -159,31 +164,33 @@ class _HaloConv(torch.autograd.Function):
         k = weight.shape[2]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
 
-        def conv_backward(grad_rows, rows, mask):  # through the conv of ``rows`` (padding 1) cropped to its middle
-            rows_out = grad_rows.shape[2]
-            grad_full = torch.ops.aten.slice_backward(grad_rows, [n, c, rows_out + 2, w], 2, 1, rows_out + 1, 1)
-            return torch.ops.aten.convolution_backward(
-                grad_full, rows, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        def halo_backward(grad_row, rows, mask):  # through the middle output row of the conv of ``rows`` (padding 1)
+            grad_full = torch.ops.aten.slice_backward(grad_row, [n, c, 3, w], 2, 1, 2, 1)
+            return torch.ops.aten.convolution_backward(grad_full, rows, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                       [0, 0], 1, mask)
 
-        early = need_x and _overlaps(x.shape[2], k)
-        works, got = [], {}
-        if early:  # the same on every rank (the same layer): each rank's neighbours wait for its halo gradients
-            halo_grads = [None, None]
-            if ctx.rank > 0:
-                halo_grads[0] = conv_backward(grad[:, :, :1], torch.cat((top, x[:, :, :k - 1]), 2),
-                                              [True, False, False])[0][:, :, :1]
-            if ctx.rank + 1 < ctx.world:
-                halo_grads[1] = conv_backward(grad[:, :, -1:], torch.cat((x[:, :, 1 - k:], bottom), 2),
-                                              [True, False, False])[0][:, :, -1:]
-            works, got = _post_edge_rows(*halo_grads, ctx.rank, ctx.world, ctx.group)
-        padded = torch.cat((top, x, bottom), dim=2)
-        dpadded, dweight, dbias = conv_backward(grad, padded, [need_x, need_w, need_b and ctx.has_bias])
-        if need_x and not early:
-            works, got = _post_edge_rows(dpadded[:, :, :1], dpadded[:, :, -1:], ctx.rank, ctx.world, ctx.group)
+        # The conv of the halo-padded stripe is the conv of the stripe alone (padding 1) plus, in its first and
+        # last output rows, the conv of each halo row alone: each halo row's part backward on its own (its input
+        # gradient goes to the neighbour it came from, its weight gradient adds to the stripe's), no padded copy.
+        zeros = x.new_zeros((x.shape[0], x.shape[1], k - 1, x.shape[3]))
+        halo_grads, halo_dweights = [None, None], []
+        for side, (row, grad_row, rows) in enumerate((
+                (ctx.rank > 0, grad[:, :, :1], (top, zeros)),
+                (ctx.rank + 1 < ctx.world, grad[:, :, -1:], (zeros, bottom)))):
+            if row and (need_x or need_w):
+                dhalo, dweight, _ = halo_backward(grad_row, torch.cat(rows, 2), [need_x, need_w, False])
+                if need_x:
+                    halo_grads[side] = dhalo[:, :, -1:] if side else dhalo[:, :, :1]
+                halo_dweights.append(dweight)
+        works, got = _post_edge_rows(*halo_grads, ctx.rank, ctx.world, ctx.group) if need_x else ([], {})
+        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad, x, weight, [c] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [need_x, need_w, need_b and ctx.has_bias])
+        if need_w:
+            for part in halo_dweights:
+                dweight += part
         _wait(works)
-        dx = None
         if need_x:
-            dx = dpadded[:, :, 1:-1].clone()
             if ctx.rank - 1 in got:
                 dx[:, :, :1] += got[ctx.rank - 1]
             if ctx.rank + 1 in got:
@@ -379,10 +386,10 @@ def _layer_refusals(model):
     for name, layer in model.named_modules():
         if ".parametrizations." in f".{name}.":
             continue  # a weight's or bias's parametrization runs as the layer reads it
-        name = name or "the model"
         checks = [_parametrization_refusal(layer)]
-        if not isinstance(layer, _LAYER_TYPES):
+        if layer is not model and _plain_class(layer) not in _STRIPE_LAYER_TYPES:
             checks.append(f"is a {type(layer).__name__}, which runs only whole")
+        name = name or "the model"
         if has_hooks(layer) and not global_hooks():
             checks.append("has hooks")
         if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats):
@@ -405,11 +412,13 @@ class SpatialUNet(nn.Module):
     logits ``[N, output_ch, H / R, W]``. In training each BatchNorm normalizes with the whole image's statistics and
     moves its running stats by them (the same on every rank); after backward every rank's parameter gradients are
     those of the sum of the ranks' losses. The convolutions are ATen's on halo-padded stripes in both modes; exact
-    mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode
-    fastunet's fused BN + ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's),
-    and its up blocks the sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase
-    convs on the low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows; an
-    encoder block's last BN + ReLU writes its max-pool in the same pass.
+    mode runs the seed's BatchNorm and ReLU after them (the twin of nn.SyncBatchNorm in training), fast mode, in
+    each block the whole model runs fused (fastunet.model.fused_refusal decides for both), fastunet's fused BN +
+    ReLU ops (_FusedBNReLU: its statistics synchronized as fast mode's synchronized BN's), and its up blocks the
+    sub-pixel conv where the whole model's would (functional._subpixel_train): the 2x2 phase convs on the
+    low-resolution stripe and one low-resolution halo row each side, writing the upsampled rows; an encoder block's
+    last BN + ReLU writes its max-pool in the same pass. A layer it cannot run on stripes as the whole model runs it
+    (hooks, a class of its own, settings other than the seed's) is an error naming it.
 
     ``whole_images=True``: ``forward`` takes the whole batch ``[N, img_ch, H, W]`` (the same on every rank of the
     group), runs this rank's stripe and returns the whole logits on every rank (gather_rows with ``same_loss``), for
@@ -482,39 +491,33 @@ class SpatialUNet(nn.Module):
         z = z.contiguous(memory_format=ops.memory_format_of(x))
         return _FusedBNReLU.apply(z, args.weight, args.bias, self._param(conv.bias), args, upscale, pool)
 
-    def _encoder_block(self, sequence, x):
-        """An encoder block's layers on a stripe and the 2x2 max-pool of its output: (output, pooled); in fast mode
-        the pool is written by the last BN + ReLU's pass."""
-        layers = list(sequence)
-        last = len(layers) - 3
-        if last >= 0 and self._fused_at(layers, last, x):
-            return self._fused_conv_bn_relu(layers[last], layers[last + 1], self._layers(layers[:last], x), pool=True)
-        out = self._layers(layers, x)
-        return out, F.max_pool2d(out, 2)
+    def _fused(self, block, x):
+        """Whether ``block`` (a conv_block or up_conv) runs fused on the stripe ``x``: where the whole model's block
+        would (fastunet.model.fused_refusal, the one place that decides; a fallback warns as there), in fast mode
+        (the stripes' fused ops are fast mode's; exact mode runs the seed's layers on them)."""
+        return not self.model.exact and _runs_fused(block, x)
 
-    def _fused_at(self, layers, i, x):
-        """Whether fast mode runs ``layers[i:i + 3]`` (conv3x3 + BN + ReLU, the seed's types) fused on ``x``."""
-        conv = layers[i] if i + 2 < len(layers) else None
-        return (not self.model.exact and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
-                and conv.padding == (1, 1) and x.dtype in _FUSED_DTYPES and type(layers[i + 1]) is nn.BatchNorm2d
-                and isinstance(layers[i + 2], nn.ReLU))
+    def _double_block(self, block, x, pool=False):
+        """A conv_block on a stripe; with ``pool``, (its output, the output's 2x2 max-pool), the pool written by the
+        last BN + ReLU's pass where the block runs fused."""
+        if self._fused(block, x):
+            conv1, bn1, _, conv2, bn2, _ = block.conv
+            return self._fused_conv_bn_relu(conv2, bn2, self._fused_conv_bn_relu(conv1, bn1, x), pool=pool)
+        out = self._layers(block.conv, x)
+        return (out, F.max_pool2d(out, 2)) if pool else out
+
+    def _up_block(self, block, x):
+        """An up_conv on a stripe; fused, the sub-pixel conv where the whole model's up block runs it."""
+        if not self._fused(block, x):
+            return self._layers(block.up, x)
+        _, conv, bn, _ = block.up
+        if functional._subpixel_train(x, conv.weight):
+            return self._fused_conv_bn_relu(conv, bn, x, upscale=2)
+        return self._fused_conv_bn_relu(conv, bn, F.interpolate(x, scale_factor=2, mode="nearest"))
 
     def _layers(self, sequence, x):
-        layers = list(sequence)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if self._fused_at(layers, i, x):
-                x = self._fused_conv_bn_relu(layer, layers[i + 1], x)
-                i += 3
-                continue
-            # the sub-pixel conv where the whole model's up block runs it
-            if (isinstance(layer, nn.Upsample) and self._fused_at(layers, i + 1, x)
-                    and functional._subpixel_train(x, layers[i + 1].weight)):
-                x = self._fused_conv_bn_relu(layers[i + 1], layers[i + 2], x, upscale=2)
-                i += 4
-                continue
-            i += 1
+        """The seed's layers of ``sequence`` one by one on a stripe (a block that does not run fused)."""
+        for layer in sequence:
             if isinstance(layer, nn.Conv2d):
                 x = self._conv(layer, x)
             elif isinstance(layer, nn.BatchNorm2d):
@@ -543,15 +546,14 @@ class SpatialUNet(nn.Module):
         if x.dim() != 4 or x.shape[2] % ROWS_MULTIPLE or x.shape[3] % ROWS_MULTIPLE or x.shape[1] != m.img_ch:
             raise ValueError(f"fastunet.parallel.spatial takes a stripe [N, {m.img_ch}, H_local, W] with H_local "
                              f"and W multiples of {ROWS_MULTIPLE}; got shape {tuple(x.shape)}")
-        x1, pooled = self._encoder_block(m.Conv1.conv, x)
-        x2, pooled = self._encoder_block(m.Conv2.conv, pooled)
-        x3, pooled = self._encoder_block(m.Conv3.conv, pooled)
-        x4, pooled = self._encoder_block(m.Conv4.conv, pooled)
-        x5 = self._layers(m.Conv5.conv, pooled)
-        d = x5
+        x1, pooled = self._double_block(m.Conv1, x, pool=True)
+        x2, pooled = self._double_block(m.Conv2, pooled, pool=True)
+        x3, pooled = self._double_block(m.Conv3, pooled, pool=True)
+        x4, pooled = self._double_block(m.Conv4, pooled, pool=True)
+        d = self._double_block(m.Conv5, pooled)
         for skip, up, block in ((x4, m.Up5, m.Up_conv5), (x3, m.Up4, m.Up_conv4), (x2, m.Up3, m.Up_conv3),
                                 (x1, m.Up2, m.Up_conv2)):
-            d = self._layers(block.conv, torch.cat((skip, self._layers(up.up, d)), dim=1))
+            d = self._double_block(block, torch.cat((skip, self._up_block(up, d)), dim=1))
         out = self._conv(m.Conv_1x1, d)
         if self.grad_buckets is not None and out.requires_grad:
             out.register_hook(self.grad_buckets.start)

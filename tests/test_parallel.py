@@ -3,9 +3,11 @@ inputs detached leaves, gradients handed back stage by stage) against the whole 
 
 import copy
 import itertools
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import (
     assert_results_bitwise,
     assert_within_twice_reference_error,
@@ -242,6 +244,75 @@ def test_a_stage_given_the_wrong_inputs_says_what_it_takes():
 def test_an_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="schedule must be one of gpipe, 1f1b, interleaved, zbv"):
         parallel.build_pipeline(fastunet.U_Net(3, 1), 4, None, schedule="dualpipe")
+
+
+@pytest.fixture
+def fake_rank():
+    """``fake_rank(rank, world)``: this process as rank ``rank`` of a fake process group of ``world`` ranks (torch's
+    "fake" backend: nothing is sent, so build_pipeline's choices can be read without other processes), torn down
+    when the test ends."""
+    from torch._C._distributed_c10d import FakeStore
+    from torch.testing._internal.distributed import fake_pg  # noqa: F401  (registers the "fake" backend)
+
+    def start(rank, world):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+    yield start
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# (schedule, ranks, micro-batches, this rank): the stage indices it holds and the micro-batches each of the stages
+# is counted to hold at once (GPipe: all; 1F1B: stage s of P holds min(M, P - s); two stages per rank: all)
+MICROBATCH_CASES = [
+    ("gpipe", 2, 3, 1, [1], [3, 3]),
+    ("1f1b", 4, 4, 2, [2], [4, 3, 2, 1]),
+    ("1f1b", 4, 6, 0, [0], [4, 3, 2, 1]),
+    ("1f1b", 2, 5, 1, [1], [2, 1]),
+    ("interleaved", 2, 6, 0, [0, 2], [6, 6, 6, 6]),
+    ("interleaved", 2, 3, 1, [1, 3], [3, 3, 3, 3]),
+    ("zbv", 2, 1, 1, [1, 2], [1, 1, 1, 1]),
+    ("zbv", 4, 5, 0, [0, 7], [5] * 8),
+]
+
+
+@pytest.mark.parametrize("schedule, world, microbatches, rank, indices, held", MICROBATCH_CASES)
+def test_each_schedule_gets_its_micro_batches(fake_rank, schedule, world, microbatches, rank, indices, held):
+    fake_rank(rank, world)
+    batch = torch.empty(2 * microbatches, 3, 32, 32, device="meta")
+    with torch.device("meta"):
+        model = fastunet.U_Net(3, 1)
+    with mock.patch.object(parallel, "pipeline_stages", wraps=parallel.pipeline_stages) as stages:
+        local = parallel.build_pipeline(model, microbatches, None, schedule=schedule, example_input=batch)
+    assert type(local.schedule).__name__ == parallel.SCHEDULES[schedule].class_name
+    assert local.schedule._n_microbatches == microbatches  # what its step splits the batch into
+    assert local.indices == indices and len(local.modules) == len(indices)
+    assert (local.first, local.last) == (0 in indices, len(held) - 1 in indices)
+    (_, num_stages), kwargs = stages.call_args
+    assert num_stages == len(held) and kwargs["held_microbatches"] == held
+    assert tuple(kwargs["example_input"].shape) == (2, 3, 32, 32)  # one micro-batch, as the memory balance counts
+
+
+@pytest.mark.parametrize("schedule, world, microbatches, batch, message", [
+    ("gpipe", 2, 0, 4, "a positive integer; got 0"),
+    ("zbv", 2, -2, 4, "a positive integer; got -2"),
+    ("gpipe", 2, 2.0, 4, "a positive integer; got 2.0"),
+    ("interleaved", 2, True, 4, "a positive integer; got True"),
+    ("1f1b", 4, 3, 6, r"the 1f1b schedule needs at least as many micro-batches as stages \(4 on 4 ranks\); got 3"),
+    ("1f1b", 2, 1, 4, r"at least as many micro-batches as stages \(2 on 2 ranks\); got 1"),
+    ("interleaved", 2, 5, 10, r"max\(1, M // ranks\) rounds of equal size \(2 on 2 ranks\), which 5 micro-batches"),
+    ("interleaved", 4, 9, 9, r"\(2 on 4 ranks\), which 9 micro-batches do not make; use a multiple of 4"),
+    ("gpipe", 2, 3, 4, "N a multiple of the 3 micro-batches"),
+])
+def test_a_micro_batch_count_the_schedule_cannot_run_is_named_before_any_stage_is_built(
+        fake_rank, schedule, world, microbatches, batch, message):
+    fake_rank(0, world)
+    with torch.device("meta"):
+        model = fastunet.U_Net(3, 1)
+    with mock.patch.object(parallel, "pipeline_stages", wraps=parallel.pipeline_stages) as stages, \
+            pytest.raises(ValueError, match=message):
+        parallel.build_pipeline(model, microbatches, None, schedule=schedule, example_input=(batch, 3, 32, 32))
+    assert not stages.called and all(p.is_meta for p in model.parameters())
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

@@ -23,7 +23,7 @@ from helpers import (
 )
 
 import fastunet
-from fastunet import functional, parallel
+from fastunet import _ext, functional, parallel, spatial
 from fastunet.conv import policy
 from fastunet.reference import U_Net as Reference
 
@@ -187,3 +187,76 @@ def test_spatial_refuses_what_it_cannot_honour_before_any_exchange(change, messa
     change(model)
     with pytest.raises(ValueError, match=message):
         parallel.spatial(model)(torch.randn(1, 3, 32, 32))
+
+
+class _DoubledConv(torch.nn.Conv2d):
+    """A conv of the user's own: twice the seed's conv, in its own forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ClampedReLU(torch.nn.ReLU):
+    """A ReLU of the user's own: clamped at 1."""
+
+    def forward(self, x):
+        return super().forward(x).clamp_max(1)
+
+
+class _Halved(torch.nn.Module):
+    """A parametrization: the weight the layer reads is half the one it stores."""
+
+    def forward(self, weight):
+        return weight / 2
+
+
+def _swap_conv(model):
+    old = model.Conv2.conv[3]
+    new = _DoubledConv(old.in_channels, old.out_channels, 3, padding=1)
+    new.load_state_dict(old.state_dict())
+    model.Conv2.conv[3] = new
+
+
+@pytest.mark.parametrize("change, dtype, refusal", [
+    (None, torch.float32, None),  # every block fused in both
+    (lambda m: torch.nn.utils.parametrize.register_parametrization(m.Conv3.conv[0], "weight", _Halved()),
+     torch.float32, None),  # fused in both, the parametrization honoured
+    (lambda m: setattr(m, "exact", True), torch.float32, None),  # exact mode: the stripes run the seed's layers
+    (None, torch.float64, None),  # float64: unfused in both, with the whole model's warning
+    (lambda m: m.Up3.up[1].register_forward_hook(lambda *a: None), torch.float32, "Up3.up.1 has hooks"),
+    (_swap_conv, torch.float32, "Conv2.conv.3 is a _DoubledConv, which runs only whole"),
+    (lambda m: m.Up_conv4.conv.__setitem__(5, _ClampedReLU()), torch.float32, "Up_conv4.conv.5 is a _ClampedReLU"),
+])
+def test_a_spatial_model_fuses_and_falls_back_where_the_whole_model_does(change, dtype, refusal, fresh_warnings):
+    # One rank (its halos the image's zero rows), in eval, so no process group is needed. Where the whole model
+    # runs a block fused, the stripes run it fused; where the whole model falls back for a layer the stripes can
+    # run themselves, they fall back too, with the same warning; a layer they cannot run as the whole model runs
+    # it (a hook, a forward of its own) is an error naming it, not skipped.
+    model = fastunet.U_Net(3, 2).to(dtype)
+    if change is not None:
+        change(model)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32, dtype=dtype)
+    with mock.patch.object(functional, "double_conv_bn_relu", wraps=functional.double_conv_bn_relu) as double, \
+            mock.patch.object(functional, "upsample_conv_cat", wraps=functional.upsample_conv_cat) as up, \
+            torch.no_grad():
+        want = model(x)
+    fused_ops = 2 * double.call_count + up.call_count  # a fused BN + ReLU per conv of a fused block
+    whole_warnings = fresh_warnings()
+    _ext._warned.clear()
+    net = parallel.spatial(model)
+    with mock.patch.object(spatial, "_rank_world", return_value=(0, 1)), \
+            mock.patch.object(spatial._FusedBNReLU, "apply", wraps=spatial._FusedBNReLU.apply) as fused, \
+            torch.no_grad():
+        if refusal is not None:
+            assert fused_ops < 22  # the whole model ran the changed block's own modules
+            with pytest.raises(ValueError, match=refusal):
+                net(x)
+            return
+        got = net(x)
+    if model.exact:  # the stripes' fused ops are fast mode's: exact mode runs the seed's layers on them
+        assert fused.call_count == 0
+    else:
+        assert fused.call_count == fused_ops == (22 if dtype == torch.float32 else 0)
+    assert fresh_warnings()[len(whole_warnings):] == whole_warnings
+    assert relative_error(got, want) <= 1e-5
