@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -26,10 +27,12 @@
 
 #include "fastunet_math.h"
 
-// The loops are compiled twice on x86-64 Linux (GCC, Clang): for AVX2 and for the baseline, the one the CPU runs
-// picked at load time (an ifunc). With FMA contraction off (-ffp-contract=off) both give the same bits.
+// The loops are compiled three times on x86-64 Linux (GCC, Clang): for AVX-512 (x86-64-v4), AVX2 and the baseline,
+// the one the CPU runs picked at load time (an ifunc). With FMA contraction off (-ffp-contract=off) all give the same
+// bits.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define FASTUNET_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define FASTUNET_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#include <immintrin.h>
 #else
 #define FASTUNET_CPU_CLONES
 #endif
@@ -102,6 +105,139 @@ __attribute__((always_inline)) inline c10::Half narrow<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(sign | h), c10::Half::from_bits());
 }
 
+// float16 chunks are converted with F16C where the CPU has it (GCC does not vectorize the bit code's float16 in
+// the loops above as well as one vcvtph2ps/vcvtps2ph a vector): the conversions' instruction set, picked at load
+// time from the CPU and settable (set_half_conversions) so that tests run each one on any CPU that has it.
+enum class HalfConversions : int { Bits = 0, Avx2 = 1, Avx512 = 2 };
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FASTUNET_F16C 1
+inline bool cpu_has(HalfConversions isa) {
+  __builtin_cpu_init();
+  if (isa == HalfConversions::Avx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  if (isa == HalfConversions::Avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return true;
+}
+#else
+#define FASTUNET_F16C 0
+inline bool cpu_has(HalfConversions isa) { return isa == HalfConversions::Bits; }
+#endif
+
+inline HalfConversions best_half_conversions() {
+  for (HalfConversions isa : {HalfConversions::Avx512, HalfConversions::Avx2})
+    if (cpu_has(isa)) return isa;
+  return HalfConversions::Bits;
+}
+
+inline std::atomic<HalfConversions>& half_conversions() {
+  static std::atomic<HalfConversions> isa{best_half_conversions()};
+  return isa;
+}
+
+// Sets the float16 conversions (false, nothing changed, where the CPU lacks them).
+inline bool set_half_conversions(HalfConversions isa) {
+  if (!cpu_has(isa)) return false;
+  half_conversions().store(isa);
+  return true;
+}
+
+FASTUNET_CPU_CLONES inline void widen_half_bits(int64_t n, const c10::Half* __restrict__ src, float* __restrict__ dst) {
+  for (int64_t t = 0; t < n; ++t) dst[t] = widen(src[t]);
+}
+
+FASTUNET_CPU_CLONES inline void narrow_half_bits(int64_t n, const float* __restrict__ src,
+                                                 c10::Half* __restrict__ dst) {
+  for (int64_t t = 0; t < n; ++t) dst[t] = narrow<c10::Half>(src[t]);
+}
+
+#if FASTUNET_F16C
+// vcvtps2ph rounds to nearest even as c10 does, but keeps a NaN's payload: NaNs become c10's 0x7e00 | sign.
+__attribute__((target("avx2,f16c"))) inline __m128i c10_nan(__m128i h) {
+  const __m128i nan = _mm_cmpgt_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_set1_epi16(0x7c00));
+  return _mm_blendv_epi8(h, _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(-0x8000)), _mm_set1_epi16(0x7e00)), nan);
+}
+
+__attribute__((target("avx2,f16c"))) inline __m256i c10_nan(__m256i h) {
+  const __m256i nan = _mm256_cmpgt_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x7c00));
+  return _mm256_blendv_epi8(
+      h, _mm256_or_si256(_mm256_and_si256(h, _mm256_set1_epi16(-0x8000)), _mm256_set1_epi16(0x7e00)), nan);
+}
+
+// The last n % 8 elements go through a zero-padded vector (no scalar code: one rounding path for all).
+__attribute__((target("avx2,f16c"))) inline void widen_half_avx2(int64_t n, const c10::Half* src, float* dst) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(dst + t, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + t))));
+  if (t == n) return;
+  uint16_t h[8] = {};
+  float f[8];
+  std::memcpy(h, src + t, (n - t) * sizeof(uint16_t));
+  _mm256_storeu_ps(f, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
+  std::memcpy(dst + t, f, (n - t) * sizeof(float));
+}
+
+__attribute__((target("avx2,f16c"))) inline void narrow_half_avx2(int64_t n, const float* src, c10::Half* dst) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + t),
+                     c10_nan(_mm256_cvtps_ph(_mm256_loadu_ps(src + t), _MM_FROUND_TO_NEAREST_INT)));
+  if (t == n) return;
+  float f[8] = {};
+  uint16_t h[8];
+  std::memcpy(f, src + t, (n - t) * sizeof(float));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h),
+                   c10_nan(_mm256_cvtps_ph(_mm256_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT)));
+  std::memcpy(dst + t, h, (n - t) * sizeof(uint16_t));
+}
+
+__attribute__((target("avx512f,avx2,f16c"))) inline void widen_half_avx512(int64_t n, const c10::Half* src,
+                                                                           float* dst) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16)
+    _mm512_storeu_ps(dst + t, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + t))));
+  widen_half_avx2(n - t, src + t, dst + t);
+}
+
+__attribute__((target("avx512f,avx2,f16c"))) inline void narrow_half_avx512(int64_t n, const float* src,
+                                                                            c10::Half* dst) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t),
+                        c10_nan(_mm512_cvtps_ph(_mm512_loadu_ps(src + t), _MM_FROUND_TO_NEAREST_INT)));
+  narrow_half_avx2(n - t, src + t, dst + t);
+}
+#endif
+
+// n contiguous float16 values widened to float32, and back (rounded as narrow<c10::Half>), with the conversions
+// of half_conversions().
+inline void widen_half(int64_t n, const c10::Half* src, float* dst) {
+#if FASTUNET_F16C
+  switch (half_conversions().load(std::memory_order_relaxed)) {
+    case HalfConversions::Avx512:
+      return widen_half_avx512(n, src, dst);
+    case HalfConversions::Avx2:
+      return widen_half_avx2(n, src, dst);
+    case HalfConversions::Bits:
+      break;
+  }
+#endif
+  widen_half_bits(n, src, dst);
+}
+
+inline void narrow_half(int64_t n, const float* src, c10::Half* dst) {
+#if FASTUNET_F16C
+  switch (half_conversions().load(std::memory_order_relaxed)) {
+    case HalfConversions::Avx512:
+      return narrow_half_avx512(n, src, dst);
+    case HalfConversions::Avx2:
+      return narrow_half_avx2(n, src, dst);
+    case HalfConversions::Bits:
+      break;
+  }
+#endif
+  narrow_half_bits(n, src, dst);
+}
+
 // BN+ReLU of one z value rounded through scalar_t: bn_relu_rounded with the line's conversions.
 template <typename scalar_t>
 __attribute__((always_inline)) inline float bn_relu_line(float z, float scale, float shift) {
@@ -157,6 +293,102 @@ Quad<T> out_quad(T* base, const Strides4& s, const LineStart& l) {
   return q;
 }
 
+// The reductions' lines of 16-bit tensors are widened to float32 a chunk at a time, then summed by the float32
+// loops (their 8 double partial sums along the width do not vectorize from 16-bit loads): a plain widening loop
+// per tensor, into contiguous buffers.
+constexpr int64_t kWidenChunk = 256;
+
+template <int Step, typename scalar_t>
+FASTUNET_CPU_CLONES void widen_kernel(int64_t length, const scalar_t* __restrict__ src, float* __restrict__ dst) {
+  for (int64_t t = 0; t < length; ++t) dst[t] = widen(src[t * Step]);
+}
+
+// Calls sum(t0, n, steps) for the chunks [t0, t0 + n) of a line of `length` elements, n <= kWidenChunk; steps
+// those of the widened buffers (contiguous, the channel step of St).
+template <typename St, typename F>
+void for_each_chunk(int64_t length, const F& sum) {
+  for (int64_t t0 = 0; t0 < length; t0 += kWidenChunk)
+    sum(t0, std::min(kWidenChunk, length - t0), Steps<1, 1, St::channel>{});
+}
+
+// float16 lines go a chunk at a time through contiguous float32 buffers: widen each tensor's chunk (F16C where the
+// CPU has it), compute BN+ReLU in float32, round the activations through float16 (narrow and widen back), run the
+// op's float32 loop on them, narrow its results. The same math as the other lines, in the same order, so the same
+// bits; the conversions, a vector instruction each with F16C, leave the float32 loops.
+using HalfBuffer = c10::Half[kWidenChunk];
+using FloatQuad = float[4][kWidenChunk];
+
+template <int Step>
+FASTUNET_CPU_CLONES void gather_kernel(int64_t n, const c10::Half* __restrict__ src, c10::Half* __restrict__ dst) {
+  for (int64_t t = 0; t < n; ++t) dst[t].x = src[t * Step].x;
+}
+
+template <int Step>
+FASTUNET_CPU_CLONES void scatter_kernel(int64_t n, const c10::Half* __restrict__ src, c10::Half* __restrict__ dst) {
+  for (int64_t t = 0; t < n; ++t) dst[t * Step].x = src[t].x;
+}
+
+// n elements src[t * Step] widened into dst[t], and back.
+template <int Step>
+void widen_chunk(int64_t n, const c10::Half* src, float* dst) {
+  if constexpr (Step == 1) {
+    widen_half(n, src, dst);
+  } else {
+    HalfBuffer h;
+    gather_kernel<Step>(n, src, h);
+    widen_half(n, h, dst);
+  }
+}
+
+template <int Step>
+void narrow_chunk(int64_t n, const float* src, c10::Half* dst) {
+  if constexpr (Step == 1) {
+    narrow_half(n, src, dst);
+  } else {
+    HalfBuffer h;
+    narrow_half(n, src, h);
+    scatter_kernel<Step>(n, h, dst);
+  }
+}
+
+// y[k][t] = bn_relu(z[k][t]) with the channel's scale and shift, not yet rounded.
+template <typename St>
+FASTUNET_CPU_CLONES void bn_relu_chunk_kernel(int64_t n, const FloatQuad& __restrict__ z,
+                                              const float* __restrict__ scale, const float* __restrict__ shift,
+                                              FloatQuad& __restrict__ y) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float sc = scale[t * St::channel], sh = shift[t * St::channel];
+    for (int k = 0; k < 4; ++k) y[k][t] = bn_relu<float>(z[k][t], sc, sh);
+  }
+}
+
+// Rounds y through float16 in place; the float16 values into h.
+inline void round_half(int64_t n, float* y, c10::Half* h) {
+  narrow_half(n, y, h);
+  widen_half(n, h, y);
+}
+
+// The chunk [t0, t0 + n) of a float16 line: z widened, the activations y (rounded through float16).
+template <typename St>
+void half_activations(const Quad<const c10::Half>& z, const float* scale, const float* shift, int64_t t0, int64_t n,
+                      FloatQuad& zb, FloatQuad& yb) {
+  for (int k = 0; k < 4; ++k) widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+  const int64_t c = t0 * St::channel;
+  bn_relu_chunk_kernel<Steps<1, 1, St::channel>>(n, zb, scale + c, shift + c, yb);
+  HalfBuffer h;
+  for (int k = 0; k < 4; ++k) round_half(n, yb[k], h);
+}
+
+FASTUNET_CPU_CLONES inline void pool_chunk_kernel(int64_t n, const FloatQuad& __restrict__ y,
+                                                  float* __restrict__ best) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float v[4] = {y[0][t], y[1][t], y[2][t], y[3][t]};
+    float b;
+    pool_argmax4<float>(v, &b);
+    best[t] = b;
+  }
+}
+
 // The loops proper take every pointer as a restrict parameter (what lets GCC vectorize them without alias checks).
 template <typename St, typename scalar_t, typename acc_t, bool Pool>
 FASTUNET_CPU_CLONES void bn_relu_pool_kernel(int64_t length, const scalar_t* __restrict__ z0,
@@ -187,9 +419,45 @@ template <typename St, typename scalar_t, typename acc_t, bool Pool>
 void bn_relu_pool_line(const BnReluPoolCells<scalar_t, acc_t>& f, const LineStart& l) {
   const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
   const Quad<scalar_t> out = out_quad(f.out, f.os, l);
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    scalar_t* pooled = Pool ? f.pooled + f.ps.at(l.n, l.c0, l.u, l.v0) : nullptr;
+    FloatQuad zb, yb;
+    float best[kWidenChunk];
+    HalfBuffer h;
+    for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto) {
+      for (int k = 0; k < 4; ++k) widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+      const int64_t c = l.c0 + t0 * St::channel;
+      bn_relu_chunk_kernel<Steps<1, 1, St::channel>>(n, zb, f.scale + c, f.shift + c, yb);
+      for (int k = 0; k < 4; ++k) {  // out narrowed; with Pool, yb rounded through it
+        scalar_t* o = out.p[k] + t0 * St::out;
+        if constexpr (St::out == 1) {
+          narrow_half(n, yb[k], o);
+          if (Pool) widen_half(n, o, yb[k]);
+        } else {
+          narrow_half(n, yb[k], h);
+          if (Pool) widen_half(n, h, yb[k]);
+          scatter_kernel<St::out>(n, h, o);
+        }
+      }
+      if constexpr (Pool) {
+        pool_chunk_kernel(n, yb, best);
+        narrow_half(n, best, pooled + t0);
+      }
+    });
+    return;
+  }
   bn_relu_pool_kernel<St, scalar_t, acc_t, Pool>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], f.scale + l.c0,
                                                  f.shift + l.c0, out.p[0], out.p[1], out.p[2], out.p[3],
                                                  Pool ? f.pooled + f.ps.at(l.n, l.c0, l.u, l.v0) : nullptr);
+}
+
+// The gradients reaching the pre-ReLU values of a window with activations y, output gradients g and pooled
+// gradient pg (cell_relu_pool_dy).
+template <typename acc_t, bool Pool>
+__attribute__((always_inline)) inline void window_dy(const acc_t (&y)[4], const acc_t (&g)[4], acc_t pg,
+                                                     acc_t (&dy)[4]) {
+  const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
+  for (int k = 0; k < 4; ++k) dy[k] = relu_pool_dy<acc_t, acc_t>(y[k], g[k], acc_t(k), argmax, pg);
 }
 
 // Element t of a backward line: the z values (zv) and the gradients reaching their pre-ReLU values (dy), as
@@ -208,12 +476,18 @@ __attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scal
   zv[3] = widen(z3[t * St::z]);
   const acc_t y[4] = {bn_relu_line<round_t>(zv[0], sc, sh), bn_relu_line<round_t>(zv[1], sc, sh),
                       bn_relu_line<round_t>(zv[2], sc, sh), bn_relu_line<round_t>(zv[3], sc, sh)};
-  const acc_t argmax = Pool ? pool_argmax4<acc_t, acc_t>(y) : acc_t(-1);
-  const acc_t pg = Pool ? widen(grad_pooled[t]) : acc_t(0);
-  dy[0] = relu_pool_dy<acc_t, acc_t>(y[0], widen(g0[t * St::out]), acc_t(0), argmax, pg);
-  dy[1] = relu_pool_dy<acc_t, acc_t>(y[1], widen(g1[t * St::out]), acc_t(1), argmax, pg);
-  dy[2] = relu_pool_dy<acc_t, acc_t>(y[2], widen(g2[t * St::out]), acc_t(2), argmax, pg);
-  dy[3] = relu_pool_dy<acc_t, acc_t>(y[3], widen(g3[t * St::out]), acc_t(3), argmax, pg);
+  const acc_t g[4] = {widen(g0[t * St::out]), widen(g1[t * St::out]), widen(g2[t * St::out]), widen(g3[t * St::out])};
+  window_dy<acc_t, Pool>(y, g, Pool ? widen(grad_pooled[t]) : acc_t(0), dy);
+}
+
+// Element t of a float16 line's chunk (half_activations): its z values, activations and gradients.
+template <bool Pool>
+__attribute__((always_inline)) inline void chunk_dy_at(int64_t t, const FloatQuad& z, const FloatQuad& y,
+                                                       const FloatQuad& g, const float* grad_pooled, float (&zv)[4],
+                                                       float (&dy)[4]) {
+  const float yv[4] = {y[0][t], y[1][t], y[2][t], y[3][t]}, gv[4] = {g[0][t], g[1][t], g[2][t], g[3][t]};
+  for (int k = 0; k < 4; ++k) zv[k] = z[k][t];
+  window_dy<float, Pool>(yv, gv, Pool ? grad_pooled[t] : 0.0f, dy);
 }
 
 // The BN vectors of z_grad_kernel (unread without Bn).
@@ -251,6 +525,30 @@ FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restric
   }
 }
 
+template <typename St, bool Pool, bool Bn>
+FASTUNET_CPU_CLONES void z_grad_chunk_kernel(int64_t n, const FloatQuad& __restrict__ z,
+                                             const FloatQuad& __restrict__ y, const FloatQuad& __restrict__ g,
+                                             const float* __restrict__ grad_pooled, const float* __restrict__ scale,
+                                             const BnLine<float> bn, FloatQuad& __restrict__ d) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t c = t * St::channel;
+    float zv[4], dy[4];
+    chunk_dy_at<Pool>(t, z, y, g, grad_pooled, zv, dy);
+    for (int k = 0; k < 4; ++k)
+      d[k][t] = Bn ? bn_backward_dz<float>(dy[k], zv[k], bn.mean[c], bn.invstd[c], scale[c], bn.sum_dy[c],
+                                           bn.sum_dy_xmu[c], bn.inv_m)
+                   : dy[k];
+  }
+}
+
+// The chunks' output gradients and pooled gradients widened (pooled ones only with Pool).
+template <typename St, bool Pool>
+void widen_gradients(const Quad<const c10::Half>& g, const c10::Half* grad_pooled, int64_t t0, int64_t n, FloatQuad& gb,
+                     float* pb) {
+  for (int k = 0; k < 4; ++k) widen_chunk<St::out>(n, g.p[k] + t0 * St::out, gb[k]);
+  if (Pool) widen_half(n, grad_pooled + t0, pb);
+}
+
 // relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line (cell_z_grad per element).
 template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn>
 void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
@@ -259,6 +557,21 @@ void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
   const Quad<scalar_t> d = z_quad(f.dz, f.g, f.ds, l);
   const BnLine<acc_t> bn{Bn ? f.bn.mean + l.c0 : nullptr, Bn ? f.bn.invstd + l.c0 : nullptr,
                          Bn ? f.bn.sum_dy + l.c0 : nullptr, Bn ? f.bn.sum_dy_xmu + l.c0 : nullptr, f.bn.inv_m};
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    const scalar_t* grad_pooled = Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr;
+    FloatQuad zb, yb, gb, db;
+    float pb[kWidenChunk];
+    for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto steps) {
+      half_activations<St>(z, f.scale + l.c0, f.shift + l.c0, t0, n, zb, yb);
+      widen_gradients<St, Pool>(g, grad_pooled, t0, n, gb, pb);
+      const int64_t c = t0 * St::channel;
+      const BnLine<acc_t> bn_chunk{Bn ? bn.mean + c : nullptr, Bn ? bn.invstd + c : nullptr,
+                                   Bn ? bn.sum_dy + c : nullptr, Bn ? bn.sum_dy_xmu + c : nullptr, bn.inv_m};
+      z_grad_chunk_kernel<decltype(steps), Pool, Bn>(n, zb, yb, gb, pb, f.scale + l.c0 + c, bn_chunk, db);
+      for (int k = 0; k < 4; ++k) narrow_chunk<St::z>(n, db[k], d.p[k] + t0 * St::z);
+    });
+    return;
+  }
   z_grad_kernel<St, scalar_t, acc_t, Pool, Bn>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2], g.p[3],
                                                Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
                                                f.scale + l.c0, f.shift + l.c0, bn, d.p[0], d.p[1], d.p[2], d.p[3]);
@@ -307,24 +620,6 @@ FASTUNET_CPU_CLONES void stats_kernel(int64_t length, const scalar_t* __restrict
       first, second);
 }
 
-// The reductions' lines of 16-bit tensors are widened to float32 a chunk at a time, then summed by the float32
-// loops (their 8 double partial sums along the width do not vectorize from 16-bit loads): a plain widening loop
-// per tensor, into contiguous buffers.
-constexpr int64_t kWidenChunk = 256;
-
-template <int Step, typename scalar_t>
-FASTUNET_CPU_CLONES void widen_kernel(int64_t length, const scalar_t* __restrict__ src, float* __restrict__ dst) {
-  for (int64_t t = 0; t < length; ++t) dst[t] = widen(src[t * Step]);
-}
-
-// Calls sum(t0, n, steps) for the chunks [t0, t0 + n) of a line of `length` elements, n <= kWidenChunk; steps
-// those of the widened buffers (contiguous, the channel step of St).
-template <typename St, typename F>
-void for_each_chunk(int64_t length, const F& sum) {
-  for (int64_t t0 = 0; t0 < length; t0 += kWidenChunk)
-    sum(t0, std::min(kWidenChunk, length - t0), Steps<1, 1, St::channel>{});
-}
-
 // bn_stats over a line (cell_stats_sums per element): ref the channels' shift constants.
 template <typename St, typename scalar_t, typename sum_t>
 void stats_line(const StatsCells<scalar_t, sum_t>& f, const LineStart& l, const double* ref, double* first,
@@ -335,7 +630,13 @@ void stats_line(const StatsCells<scalar_t, sum_t>& f, const LineStart& l, const 
   } else {
     float zb[4][kWidenChunk];
     for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto steps) {
-      for (int k = 0; k < 4; ++k) widen_kernel<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+          widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+        } else {
+          widen_kernel<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+        }
+      }
       const int64_t c = t0 * St::channel;
       stats_kernel<decltype(steps), float>(n, zb[0], zb[1], zb[2], zb[3], ref + c, first + c, second + c);
     });
@@ -367,6 +668,26 @@ FASTUNET_CPU_CLONES void backward_sums_kernel(int64_t length, const scalar_t* __
       first, second);
 }
 
+template <typename St, bool Pool>
+FASTUNET_CPU_CLONES void backward_sums_chunk_kernel(int64_t n, const FloatQuad& __restrict__ z,
+                                                    const FloatQuad& __restrict__ y, const FloatQuad& __restrict__ g,
+                                                    const float* __restrict__ grad_pooled,
+                                                    const double* __restrict__ mean, double* __restrict__ first,
+                                                    double* __restrict__ second) {
+  sum_line<St>(
+      n,
+      [&](int64_t t, double& s1, double& s2) __attribute__((always_inline)) {
+        float zv[4], dy[4];
+        chunk_dy_at<Pool>(t, z, y, g, grad_pooled, zv, dy);
+        const double mu = mean[t * St::channel];
+        for (int k = 0; k < 4; ++k) {
+          s1 += static_cast<double>(dy[k]);
+          s2 += static_cast<double>(dy[k]) * (static_cast<double>(zv[k]) - mu);
+        }
+      },
+      first, second);
+}
+
 // bn_relu_backward_reduce over a line (cell_backward_sums per element): mean the channels' means in double.
 template <typename St, typename scalar_t, typename acc_t, typename sum_t, bool Pool>
 void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l, const double* mean,
@@ -375,7 +696,16 @@ void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const
   const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
   const scalar_t* grad_pooled = Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr;
   const acc_t *scale = f.scale + l.c0, *shift = f.shift + l.c0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    FloatQuad zb, yb, gb;
+    float pb[kWidenChunk];
+    for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto steps) {
+      half_activations<St>(z, scale, shift, t0, n, zb, yb);
+      widen_gradients<St, Pool>(g, grad_pooled, t0, n, gb, pb);
+      const int64_t c = t0 * St::channel;
+      backward_sums_chunk_kernel<decltype(steps), Pool>(n, zb, yb, gb, pb, mean + c, first + c, second + c);
+    });
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
     backward_sums_kernel<St, scalar_t, acc_t, Pool>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2],
                                                     g.p[3], grad_pooled, scale, shift, mean, first, second);
   } else {

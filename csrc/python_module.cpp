@@ -7,7 +7,9 @@
 #include <torch/version.h>
 #endif
 
-#include "fastunet_math.h"
+#include <cstring>
+
+#include "cpu_lines.h"
 
 #ifndef FASTUNET_CUDA_VERSION
 #define FASTUNET_CUDA_VERSION ""
@@ -16,8 +18,45 @@
 #define FASTUNET_CUDA_ARCHS ""
 #endif
 
-static struct PyModuleDef fastunet_c_module = {PyModuleDef_HEAD_INIT, "_C",
-                                               "fastunet's compiled ops (torch.ops.fastunet.*)", -1, nullptr};
+// The float16 conversions of the CPU's line loops by name (cpu_lines.h), so that tests can run each one.
+static const char* const half_conversion_names[] = {"bits", "avx2", "avx512"};
+
+static PyObject* set_half_conversions(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(name, half_conversion_names[i]) != 0) continue;
+    const int previous = static_cast<int>(fastunet::cpu::half_conversions().load());
+    if (!fastunet::cpu::set_half_conversions(static_cast<fastunet::cpu::HalfConversions>(i))) {
+      PyErr_Format(PyExc_RuntimeError, "fastunet: this CPU lacks the '%s' float16 conversions", name);
+      return nullptr;
+    }
+    return PyUnicode_FromString(half_conversion_names[previous]);
+  }
+  PyErr_Format(PyExc_ValueError, "fastunet: unknown float16 conversions '%s' (bits, avx2 or avx512)", name);
+  return nullptr;
+}
+
+static PyObject* supported_half_conversions(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  for (int i = 0; names != nullptr && i < 3; ++i) {
+    if (!fastunet::cpu::cpu_has(static_cast<fastunet::cpu::HalfConversions>(i))) continue;
+    PyObject* name = PyUnicode_FromString(half_conversion_names[i]);
+    if (name == nullptr || PyList_Append(names, name) < 0) Py_CLEAR(names);
+    Py_XDECREF(name);
+  }
+  return names;
+}
+
+static PyMethodDef fastunet_c_methods[] = {
+    {"set_half_conversions", set_half_conversions, METH_O,
+     "Sets the CPU line loops' float16 conversions by name (bits, avx2, avx512); returns the previous ones."},
+    {"supported_half_conversions", supported_half_conversions, METH_NOARGS,
+     "The float16 conversions this CPU can run, by name."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef fastunet_c_module = {
+    PyModuleDef_HEAD_INIT, "_C", "fastunet's compiled ops (torch.ops.fastunet.*)", -1, fastunet_c_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&fastunet_c_module);

@@ -1,6 +1,8 @@
 """The compiled ops (torch.ops.fastunet.*) against their pure-PyTorch specifications, and gradcheck of the
 two fused blocks, on the CPU (CUDA twins: tests/test_cuda.py)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,20 +353,66 @@ def laid_out(t, layout):
     return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+HALF_CONVERSIONS = ["bits", "avx2", "avx512"]
+# float16 under each of the line loops' float16 conversions (csrc/cpu_lines.h: F16C in AVX-512 or AVX2 vectors,
+# the portable bit code); the conversions do not touch float32 and bfloat16.
+DTYPE_CONVERSIONS = [pytest.param(torch.float32, None, id="float32"), pytest.param(torch.bfloat16, None, id="bfloat16")]
+DTYPE_CONVERSIONS += [pytest.param(torch.float16, name, id=f"float16-{name}") for name in HALF_CONVERSIONS]
+
+
+@contextlib.contextmanager
+def half_conversions(name):
+    """The CPU line loops' float16 conversions set to ``name`` (None: left as they are) inside the block; skips the
+    test where this CPU lacks them."""
+    if name is None:
+        yield
+        return
+    if name not in _ext._C.supported_half_conversions():
+        pytest.skip(f"this CPU lacks the {name} float16 conversions")
+    previous = _ext._C.set_half_conversions(name)
+    try:
+        yield
+    finally:
+        _ext._C.set_half_conversions(previous)
+
+
+def test_half_conversions_are_named_and_checked():
+    """Unknown names are an error naming the choices; the portable bit code runs on every CPU."""
+    assert "bits" in _ext._C.supported_half_conversions()
+    with pytest.raises(ValueError, match="bits, avx2 or avx512"):
+        _ext._C.set_half_conversions("sse")
+
+
+@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
 @pytest.mark.parametrize("values", [random, quantised])
-def test_long_lines_and_border_cells_match_reference(dtype, layout, upscale, hw, values):
+def test_long_lines_and_border_cells_match_reference(dtype, conversions, layout, upscale, hw, values):
     """Lines long enough for the vector loops' bodies and remainders (19 channels; 18-37 cells a row), next to
     the per-cell code on the cells of an odd size's last row and column and the up block's border; every op
     against its specification (elementwise ops bitwise), outputs poisoned so that unwritten elements show. In
     bfloat16 and float16 the lines widen to float32 and round once on store: the elementwise results equal the
     specification's and, bit for bit, the per-cell code's (the "strided" layout) on the same values."""
-    h, w = hw
+    with half_conversions(conversions):
+        check_lines_against_reference(dtype, layout, upscale, 2, 19, *hw, values)
+
+
+@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_lines_longer_than_a_chunk_match_reference(dtype, conversions, layout):
+    """Lines of 16-bit tensors go through float32 buffers a chunk (256 elements) at a time: lines of 300 channels
+    (channels_last) or 265 cells (a row of 530 pixels), so that a chunk boundary falls inside every line."""
+    c, w = (300, 4) if layout == "channels_last" else (3, 530)
+    with half_conversions(conversions):
+        for upscale in (1, 2):
+            check_lines_against_reference(dtype, layout, upscale, 2, c, 2, w, random)
+
+
+def check_lines_against_reference(dtype, layout, upscale, n, c, h, w, values):
+    """Every op on n x c x h x w (logical output) in ``layout`` against its specification: the body of the two
+    tests above."""
     pool = h % 2 == 0 or upscale == 2
-    n, c = 2, 19
     z = laid_out(values(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype), layout)
     scale, shift = torch.randn(c), torch.randn(c)
     shape = ops.logical_shape(z, upscale)
@@ -408,13 +456,20 @@ def test_long_lines_and_border_cells_match_reference(dtype, layout, upscale, hw,
         assert torch.equal(dz, LIB.bn_relu_backward_apply(*per_cell, mean, invstd, *want_sums, upscale))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS[1:])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_16_bit_lines_convert_every_value_as_aten(dtype, layout):
+def test_16_bit_lines_convert_every_value_as_aten(dtype, conversions, layout):
     """The lines' own 16-bit conversions (csrc/cpu_lines.h) on every bit pattern: each of 6 channels holds all 65536
     values of z and of the output's gradient (NaNs, infinities, subnormals included), scaled by factors whose products
     round to subnormals, overflow and land on ties; bn_relu_pool and relu_pool_backward equal the specification, which
-    converts with ATen, bit for bit (NaNs compared as NaNs)."""
+    converts with ATen, bit for bit (NaNs compared as NaNs), and the per-cell code, which converts with c10, in every
+    bit (NaNs as c10's: 0x7fc0 in bfloat16, 0x7e00 in float16, with the sign)."""
+    with half_conversions(conversions):
+        check_every_value(dtype, layout)
+
+
+def check_every_value(dtype, layout):
+    """The body of test_16_bit_lines_convert_every_value_as_aten."""
     c = 6
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     z = laid_out(torch.stack([every[torch.randperm(every.numel())] for _ in range(c)]).view(1, c, 256, 256), layout)
@@ -427,11 +482,17 @@ def test_16_bit_lines_convert_every_value_as_aten(dtype, layout):
     ops.bn_relu_pool_ref(z, scale, shift, 1, want, want_pool)
     for got, expected in ((out, want), (pooled, want_pool)):
         assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(0), expected.nan_to_num(0))
+    per_cell, per_cell_pool = laid_out(torch.empty_like(out), "strided"), laid_out(torch.empty_like(pooled), "strided")
+    LIB.bn_relu_pool(laid_out(z, "strided"), scale, shift, 1, per_cell, per_cell_pool)
+    for got, expected in ((out, per_cell), (pooled, per_cell_pool)):
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
     grad = laid_out(every[torch.randperm(every.numel())].view(1, 1, 256, 256).expand(1, c, 256, 256), layout)
     grad_pooled = laid_out(torch.randn(1, c, 128, 128, dtype=dtype), layout)
     got = LIB.relu_pool_backward(grad, grad_pooled, z, scale, shift, 1)
     want = ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, 1)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+    per_cell = LIB.relu_pool_backward(*(laid_out(t, "strided") for t in (grad, grad_pooled, z)), scale, shift, 1)
+    assert torch.equal(got.view(torch.int16), per_cell.view(torch.int16))
 
 
 class Copies(TorchDispatchMode):
