@@ -27,11 +27,11 @@
 
 #include "fastunet_math.h"
 
-// The loops are compiled three times on x86-64 Linux (GCC, Clang): for AVX-512 (x86-64-v4), AVX2 and the baseline,
-// the one the CPU runs picked at load time (an ifunc). With FMA contraction off (-ffp-contract=off) all give the same
-// bits.
+// The loops are compiled twice on x86-64 Linux (GCC, Clang): for AVX2 and for the baseline, the one the CPU runs
+// picked at load time (an ifunc). With FMA contraction off (-ffp-contract=off) both give the same bits. An AVX-512
+// clone made the short NCHW lines (2 x 256 x 32^2) 1.2-1.5x slower on a Sapphire Rapids (benchmarks/RESULTS.md).
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define FASTUNET_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define FASTUNET_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #include <immintrin.h>
 #else
 #define FASTUNET_CPU_CLONES
