@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import ops
 from fastunet.bench import N_BATCHES
+from fastunet.conv import policy
 
 VARIANTS = ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_triton_conv")
 BLOCKS = (
@@ -83,11 +83,18 @@ def training_step(call):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("phase", ["train", "inference"])
 @pytest.mark.parametrize("name", BLOCKS)
-def test_block(timed, benchmark, models, device, shape, name, phase, variant, monkeypatch):
+def test_block(timed, benchmark, models, device, shape, name, phase, variant):
     if variant == "fastunet_fast_triton_conv":
         if block_kind(name) == "up" or device.type != "cuda":
             pytest.skip("the Triton conv is a double block's second conv, on CUDA")
-        monkeypatch.setattr(ops, "_conv3x3_mode", "triton")  # fast mode with fastunet's Triton second conv
+        with policy.override(second_conv_mode="triton"):  # fast mode with fastunet's Triton second conv
+            _time_block(timed, benchmark, models, device, shape, name, phase, variant)
+    else:
+        _time_block(timed, benchmark, models, device, shape, name, phase, variant)
+
+
+def _time_block(timed, benchmark, models, device, shape, name, phase, variant):
+    """Times block ``name`` of ``variant`` in ``phase``."""
     model = models("fastunet_fast" if variant == "fastunet_fast_triton_conv" else variant)
     benchmark.group = f"{name} {phase}"
     training = phase == "train"

@@ -73,7 +73,16 @@ class BatchNormArgs(NamedTuple):
         return self.weight, self.bias, self.running_mean, self.running_var
 
     def settings(self):
-        return self.eps, self.factor, self.training, self.group
+        return BatchNormSettings(self.eps, self.factor, self.training, self.group)
+
+
+class BatchNormSettings(NamedTuple):
+    """The non-tensor part of a BatchNormArgs, as the Functions take it."""
+
+    eps: float
+    factor: Optional[float]
+    training: bool
+    group: object
 
 
 
@@ -281,8 +290,7 @@ def _block_outputs(z, cat_channels, pool):
 def _eval_running_stats(running_mean, running_var, settings):
     """What backward reads of a BN's running stats: both in eval (so an in-place change before backward is
     caught, as for nn.BatchNorm2d), none in training."""
-    training = settings[2]
-    return (None, None) if training else (running_mean, running_var)
+    return (None, None) if settings.training else (running_mean, running_var)
 
 
 def _conv_dtype(x, x_cast):
@@ -310,7 +318,7 @@ def _differentiable_backward(ctx, reference, inputs, grad_outputs):
     grads = [None] * len(ctx.needs_input_grad)
     if not need:
         return grads
-    nchw = not ctx.exact and inputs[0].device.type == "cpu"
+    nchw = not ctx.exact and ctx.device_type == "cpu"
 
     def run(*primals):
         args = list(inputs)
@@ -338,10 +346,100 @@ def _check_double_backward_unsynchronized(*bns):
 # ----------------------------------------------------------------------------------------------------
 
 
+class DoubleInputs(NamedTuple):
+    """The double block Function's tensor inputs in its argument order (its input gradients come in the same)."""
+
+    x: torch.Tensor
+    w1: torch.Tensor
+    b1: Optional[torch.Tensor]
+    gamma1: torch.Tensor
+    beta1: torch.Tensor
+    running_mean1: Optional[torch.Tensor]
+    running_var1: Optional[torch.Tensor]
+    w2: torch.Tensor
+    b2: Optional[torch.Tensor]
+    gamma2: torch.Tensor
+    beta2: torch.Tensor
+    running_mean2: Optional[torch.Tensor]
+    running_var2: Optional[torch.Tensor]
+
+
+class DoubleSettings(NamedTuple):
+    """The double block Function's other inputs, after its tensors."""
+
+    settings1: tuple
+    settings2: tuple
+    exact: bool
+    cat_channels: int
+    pool: bool
+
+
+class DoubleOutputs(NamedTuple):
+    """The double block Function's results, before what it returns for backward."""
+
+    buf: torch.Tensor
+    pooled: Optional[torch.Tensor]
+
+
+class DoubleCasts(NamedTuple):
+    """Autocast's copies of the input and the weights (the forward returns None where nothing was cast)."""
+
+    x: Optional[torch.Tensor]
+    w1: Optional[torch.Tensor]
+    w2: Optional[torch.Tensor]
+
+
+class ExactLayerSaved(NamedTuple):
+    """What exact mode keeps of one conv + BN + ReLU layer: its conv output, ``kept`` (layer 1: its activation,
+    layer 2's conv input; layer 2: its BN output) and what ATen's BN backward reads."""
+
+    z: torch.Tensor
+    kept: torch.Tensor
+    save_mean: torch.Tensor
+    save_invstd: torch.Tensor
+    reserve: torch.Tensor
+
+
+class FastLayerSaved(NamedTuple):
+    """What fast mode keeps of one layer: its pre-BN conv output and BN's per-channel vectors."""
+
+    z: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class LayerExtras(NamedTuple):
+    """The two layers' values beside their saved tensors: exact mode's ATen BN impl indices, fast mode's counts of
+    values per channel."""
+
+    layer1: object
+    layer2: object
+
+
+def _head(flat, kind):
+    """The first values of ``flat`` (a Function's outputs) as NamedTuple ``kind``, the rest left."""
+    return kind._make(flat[:len(kind._fields)])
+
+
+def _decode(flat, *kinds):
+    """``flat`` (a Function's positional inputs, outputs or saved tensors) decoded once into one NamedTuple of each
+    of ``kinds`` in turn, by their fields; all of it must be used."""
+    parts, start = [], 0
+    for kind in kinds:
+        end = start + len(kind._fields)
+        parts.append(kind._make(flat[start:end]))
+        start = end
+    if start != len(flat):
+        raise ValueError(f"fastunet: {len(flat)} values decoded as {start}")
+    return parts
+
+
 class DoubleConvBNReLU(torch.autograd.Function):
-    """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu. Inputs: x, conv1 (weight, bias), bn1's tensors, the
-    same for layer 2, both BatchNormArgs.settings(), exact, cat_channels, pool. Outputs: buf, pooled (or None)
-    and what backward needs (returned, as torch.func asks, rather than stashed on a ctx)."""
+    """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu. Inputs: DoubleInputs, then DoubleSettings. Outputs:
+    DoubleOutputs, then what backward needs (returned, as torch.func asks, rather than stashed on a ctx):
+    DoubleCasts, each layer's ExactLayerSaved or FastLayerSaved, and LayerExtras."""
 
     @staticmethod
     def forward(x, w1, b1, gamma1, beta1, running_mean1, running_var1,
@@ -351,19 +449,20 @@ class DoubleConvBNReLU(torch.autograd.Function):
         _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            casts = (_cast_copy(x, cast), _cast_copy(w1, cast), _cast_copy(w2, cast))
+            casts = DoubleCasts(_cast_copy(x, cast), _cast_copy(w1, cast), _cast_copy(w2, cast))
             xc, w1c, w2c = (c if c is not None else t for c, t in zip(casts, (x, w1, w2)))
             if exact:
                 z1 = conv_aten.conv(xc, w1c, _cast(b1, cast))
-                t1, *bn1_saved = _exact_bn(z1, bn1)
+                t1, mean1, invstd1, reserve1, impl1 = _exact_bn(z1, bn1)
                 a1 = torch.empty_like(t1)
                 _relu_pool_exact(t1, a1)
                 del t1
                 z2 = conv_aten.conv(a1, w2c, _cast(b2, cast))
-                t2, *bn2_saved = _exact_bn(z2, bn2)
+                t2, mean2, invstd2, reserve2, impl2 = _exact_bn(z2, bn2)
                 buf, out, pooled = _block_outputs(z2, cat_channels, pool)
                 _relu_pool_exact(t2, out, pooled)
-                return (buf, pooled, *casts, z1, a1, *bn1_saved, z2, t2, *bn2_saved)
+                return (buf, pooled, *casts, *ExactLayerSaved(z1, a1, mean1, invstd1, reserve1),
+                        *ExactLayerSaved(z2, t2, mean2, invstd2, reserve2), *LayerExtras(impl1, impl2))
             z1 = training.forward(xc, w1c)
             mean1, invstd1, scale1, shift1, count1 = _fast_bn(z1, bn1, b1, 1)
             # Layer 1's activation is not kept: backward recomputes it from z1.
@@ -371,102 +470,104 @@ class DoubleConvBNReLU(torch.autograd.Function):
             mean2, invstd2, scale2, shift2, count2 = _fast_bn(z2, bn2, b2, 1, stats2)
             buf, out, pooled = _block_outputs(z2, cat_channels, pool)
             ops.bn_relu_pool(z2, scale2, shift2, 1, out, pooled)
-            return (buf, pooled, *casts, z1, mean1, invstd1, scale1, shift1, count1,
-                    z2, mean2, invstd2, scale2, shift2, count2)
+            return (buf, pooled, *casts, *FastLayerSaved(z1, mean1, invstd1, scale1, shift1),
+                    *FastLayerSaved(z2, mean2, invstd2, scale2, shift2), *LayerExtras(count1, count2))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w1, b1, gamma1, beta1, running_mean1, running_var1, *layer2, settings1, settings2, exact, _, pool = inputs
-        w2, b2, gamma2, beta2, running_mean2, running_var2 = layer2
-        buf, pooled, x_cast, w1_cast, w2_cast, *saved = output
+        args, settings = _decode(inputs, DoubleInputs, DoubleSettings)
+        saved_kind = ExactLayerSaved if settings.exact else FastLayerSaved
+        _, casts, layer1, layer2, extras = _decode(output, DoubleOutputs, DoubleCasts, saved_kind, saved_kind,
+                                                   LayerExtras)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
-        ctx.exact, ctx.pool, ctx.settings = exact, pool, (settings1, settings2)
-        ctx.conv_dtype = _conv_dtype(x, x_cast)
-        ctx.out_channels = w2.shape[0]
-        ctx.extra = (saved[5], saved[11])  # exact: ATen's BN impl indices; fast: the values per channel
-        saved = saved[:5] + saved[6:11]
-        ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
-        casts = tuple(t if c is None else c for c, t in zip((x_cast, w1_cast, w2_cast), (x, w1, w2)))
-        ctx.save_for_backward(x, w1, b1, gamma1, beta1, *_eval_running_stats(running_mean1, running_var1, settings1),
-                              w2, b2, gamma2, beta2, *_eval_running_stats(running_mean2, running_var2, settings2),
-                              *casts, *saved)
+        ctx.exact, ctx.pool, ctx.settings = settings.exact, settings.pool, settings
+        ctx.saved_kind, ctx.extra, ctx.device_type = saved_kind, extras, args.x.device.type
+        ctx.conv_dtype = _conv_dtype(args.x, casts.x)
+        ctx.out_channels = args.w2.shape[0]
+        ctx.mark_non_differentiable(*(t for t in (*layer1, *layer2) if isinstance(t, torch.Tensor)))
+        mean1, var1 = _eval_running_stats(args.running_mean1, args.running_var1, settings.settings1)
+        mean2, var2 = _eval_running_stats(args.running_mean2, args.running_var2, settings.settings2)
+        kept = args._replace(running_mean1=mean1, running_var1=var1, running_mean2=mean2, running_var2=var2)
+        resolved = DoubleCasts._make(t if c is None else c for c, t in zip(casts, (args.x, args.w1, args.w2)))
+        ctx.save_for_backward(*kept, *resolved, *layer1, *layer2)
 
     @staticmethod
     def backward(ctx, grad_buf, grad_pooled, *unused_saved_grads):
-        saved_tensors = ctx.saved_tensors  # unpacked once (activation checkpointing allows no more)
-        inputs, (xc, w1c, w2c), saved = saved_tensors[:13], saved_tensors[13:16], saved_tensors[16:]
-        x, w1, b1, *bn1_tensors, w2, b2, gamma2, beta2, running_mean2, running_var2 = inputs
-        gamma1, beta1 = bn1_tensors[:2]
-        bn1 = BatchNormArgs(*bn1_tensors, *ctx.settings[0])
-        bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
+        # unpacked once (activation checkpointing allows no more)
+        inputs, casts, layer1, layer2 = _decode(ctx.saved_tensors, DoubleInputs, DoubleCasts, ctx.saved_kind,
+                                                ctx.saved_kind)
+        bn1, bn2 = _double_bns(inputs, ctx.settings)
+        others = (None,) * len(DoubleSettings._fields)
         if grad_buf is None and grad_pooled is None:
-            return (None,) * 18
+            return (None,) * len(DoubleInputs._fields) + others
         grad_out = None if grad_buf is None else concat_parts(grad_buf, ctx.out_channels)[0]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn1, bn2)
-            grads = _differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled))
-            return tuple(grads[:13]) + (None,) * 5
+            return tuple(_differentiable_backward(ctx, _double_block_reference(ctx), inputs, (grad_out, grad_pooled)))
         if grad_out is None:  # only the pooled output reached the loss
-            grad_out = torch.zeros_like(saved[5])
-        layers = ((xc, w1c, b1, bn1), (w2c, b2, bn2))
+            grad_out = torch.zeros_like(layer2.z)
+        need, _ = _decode(ctx.needs_input_grad, DoubleInputs, DoubleSettings)
+        layers = ((casts.x, casts.w1, inputs.b1, bn1, layer1), (casts.w2, inputs.b2, bn2, layer2))
         with torch.autocast(grad_out.device.type, enabled=False):
             backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
-            grads = backward(grad_out, grad_pooled, saved, ctx.extra, layers, ctx.needs_input_grad)
-        dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2 = grads
-        return (_grad_as(dx, x), _grad_as(dw1, w1), _grad_as(db1, b1), _grad_as(dgamma1, gamma1),
-                _grad_as(dbeta1, beta1), None, None, _grad_as(dw2, w2), _grad_as(db2, b2), _grad_as(dgamma2, gamma2),
-                _grad_as(dbeta2, beta2), None, None) + (None,) * 5
+            grads = backward(grad_out, grad_pooled, ctx.extra, layers, need)
+        return tuple(_grad_as(g, t) for g, t in zip(grads, inputs)) + others
+
+
+def _double_bns(t, settings):
+    """The two BatchNormArgs of DoubleInputs ``t`` and DoubleSettings ``settings``."""
+    return (BatchNormArgs(t.gamma1, t.beta1, t.running_mean1, t.running_var1, *settings.settings1),
+            BatchNormArgs(t.gamma2, t.beta2, t.running_mean2, t.running_var2, *settings.settings2))
 
 
 def _double_block_reference(ctx):
     """The seed's conv_block (and max-pool) over the Function's tensor inputs, for _differentiable_backward."""
 
-    def reference(x, w1, b1, gamma1, beta1, running_mean1, running_var1, w2, b2, gamma2, beta2, running_mean2,
-                  running_var2):
-        bn1 = BatchNormArgs(gamma1, beta1, running_mean1, running_var1, *ctx.settings[0])
-        bn2 = BatchNormArgs(gamma2, beta2, running_mean2, running_var2, *ctx.settings[1])
-        y = _reference_layer(_reference_layer(x, w1, b1, bn1, ctx.conv_dtype), w2, b2, bn2, ctx.conv_dtype)
+    def reference(*tensors):
+        t = DoubleInputs(*tensors)
+        bn1, bn2 = _double_bns(t, ctx.settings)
+        y = _reference_layer(_reference_layer(t.x, t.w1, t.b1, bn1, ctx.conv_dtype), t.w2, t.b2, bn2, ctx.conv_dtype)
         return (y, F.max_pool2d(y, 2, 2)) if ctx.pool else (y,)
 
     return reference
 
 
-def _exact_double_block_backward(grad_out, grad_pooled, saved, impls, layers, need):
-    """Exact mode's backward, ATen's own backward calls: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2,
-    dbeta2). Each activation-sized gradient is dropped once used, as the autograd engine would."""
-    (xc, w1c, _, bn1), (w2c, _, bn2) = layers
-    z1, a1, *bn1_saved = saved[:5]
-    z2, t2, *bn2_saved = saved[5:]
-    dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, t2)
-    dz2, dgamma2, dbeta2 = _exact_bn_backward(dy2, z2, bn2, *bn2_saved, impls[1], [True, need[9], need[10]])
+def _exact_double_block_backward(grad_out, grad_pooled, impls, layers, need):
+    """Exact mode's backward, ATen's own backward calls: the DoubleInputs of gradients (None for the running stats).
+    Each activation-sized gradient is dropped once used, as the autograd engine would."""
+    (xc, w1c, _, bn1, layer1), (w2c, _, bn2, layer2) = layers
+    dy2 = _relu_pool_exact_backward(grad_out, grad_pooled, layer2.kept)
+    dz2, dgamma2, dbeta2 = _exact_bn_backward(dy2, layer2.z, bn2, layer2.save_mean, layer2.save_invstd,
+                                              layer2.reserve, impls.layer2, [True, need.gamma2, need.beta2])
     del dy2
-    da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2c.shape[0]], *_CONV_ARGS, [True, need[7], need[8]])
+    a1 = layer1.kept
+    da1, dw2, db2 = _aten.convolution_backward(dz2, a1, w2c, [w2c.shape[0]], *_CONV_ARGS, [True, need.w2, need.b2])
     del dz2
     dy1 = _relu_pool_exact_backward(da1, None, a1)
     del da1
-    dz1, dgamma1, dbeta1 = _exact_bn_backward(dy1, z1, bn1, *bn1_saved, impls[0], [True, need[3], need[4]])
+    dz1, dgamma1, dbeta1 = _exact_bn_backward(dy1, layer1.z, bn1, layer1.save_mean, layer1.save_invstd,
+                                              layer1.reserve, impls.layer1, [True, need.gamma1, need.beta1])
     del dy1
-    dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1c.shape[0]], *_CONV_ARGS, [need[0], need[1], need[2]])
-    return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
+    dx, dw1, db1 = _aten.convolution_backward(dz1, xc, w1c, [w1c.shape[0]], *_CONV_ARGS, [need.x, need.w1, need.b1])
+    return DoubleInputs(dx, dw1, db1, dgamma1, dbeta1, None, None, dw2, db2, dgamma2, dbeta2, None, None)
 
 
-def _fast_double_block_backward(grad_out, grad_pooled, saved, counts, layers, need):
-    """Fast mode's backward: (dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2). Layer 1's activation is
+def _fast_double_block_backward(grad_out, grad_pooled, counts, layers, need):
+    """Fast mode's backward: the DoubleInputs of gradients (None for the running stats). Layer 1's activation is
     recomputed from its pre-BN output; each activation-sized tensor is dropped once used."""
-    (xc, w1c, b1, bn1), (w2c, b2, bn2) = layers
-    z1, mean1, invstd1, scale1, shift1 = saved[:5]
-    z2, mean2, invstd2, scale2, shift2 = saved[5:]
-    dz2, dgamma2, dbeta2, db2 = _fast_bn_backward(grad_out, grad_pooled, z2, mean2, invstd2, scale2, shift2, b2,
-                                            bn2.training, 1, _sync_of(bn2, counts[1]))
-    a1 = torch.empty_like(z1)
-    ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    da1, dw2 = training.backward(dz2, a1, w2c, [True, need[7]])
+    (xc, w1c, b1, bn1, layer1), (w2c, b2, bn2, layer2) = layers
+    dz2, dgamma2, dbeta2, db2 = _fast_bn_backward(grad_out, grad_pooled, layer2.z, layer2.mean, layer2.invstd,
+                                                  layer2.scale, layer2.shift, b2, bn2.training, 1,
+                                                  _sync_of(bn2, counts.layer2))
+    a1 = torch.empty_like(layer1.z)
+    ops.bn_relu_pool(layer1.z, layer1.scale, layer1.shift, 1, a1, None)
+    da1, dw2 = training.backward(dz2, a1, w2c, [True, need.w2])
     del a1, dz2
-    dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, z1, mean1, invstd1, scale1, shift1, b1, bn1.training, 1,
-                                            _sync_of(bn1, counts[0]))
+    dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, layer1.z, layer1.mean, layer1.invstd, layer1.scale,
+                                                  layer1.shift, b1, bn1.training, 1, _sync_of(bn1, counts.layer1))
     del da1
-    dx, dw1 = training.backward(dz1, xc, w1c, [need[0], need[1]])
-    return dx, dw1, db1, dgamma1, dbeta1, dw2, db2, dgamma2, dbeta2
+    dx, dw1 = training.backward(dz1, xc, w1c, [need.x, need.w1])
+    return DoubleInputs(dx, dw1, db1, dgamma1, dbeta1, None, None, dw2, db2, dgamma2, dbeta2, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -591,7 +692,7 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     _forget_kept_weights(conv1[0], conv2[0])
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
-    return outputs[0], outputs[1]
+    return tuple(_head(outputs, DoubleOutputs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,10 +700,72 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
 # ----------------------------------------------------------------------------------------------------
 
 
+class UpInputs(NamedTuple):
+    """The up block Function's tensor inputs in its argument order (its input gradients come in the same)."""
+
+    d: torch.Tensor
+    buf: torch.Tensor
+    w: torch.Tensor
+    b: Optional[torch.Tensor]
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+
+
+class UpSettings(NamedTuple):
+    """The up block Function's other inputs, after its tensors."""
+
+    settings: tuple
+    exact: bool
+
+
+class UpCasts(NamedTuple):
+    """Autocast's copies of the input and the weight (the forward returns None where nothing was cast)."""
+
+    d: Optional[torch.Tensor]
+    w: Optional[torch.Tensor]
+
+
+class ExactUpSaved(NamedTuple):
+    """What exact mode's up block keeps: its conv output, its BN output and what ATen's BN backward reads (the
+    upsampled input is recomputed: an exact copy)."""
+
+    z: torch.Tensor
+    t: torch.Tensor
+    save_mean: torch.Tensor
+    save_invstd: torch.Tensor
+    reserve: torch.Tensor
+
+
+class FastUpSaved(NamedTuple):
+    """What fast mode's up block keeps: the sub-pixel weights (None for the conv on the upsampled input, which
+    backward recomputes), the conv output as it lies, and BN's per-channel vectors."""
+
+    w4: Optional[torch.Tensor]
+    z4: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class UpExtra(NamedTuple):
+    """Beside the saved tensors: exact mode's ATen BN impl index, fast mode's count of values per channel."""
+
+    value: object
+
+
+class UpOutputs(NamedTuple):
+    """The up block Function's result, before what it returns for backward."""
+
+    buf: torch.Tensor
+
+
 class UpsampleConvCat(torch.autograd.Function):
-    """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat. Inputs: d, buf,
-    conv (weight, bias), the BN's tensors and BatchNormArgs.settings(), exact. Outputs: buf (written in place)
-    and what backward needs."""
+    """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat. Inputs: UpInputs, then
+    UpSettings. Outputs: UpOutputs (buf, written in place), then what backward needs: UpCasts, ExactUpSaved or
+    FastUpSaved, UpExtra."""
 
     @staticmethod
     def forward(d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact):
@@ -612,15 +775,15 @@ class UpsampleConvCat(torch.autograd.Function):
         cout = w.shape[0]
         out = concat_parts(buf, buf.shape[1] - cout)[1]
         with torch.autocast(d.device.type, enabled=False):
-            casts = (_cast_copy(d, cast), _cast_copy(w, cast))
+            casts = UpCasts(_cast_copy(d, cast), _cast_copy(w, cast))
             dc, wc = (c if c is not None else t for c, t in zip(casts, (d, w)))
             if exact:
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
                 z = conv_aten.conv(u, wc, _cast(b, cast))
                 del u  # recomputed in backward: an exact copy
-                t, *bn_saved = _exact_bn(z, bn)
+                t, save_mean, save_invstd, reserve, impl = _exact_bn(z, bn)
                 _relu_pool_exact(t, out)
-                return (buf, *casts, z, t, *bn_saved)
+                return (buf, *casts, *ExactUpSaved(z, t, save_mean, save_invstd, reserve), *UpExtra(impl))
             upscale = 2 if _subpixel_train(dc, wc) else 1
             if upscale == 2:
                 w4 = phase_weights(w).to(wc.dtype)
@@ -630,73 +793,79 @@ class UpsampleConvCat(torch.autograd.Function):
                 w4, z4 = None, training.forward(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
             mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, upscale)
             ops.bn_relu_pool(z4, scale, shift, upscale, out, None)
-            return (buf, *casts, w4, z4, mean, invstd, scale, shift, count)
+            return (buf, *casts, *FastUpSaved(w4, z4, mean, invstd, scale, shift), *UpExtra(count))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact = inputs
-        _, d_cast, w_cast, *saved = output
+        args, settings = _decode(inputs, UpInputs, UpSettings)
+        saved_kind = ExactUpSaved if settings.exact else FastUpSaved
+        _, casts, saved, extra = _decode(output, UpOutputs, UpCasts, saved_kind, UpExtra)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
-        ctx.exact, ctx.settings = exact, settings
-        ctx.conv_dtype = _conv_dtype(d, d_cast)
-        ctx.skip_channels = buf.shape[1] - w.shape[0]
-        ctx.extra = saved.pop()  # exact: ATen's BN impl index; fast: the values per channel
-        ctx.mark_dirty(buf)
+        ctx.exact, ctx.settings, ctx.saved_kind = settings.exact, settings.settings, saved_kind
+        ctx.device_type = args.d.device.type
+        ctx.conv_dtype = _conv_dtype(args.d, casts.d)
+        ctx.skip_channels = args.buf.shape[1] - args.w.shape[0]
+        ctx.extra = extra.value
+        ctx.mark_dirty(args.buf)
         ctx.mark_non_differentiable(*(t for t in saved if isinstance(t, torch.Tensor)))
-        casts = tuple(t if c is None else c for c, t in zip((d_cast, w_cast), (d, w)))
-        running_stats = _eval_running_stats(running_mean, running_var, settings)
-        ctx.save_for_backward(d, w, b, gamma, beta, *running_stats, *casts, *saved)
+        resolved = UpCasts._make(t if c is None else c for c, t in zip(casts, (args.d, args.w)))
+        running_mean, running_var = _eval_running_stats(args.running_mean, args.running_var, settings.settings)
+        kept = args._replace(buf=None, running_mean=running_mean, running_var=running_var)
+        ctx.save_for_backward(*kept, *resolved, *saved)
 
     @staticmethod
     def backward(ctx, grad_buf, *unused_saved_grads):
-        d, w, b, gamma, beta, running_mean, running_var, dc, wc, *saved = ctx.saved_tensors
-        bn = BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings)
-        cout = w.shape[0]
+        inputs, casts, saved = _decode(ctx.saved_tensors, UpInputs, UpCasts, ctx.saved_kind)
+        bn = BatchNormArgs(inputs.gamma, inputs.beta, inputs.running_mean, inputs.running_var, *ctx.settings)
+        others = (None,) * len(UpSettings._fields)
+        cout = inputs.w.shape[0]
         if grad_buf is None:
-            return (None,) * 10
+            return (None,) * len(UpInputs._fields) + others
         grad_out = concat_parts(grad_buf, ctx.skip_channels)[1]
         if torch.is_grad_enabled():
             _check_double_backward_unsynchronized(bn)
 
-            def reference(d, unused_buf, w, b, gamma, beta, running_mean, running_var):
-                u = F.interpolate(d, scale_factor=2.0, mode="nearest")
-                bn = BatchNormArgs(gamma, beta, running_mean, running_var, *ctx.settings)
-                return (_reference_layer(u, w, b, bn, ctx.conv_dtype),)
+            def reference(*tensors):
+                t = UpInputs(*tensors)
+                u = F.interpolate(t.d, scale_factor=2.0, mode="nearest")
+                bn = BatchNormArgs(t.gamma, t.beta, t.running_mean, t.running_var, *ctx.settings)
+                return (_reference_layer(u, t.w, t.b, bn, ctx.conv_dtype),)
 
-            inputs = (d, None, w, b, gamma, beta, running_mean, running_var)
-            dd, _, dw, db, dgamma, dbeta, *_ = _differentiable_backward(ctx, reference, inputs, (grad_out,))
-            return dd, grad_buf, dw, db, dgamma, dbeta, None, None, None, None
-        need = ctx.needs_input_grad
+            grads, _ = _decode(_differentiable_backward(ctx, reference, inputs, (grad_out,)), UpInputs, UpSettings)
+            return (*grads._replace(buf=grad_buf, running_mean=None, running_var=None), *others)
+        need, _ = _decode(ctx.needs_input_grad, UpInputs, UpSettings)
+        dc, wc = casts
         with torch.autocast(grad_buf.device.type, enabled=False):
             if ctx.exact:
-                z, t, *bn_saved = saved
-                dy = _relu_pool_exact_backward(grad_out, None, t)
-                dz, dgamma, dbeta = _exact_bn_backward(dy, z, bn, *bn_saved, ctx.extra, [True, need[4], need[5]])
+                dy = _relu_pool_exact_backward(grad_out, None, saved.t)
+                dz, dgamma, dbeta = _exact_bn_backward(dy, saved.z, bn, saved.save_mean, saved.save_invstd,
+                                                       saved.reserve, ctx.extra, [True, need.gamma, need.beta])
                 del dy  # activation-sized gradients and the recomputed upsample: dropped once used
                 u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                du, dw, db = _aten.convolution_backward(dz, u, wc, [cout], *_CONV_ARGS, [need[0], need[2], need[3]])
+                du, dw, db = _aten.convolution_backward(dz, u, wc, [cout], *_CONV_ARGS, [need.d, need.w, need.b])
                 size = list(u.shape[2:])
                 del dz, u
                 dd = None
                 if du is not None:
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
-                w4, z4, mean, invstd, scale, shift = saved
                 subpixel = _subpixel_train(dc, wc)
-                dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, z4, mean, invstd, scale, shift, b,
-                                                           bn.training, 2 if subpixel else 1, _sync_of(bn, ctx.extra))
+                dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, saved.z4, saved.mean, saved.invstd,
+                                                           saved.scale, saved.shift, inputs.b, bn.training,
+                                                           2 if subpixel else 1, _sync_of(bn, ctx.extra))
                 if subpixel:
-                    dd, dw4 = training.backward(dz4, dc, w4, [need[0], need[2]])
+                    dd, dw4 = training.backward(dz4, dc, saved.w4, [need.d, need.w])
                     dw = None if dw4 is None else phase_weights_backward(dw4, cout)
                 else:
                     u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                    du, dw = training.backward(dz4, u, wc, [need[0], need[2]])
+                    du, dw = training.backward(dz4, u, wc, [need.d, need.w])
                     dd = None if du is None else _aten.upsample_nearest2d_backward(du, list(u.shape[2:]),
                                                                                    list(dc.shape), 2.0, 2.0)
                 del dz4
         # The whole buffer's gradient goes on as the skip's: its producer reads only the skip part (concat_parts).
-        return (_grad_as(dd, d), grad_buf, _grad_as(dw, w), _grad_as(db, b), _grad_as(dgamma, gamma),
-                _grad_as(dbeta, beta), None, None, None, None)
+        grads = UpInputs(_grad_as(dd, inputs.d), grad_buf, _grad_as(dw, inputs.w), _grad_as(db, inputs.b),
+                         _grad_as(dgamma, inputs.gamma), _grad_as(dbeta, inputs.beta), None, None)
+        return (*grads, *others)
 
 
 def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
@@ -710,4 +879,4 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
         return _up_block_inference(d, buf, conv, bn, exact)
     _forget_kept_weights(conv[0])
-    return _apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact)[0]
+    return _head(_apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact), UpOutputs).buf

@@ -400,23 +400,25 @@ def cudnn_conv_tf32():
     return False
 
 CONV3X3_MODES = ("aten", "triton", "auto")
-_conv3x3_mode = os.environ.get("FASTUNET_CONV", "aten").strip().lower()
 _CONV_CHOICES = {}
 
 
 def conv3x3_mode():
     """What runs a fast-mode double block's second conv: "aten" (the default), "triton" or "auto" (see
-    conv3x3_backend); FASTUNET_CONV at import, or ``set_conv3x3_mode``."""
-    return _conv3x3_mode
+    conv3x3_backend): the policy's ``second_conv_mode`` (FASTUNET_CONV at import, ``set_conv3x3_mode`` or
+    ``fastunet.conv.policy.override``)."""
+    from .conv import policy
+
+    return policy.value("second_conv_mode")
 
 
 def set_conv3x3_mode(mode):
     """Sets conv3x3_mode() to ``mode`` (one of CONV3X3_MODES) and returns the previous mode."""
-    global _conv3x3_mode
+    from .conv import policy
+
     if mode not in CONV3X3_MODES:
         raise ValueError(f"fastunet: the second conv's mode is one of {', '.join(CONV3X3_MODES)}, got {mode!r}")
-    previous, _conv3x3_mode = _conv3x3_mode, mode
-    return previous
+    return policy.set_default("second_conv_mode", mode)
 
 
 def conv3x3_backend(x, weight, stats=True):

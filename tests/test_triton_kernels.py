@@ -487,7 +487,7 @@ def test_conv_statistics_merge_in_parallel_and_match_the_specification(shape, mo
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monkeypatch):
+def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, conv_policy):
     """FASTUNET_CONV=triton: the fast double block's output, pool, running stats and every gradient match the
     default path's (a BN+ReLU pass, then ATen's conv) to float32 rounding."""
     torch.manual_seed(0)
@@ -497,7 +497,7 @@ def test_double_block_with_the_triton_conv_matches_the_cudnn_path(training, monk
     grad_buf, grad_pooled = torch.randn(2, 20, 8, 8, device=DEVICE), torch.randn(2, 16, 4, 4, device=DEVICE)
 
     def run(conv):
-        monkeypatch.setattr(ops, "_conv3x3_mode", conv)
+        conv_policy(second_conv_mode=conv)
         assert ops.conv3x3_backend(x, params[4]) == conv
         xs = x.clone().requires_grad_()
         ps = [p.to(DEVICE).requires_grad_() for p in params]

@@ -110,6 +110,10 @@ _TABLE = {
         True, "bool",
         f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: oneDNN's convs 10-20% faster in channels_last, which "
         "takes the folded BN"),
+    # CUDA: what runs a fast double block's second conv (second_conv).
+    "second_conv_mode": Entry(
+        os.environ.get("FASTUNET_CONV", "aten").strip().lower(), "aten, triton or auto (FASTUNET_CONV)",
+        "aten until the Triton conv is measured at parity on a GPU (benchmarks/run_gpu.sh)"),
     # Winograd F(2x2, 3x3) (CPU, float32): where it pays, and its chunks.
     "winograd_min_channels": Entry(
         64, "channels (both sides)", f"{_EPYC}, {_RESULTS}: the first layer's 3 input channels lose"),
@@ -149,6 +153,13 @@ def value(name):
 def table():
     """``{name: Entry}`` with the values in force now (overrides included)."""
     return {name: entry._replace(value=value(name)) for name, entry in _TABLE.items()}
+
+
+def set_default(name, new):
+    """Sets the table's value of ``name`` (for all threads, until set again); returns the previous one."""
+    previous = _TABLE[name].value
+    _TABLE[name] = _TABLE[name]._replace(value=new)
+    return previous
 
 
 @contextlib.contextmanager
@@ -243,11 +254,16 @@ class Layer(NamedTuple):
 
     @classmethod
     def of(cls, x, weight, train, exact=False):
-        """The facts of the conv of ``x`` by ``weight`` ``[Cout, Cin, k, k]``."""
+        """The facts of the conv of ``x`` by ``weight`` ``[Cout, Cin, k, k]``. Compiling, no layout is read (Dynamo
+        cannot speculate a layout test in a backward; no choice reads one there)."""
         n, cin, h, w = x.shape
-        return cls(weight.shape[2], n, cin, weight.shape[0], h, w, x.dtype, weight.dtype, x.device,
-                   ops.memory_format_of(x), x.is_contiguous(memory_format=torch.channels_last),
-                   ops.memory_format_of(weight), train, exact)
+        if torch.compiler.is_compiling():
+            layouts = torch.contiguous_format, False, torch.contiguous_format
+        else:
+            layouts = (ops.memory_format_of(x), x.is_contiguous(memory_format=torch.channels_last),
+                       ops.memory_format_of(weight))
+        return cls(weight.shape[2], n, cin, weight.shape[0], h, w, x.dtype, weight.dtype, x.device, *layouts, train,
+                   exact)
 
     def key(self):
         """The layer's key in a plan: its facts, the device as its type."""
