@@ -86,17 +86,13 @@ def from_logical(y, z_like, upscale):
         return y.to(z_like.dtype).contiguous(memory_format=memory_format_of(z_like))
     n, c, oh, ow = y.shape
     h, w = oh // 2, ow // 2
-    out = torch.zeros(z_like.shape, dtype=z_like.dtype, device=z_like.device).contiguous(
-        memory_format=memory_format_of(z_like)
-    )
-    o6 = out.view(n, 2, 2, c, h + 1, w + 1) if out.is_contiguous() else out.reshape(n, 2, 2, c, h + 1, w + 1)
+    out = torch.zeros(z_like.shape, dtype=z_like.dtype, device=z_like.device)  # NCHW: its 6-D view is plain
+    o6 = out.view(n, 2, 2, c, h + 1, w + 1)
     y6 = y.reshape(n, c, h, 2, w, 2)
     for a in range(2):
         for b in range(2):
             o6[:, a, b, :, a : a + h, b : b + w] = y6[:, :, :, a, :, b].to(z_like.dtype)
-    if not out.is_contiguous():
-        out.copy_(o6.reshape(z_like.shape))
-    return out
+    return out.contiguous(memory_format=memory_format_of(z_like))
 
 
 def memory_format_of(t):

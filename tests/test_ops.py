@@ -577,3 +577,17 @@ def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_
         assert got.dtype == torch.float32 and (not moved or got.is_contiguous(memory_format=layout))
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert training.backward(dz, x, weight, [False, True])[0] is None
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_reference_scatter_of_the_phases_in_channels_last(n):
+    """ops.from_logical (the references' scatter back to the sub-pixel phases' layout) in channels_last gives the
+    NCHW result's values, one image included (its 6-D view of a channels_last tensor once aliased the output)."""
+    c, h, w = 3, 3, 5
+    y = torch.randn(n, c, 2 * h, 2 * w)
+    z = torch.randn(n, 4 * c, h + 1, w + 1)
+    want = ops.from_logical(y, z, 2)
+    got = ops.from_logical(y, z.contiguous(memory_format=torch.channels_last), 2)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, want)
+    assert torch.equal(want[:, :c, :h, :w], y[:, :, 0::2, 0::2]) and torch.equal(want[:, 3 * c:, 1:, 1:],
+                                                                                  y[:, :, 1::2, 1::2])
