@@ -7,7 +7,7 @@ the interleaving; with ``--bf16``, every model runs under bfloat16 autocast (ONN
 float32 only, stay out).
 
   python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5] [--peers]
-                                [--bf16] [--models fast,exact]
+                                [--bf16] [--models fast,exact,tuned]
 """
 
 import argparse
@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+import fastunet
 from fastunet.bench import (
     build_model,
     initial_state,
@@ -26,14 +27,21 @@ from fastunet.bench import (
     random_batches,
 )
 from fastunet.bench.peers import openvino_compiled, openvino_model, openvino_refusal
+from fastunet.conv import policy
 
 MODELS = {"eager": "reference_eager", "fast": "fastunet_fast", "exact": "fastunet_exact"}
 PEERS = {"compile": "reference_compile"}
 
 
+def _under_plan(plan, step, *args):
+    with policy.use_plan(plan):
+        return step(*args)
+
+
 def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(MODELS)):
     """Median ms per model name at one grid point, the models' calls interleaved: eager and ``models`` (names of
-    MODELS), and with ``peers`` PEERS and ONNX Runtime."""
+    MODELS, or "tuned": fast mode under the plan fastunet.tune makes for this point, not stored), and with ``peers``
+    PEERS, ONNX Runtime and OpenVINO."""
     cpu = torch.device("cpu")
     torch.manual_seed(size * 100 + batch)
     batches = random_batches(1, batch, size, cpu, channels_last)
@@ -45,6 +53,12 @@ def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(
         model = build_model(config, cpu, channels_last, state).train(phase == "train")
         train, infer = make_steps(model, autocast)
         runs[name] = functools.partial(train if phase == "train" else infer, *batches[0])
+    if "tuned" in models:
+        model = build_model("fastunet_fast", cpu, channels_last, state).train(phase == "train")
+        with autocast():
+            plan = fastunet.tune(model, batches[0][0], train=phase == "train", save=False).plan()
+        train, infer = make_steps(model, autocast)
+        runs["tuned"] = functools.partial(_under_plan, plan, train if phase == "train" else infer, *batches[0])
     if peers and phase == "infer" and not bf16 and onnxruntime_refusal(cpu) is None:
         model = build_model("reference_eager", cpu, channels_last, state).eval()
         session = onnxruntime_session(model, batches[0][0])
@@ -70,12 +84,14 @@ def main(argv=None):
     parser.add_argument("--peers", action="store_true",
                         help="also torch.compile, ONNX Runtime and OpenVINO (inference)")
     parser.add_argument("--bf16", action="store_true", help="every model under torch.autocast('cpu', bfloat16)")
-    parser.add_argument("--models", default="fast,exact", help="fastunet's modes to time beside eager")
+    parser.add_argument("--models", default="fast,exact",
+                        help="fastunet's modes to time beside eager: fast, exact, tuned (fast under the plan "
+                             "fastunet.tune makes for the point; run with FASTUNET_PLAN=off so that fast is untuned)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
-    unknown = sorted(set(models) - set(MODELS) - {""})
+    unknown = sorted(set(models) - set(MODELS) - {"", "tuned"})
     if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)} (choose from fast, exact)")
+        parser.error(f"--models: unknown {', '.join(unknown)} (choose from fast, exact, tuned)")
     precision = "bfloat16 autocast" if args.bf16 else "float32"
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, medians of {args.reps} "
           "interleaved calls after one warm-up round (compilation and export before it)")
