@@ -119,7 +119,7 @@ print(
 
 setup(
     version=_version(with_cuda),
-    packages=["fastunet", "fastunet.bench", "fastunet.conv", "fastunet.kernels", "fastunet.train"],
+    packages=["fastunet", "fastunet.bench", "fastunet.blocks", "fastunet.conv", "fastunet.kernels", "fastunet.train"],
     package_dir={"fastunet": "fastunet", "fastunet.kernels": "kernels"},
     ext_modules=[_extension(with_cuda)],
     cmdclass={"build_ext": BuildExtensionKeepingObjects},

@@ -1,5 +1,5 @@
 """Fast-mode CPU inference side by side, interleaved in one process: the seed U-Net eager, fastunet fast's CPU
-inference path (functional._cpu_inference: BN folded into the convs where that pays, the sub-pixel up-conv from
+inference path (blocks.inference._cpu_inference: BN folded into the convs where that pays, the sub-pixel up-conv from
 32 x 32 low-resolution pixels up) and fastunet fast through its Functions (the path before), with each one's
 relative error against a float64 run of the seed U-Net. The BN running stats are those of the input (as
 bench.initial_state makes them): the initial (0, 1) ones shrink the activations into denormal floats, which run
@@ -14,19 +14,19 @@ import copy
 import torch
 
 import fastunet
-from fastunet import functional
 from fastunet.bench import initial_state, interleaved_median_ms
+from fastunet.blocks import inference
 from fastunet.reference import U_Net as Reference
 from fastunet.testing import relative_error
 
 
 def through_functions(model, x):
     """``model(x)`` with the CPU inference path switched off."""
-    enabled, functional._CPU_INFERENCE = functional._CPU_INFERENCE, False
+    enabled, inference._CPU_INFERENCE = inference._CPU_INFERENCE, False
     try:
         return model(x)
     finally:
-        functional._CPU_INFERENCE = enabled
+        inference._CPU_INFERENCE = enabled
 
 
 def main(argv=None):

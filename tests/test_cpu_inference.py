@@ -1,4 +1,4 @@
-"""Inference on the CPU (functional._cpu_inference). Fast mode: oneDNN's convs with each eval BN folded in where
+"""Inference on the CPU (blocks.inference._cpu_inference). Fast mode: oneDNN's convs with each eval BN folded in where
 that pays, GEMMs for convs of few pixels, the sub-pixel up-conv where that pays, within 2x of the float32
 reference's error against float64 in both layouts, a NaN where the seed puts it. Exact mode: the seed's ATen ops,
 its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32)."""
@@ -11,7 +11,8 @@ import torch
 from helpers import SIZE, pair, relative_error, well_conditioned
 
 import fastunet
-from fastunet import functional, weight_cache
+from fastunet import weight_cache
+from fastunet.blocks import inference
 from fastunet.conv import aten as conv_aten
 from fastunet.conv import policy, winograd
 
@@ -25,8 +26,8 @@ def conv_calls(monkeypatch):
     ``conv_calls.pixels``, for each 3x3 conv, (pixels per batch of its input, the fewer of its input and output
     channels, whether it ran as a GEMM)."""
     calls = Calls()
-    folded, unfolded, gemm = conv_aten.conv_relu, functional._unfolded_conv_bn_relu, functional._gemm_conv_bn_relu
-    winograd = functional._winograd_conv_bn_relu
+    folded, unfolded, gemm = conv_aten.conv_relu, inference._unfolded_conv_bn_relu, inference._gemm_conv_bn_relu
+    winograd = inference._winograd_conv_bn_relu
 
     def counted(run, as_gemm):
         def call(x, conv, *args):
@@ -38,9 +39,9 @@ def conv_calls(monkeypatch):
         return call
 
     monkeypatch.setattr(conv_aten, "conv_relu", counted(folded, False))
-    monkeypatch.setattr(functional, "_unfolded_conv_bn_relu", counted(unfolded, False))
-    monkeypatch.setattr(functional, "_gemm_conv_bn_relu", counted(gemm, True))
-    monkeypatch.setattr(functional, "_winograd_conv_bn_relu", counted(winograd, False))
+    monkeypatch.setattr(inference, "_unfolded_conv_bn_relu", counted(unfolded, False))
+    monkeypatch.setattr(inference, "_gemm_conv_bn_relu", counted(gemm, True))
+    monkeypatch.setattr(inference, "_winograd_conv_bn_relu", counted(winograd, False))
     return calls
 
 

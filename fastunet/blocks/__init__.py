@@ -1,0 +1,1 @@
+"""The fused U-Net blocks, a module per concern; fastunet.functional is their public face (see its docstring)."""
