@@ -36,7 +36,7 @@ def _second_conv(z1, scale1, shift1, w2, stats):
     by ops.conv3x3_backend's pick: Triton forms the activation in its input load (never written) and gathers
     the statistics in its epilogue; otherwise a BN+ReLU pass, ATen's conv, and the statistics pass."""
     if ops.conv3x3_backend(z1, w2, stats) == "triton":
-        from . import kernels
+        from .. import kernels
 
         z2, mean, var = kernels.conv3x3_bn_relu_stats(z1, scale1, shift1, w2, stats)
         return z2, ((mean, var) if stats else None)
