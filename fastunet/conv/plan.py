@@ -112,7 +112,8 @@ def current():
     if os.environ.get("FASTUNET_PLAN", "").lower() in ("off", "0", "false", "no"):
         return {}
     file = path()
-    with _lock:
-        if file not in _loaded:
-            _loaded[file] = load(file)
-        return _loaded[file]
+    plan = _loaded.get(file)
+    if plan is None:  # read once; later calls (every conv's choice) take no lock
+        with _lock:
+            plan = _loaded.setdefault(file, load(file))
+    return plan

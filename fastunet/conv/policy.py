@@ -163,21 +163,25 @@ def set_default(name, new):
 
 
 @contextlib.contextmanager
-def override(**choices):
-    """Sets the named entries for the ``with`` block in this thread (an unknown name is an error)."""
-    unknown = sorted(set(choices) - set(_TABLE))
-    if unknown:
-        raise KeyError(f"fastunet.conv.policy: no choice named {', '.join(unknown)}; the choices are "
-                       f"{', '.join(sorted(_TABLE))}")
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(dict(choices))
+def _pushed(stack_name, layer):
+    """Pushes ``layer`` on this thread's stack ``stack_name`` for the ``with`` block."""
+    stack = _local.__dict__.setdefault(stack_name, [])
+    stack.append(layer)
     try:
         yield
     finally:
         stack.pop()
 
 
-@contextlib.contextmanager
+def override(**choices):
+    """Sets the named entries for the ``with`` block in this thread (an unknown name is an error)."""
+    unknown = sorted(set(choices) - set(_TABLE))
+    if unknown:
+        raise KeyError(f"fastunet.conv.policy: no choice named {', '.join(unknown)}; the choices are "
+                       f"{', '.join(sorted(_TABLE))}")
+    return _pushed("stack", dict(choices))
+
+
 def use_plan(plan):
     """Consults ``plan`` (``{(decision, Layer.key()): algorithm}``) before the rules, for the ``with`` block in this
     thread; an inner plan's entries come before an outer one's. Unknown decisions or algorithms are errors."""
@@ -185,12 +189,7 @@ def use_plan(plan):
         if algorithm not in ALGORITHMS.get(decision, ()):
             raise ValueError(f"fastunet.conv.policy: a plan entry {algorithm!r} for decision {decision!r}; the "
                              f"decisions and their algorithms are {ALGORITHMS}")
-    plans = _local.__dict__.setdefault("plans", [])
-    plans.append(dict(plan))
-    try:
-        yield
-    finally:
-        plans.pop()
+    return _pushed("plans", dict(plan))
 
 
 @contextlib.contextmanager
@@ -214,16 +213,17 @@ def _planned(decision, layer, allowed, candidates=None):
     recorder = getattr(_local, "recorder", None)
     if recorder is not None:
         recorder.append((decision, layer, candidates))
+    plans = getattr(_local, "plans", ())
+    tuned = {} if torch.compiler.is_compiling() else stored_plan.current()
+    if not plans and not tuned:  # the common case: no layer key to make
+        return None
     key = (decision, layer.key())
-    for plan in reversed(getattr(_local, "plans", ())):
+    for plan in reversed(plans):
         if key in plan:
             if plan[key] not in allowed:
                 raise ValueError(f"fastunet.conv.policy: the plan's {plan[key]!r} for {decision} of {layer} is not "
                                  f"one this layer can run ({', '.join(allowed)})")
             return Choice(plan[key], "plan")
-    if torch.compiler.is_compiling():
-        return None
-    tuned = stored_plan.current()
     if tuned.get(key) in candidates:
         return Choice(tuned[key], "tuned on this machine")
     return None
