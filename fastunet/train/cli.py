@@ -166,14 +166,13 @@ def build_model(name, args, state=None):
 
 
 def tune_model(model, args, device, rank):
-    """fastunet.tune of ``model`` for a training step on a batch of ``args`` on ``device``, under the run's autocast
-    (the model itself is not run or changed)."""
+    """fastunet.tune of ``model`` (already on ``device`` in the run's layout) for a training step on a batch of
+    ``args``, under the run's autocast (the model itself is not run or changed)."""
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     example = torch.empty(args.batch, args.img_ch, args.size, args.size, device=device, memory_format=layout)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    on_device = copy.deepcopy(model).to(device, memory_format=layout)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        tuning = fastunet.tune(on_device, example, train=True)
+        tuning = fastunet.tune(model, example, train=True)
     log(f"tuned {len(tuning)} conv choices on this machine: {tuning.file}", rank)
 
 
@@ -185,12 +184,12 @@ def train_model(name, model, train_set, val_set, args, config, device, rank, wor
     replica, replicas = (mesh.replica, mesh.replicas) if mesh else (rank, world)
     train_loader, val_loader = build_loaders(train_set, val_set, args, device, replica, replicas)
     checkpoint = os.path.join(args.out, f"checkpoint_{name}.pt" if args.compare else "checkpoint.pt")
-    if args.tune and name == "fastunet" and not args.exact:
-        tune_model(model, args, device, rank)
     if mesh:
         prepared = (prepare_pipelined if args.pipeline else prepare_spatial)(model, args, device, mesh)
     else:
         prepared = prepare(model, args, device, world)
+        if args.tune and name == "fastunet" and not args.exact:  # check_args refuses --tune with a mesh
+            tune_model(getattr(prepared, "module", prepared), args, device, rank)
     history = train(
         prepared, train_loader, epochs=args.epochs, lr=args.lr, device=device,
         val_loader=val_loader, loss=args.loss, amp=args.amp, channels_last=args.channels_last,
