@@ -4,6 +4,7 @@ converted by openvino.convert_model, CPU plugin), in float32 and in OpenVINO's d
 bf16 dot products), each row naming the precision its compiled model reports."""
 
 import contextlib
+import importlib
 import os
 import sys
 import tempfile
@@ -28,15 +29,22 @@ PEERS = {
 OPENVINO_PRECISION_HINTS = {"reference_openvino_f32": "f32", "reference_openvino_default": None}
 
 
+def _cpu_peer_refusal(module, install, runner, device):
+    """Why a CPU-only peer (``module``, installed by ``install``, run by ``runner``) cannot run on ``device``, or
+    None."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"skipped: {module} is not installed ({install})"
+    if device.type != "cpu":
+        return f"skipped: measured with {runner}, on the CPU only"
+    return None
+
+
 def onnxruntime_refusal(device):
     """Why the ONNX Runtime row cannot be measured on ``device``, or None."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "skipped: onnxruntime is not installed (pip install onnxruntime onnxscript)"
-    if device.type != "cpu":
-        return "skipped: measured with ONNX Runtime's CPU provider, on the CPU only"
-    return None
+    return _cpu_peer_refusal("onnxruntime", "pip install onnxruntime onnxscript", "ONNX Runtime's CPU provider",
+                             device)
 
 
 def onnxruntime_session(model, x):
@@ -72,13 +80,7 @@ def measure_onnxruntime(config, state, batches, exact_step, device, warmup, reps
 
 def openvino_refusal(device):
     """Why the OpenVINO rows cannot be measured on ``device``, or None."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return "skipped: openvino is not installed (pip install openvino)"
-    if device.type != "cpu":
-        return "skipped: measured with OpenVINO's CPU plugin, on the CPU only"
-    return None
+    return _cpu_peer_refusal("openvino", "pip install openvino", "OpenVINO's CPU plugin", device)
 
 
 def openvino_model(model, x):
