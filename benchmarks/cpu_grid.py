@@ -7,7 +7,7 @@ the interleaving; with ``--bf16``, every model runs under bfloat16 autocast (ONN
 float32 only, stay out).
 
   python benchmarks/cpu_grid.py [--sizes 64,128,256] [--batches 1,4] [--phases infer,train] [--reps 5] [--peers]
-                                [--bf16] [--models fast,exact,tuned]
+                                [--bf16] [--models fast,exact,tuned,snapshot,snapshot_bf16]
 """
 
 import argparse
@@ -40,8 +40,9 @@ def _under_plan(plan, step, *args):
 
 def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(MODELS)):
     """Median ms per model name at one grid point, the models' calls interleaved: eager and ``models`` (names of
-    MODELS, or "tuned": fast mode under the plan fastunet.tune makes for this point, not stored), and with ``peers``
-    PEERS, ONNX Runtime and OpenVINO."""
+    MODELS, or "tuned": fast mode under the plan fastunet.tune makes for this point, not stored; "snapshot" and
+    "snapshot_bf16": fastunet.optimize_for_inference's, in inference), and with ``peers`` PEERS, ONNX Runtime and
+    OpenVINO."""
     cpu = torch.device("cpu")
     torch.manual_seed(size * 100 + batch)
     batches = random_batches(1, batch, size, cpu, channels_last)
@@ -59,6 +60,12 @@ def point_ms(size, batch, channels_last, phase, reps, peers, bf16, models=tuple(
             plan = fastunet.tune(model, batches[0][0], train=phase == "train", save=False).plan()
         train, infer = make_steps(model, autocast)
         runs["tuned"] = functools.partial(_under_plan, plan, train if phase == "train" else infer, *batches[0])
+    for name in ("snapshot", "snapshot_bf16"):
+        if name in models and phase == "infer":
+            dtype = torch.bfloat16 if bf16 or name == "snapshot_bf16" else torch.float32
+            model = build_model("fastunet_fast", cpu, channels_last, state).eval()
+            runs[name] = functools.partial(fastunet.optimize_for_inference(model, batches[0][0], dtype=dtype),
+                                           batches[0][0])
     if peers and phase == "infer" and not bf16 and onnxruntime_refusal(cpu) is None:
         model = build_model("reference_eager", cpu, channels_last, state).eval()
         session = onnxruntime_session(model, batches[0][0])
@@ -86,12 +93,15 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true", help="every model under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--models", default="fast,exact",
                         help="fastunet's modes to time beside eager: fast, exact, tuned (fast under the plan "
-                             "fastunet.tune makes for the point; run with FASTUNET_PLAN=off so that fast is untuned)")
+                             "fastunet.tune makes for the point; run with FASTUNET_PLAN=off so that fast is untuned), "
+                             "snapshot (fastunet.optimize_for_inference in the grid's dtype; inference), snapshot_bf16 "
+                             "(its bfloat16 snapshot)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
-    unknown = sorted(set(models) - set(MODELS) - {"", "tuned"})
+    unknown = sorted(set(models) - set(MODELS) - {"", "tuned", "snapshot", "snapshot_bf16"})
     if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)} (choose from fast, exact, tuned)")
+        parser.error(f"--models: unknown {', '.join(unknown)} (choose from fast, exact, tuned, snapshot, "
+                     "snapshot_bf16)")
     precision = "bfloat16 autocast" if args.bf16 else "float32"
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, medians of {args.reps} "
           "interleaved calls after one warm-up round (compilation and export before it)")

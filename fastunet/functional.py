@@ -19,9 +19,9 @@ Two modes:
                gradient is exactly zero, and it still enters the running mean. CPU inference (float32, eval
                BN, nothing for autograd to record) skips the Functions: oneDNN's convs with the BN folded
                into their weights and bias at the call where that pays, im2col GEMMs for the convs of few
-               pixels, the sub-pixel up-conv where that pays, Winograd for the wide convs with their
-               transformed weights kept between calls and checked bit for bit against the live weights and BN
-               at every call by fastunet.weight_cache (all in _cpu_inference); a plain U-Net runs it in
+               pixels, the sub-pixel up-conv where that pays, Winograd for the wide convs (all in
+               _cpu_inference); every derived weight is made at the call and nothing is kept between calls
+               (fastunet.optimize_for_inference makes a snapshot that keeps them); a plain U-Net runs it in
                channels_last whatever the input's layout.
 In both modes the Functions own the BN running-stats update (``BatchNormArgs.factor``), as nn.BatchNorm2d's
 own call does. The Functions are in the ``forward`` + ``setup_context`` form, so torch.func.grad, vjp and

@@ -11,10 +11,9 @@ import torch
 from helpers import SIZE, pair, relative_error, well_conditioned
 
 import fastunet
-from fastunet import weight_cache
 from fastunet.blocks import inference
 from fastunet.conv import aten as conv_aten
-from fastunet.conv import policy, winograd
+from fastunet.conv import policy
 
 CONVS_3X3 = 22  # ten in the encoder's blocks, eight in the decoder's, four up-convs
 
@@ -80,14 +79,12 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
     subpixel = [call for call in conv_calls if call[2:] == (2, 2)]
     assert subpixel == ([(4 * 64, 128, 2, 2)] if batch * (h // 2) * (w // 2) >= policy.value("subpixel_min_pixels")
                         else [])
-    # Up to gemm_max_pixels pixels per batch the convs are GEMMs, except where Winograd with kept weights pays: at
-    # 2 x 64 x 64 level 5's two, at 1 x 48 x 64 level 5's two, level 4's five (48 pixels) and Conv3's first (192
-    # pixels, 128 input channels).
-    kept_pixels, kept_channels = policy.value("winograd_kept_min_pixels"), policy.value("winograd_kept_min_channels")
+    # Up to gemm_max_pixels pixels per batch the convs are GEMMs (Winograd pays there only with prepacked weights,
+    # in a snapshot): at 2 x 64 x 64 level 4's five and level 5's two, at 1 x 48 x 64 also level 3's five (192
+    # pixels).
     assert [as_gemm for *_, as_gemm in conv_calls.pixels] == [
-        pixels <= policy.value("gemm_max_pixels") and not (pixels >= kept_pixels and channels >= kept_channels)
-        for pixels, channels, _ in conv_calls.pixels]
-    assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == (2 if batch == 2 else 8)
+        pixels <= policy.value("gemm_max_pixels") for pixels, _, _ in conv_calls.pixels]
+    assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == (7 if batch == 2 else 12)
     assert out.shape == want.shape and out.stride() == want.stride()
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
     assert relative_error(fast(x).detach(), exact) <= 2 * relative_error(want, exact) + 1e-7  # the Functions' path
@@ -169,7 +166,7 @@ def test_exact_cpu_inference_is_the_seed_bit_for_bit(conv_calls, memory_format, 
 
 
 def fresh_copy(model):
-    """A new fastunet U-Net with model's state: tensors no kept derived weight was made from."""
+    """A new fastunet U-Net with model's state in fresh tensors."""
     fresh = fastunet.U_Net(3, 2)
     fresh.load_state_dict(model.state_dict())
     return fresh.eval()
@@ -191,14 +188,11 @@ WRITES = {
 
 
 @pytest.mark.parametrize("write", WRITES)
-def test_kept_winograd_weights_follow_every_write(monkeypatch, write):
-    """Fast CPU inference keeps Winograd's transformed weights between calls (fastunet.weight_cache): none is made
-    again while the weights and BN stay, and after any write (through ``.data``, an optimizer, a swapped
-    parameter, a BN buffer, a sign of zero, a new layout) the output is bit for bit a fresh model's."""
+def test_inference_sees_every_write(write):
+    """Fast CPU inference derives its weights (BN folded, Winograd's U) at every call, so after any write (through
+    ``.data``, an optimizer, a swapped parameter, a BN buffer, a sign of zero, a new layout) the output is bit for
+    bit a fresh model's."""
     _, fast, _ = trained_state_models()
-    transforms = []
-    for name in ("weights", "kept_weights"):
-        monkeypatch.setattr(winograd, name, counted_calls(transforms, getattr(winograd, name)))
     for p in fast.parameters():
         p.grad = torch.randn_like(p)
     if write == "negative zero":
@@ -206,20 +200,17 @@ def test_kept_winograd_weights_follow_every_write(monkeypatch, write):
             fast.Conv2.conv[3].weight.view(-1)[::7] = 0.0
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        first, second = fast(x), fast(x)
-        made = len(transforms)
-        third = fast(x)
-        assert made > 0 and len(transforms) == made and torch.equal(second, first) and torch.equal(third, first)
+        first = fast(x)
+        assert torch.equal(fast(x), first)
         WRITES[write](fast)
         out = fast(x)
-        assert len(transforms) > made
         assert torch.equal(out, fresh_copy(fast)(x))
-        assert torch.equal(fast(x), out)
+        assert write in ("negative zero", "relaid out") or not torch.equal(out, first)
 
 
-def test_kept_weights_made_under_inference_mode_are_remade_outside_it():
-    """Weights kept by calls under torch.inference_mode() are made anew by a call under torch.no_grad() after a
-    write, and the other way round (an inference tensor cannot be written outside inference mode)."""
+def test_writes_between_inference_mode_and_no_grad_calls_are_seen():
+    """A write under torch.no_grad() after calls under torch.inference_mode() is seen by the next call, and the
+    other way round."""
     _, fast, _ = trained_state_models()
     x = torch.randn(2, 3, 64, 64)
     for first, then in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
@@ -233,89 +224,24 @@ def test_kept_weights_made_under_inference_mode_are_remade_outside_it():
             assert torch.equal(out, fresh_copy(fast)(x))
 
 
-def counted_calls(calls, function):
-    def call(*args):
-        calls.append(function.__name__)
-        return function(*args)
-    return call
-
-
-def model_with_kept_weights():
-    """(fast model, its input, the entries of fastunet.weight_cache before it): two inference calls made them."""
-    gc.collect()  # earlier tests' models gone before counting
-    entries = len(weight_cache._entries)
-    _, fast, _ = trained_state_models()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fast(x), fast(x)
-    assert len(weight_cache._entries) > entries
-    return fast, x, entries
-
-
-def test_kept_weights_go_with_their_model():
-    fast, _, entries = model_with_kept_weights()
-    del fast
+def live_tensors():
     gc.collect()
-    assert len(weight_cache._entries) == entries
+    return {id(t) for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)}
 
 
-def test_training_frees_kept_weights():
-    """A training step frees the entries its layers' weights had from inference (they would be stale after the
-    step), and inference after it keeps them again, with the fresh model's bits."""
-    fast, x, entries = model_with_kept_weights()
-    fast.train()
-    fast(x).square().mean().backward()
-    torch.optim.SGD(fast.parameters(), lr=0.1).step()
-    assert len(weight_cache._entries) == entries
-    fast.eval()
-    with torch.no_grad():
-        fast(x), fast(x)
-        assert len(weight_cache._entries) > entries
-        assert torch.equal(fast(x), fresh_copy(fast)(x))
-
-
-def test_weight_cache_compares_bits():
-    """lookup: None at a weight's first call, made at the second, kept at the third, made anew after a write that
-    torch.equal would not see (0.0 to -0.0), after a scale's write and after a new layout; a kept tensor is never
-    written again (another thread may be reading it)."""
-    weight = torch.randn(6, 4)
-    weight[2, 1] = 0.0
-    scale = torch.rand(6)
-    made = []
-
-    def make(w, s):
-        made.append(w * s.view(-1, 1))
-        return made[-1]
-
-    lookup = lambda: weight_cache.lookup("test", (weight, scale), make)  # noqa: E731
-    assert lookup() is None and not made
-    kept = lookup()
-    first = kept.clone()
-    assert len(made) == 1 and torch.equal(kept, weight * scale.view(-1, 1))
-    assert lookup() is kept and len(made) == 1
-    weight.data[2, 1] = -0.0
-    assert lookup() is made[-1] and len(made) == 2 and torch.signbit(made[-1][2, 1])
-    scale.mul_(2)
-    assert lookup() is made[-1] and len(made) == 3 and torch.equal(made[-1], weight * scale.view(-1, 1))
-    weight.data = weight.data.t().contiguous().t()
-    assert lookup() is made[-1] and len(made) == 4
-    assert torch.equal(kept, first) and not torch.signbit(kept[2, 1])
-    weight_cache.clear()
-    assert lookup() is None
-
-
-def test_weight_cache_can_be_turned_off(monkeypatch, conv_calls):
-    """With fastunet.weight_cache off nothing is kept, and the convs of 128-256 pixels are GEMMs again (Winograd
-    there pays only with kept weights): at 2 x 64 x 64 level 4's five and level 5's two."""
-    monkeypatch.setattr(weight_cache, "enabled", False)
-    entries = len(weight_cache._entries)
-    weight = torch.randn(3, 2)
-    make = lambda w: w.clone()  # noqa: E731
-    assert all(weight_cache.lookup("test", (weight,), make) is None for _ in range(3))
+def test_inference_keeps_nothing_between_calls(conv_calls):
+    """No tensor outlives an inference call (no derived weights, no workspace), and the convs of 128-256 pixels are
+    GEMMs (Winograd there pays only with prepacked weights, fastunet.optimize_for_inference): at 2 x 64 x 64 level
+    4's five and level 5's two."""
     ref, fast, _ = trained_state_models()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        out, again, want = fast(x), fast(x), ref(x)
-    assert len(weight_cache._entries) == entries and torch.equal(again, out)
+        want = ref(x)
+        before = live_tensors()
+        out = fast(x)
+        again = fast(x)
+        assert live_tensors() - before == {id(out), id(again)}
+    assert torch.equal(again, out) and relative_error(out, want) < 1e-4
     assert sum(as_gemm for *_, as_gemm in conv_calls.pixels) == 2 * 7
-    assert relative_error(out, want) < 1e-4
+
+

@@ -17,8 +17,11 @@ def concat_parts(buf, skip_channels):
     whole buffer's gradient on as the skip's, and the double block reads only its skip part of it (the up part's
     gradient is the up block's own)."""
     channels = buf.shape[1]
-    torch._check(0 <= skip_channels <= channels,
-                 lambda: f"a concat buffer of {channels} channels has no skip part of {skip_channels} channels")
+    message = lambda: f"a concat buffer of {channels} channels has no skip part of {skip_channels} channels"  # noqa
+    if torch.compiler.is_compiling():
+        torch._check(0 <= skip_channels <= channels, message)
+    elif not 0 <= skip_channels <= channels:  # eagerly without torch._check, which imports sympy (30 MiB held)
+        raise RuntimeError(message())
     return buf.narrow(1, 0, skip_channels), buf.narrow(1, skip_channels, channels - skip_channels)
 
 

@@ -24,7 +24,7 @@ from .bn import (
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import _block_outputs, concat_parts
 from .function_io import _apply, _decode, _head
-from .inference import _cpu_inference, _double_block_inference, _forget_kept_weights
+from .inference import InferenceConv, _cpu_inference, _double_block_inference
 from .recompute import _check_double_backward_unsynchronized, _differentiable_backward, _reference_layer
 
 _aten = torch.ops.aten
@@ -266,8 +266,8 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None.
     """
     if _cpu_inference(x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
-        return _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact)
-    _forget_kept_weights(conv1[0], conv2[0])
+        return _double_block_inference(x, InferenceConv.of(conv1, bn1), InferenceConv.of(conv2, bn2), cat_channels,
+                                       pool, exact)
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
     return tuple(_head(outputs, DoubleOutputs))

@@ -1,17 +1,16 @@
-"""CPU inference of the fused blocks (float32, eval BN, nothing for autograd to record): the Functions are
-skipped for oneDNN's convs with the BN folded in, im2col GEMMs, Winograd with kept weights, or the folded
-sub-pixel up-conv, as fastunet.conv.policy picks."""
+"""CPU inference of the fused blocks (eval BN, nothing for autograd to record): the Functions are skipped for
+oneDNN's convs with the BN folded in, im2col GEMMs, Winograd, or the folded sub-pixel up-conv, as
+fastunet.conv.policy picks. A layer comes as an ``InferenceConv``: a model's derives its folded forms at every call
+(``InferenceConv.of``: nothing is kept between calls), an inference snapshot's (fastunet.optimize_for_inference)
+holds them prepacked."""
 
+from typing import NamedTuple, Optional
 
 import torch
 
-from .. import weight_cache
 from ..conv import aten as conv_aten
-from ..conv import gemm, policy, winograd
-from ..conv.subpixel import conv_relu_into
-from .bn import (
-    _eval_bn_vectors,
-)
+from ..conv import gemm, policy, subpixel, winograd
+from .bn import BatchNormArgs, _eval_bn_vectors
 from .concat import _block_outputs, concat_parts
 from .recompute import _reference_layer
 
@@ -32,71 +31,95 @@ def _cpu_inference(x, tensors, bns):
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+class InferenceConv(NamedTuple):
+    """One conv3x3 + eval BN + ReLU as CPU inference runs it: ``relu(conv3x3(x, weight) * scale + shift)``.
 
-def _folded(conv, bn):
-    """(weight, bias) of the conv followed by an eval-mode BN: BN's scale folded into the weights, its shift (the
-    conv bias included) as the bias; made at every call (conv_aten.folded_weight)."""
-    weight, bias = conv
-    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    return conv_aten.folded_weight(weight, scale), shift
+    weight ``[Cout, Cin, 3, 3]``; scale, shift ``[Cout]`` float32: the BN (the conv bias in the shift). The forms
+    below are None where they are made at the call from weight and scale: folded: ``weight * scale`` (channels_last,
+    for oneDNN's conv and the sub-pixel phases); winograd: Winograd's U of it; subpixel: the folded sub-pixel phase
+    weights ``[4*Cout, Cin, 2, 2]`` (an up block's); packed: a oneDNN-packed folded weight (mkldnn layout) that
+    runs every conv of the layer (a bfloat16 snapshot's; ``subpixel`` then packed too where set). seed: the
+    layer's ``((weight, bias), BatchNormArgs)`` for the seed's unfolded ops, None in a snapshot (its BN is folded).
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    folded: Optional[torch.Tensor] = None
+    winograd: Optional[torch.Tensor] = None
+    subpixel: Optional[torch.Tensor] = None
+    packed: Optional[torch.Tensor] = None
+    seed: Optional[tuple] = None
+
+    @classmethod
+    def of(cls, conv, bn: BatchNormArgs):
+        """A model's layer: ``conv`` ``(weight, bias)`` and its eval BN; every folded form made at the call."""
+        weight, bias = conv
+        _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
+        return cls(weight, scale, shift, seed=(conv, bn))
+
+    def folded_weight(self):
+        """``weight * scale``: the prepacked one, else made now (conv_aten.folded_weight)."""
+        return self.folded if self.folded is not None else conv_aten.folded_weight(self.weight, self.scale)
+
+    def winograd_weights(self):
+        """Winograd's U of the folded weight: the prepacked one, else made now in this thread's workspace."""
+        return self.winograd if self.winograd is not None else winograd.weights(self.weight, self.scale)
+
+    def subpixel_weights(self):
+        """The folded sub-pixel phase weights: the prepacked ones, else made now."""
+        return self.subpixel if self.subpixel is not None else subpixel.phase_weights(self.folded_weight())
 
 
-def _unfolded_conv_bn_relu(x, conv, bn):
+def _unfolded_conv_bn_relu(x, layer):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN as the seed computes it (_reference_layer), the ReLU in place
     (no fresh activation-sized buffer to fault in)."""
+    conv, bn = layer.seed
     return _reference_layer(x, *conv, bn, x.dtype, inplace_relu=True)
 
 
-def _gemm_conv_bn_relu(x, conv, bn):
+def _gemm_conv_bn_relu(x, layer):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM per image (gemm.conv_scale_shift_relu),
     the BN as a scale and shift of the product; the output in x's layout."""
-    weight, bias = conv
-    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    return gemm.conv_scale_shift_relu(x, weight, scale, shift)
+    return gemm.conv_scale_shift_relu(x, layer.weight, layer.scale, layer.shift)
 
 
-def _winograd_conv_bn_relu(x, conv, bn, out=None):
+def _winograd_conv_bn_relu(x, layer, out=None):
     """``relu(BN(conv3x3(x)))`` of an eval-mode BN by Winograd F(2x2, 3x3) (fastunet.conv.winograd): BN's scale folded
-    into the transformed weights (kept between calls by fastunet.weight_cache), its shift (the conv bias included)
-    as the bias, the ReLU in the output transform; written into ``out`` if given, else a new tensor in x's layout."""
-    weight, bias = conv
-    _, _, scale, shift = _eval_bn_vectors(bn, bias, weight.dtype)
-    u = weight_cache.lookup("winograd", (weight, scale), winograd.kept_weights)
-    return winograd.conv3x3(x, winograd.weights(weight, scale) if u is None else u, shift, True, out)
+    into the transformed weights, its shift (the conv bias included) as the bias, the ReLU in the output transform;
+    written into ``out`` if given, else a new tensor in x's layout."""
+    return winograd.conv3x3(x, layer.winograd_weights(), layer.shift, True, out)
 
 
-def _conv_bn_relu_inference(x, conv, bn, exact, out=None):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN by what policy.inference_conv picks: the seed's ops (unfolded),
-    Winograd (with kept weights unless fastunet.weight_cache is off), the GEMMs, or oneDNN's conv with the BN folded
-    in (conv_aten.conv_relu). Written into ``out`` if given (the Winograd conv writes there directly), else a new
-    tensor."""
-    choice = _inference_conv_choice(x, conv[0], exact).algorithm
+def _conv_bn_relu_inference(x, layer, exact, out=None):
+    """``relu(BN(conv3x3(x)))`` of the InferenceConv ``layer``: by its packed weight where it has one, else by what
+    policy.inference_conv picks: the seed's ops (unfolded; folded in a snapshot, which has no BN), Winograd, the
+    GEMMs, or oneDNN's conv with the BN folded in (conv_aten.conv_relu). Written into ``out`` if given (the Winograd
+    conv writes there directly), else a new tensor."""
+    if layer.packed is not None:
+        y = conv_aten.conv_relu(x, layer.packed, layer.shift)
+        return y if out is None else out.copy_(y)
+    choice = _inference_conv_choice(x, layer.weight, exact, kept=layer.winograd is not None).algorithm
     if choice == "winograd":
-        return _winograd_conv_bn_relu(x, conv, bn, out)
+        return _winograd_conv_bn_relu(x, layer, out)
     if choice == "gemm":
-        y = _gemm_conv_bn_relu(x, conv, bn)
-    elif choice == "folded":
-        y = conv_aten.conv_relu(x, *_folded(conv, bn))
+        y = _gemm_conv_bn_relu(x, layer)
+    elif choice == "folded" or layer.seed is None:
+        y = conv_aten.conv_relu(x, layer.folded_weight(), layer.shift)
     else:
-        y = _unfolded_conv_bn_relu(x, conv, bn)
+        y = _unfolded_conv_bn_relu(x, layer)
     return y if out is None else out.copy_(y)
 
 
-def _inference_conv_choice(x, weight, exact):
-    """policy.inference_conv's Choice for the conv of ``x`` by ``weight`` in CPU inference."""
-    return policy.inference_conv(policy.Layer.of(x, weight, train=False, exact=exact), kept=weight_cache.enabled)
+def _inference_conv_choice(x, weight, exact, kept=False):
+    """policy.inference_conv's Choice for the conv of ``x`` by ``weight`` in CPU inference (``kept``: Winograd's
+    weights prepacked, in a snapshot)."""
+    return policy.inference_conv(policy.Layer.of(x, weight, train=False, exact=exact), kept=kept)
 
 
-def _forget_kept_weights(*weights):
-    """fastunet.weight_cache.forget of the weights a block runs outside CPU inference (eager only: Dynamo need not
-    trace a lock)."""
-    if not torch.compiler.is_compiling():
-        weight_cache.forget(*weights)
-
-
-def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact):
+def _double_block_inference(x, layer1, layer2, cat_channels, pool, exact):
     """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
-    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, conv1, bn1, exact), conv2, bn2, exact)
+    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, layer1, exact), layer2, exact)
     pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
     if not cat_channels:
         return y, pooled
@@ -105,18 +128,21 @@ def _double_block_inference(x, conv1, bn1, conv2, bn2, cat_channels, pool, exact
     return buf, pooled
 
 
-def _up_block_inference(d, buf, conv, bn, exact):
-    """upsample_conv_cat's result, into the buffer: where policy.up_conv picks the sub-pixel conv, its folded form on
-    ``d`` (subpixel.conv_relu_into); else _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
-    cout = conv[0].shape[0]
+def _up_block_inference(d, buf, layer, exact):
+    """upsample_conv_cat's result, into the buffer: the folded sub-pixel conv on ``d`` (subpixel.conv_relu_into)
+    where _subpixel_inference says so, else _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
+    cout = layer.weight.shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
-    if not _subpixel_inference(d, conv[0], exact):
-        _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), conv, bn, exact, out)
+    if not _subpixel_inference(d, layer, exact):
+        _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), layer, exact, out)
         return buf
-    conv_relu_into(d, *_folded(conv, bn), out)
+    subpixel.conv_relu_into(d, layer.subpixel_weights(), layer.shift, out)
     return buf
 
 
-def _subpixel_inference(d, weight, exact):
-    """Whether _up_block_inference runs the folded sub-pixel conv on ``d`` (policy.up_conv)."""
-    return policy.up_conv(policy.Layer.of(d, weight, train=False, exact=exact)).algorithm == "subpixel"
+def _subpixel_inference(d, layer, exact):
+    """Whether _up_block_inference runs the sub-pixel conv on ``d``: a packed layer has one form (packed 3x3
+    weights, or packed sub-pixel ones); otherwise policy.up_conv picks."""
+    if layer.packed is not None or (layer.subpixel is not None and layer.subpixel.is_mkldnn):
+        return layer.packed is None
+    return policy.up_conv(policy.Layer.of(d, layer.weight, train=False, exact=exact)).algorithm == "subpixel"

@@ -25,7 +25,7 @@ from .bn import (
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import concat_parts
 from .function_io import _apply, _decode, _head
-from .inference import _cpu_inference, _forget_kept_weights, _up_block_inference
+from .inference import InferenceConv, _cpu_inference, _up_block_inference
 from .recompute import _check_double_backward_unsynchronized, _differentiable_backward, _reference_layer
 
 _aten = torch.ops.aten
@@ -215,6 +215,5 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     a process group synchronizes the fast-mode training statistics over it).
     """
     if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
-        return _up_block_inference(d, buf, conv, bn, exact)
-    _forget_kept_weights(conv[0])
+        return _up_block_inference(d, buf, InferenceConv.of(conv, bn), exact)
     return _head(_apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact), UpOutputs).buf

@@ -50,3 +50,16 @@ def conv_relu(x, weight, bias):
     """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place (oneDNN's fused
     ReLU would turn a NaN into 0, where the seed keeps it)."""
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "").relu_()
+
+
+def conv1x1(x, weight, bias):
+    """``conv2d(x, weight, bias)`` of a 1x1 conv: the call torch.nn's Conv2d makes."""
+    return torch.nn.functional.conv2d(x, weight, bias)
+
+
+def packed(weight, input_shape):
+    """``weight`` ``[Cout, Cin, k, k]`` (float32) rounded once to bfloat16 and packed by oneDNN in its own layout for
+    the conv (padding 1) of an input of ``input_shape``: what conv_relu takes in place of a dense weight (oneDNN
+    re-lays it out for convs of other shapes where its kernels want another layout)."""
+    dense = weight.to(torch.bfloat16).contiguous().to_mkldnn()
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(dense, [1, 1], [1, 1], [1, 1], 1, list(input_shape))

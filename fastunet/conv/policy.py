@@ -120,7 +120,7 @@ _TABLE = {
     "winograd_max_channels": Entry(1024, "channels (either side)", f"{_EPYC}, {_RESULTS}: the widest measured"),
     "winograd_min_pixels": Entry(512, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights transformed at every call"),
     "winograd_kept_min_pixels": Entry(
-        128, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights kept (fastunet.weight_cache)"),
+        128, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights kept (an inference snapshot)"),
     "winograd_kept_min_channels": Entry(
         256, "channels (both sides)", f"{_EPYC}, {_RESULTS}: with winograd_kept_min_pixels"),
     "winograd_chunk_floats": Entry(
@@ -305,8 +305,8 @@ def _cpu_float32(layer):
 def winograd_pays(layer, kept=False):
     """Choice(True) where a float32 CPU 3x3 conv runs faster as Winograd F(2x2, 3x3) than oneDNN's direct conv and the
     GEMMs of few pixels: channels on both sides within [winograd_min_channels, winograd_max_channels], and
-    winograd_min_pixels pixels per batch, or with ``kept`` weights (fastunet.weight_cache) winograd_kept_min_pixels
-    where both sides have winograd_kept_min_channels. Needs the compiled ops, eager."""
+    winograd_min_pixels pixels per batch, or with ``kept`` weights (prepacked in an inference snapshot)
+    winograd_kept_min_pixels where both sides have winograd_kept_min_channels. Needs the compiled ops, eager."""
     if not (layer.device.type == "cpu" and layer.dtype == torch.float32) or torch.compiler.is_compiling():
         return Choice(False, "winograd: float32 CPU eager only")
     low, high, pixels = min(layer.cin, layer.cout), max(layer.cin, layer.cout), layer.pixels
@@ -383,7 +383,7 @@ def conv_layout(layer):
 
 def inference_conv(layer, kept):
     """How CPU inference runs a conv + eval BN + ReLU: "unfolded" (the seed's ops: exact mode), "winograd" (where it
-    pays, ``kept``: weights kept by fastunet.weight_cache), "gemm" (up to gemm_max_pixels pixels per batch),
+    pays, ``kept``: weights prepacked in an inference snapshot), "gemm" (up to gemm_max_pixels pixels per batch),
     "folded" (BN folded into oneDNN's conv where folding costs less than the passes it saves:
     fold_min_pixels_per_input_channel, and channels_last unless fold_nchw) or "unfolded"."""
     if layer.exact:

@@ -20,16 +20,13 @@ Ops ``torch.ops.fastunet.winograd_*``, compiled in csrc/winograd.cpp, specified 
     ``G^T (sum over tiles of V^T Gd) G`` with ``Gd = A dy A^T`` of each 2 x 2 tile of the output's gradient, in
     chunks likewise (one accumulator per thread, summed in thread order).
 
-``weights`` (U in a per-thread workspace: fresh buffers of 16/9 the weights cost more in page faults than the
-transform itself; ``release_workspace`` frees it), ``kept_weights`` (U in a buffer of its own, for
-fastunet.weight_cache) and ``conv3x3`` are the Python entry points. The chunks' V and M buffers of
-winograd_conv3x3 are kept per thread too (up to 32 MiB on the calling thread, a few MiB on the others), for the
-thread's life. Where Winograd runs, and its chunk sizes, are fastunet.conv.policy's choices. The transforms only
-add (and halve, exactly), so the float32 error stays at the direct convolution's or below: the GEMMs sum over Cin
-terms where a direct 3x3 conv sums over 9 Cin.
+``weights`` (U, made at the call) and ``conv3x3`` are the Python entry points. Nothing is kept between calls: U and
+the chunks' V and M buffers of winograd_conv3x3 are made for the call (glibc hands the blocks freed by one call to
+the next, so a steady-state call faults in few fresh pages). Where Winograd runs, and its chunk sizes, are
+fastunet.conv.policy's choices. The transforms only add (and halve, exactly), so the float32 error stays at the
+direct convolution's or below: the GEMMs sum over Cin terms where a direct 3x3 conv sums over 9 Cin.
 """
 
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +34,7 @@ import torch.nn.functional as F
 from .. import _ext, ops
 from . import policy
 
-__all__ = ["weights", "kept_weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "release_workspace",
-           "WINOGRAD_OPS"]
+__all__ = ["weights", "conv3x3", "conv3x3_input_grad", "conv3x3_weight_grad", "WINOGRAD_OPS"]
 
 
 def _kernel_transform(g0, g1, g2):
@@ -203,34 +199,11 @@ def _register():
 _register()
 
 
-_workspace = threading.local()
-
-
-def _workspace_buffer(device, name, floats):
-    """This thread's float32 workspace ``name`` on ``device``, grown to at least ``floats`` elements."""
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (torch.device(device), name)
-    if key not in buffers or buffers[key].numel() < floats:
-        buffers.pop(key, None)
-        buffers[key] = torch.empty(floats, device=device)
-    return buffers[key][:floats]
-
-
-def release_workspace():
-    """Frees this thread's transformed weights (``weights``); the next conv makes them anew."""
-    _workspace.__dict__.pop("buffers", None)
-
-
 def weights(weight, scale=None, transposed=False):
     """U ``[16, Cin, Cout]`` (``[16, Cout, Cin]`` if ``transposed``) of a float32 ``[Cout, Cin, 3, 3]`` weight,
-    each output channel's kernel multiplied by ``scale`` (``[Cout]``) if given, for ``conv3x3``; held in this
-    thread's workspace until the next call."""
-    return _transformed(_workspace_buffer(weight.device, "u", _u_floats(weight)), weight, scale, transposed)
-
-
-def kept_weights(weight, scale=None):
-    """``weights(weight, scale)`` in a buffer of its own (fastunet.weight_cache keeps it)."""
-    return _transformed(torch.empty(_u_floats(weight), device=weight.device), weight, scale, False)
+    each output channel's kernel multiplied by ``scale`` (``[Cout]``) if given, for ``conv3x3``; a buffer of its
+    own, freed with the tensor (nothing is kept between calls; an inference snapshot holds its U)."""
+    return _transformed(torch.empty(_u_floats(weight), device=weight.device), weight, scale, transposed)
 
 
 def _u_floats(weight):
