@@ -56,11 +56,14 @@ class InferenceU_Net(nn.Module):
     parameters or buffers: ``train()``, ``.to()`` and the other casts are errors (make a new snapshot instead), and
     ``state_dict()`` is empty (save the model it was made from)."""
 
-    def __init__(self, encoder, bottleneck, decoder, final, dtype, img_ch, pad_to_multiple):
+    def __init__(self, encoder, bottleneck, decoder, final, dtype, img_ch, pad_to_multiple, finite_weights):
         super().__init__()
         self.encoder, self.bottleneck, self.decoder = tuple(encoder), bottleneck, tuple(decoder)
         self.final = final  # the 1x1 conv's (weight, bias), in ``dtype``
         self.dtype, self.img_ch, self.pad_to_multiple = dtype, img_ch, pad_to_multiple
+        # oneDNN's fused ReLU (one pass less) turns a NaN into 0: taken only where the weights and the input are
+        # finite, and a NaN can then only come from an overflow inside.
+        self.finite_weights = finite_weights
         super().train(False)
 
     def train(self, mode=True):
@@ -101,15 +104,16 @@ class InferenceU_Net(nn.Module):
             return self._run(x)
 
     def _run(self, x):
+        nan_safe = not (self.finite_weights and bool(torch.isfinite(x).all()))
         h = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         skips = []
         for (conv1, conv2), level in zip(self.encoder, reversed(self.decoder)):
-            buf, h = _double_block_inference(h, conv1, conv2, level.up.shift.shape[0], True, False)
+            buf, h = _double_block_inference(h, conv1, conv2, level.up.shift.shape[0], True, False, nan_safe)
             skips.append(buf)
-        h, _ = _double_block_inference(h, *self.bottleneck, 0, False, False)
+        h, _ = _double_block_inference(h, *self.bottleneck, 0, False, False, nan_safe)
         for level in self.decoder:
-            buf = _up_block_inference(h, skips.pop(), level.up, False)
-            h, _ = _double_block_inference(buf, level.conv1, level.conv2, 0, False, False)
+            buf = _up_block_inference(h, skips.pop(), level.up, False, nan_safe)
+            h, _ = _double_block_inference(buf, level.conv1, level.conv2, 0, False, False, nan_safe)
         out = conv_aten.conv1x1(h, *self.final)
         return out.contiguous(memory_format=ops.memory_format_of(x))
 
@@ -138,7 +142,10 @@ def optimize_for_inference(model, example_input=None, *, dtype=torch.float32):
         final = model.Conv_1x1
         final = (final.weight.detach().to(dtype, copy=True), None if final.bias is None else
                  final.bias.detach().to(dtype, copy=True))
-    return InferenceU_Net(blocks[:4], blocks[4], decoder, final, dtype, model.img_ch, model.pad_to_multiple)
+        layers = [layer for level in (*blocks, *decoder) for layer in level]
+        finite = all(bool(torch.isfinite(t).all()) for t in (*model.parameters(), *(
+            t for layer in layers for t in (layer.scale, layer.shift))))
+    return InferenceU_Net(blocks[:4], blocks[4], decoder, final, dtype, model.img_ch, model.pad_to_multiple, finite)
 
 
 def _check_model(model, dtype):
@@ -216,9 +223,9 @@ def _folding(conv, bn):
     return weight, scale, shift
 
 
-def _stand_in(shape, weight):
-    """An empty channels_last CPU tensor of ``shape`` with ``weight``'s dtype: the facts of a layer's input."""
-    return torch.empty(shape, dtype=weight.dtype).contiguous(memory_format=torch.channels_last)
+def _stand_in(shape, like):
+    """An empty channels_last CPU tensor of ``shape`` with ``like``'s dtype: the facts of a layer's input."""
+    return torch.empty(shape, dtype=like.dtype).contiguous(memory_format=torch.channels_last)
 
 
 def _float32_layer(conv, bn, shape, kind):
@@ -242,12 +249,13 @@ def _float32_layer(conv, bn, shape, kind):
 
 def _bfloat16_layer(conv, bn, shape, kind):
     """A bfloat16 snapshot's InferenceConv: the folded weights (made in float32, rounded once) packed by oneDNN for
-    ``shape``; an up-conv's as sub-pixel phases where policy.up_conv picks that form at ``shape`` (float32 facts)."""
+    ``shape``; an up-conv's as sub-pixel phases where policy.up_conv picks that form at ``shape``."""
     weight, scale, shift = _folding(conv, bn)
     n, c, h, w = shape
     stand_in = torch.empty(weight.shape, dtype=torch.bfloat16, device="meta")
     folded = conv_aten.folded_weight(weight, scale)
-    if kind == "up" and _subpixel_inference(_stand_in(shape, weight), InferenceConv(weight, scale, shift), False):
+    facts = _stand_in(shape, stand_in)
+    if kind == "up" and _subpixel_inference(facts, InferenceConv(weight, scale, shift), False):
         return InferenceConv(stand_in, scale, shift, subpixel=conv_aten.packed(subpixel.phase_weights(folded), shape))
     if kind == "up":
         shape = (n, c, 2 * h, 2 * w)

@@ -70,7 +70,7 @@ def test_bfloat16_snapshot_is_within_twice_the_seed_error_under_autocast(subpixe
     float32 and bfloat16 input, bfloat16 output in the input's layout."""
     ref, fast, ref64 = models()
     x = torch.randn(2, 3, 64, 64)
-    with policy.override(subpixel_min_pixels=0 if subpixel else 10**9):
+    with policy.override(subpixel_min_pixels_bfloat16=0 if subpixel else 10**9):
         snapshot = fastunet.optimize_for_inference(fast, x, dtype=torch.bfloat16)
     forms = [level.up.subpixel is not None for level in snapshot.decoder]
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
@@ -80,6 +80,26 @@ def test_bfloat16_snapshot_is_within_twice_the_seed_error_under_autocast(subpixe
     assert forms == [subpixel] * 4 and got.dtype == torch.bfloat16 and got.is_contiguous()
     assert relative_error(got, exact) <= 2 * relative_error(want, exact)
     assert torch.equal(snapshot(x.bfloat16()), snapshot(x.bfloat16().contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snapshot_keeps_nans_where_the_seed_does(dtype):
+    """A NaN in the input, or in a weight at the snapshot, runs each ReLU apart from its conv, which keeps NaNs as
+    the seed does (oneDNN's fused ReLU, taken for finite inputs and weights, would make them 0)."""
+    ref, fast, _ = models()
+    x = torch.randn(1, 3, 64, 64)
+    x[0, 1, 5, 7] = float("nan")
+    with torch.no_grad():
+        want = ref(x)
+    got = fastunet.optimize_for_inference(fast, x, dtype=dtype)(x)
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    x = torch.randn(1, 3, 64, 64)
+    for model in (ref, fast):
+        model.Conv4.conv[3].weight.data[3, 2, 1, 1] = float("nan")
+    with torch.no_grad():
+        want = ref(x)
+    got = fastunet.optimize_for_inference(fast, x, dtype=dtype)(x)
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -91,13 +91,13 @@ def _winograd_conv_bn_relu(x, layer, out=None):
     return winograd.conv3x3(x, layer.winograd_weights(), layer.shift, True, out)
 
 
-def _conv_bn_relu_inference(x, layer, exact, out=None):
+def _conv_bn_relu_inference(x, layer, exact, out=None, nan_safe=True):
     """``relu(BN(conv3x3(x)))`` of the InferenceConv ``layer``: by its packed weight where it has one, else by what
     policy.inference_conv picks: the seed's ops (unfolded; folded in a snapshot, which has no BN), Winograd, the
-    GEMMs, or oneDNN's conv with the BN folded in (conv_aten.conv_relu). Written into ``out`` if given (the Winograd
-    conv writes there directly), else a new tensor."""
+    GEMMs, or oneDNN's conv with the BN folded in (conv_aten.conv_relu, ``nan_safe`` as there). Written into ``out``
+    if given (the Winograd conv writes there directly), else a new tensor."""
     if layer.packed is not None:
-        y = conv_aten.conv_relu(x, layer.packed, layer.shift)
+        y = conv_aten.conv_relu(x, layer.packed, layer.shift, nan_safe)
         return y if out is None else out.copy_(y)
     choice = _inference_conv_choice(x, layer.weight, exact, kept=layer.winograd is not None).algorithm
     if choice == "winograd":
@@ -105,7 +105,7 @@ def _conv_bn_relu_inference(x, layer, exact, out=None):
     if choice == "gemm":
         y = _gemm_conv_bn_relu(x, layer)
     elif choice == "folded" or layer.seed is None:
-        y = conv_aten.conv_relu(x, layer.folded_weight(), layer.shift)
+        y = conv_aten.conv_relu(x, layer.folded_weight(), layer.shift, nan_safe)
     else:
         y = _unfolded_conv_bn_relu(x, layer)
     return y if out is None else out.copy_(y)
@@ -117,9 +117,10 @@ def _inference_conv_choice(x, weight, exact, kept=False):
     return policy.inference_conv(policy.Layer.of(x, weight, train=False, exact=exact), kept=kept)
 
 
-def _double_block_inference(x, layer1, layer2, cat_channels, pool, exact):
+def _double_block_inference(x, layer1, layer2, cat_channels, pool, exact, nan_safe=True):
     """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
-    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, layer1, exact), layer2, exact)
+    y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, layer1, exact, nan_safe=nan_safe), layer2, exact,
+                                nan_safe=nan_safe)
     pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
     if not cat_channels:
         return y, pooled
@@ -128,15 +129,15 @@ def _double_block_inference(x, layer1, layer2, cat_channels, pool, exact):
     return buf, pooled
 
 
-def _up_block_inference(d, buf, layer, exact):
+def _up_block_inference(d, buf, layer, exact, nan_safe=True):
     """upsample_conv_cat's result, into the buffer: the folded sub-pixel conv on ``d`` (subpixel.conv_relu_into)
     where _subpixel_inference says so, else _conv_bn_relu_inference on ATen's nearest upsample of ``d``."""
-    cout = layer.weight.shape[0]
+    cout = layer.shift.shape[0]
     out = concat_parts(buf, buf.shape[1] - cout)[1]
     if not _subpixel_inference(d, layer, exact):
-        _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), layer, exact, out)
+        _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), layer, exact, out, nan_safe)
         return buf
-    subpixel.conv_relu_into(d, layer.subpixel_weights(), layer.shift, out)
+    subpixel.conv_relu_into(d, layer.subpixel_weights(), layer.shift, out, nan_safe)
     return buf
 
 

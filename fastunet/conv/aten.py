@@ -46,9 +46,12 @@ def folded_weight(weight, scale):
     return torch.mul(weight, scale.view(-1, 1, 1, 1), out=folded)
 
 
-def conv_relu(x, weight, bias):
-    """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place (oneDNN's fused
-    ReLU would turn a NaN into 0, where the seed keeps it)."""
+def conv_relu(x, weight, bias, nan_safe=True):
+    """``relu(conv2d(x, weight, bias, padding=1))``: oneDNN's convolution, then ATen's ReLU in place; oneDNN's fused
+    ReLU where not ``nan_safe`` (one pass less, but it turns a NaN into 0, where the seed keeps it: for inputs and
+    weights known to be finite)."""
+    if not nan_safe:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], "").relu_()
 
 

@@ -99,6 +99,10 @@ _TABLE = {
         1024, "low-resolution pixels per batch",
         f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: the 2x2 sub-pixel conv about half the 3x3 one's time "
         "from 32 x 32 up"),
+    "subpixel_min_pixels_bfloat16": Entry(
+        0, "low-resolution pixels per batch",
+        f"{_SPR}, AMX, the bfloat16 inference snapshot at 1 x 3 x 256^2: every up-conv sub-pixel 62-66 ms, from "
+        "subpixel_min_pixels 67-77 ms, none 83 ms (oneDNN's packed bfloat16 convs)"),
     "fold_min_pixels_per_input_channel": Entry(
         4.5, "pixels per batch / input channels",
         "folding (a pass over the weights) against the BN and ReLU passes it saves (two per output value)"),
@@ -413,7 +417,7 @@ def up_conv(layer):
     channels on it) or "upsampled" (the 3x3 conv on the nearest-upsampled input). Exact mode: upsampled. Training:
     sub-pixel on CUDA, on the CPU from subpixel_train_min_pixels low-resolution pixels per batch (below, the weights
     outweigh the pixels and the four phase kernels cost more than the multiplies they save). Inference (CPU): from
-    subpixel_min_pixels."""
+    subpixel_min_pixels, in bfloat16 (the inference snapshot's oneDNN convs) from subpixel_min_pixels_bfloat16."""
     if layer.exact:
         return Choice("upsampled", "exact mode: the seed's ops")
     planned = _planned("up_conv", layer, ("subpixel", "upsampled"))
@@ -421,7 +425,8 @@ def up_conv(layer):
         return planned
     if layer.train and layer.device.type != "cpu":
         return Choice("subpixel", "sub-pixel: on CUDA")
-    name = "subpixel_train_min_pixels" if layer.train else "subpixel_min_pixels"
+    name = ("subpixel_train_min_pixels" if layer.train else
+            "subpixel_min_pixels_bfloat16" if layer.dtype == torch.bfloat16 else "subpixel_min_pixels")
     if torch.compiler.is_compiling():  # no rule text from shapes Dynamo may trace as symbols
         return Choice("subpixel" if layer.pixels >= value(name) else "upsampled", "")
     pixels = f"{layer.pixels} low-resolution pixels per batch"

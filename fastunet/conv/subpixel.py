@@ -58,13 +58,13 @@ def phase_weights_backward(dw4, out_channels):
     return taps.permute(2, 3, 0, 1).contiguous()
 
 
-def conv_relu_into(d, phases, bias, out):
+def conv_relu_into(d, phases, bias, out, nan_safe=True):
     """``relu(conv3x3(upsample2x(d), weight) + bias)`` written into ``out`` ``[N, Cout, 2h, 2w]`` (any strides), from
-    ``phases = phase_weights(weight)`` (dense, or packed by oneDNN): the sub-pixel conv by oneDNN (aten.conv_relu),
-    its four phases then interleaved into ``out``."""
+    ``phases = phase_weights(weight)`` (dense, or packed by oneDNN): the sub-pixel conv by oneDNN (aten.conv_relu,
+    ``nan_safe`` as there), its four phases then interleaved into ``out``."""
     n, _, h, w = d.shape
     cout = bias.shape[0]
-    outputs = aten.conv_relu(d, phases, bias.repeat(4))  # [N, 4*Cout, h + 1, w + 1]
+    outputs = aten.conv_relu(d, phases, bias.repeat(4), nan_safe)  # [N, 4*Cout, h + 1, w + 1]
     for a in range(2):
         for b in range(2):
             k = 2 * a + b
