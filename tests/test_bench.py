@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers import PNG_SIGNATURE, REPO
 
-from fastunet.bench import CONFIGS, PEERS, interleaved_median_ms, reference_flops
+from fastunet.bench import CONFIGS, PEERS, SNAPSHOTS, interleaved_median_ms, reference_flops
 
 MEASURED_KEYS = ("train_ms", "infer_ms", "train_speedup", "infer_speedup", "train_peak_mib", "infer_peak_mib",
                  "out_rel_err", "grad_rel_err", "infer_rel_err", "train_tflops", "train_peak_fraction")
@@ -39,7 +39,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkey
     stdout, stderr = capfd.readouterr()
     assert "fused ops backend:" in stdout
     assert "train ms" in stdout and "grad err" in stdout
-    for label in (*CONFIGS.values(), *PEERS.values()):
+    for label in (*CONFIGS.values(), *SNAPSHOTS.values(), *PEERS.values()):
         assert label in stdout
     assert "fastunet fast: training step" in stderr  # progress lines
     assert "[torch.onnx]" not in stdout  # the exporter's chatter stays off the table
@@ -48,7 +48,7 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkey
     report = json.loads((out / "results.json").read_text())
     assert report["device"] == "cpu" and report["shape"] == [1, 3, 32, 32]
     configs = {result["config"]: result for result in report["configs"]}
-    assert set(configs) == set(CONFIGS) | set(PEERS)
+    assert set(configs) == set(CONFIGS) | set(SNAPSHOTS) | set(PEERS)
     assert "--no-compile" in configs["reference_compile"]["skipped"]
     assert "--no-compile" in configs["fastunet_fast_compile"]["skipped"]
     for name in ("reference_eager", "fastunet_exact", "fastunet_fast", "fastunet_fast_checkpointing"):
@@ -56,6 +56,9 @@ def test_quick_cpu_bench_prints_table_and_writes_chart_and_json(tmp_path, monkey
             value = configs[name][key]
             assert isinstance(value, float) and math.isfinite(value), (name, key, value)
     assert_speedups_over_reference_eager(configs)
+    snapshot, bf16 = configs["fastunet_snapshot"], configs["fastunet_snapshot_bf16"]  # inference only
+    assert "train_ms" not in snapshot and snapshot["infer_ms"] > 0 and bf16["infer_ms"] > 0
+    assert snapshot["infer_rel_err"] < 2 * configs["reference_eager"]["infer_rel_err"] < bf16["infer_rel_err"] < 1e-1
     onnxruntime = configs["reference_onnxruntime"]  # inference only, as accurate as the reference
     assert "train_ms" not in onnxruntime and onnxruntime["infer_ms"] > 0
     assert onnxruntime["infer_rel_err"] < 2 * configs["reference_eager"]["infer_rel_err"]
@@ -232,3 +235,19 @@ def test_an_openvino_conversion_failure_is_a_row_saying_so(monkeypatch):
         "reference_openvino_f32": "failed: RuntimeError: converter broke",
         "reference_openvino_default": "failed: RuntimeError: converter broke",
     }
+
+
+def test_snapshot_rows_say_why_they_are_left_out():
+    """The snapshot rows run on the CPU only, beside fastunet fast; a bfloat16 run's snapshot row is the bfloat16
+    one, so the second is left out."""
+    import torch
+
+    from fastunet.bench import snapshots
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert snapshots.snapshot_refusal("fastunet_snapshot", cpu, "float32", False) is None
+    assert snapshots.snapshot_refusal("fastunet_snapshot_bf16", cpu, "float32", False) is None
+    assert "CPU only" in snapshots.snapshot_refusal("fastunet_snapshot", cuda, "float32", False)
+    assert "bfloat16 one" in snapshots.snapshot_refusal("fastunet_snapshot_bf16", cpu, "bfloat16", False)
+    assert snapshots.snapshot_refusal("fastunet_snapshot", cpu, "bfloat16", False) is None
+    assert "not in --configs" in snapshots.snapshot_refusal("fastunet_snapshot", cpu, "float32", True)

@@ -5,9 +5,11 @@ activation checkpointing, which trades time for memory) on one device.
 backward) and the inference time (median of timed reps after warm-up, inputs rotating among pre-drawn
 random batches), the speedups over the reference in eager mode, the peak memory a step needs above the
 weights and inputs it starts from, and the relative error of the training output, of the parameter gradients
-and of the inference output against a float64 run of the reference on the same weights and input. ``--peers``
-adds the reference in ONNX Runtime and in OpenVINO (float32, and OpenVINO's default precision), inference only. It
-writes the results as JSON and a bar chart of the speedups into ``--out``.
+and of the inference output against a float64 run of the reference on the same weights and input. On the CPU, the
+fast model's inference snapshots (``fastunet.optimize_for_inference``: the run's dtype, and bfloat16 beside a
+float32 run) add inference-only rows. ``--peers`` adds the reference in ONNX Runtime and in OpenVINO (float32, and
+OpenVINO's default precision), inference only. It writes the results as JSON and a bar chart of the speedups into
+``--out``.
 """
 
 import argparse
@@ -40,6 +42,7 @@ from .configs import (
     reference_flops,
 )
 from .peers import measure_peers
+from .snapshots import measure_snapshots
 from .table import format_table, plot_speedups
 from .timing import matmul_peak_tflops, peak_in_tf32, progress
 
@@ -218,6 +221,7 @@ def measure_configs(args, device, state, batches, exact_step, warmup, reps):
         else:
             results.append(measure(config, state, batches, exact_step, device, autocast, warmup, reps,
                                    args.channels_last, not args.no_memory))
+    results += measure_snapshots(args, device, state, batches, exact_step, warmup, reps, "fastunet_fast" in skipped)
     return results + (measure_peers(args, device, state, batches, exact_step, warmup, reps) if args.peers else [])
 
 
