@@ -125,9 +125,9 @@ def optimize_for_inference(model, example_input=None, *, dtype=torch.float32):
     256`` image) is the size the weights are prepacked for; any size runs, a layer deriving at the call what it
     picks there and was not prepacked for. ``dtype``: float32 or torch.bfloat16 (see the module's docstring).
 
-    Memory: a copy of each conv's weights, plus for float32 Winograd's transformed weights (16/9 of a layer's) where
-    they are prepacked; for bfloat16 the packed weights only (half the parameters' bytes, the sub-pixel up-convs'
-    16/9 of theirs). ``model`` is not changed."""
+    Memory: for float32 a copy of each conv's weights, plus the forms prepacked: Winograd's transformed weights (16/9
+    of a layer's), the folded weights (1x) or the sub-pixel phases (16/9); for bfloat16 the packed weights only (half
+    the parameters' bytes, the sub-pixel up-convs' 16/9 of that). ``model`` is not changed."""
     _check_model(model, dtype)
     n, h, w = (1, _DEFAULT_SIZE, _DEFAULT_SIZE) if example_input is None else _example_size(model, example_input)
     prepare = _float32_layer if dtype == torch.float32 else _bfloat16_layer
@@ -196,7 +196,10 @@ def _modules_refusal(model):
 
 
 def _example_size(model, x):
-    """(N, H, W) of ``example_input``, checked as the model would check it."""
+    """(N, H, W) of ``example_input`` as the snapshot runs it (padded to multiples of 16 where the model pads),
+    checked as the model would check it."""
+    if model.pad_to_multiple and isinstance(x, torch.Tensor) and x.dim() == 4:
+        x = x.new_empty((*x.shape[:2], -(-x.shape[2] // 16) * 16, -(-x.shape[3] // 16) * 16))
     fastunet_model._check_input(x, model.img_ch, None)
     n, _, h, w = x.shape
     return n, h, w
@@ -225,7 +228,7 @@ def _folding(conv, bn):
 
 def _stand_in(shape, like):
     """An empty channels_last CPU tensor of ``shape`` with ``like``'s dtype: the facts of a layer's input."""
-    return torch.empty(shape, dtype=like.dtype).contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=like.dtype, memory_format=torch.channels_last)
 
 
 def _float32_layer(conv, bn, shape, kind):

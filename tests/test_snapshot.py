@@ -172,7 +172,7 @@ def test_snapshot_pads_where_its_model_pads():
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 40, 56)
     with same_choices():
-        got = fastunet.optimize_for_inference(fast.eval())(x)
+        got = fastunet.optimize_for_inference(fast.eval(), x)(x)
         with torch.no_grad():
             assert got.shape == (1, 2, 40, 56) and torch.equal(got, fast(x))
 
