@@ -371,17 +371,16 @@ void winograd_conv3x3(const Tensor& x, const Tensor& u, const c10::optional<Tens
   const Tensor b = bias_vector(bias, cout, "winograd_conv3x3");
   if (out.numel() == 0) return;
   const int64_t chunks = (tg.count() + chunk_tiles - 1) / chunk_tiles;
-  // V and M of `count` tiles in a thread's buffers, made for this call: nothing is kept between calls (glibc hands
-  // freed blocks back to the next call, so steady-state calls fault in no fresh pages).
-  const auto buffers = [&](int64_t count, std::vector<float>& v_buffer, std::vector<float>& m_buffer) {
-    v_buffer.resize(std::max<size_t>(v_buffer.size(), kTiles * count * cin));
-    m_buffer.resize(std::max<size_t>(m_buffer.size(), kTiles * count * cout));
-    return std::make_pair(at::from_blob(v_buffer.data(), {kTiles, count, cin}, x.options()),
-                          at::from_blob(m_buffer.data(), {kTiles, count, cout}, x.options()));
+  // V and M, made for this call by the calling thread (nothing is kept between calls). A worker thread's own
+  // allocations would go to its own glibc arena, which keeps their pages after the call (malloc_trim does not
+  // give back an arena's top); the calling thread's blocks are given back (steady-state calls reuse them).
+  const auto tiles = [&](float* buffer, int64_t count) {
+    return std::make_pair(at::from_blob(buffer, {kTiles, count, cin}, x.options()),
+                          at::from_blob(buffer + kTiles * count * cin, {kTiles, count, cout}, x.options()));
   };
   if (chunks == 1) {  // one chunk: every thread on each transform and on the GEMM
-    std::vector<float> v_buffer, m_buffer;
-    auto [v, m] = buffers(tg.count(), v_buffer, m_buffer);
+    const Tensor buffer = at::empty({kTiles * tg.count() * (cin + cout)}, x.options());
+    auto [v, m] = tiles(buffer.mutable_data_ptr<float>(), tg.count());
     at::parallel_for(0, tg.count(), 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> border;
       input_tiles(x, tg, t0, t1, 0, v.mutable_data_ptr<float>(), tg.count() * cin, border);
@@ -394,11 +393,16 @@ void winograd_conv3x3(const Tensor& x, const Tensor& u, const c10::optional<Tens
     });
     return;
   }
+  // Each thread's V and M in its own slice of one buffer, by its thread number in the parallel region.
+  const int64_t threads = at::get_num_threads(), per_thread = kTiles * chunk_tiles * (cin + cout);
+  const Tensor buffers = at::empty({threads * per_thread}, x.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> border, v_buffer, m_buffer;
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < threads, "fastunet.winograd_conv3x3: thread ", thread, " of ", threads);
+    std::vector<float> border;
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t first = chunk * chunk_tiles, count = std::min(chunk_tiles, tg.count() - first);
-      auto [v, m] = buffers(count, v_buffer, m_buffer);
+      auto [v, m] = tiles(buffers.mutable_data_ptr<float>() + thread * per_thread, count);
       input_tiles(x, tg, first, first + count, first, v.mutable_data_ptr<float>(), count * cin, border);
       at::bmm_out(m, v, u);
       output_tiles(m.const_data_ptr<float>(), count * cout, b.const_data_ptr<float>(), relu, tg, first, first + count,
