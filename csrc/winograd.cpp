@@ -480,10 +480,14 @@ void winograd_weight_grad(const Tensor& x, const Tensor& dy, int64_t chunk_tiles
   } else {
     const int threads = at::get_num_threads();
     Tensor partial = at::zeros({threads, kTiles, cin, cout}, x.options());
+    // Each thread's V and G, made by the calling thread (as winograd_conv3x3's).
+    Tensor tiles = at::empty({threads, kTiles, chunk_tiles, cin + cout}, x.options());
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       Tensor acc = partial[at::get_thread_num()];
-      Tensor v = at::empty({kTiles, chunk_tiles, cin}, x.options()),
-             g = at::empty({kTiles, chunk_tiles, cout}, x.options());
+      Tensor mine = tiles[at::get_thread_num()].view({-1});
+      Tensor v = mine.narrow(0, 0, kTiles * chunk_tiles * cin).view({kTiles, chunk_tiles, cin}),
+             g = mine.narrow(0, kTiles * chunk_tiles * cin, kTiles * chunk_tiles * cout)
+                     .view({kTiles, chunk_tiles, cout});
       std::vector<float> border;
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         const int64_t first = chunk * chunk_tiles, count = std::min(chunk_tiles, tg.count() - first);
