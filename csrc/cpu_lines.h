@@ -267,6 +267,19 @@ using ChannelSteps = Steps<1, 1, 1>;
 template <int64_t S>
 using WidthSteps = Steps<S == 1 ? 2 : 1, 2, 0>;
 
+// Element t of the odd-column pixel (k = 1, 3) of a line, given the even one's pointer and its own. Along the width
+// a tensor that steps 2 has each odd pixel right after its even one: read and written through the even pointer,
+// GCC sees one interleaved group and vectorizes it with shuffles (through two strided pointers it stores the
+// elements one by one). Other steps use the pixel's own pointer.
+template <int Step, typename T>
+__attribute__((always_inline)) inline T& odd_pixel(T* even, T* odd, int64_t t) {
+  if constexpr (Step == 2) {
+    return even[2 * t + 1];
+  } else {
+    return odd[t * Step];
+  }
+}
+
 // Pointers to the 4 pixels of a line's first cell (k = 2*dy + dx) in one tensor.
 template <typename T>
 struct Quad {
@@ -318,36 +331,63 @@ void for_each_chunk(int64_t length, const F& sum) {
 using HalfBuffer = c10::Half[kWidenChunk];
 using FloatQuad = float[4][kWidenChunk];
 
-template <int Step>
-FASTUNET_CPU_CLONES void gather_kernel(int64_t n, const c10::Half* __restrict__ src, c10::Half* __restrict__ dst) {
-  for (int64_t t = 0; t < n; ++t) dst[t].x = src[t * Step].x;
-}
-
-template <int Step>
-FASTUNET_CPU_CLONES void scatter_kernel(int64_t n, const c10::Half* __restrict__ src, c10::Half* __restrict__ dst) {
-  for (int64_t t = 0; t < n; ++t) dst[t * Step].x = src[t].x;
-}
-
-// n elements src[t * Step] widened into dst[t], and back.
-template <int Step>
-void widen_chunk(int64_t n, const c10::Half* src, float* dst) {
-  if constexpr (Step == 1) {
-    widen_half(n, src, dst);
-  } else {
-    HalfBuffer h;
-    gather_kernel<Step>(n, src, h);
-    widen_half(n, h, dst);
+// A row's pixel pairs split into their even and odd pixels, and back: one pass over both (see odd_pixel).
+FASTUNET_CPU_CLONES inline void deinterleave_kernel(int64_t n, const c10::Half* __restrict__ src,
+                                                    c10::Half* __restrict__ even, c10::Half* __restrict__ odd) {
+  for (int64_t t = 0; t < n; ++t) {
+    even[t].x = src[2 * t].x;
+    odd[t].x = src[2 * t + 1].x;
   }
 }
 
+FASTUNET_CPU_CLONES inline void interleave_kernel(int64_t n, const c10::Half* __restrict__ even,
+                                                  const c10::Half* __restrict__ odd, c10::Half* __restrict__ dst) {
+  for (int64_t t = 0; t < n; ++t) {
+    dst[2 * t].x = even[t].x;
+    dst[2 * t + 1].x = odd[t].x;
+  }
+}
+
+// The chunk [t0, t0 + n) of a line's 4 pixels widened into dst[k]: elements q.p[k][t * Step], Step 1 or 2 (then
+// pixel k + 1 of an even k follows pixel k in memory).
 template <int Step>
-void narrow_chunk(int64_t n, const float* src, c10::Half* dst) {
+void widen_quad(int64_t n, const Quad<const c10::Half>& q, int64_t t0, FloatQuad& dst) {
+  static_assert(Step == 1 || Step == 2);
   if constexpr (Step == 1) {
-    narrow_half(n, src, dst);
+    for (int k = 0; k < 4; ++k) widen_half(n, q.p[k] + t0, dst[k]);
   } else {
-    HalfBuffer h;
-    narrow_half(n, src, h);
-    scatter_kernel<Step>(n, h, dst);
+    HalfBuffer even, odd;
+    for (int k = 0; k < 4; k += 2) {
+      deinterleave_kernel(n, q.p[k] + 2 * t0, even, odd);
+      widen_half(n, even, dst[k]);
+      widen_half(n, odd, dst[k + 1]);
+    }
+  }
+}
+
+// The chunk's 16-bit values h[k] stored into a line's 4 pixels (as widen_quad reads them).
+template <int Step>
+void store_quad(int64_t n, const c10::Half (&h)[4][kWidenChunk], const Quad<c10::Half>& q, int64_t t0) {
+  static_assert(Step == 1 || Step == 2);
+  for (int k = 0; k < 4; k += 2) {
+    if constexpr (Step == 1) {
+      std::copy_n(h[k], n, q.p[k] + t0);
+      std::copy_n(h[k + 1], n, q.p[k + 1] + t0);
+    } else {
+      interleave_kernel(n, h[k], h[k + 1], q.p[k] + 2 * t0);
+    }
+  }
+}
+
+// src[k] narrowed into the chunk [t0, t0 + n) of a line's 4 pixels.
+template <int Step>
+void narrow_quad(int64_t n, const FloatQuad& src, const Quad<c10::Half>& q, int64_t t0) {
+  if constexpr (Step == 1) {
+    for (int k = 0; k < 4; ++k) narrow_half(n, src[k], q.p[k] + t0);
+  } else {
+    c10::Half h[4][kWidenChunk];
+    for (int k = 0; k < 4; ++k) narrow_half(n, src[k], h[k]);
+    store_quad<Step>(n, h, q, t0);
   }
 }
 
@@ -372,7 +412,7 @@ inline void round_half(int64_t n, float* y, c10::Half* h) {
 template <typename St>
 void half_activations(const Quad<const c10::Half>& z, const float* scale, const float* shift, int64_t t0, int64_t n,
                       FloatQuad& zb, FloatQuad& yb) {
-  for (int k = 0; k < 4; ++k) widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+  widen_quad<St::z>(n, z, t0, zb);
   const int64_t c = t0 * St::channel;
   bn_relu_chunk_kernel<Steps<1, 1, St::channel>>(n, zb, scale + c, shift + c, yb);
   HalfBuffer h;
@@ -399,13 +439,14 @@ FASTUNET_CPU_CLONES void bn_relu_pool_kernel(int64_t length, const scalar_t* __r
                                              scalar_t* __restrict__ o3, scalar_t* __restrict__ pooled) {
   for (int64_t t = 0; t < length; ++t) {
     const acc_t sc = scale[t * St::channel], sh = shift[t * St::channel];
-    const acc_t y[4] = {
-        bn_relu_line<scalar_t>(widen(z0[t * St::z]), sc, sh), bn_relu_line<scalar_t>(widen(z1[t * St::z]), sc, sh),
-        bn_relu_line<scalar_t>(widen(z2[t * St::z]), sc, sh), bn_relu_line<scalar_t>(widen(z3[t * St::z]), sc, sh)};
+    const acc_t y[4] = {bn_relu_line<scalar_t>(widen(z0[t * St::z]), sc, sh),
+                        bn_relu_line<scalar_t>(widen(odd_pixel<St::z>(z0, z1, t)), sc, sh),
+                        bn_relu_line<scalar_t>(widen(z2[t * St::z]), sc, sh),
+                        bn_relu_line<scalar_t>(widen(odd_pixel<St::z>(z2, z3, t)), sc, sh)};
     o0[t * St::out] = narrow<scalar_t>(y[0]);
-    o1[t * St::out] = narrow<scalar_t>(y[1]);
+    odd_pixel<St::out>(o0, o1, t) = narrow<scalar_t>(y[1]);
     o2[t * St::out] = narrow<scalar_t>(y[2]);
-    o3[t * St::out] = narrow<scalar_t>(y[3]);
+    odd_pixel<St::out>(o2, o3, t) = narrow<scalar_t>(y[3]);
     if constexpr (Pool) {
       acc_t best;
       pool_argmax4<acc_t>(y, &best);
@@ -423,21 +464,22 @@ void bn_relu_pool_line(const BnReluPoolCells<scalar_t, acc_t>& f, const LineStar
     scalar_t* pooled = Pool ? f.pooled + f.ps.at(l.n, l.c0, l.u, l.v0) : nullptr;
     FloatQuad zb, yb;
     float best[kWidenChunk];
-    HalfBuffer h;
+    c10::Half h[4][kWidenChunk];
     for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto) {
-      for (int k = 0; k < 4; ++k) widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
+      widen_quad<St::z>(n, z, t0, zb);
       const int64_t c = l.c0 + t0 * St::channel;
       bn_relu_chunk_kernel<Steps<1, 1, St::channel>>(n, zb, f.scale + c, f.shift + c, yb);
-      for (int k = 0; k < 4; ++k) {  // out narrowed; with Pool, yb rounded through it
-        scalar_t* o = out.p[k] + t0 * St::out;
-        if constexpr (St::out == 1) {
-          narrow_half(n, yb[k], o);
-          if (Pool) widen_half(n, o, yb[k]);
-        } else {
-          narrow_half(n, yb[k], h);
-          if (Pool) widen_half(n, h, yb[k]);
-          scatter_kernel<St::out>(n, h, o);
+      if constexpr (St::out == 1) {  // out narrowed; with Pool, yb rounded through it
+        for (int k = 0; k < 4; ++k) {
+          narrow_half(n, yb[k], out.p[k] + t0);
+          if (Pool) widen_half(n, out.p[k] + t0, yb[k]);
         }
+      } else {
+        for (int k = 0; k < 4; ++k) {
+          narrow_half(n, yb[k], h[k]);
+          if (Pool) widen_half(n, h[k], yb[k]);
+        }
+        store_quad<St::out>(n, h, out, t0);
       }
       if constexpr (Pool) {
         pool_chunk_kernel(n, yb, best);
@@ -471,12 +513,13 @@ __attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scal
                                                            const scalar_t* grad_pooled, acc_t sc, acc_t sh,
                                                            acc_t (&zv)[4], acc_t (&dy)[4]) {
   zv[0] = widen(z0[t * St::z]);
-  zv[1] = widen(z1[t * St::z]);
+  zv[1] = widen(odd_pixel<St::z>(z0, z1, t));
   zv[2] = widen(z2[t * St::z]);
-  zv[3] = widen(z3[t * St::z]);
+  zv[3] = widen(odd_pixel<St::z>(z2, z3, t));
   const acc_t y[4] = {bn_relu_line<round_t>(zv[0], sc, sh), bn_relu_line<round_t>(zv[1], sc, sh),
                       bn_relu_line<round_t>(zv[2], sc, sh), bn_relu_line<round_t>(zv[3], sc, sh)};
-  const acc_t g[4] = {widen(g0[t * St::out]), widen(g1[t * St::out]), widen(g2[t * St::out]), widen(g3[t * St::out])};
+  const acc_t g[4] = {widen(g0[t * St::out]), widen(odd_pixel<St::out>(g0, g1, t)), widen(g2[t * St::out]),
+                      widen(odd_pixel<St::out>(g2, g3, t))};
   window_dy<acc_t, Pool>(y, g, Pool ? widen(grad_pooled[t]) : acc_t(0), dy);
 }
 
@@ -519,9 +562,9 @@ FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restric
                                         bn.inv_m)
                 : dy[k];
     d0[t * St::z] = narrow<scalar_t>(d[0]);
-    d1[t * St::z] = narrow<scalar_t>(d[1]);
+    odd_pixel<St::z>(d0, d1, t) = narrow<scalar_t>(d[1]);
     d2[t * St::z] = narrow<scalar_t>(d[2]);
-    d3[t * St::z] = narrow<scalar_t>(d[3]);
+    odd_pixel<St::z>(d2, d3, t) = narrow<scalar_t>(d[3]);
   }
 }
 
@@ -545,7 +588,7 @@ FASTUNET_CPU_CLONES void z_grad_chunk_kernel(int64_t n, const FloatQuad& __restr
 template <typename St, bool Pool>
 void widen_gradients(const Quad<const c10::Half>& g, const c10::Half* grad_pooled, int64_t t0, int64_t n, FloatQuad& gb,
                      float* pb) {
-  for (int k = 0; k < 4; ++k) widen_chunk<St::out>(n, g.p[k] + t0 * St::out, gb[k]);
+  widen_quad<St::out>(n, g, t0, gb);
   if (Pool) widen_half(n, grad_pooled + t0, pb);
 }
 
@@ -568,7 +611,7 @@ void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
       const BnLine<acc_t> bn_chunk{Bn ? bn.mean + c : nullptr, Bn ? bn.invstd + c : nullptr,
                                    Bn ? bn.sum_dy + c : nullptr, Bn ? bn.sum_dy_xmu + c : nullptr, bn.inv_m};
       z_grad_chunk_kernel<decltype(steps), Pool, Bn>(n, zb, yb, gb, pb, f.scale + l.c0 + c, bn_chunk, db);
-      for (int k = 0; k < 4; ++k) narrow_chunk<St::z>(n, db[k], d.p[k] + t0 * St::z);
+      narrow_quad<St::z>(n, db, d, t0);
     });
     return;
   }
@@ -610,8 +653,8 @@ FASTUNET_CPU_CLONES void stats_kernel(int64_t length, const scalar_t* __restrict
       [&](int64_t t, double& s1, double& s2) __attribute__((always_inline)) {
         const double r = ref[t * St::channel];
         const double d[4] = {
-            static_cast<double>(widen(z0[t * St::z])) - r, static_cast<double>(widen(z1[t * St::z])) - r,
-            static_cast<double>(widen(z2[t * St::z])) - r, static_cast<double>(widen(z3[t * St::z])) - r};
+            static_cast<double>(widen(z0[t * St::z])) - r, static_cast<double>(widen(odd_pixel<St::z>(z0, z1, t))) - r,
+            static_cast<double>(widen(z2[t * St::z])) - r, static_cast<double>(widen(odd_pixel<St::z>(z2, z3, t))) - r};
         for (int k = 0; k < 4; ++k) {
           s1 += d[k];
           s2 += d[k] * d[k];
@@ -630,12 +673,10 @@ void stats_line(const StatsCells<scalar_t, sum_t>& f, const LineStart& l, const 
   } else {
     float zb[4][kWidenChunk];
     for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto steps) {
-      for (int k = 0; k < 4; ++k) {
-        if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-          widen_chunk<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
-        } else {
-          widen_kernel<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
-        }
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        widen_quad<St::z>(n, z, t0, zb);
+      } else {
+        for (int k = 0; k < 4; ++k) widen_kernel<St::z>(n, z.p[k] + t0 * St::z, zb[k]);
       }
       const int64_t c = t0 * St::channel;
       stats_kernel<decltype(steps), float>(n, zb[0], zb[1], zb[2], zb[3], ref + c, first + c, second + c);
