@@ -7,7 +7,8 @@ ATen sequences (what the seed's nn.BatchNorm2d + ReLU + max-pool run):
   bn_stats                 torch.var_mean over (N, H, W)
   bn_relu_pool             F.batch_norm (eval: z * scale + shift) + relu_ + max_pool2d (with indices, as
                            autograd keeps them)
-  relu_pool_backward       max_pool2d_with_indices_backward + add + threshold_backward
+  relu_pool_backward       max_pool2d_with_indices_backward + add + threshold_backward; fastunet's op with scale 1
+                           and shift 0, as exact mode calls it on ATen's BN output (its one use)
   bn_relu_backward_reduce  the ReLU/pool backward above, then sum(dy) and sum(dy * (z - mean))
   bn_relu_backward_apply   the ReLU/pool backward above, then BN's training input gradient (elementwise)
 The fastunet rows take the same inputs; outputs are freshly allocated in both (bn_relu_pool writes into a
@@ -98,7 +99,8 @@ def fastunet_step(op, a):
         out, pooled = torch.empty_like(grad), torch.empty_like(grad_pooled)
         return lambda: LIB.bn_relu_pool(z, *vectors, 1, out, pooled)
     if op == "relu_pool_backward":
-        return lambda: LIB.relu_pool_backward(grad, grad_pooled, z, *vectors, 1)
+        unit = (torch.ones_like(a["scale"]), torch.zeros_like(a["shift"]))
+        return lambda: LIB.relu_pool_backward(grad, grad_pooled, z, *unit, 1)
     if op == "bn_relu_backward_reduce":
         return lambda: LIB.bn_relu_backward_reduce(grad, grad_pooled, z, *vectors, a["mean"], 1)
     bn = (a["mean"], a["invstd"], a["sum_dy"], a["sum_dy_xmu"])

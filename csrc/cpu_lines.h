@@ -244,6 +244,19 @@ __attribute__((always_inline)) inline float bn_relu_line(float z, float scale, f
   return widen(narrow<scalar_t>(bn_relu<float>(z, scale, shift)));
 }
 
+// The activation a backward line recomputes from z: BN+ReLU rounded through scalar_t; without Affine (scale 1 and
+// shift 0 in every channel: exact mode's ReLU and max-pool of ATen's BN output, z already in scalar_t) z itself.
+// That gives the same gradients: ReLU passes z > 0 as y > 0; a window whose max is positive has the same argmax in z
+// as in relu(z); one whose max is not positive routes nothing, its argmax failing the ReLU mask.
+template <typename scalar_t, bool Affine>
+__attribute__((always_inline)) inline float line_activation(float z, float scale, float shift) {
+  if constexpr (Affine) {
+    return bn_relu_line<scalar_t>(z, scale, shift);
+  } else {
+    return z;
+  }
+}
+
 enum class LineDim { Channels, Width, Strided };
 
 // The line dimension of an op's tensors (null strides: a tensor the op does not have).
@@ -408,15 +421,18 @@ inline void round_half(int64_t n, float* y, c10::Half* h) {
   widen_half(n, h, y);
 }
 
-// The chunk [t0, t0 + n) of a float16 line: z widened, the activations y (rounded through float16).
-template <typename St>
-void half_activations(const Quad<const c10::Half>& z, const float* scale, const float* shift, int64_t t0, int64_t n,
-                      FloatQuad& zb, FloatQuad& yb) {
+// The chunk [t0, t0 + n) of a float16 line: z widened into zb, and the activations: y in yb (rounded through
+// float16), or without Affine z itself (line_activation), zb. Returns the activations' buffer.
+template <typename St, bool Affine = true>
+const FloatQuad& half_activations(const Quad<const c10::Half>& z, const float* scale, const float* shift, int64_t t0,
+                                  int64_t n, FloatQuad& zb, FloatQuad& yb) {
   widen_quad<St::z>(n, z, t0, zb);
+  if constexpr (!Affine) return zb;
   const int64_t c = t0 * St::channel;
   bn_relu_chunk_kernel<Steps<1, 1, St::channel>>(n, zb, scale + c, shift + c, yb);
   HalfBuffer h;
   for (int k = 0; k < 4; ++k) round_half(n, yb[k], h);
+  return yb;
 }
 
 FASTUNET_CPU_CLONES inline void pool_chunk_kernel(int64_t n, const FloatQuad& __restrict__ y,
@@ -506,7 +522,7 @@ __attribute__((always_inline)) inline void window_dy(const acc_t (&y)[4], const 
 // cell_relu_pool_dy computes them, the activations rounded through round_t (the tensors' dtype; scalar_t is
 // float32 where a reduction reads widened copies of 16-bit tensors). Always inlined: GCC leaves a plain inline
 // call in the target_clones copies of the loops below, which then stay scalar.
-template <typename St, typename scalar_t, typename acc_t, bool Pool, typename round_t = scalar_t>
+template <typename St, typename scalar_t, typename acc_t, bool Pool, typename round_t = scalar_t, bool Affine = true>
 __attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scalar_t* z0, const scalar_t* z1,
                                                            const scalar_t* z2, const scalar_t* z3, const scalar_t* g0,
                                                            const scalar_t* g1, const scalar_t* g2, const scalar_t* g3,
@@ -516,8 +532,8 @@ __attribute__((always_inline)) inline void relu_pool_dy_at(int64_t t, const scal
   zv[1] = widen(odd_pixel<St::z>(z0, z1, t));
   zv[2] = widen(z2[t * St::z]);
   zv[3] = widen(odd_pixel<St::z>(z2, z3, t));
-  const acc_t y[4] = {bn_relu_line<round_t>(zv[0], sc, sh), bn_relu_line<round_t>(zv[1], sc, sh),
-                      bn_relu_line<round_t>(zv[2], sc, sh), bn_relu_line<round_t>(zv[3], sc, sh)};
+  const acc_t y[4] = {line_activation<round_t, Affine>(zv[0], sc, sh), line_activation<round_t, Affine>(zv[1], sc, sh),
+                      line_activation<round_t, Affine>(zv[2], sc, sh), line_activation<round_t, Affine>(zv[3], sc, sh)};
   const acc_t g[4] = {widen(g0[t * St::out]), widen(odd_pixel<St::out>(g0, g1, t)), widen(g2[t * St::out]),
                       widen(odd_pixel<St::out>(g2, g3, t))};
   window_dy<acc_t, Pool>(y, g, Pool ? widen(grad_pooled[t]) : acc_t(0), dy);
@@ -543,7 +559,7 @@ struct BnLine {
   acc_t inv_m;
 };
 
-template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn>
+template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
 FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
                                        const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
                                        const scalar_t* __restrict__ g0, const scalar_t* __restrict__ g1,
@@ -556,7 +572,8 @@ FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restric
     const int64_t c = t * St::channel;
     const acc_t sc = scale[c];
     acc_t zv[4], dy[4], d[4];
-    relu_pool_dy_at<St, scalar_t, acc_t, Pool>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, sc, shift[c], zv, dy);
+    relu_pool_dy_at<St, scalar_t, acc_t, Pool, scalar_t, Affine>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, sc,
+                                                                 shift[c], zv, dy);
     for (int k = 0; k < 4; ++k)
       d[k] = Bn ? bn_backward_dz<acc_t>(dy[k], zv[k], bn.mean[c], bn.invstd[c], sc, bn.sum_dy[c], bn.sum_dy_xmu[c],
                                         bn.inv_m)
@@ -592,8 +609,9 @@ void widen_gradients(const Quad<const c10::Half>& g, const c10::Half* grad_poole
   if (Pool) widen_half(n, grad_pooled + t0, pb);
 }
 
-// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line (cell_z_grad per element).
-template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn>
+// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line (cell_z_grad per element); Affine
+// false where scale and shift are 1 and 0 (line_activation).
+template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
 void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
   const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
   const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
@@ -605,19 +623,20 @@ void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
     FloatQuad zb, yb, gb, db;
     float pb[kWidenChunk];
     for_each_chunk<St>(l.length, [&](int64_t t0, int64_t n, auto steps) {
-      half_activations<St>(z, f.scale + l.c0, f.shift + l.c0, t0, n, zb, yb);
+      const FloatQuad& y = half_activations<St, Affine>(z, f.scale + l.c0, f.shift + l.c0, t0, n, zb, yb);
       widen_gradients<St, Pool>(g, grad_pooled, t0, n, gb, pb);
       const int64_t c = t0 * St::channel;
       const BnLine<acc_t> bn_chunk{Bn ? bn.mean + c : nullptr, Bn ? bn.invstd + c : nullptr,
                                    Bn ? bn.sum_dy + c : nullptr, Bn ? bn.sum_dy_xmu + c : nullptr, bn.inv_m};
-      z_grad_chunk_kernel<decltype(steps), Pool, Bn>(n, zb, yb, gb, pb, f.scale + l.c0 + c, bn_chunk, db);
+      z_grad_chunk_kernel<decltype(steps), Pool, Bn>(n, zb, y, gb, pb, f.scale + l.c0 + c, bn_chunk, db);
       narrow_quad<St::z>(n, db, d, t0);
     });
     return;
   }
-  z_grad_kernel<St, scalar_t, acc_t, Pool, Bn>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2], g.p[3],
-                                               Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
-                                               f.scale + l.c0, f.shift + l.c0, bn, d.p[0], d.p[1], d.p[2], d.p[3]);
+  z_grad_kernel<St, scalar_t, acc_t, Pool, Bn, Affine>(
+      l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2], g.p[3],
+      Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr, f.scale + l.c0, f.shift + l.c0, bn, d.p[0],
+      d.p[1], d.p[2], d.p[3]);
 }
 
 // Adds term(t, s1, s2) of elements t < length to two per-channel sums: into first[t], second[t] along channels

@@ -39,8 +39,13 @@ cpu::LineDim line_dim_of(const BnReluPoolCells<scalar_t, acc_t>& f) {
   return cpu::line_dim({&f.t.zs, &f.os, f.pooled != nullptr ? &f.ps : nullptr});
 }
 
+template <typename scalar_t, typename acc_t>
+bool unit_affine(const BnReluPoolCells<scalar_t, acc_t>&) {
+  return false;
+}
+
 template <typename St, typename scalar_t, typename acc_t>
-void run_line(const BnReluPoolCells<scalar_t, acc_t>& f, const cpu::LineStart& l) {
+void run_line(const BnReluPoolCells<scalar_t, acc_t>& f, const cpu::LineStart& l, bool) {
   if (f.pooled != nullptr) {
     cpu::bn_relu_pool_line<St, scalar_t, acc_t, true>(f, l);
   } else {
@@ -53,17 +58,33 @@ cpu::LineDim line_dim_of(const ZGradCells<scalar_t, acc_t>& f) {
   return cpu::line_dim({&f.t.zs, &f.t.gs, f.t.grad_pooled != nullptr ? &f.t.gps : nullptr, &f.ds});
 }
 
+// Whether relu_pool_backward's scale and shift are 1 and 0 in every channel (exact mode, after ATen's BN): its lines
+// then skip recomputing BN+ReLU (cpu::line_activation).
+template <typename scalar_t, typename acc_t>
+bool unit_affine(const ZGradCells<scalar_t, acc_t>& f) {
+  if (f.bn.sum_dy != nullptr) return false;
+  for (int64_t c = 0; c < f.g.C; ++c)
+    if (!(f.scale[c] == acc_t(1) && f.shift[c] == acc_t(0))) return false;
+  return true;
+}
+
 template <typename St, typename scalar_t, typename acc_t>
-void run_line(const ZGradCells<scalar_t, acc_t>& f, const cpu::LineStart& l) {
+void run_line(const ZGradCells<scalar_t, acc_t>& f, const cpu::LineStart& l, bool unit) {
   const bool pool = f.t.grad_pooled != nullptr, bn = f.bn.sum_dy != nullptr;
   if (pool && bn) {
-    cpu::z_grad_line<St, scalar_t, acc_t, true, true>(f, l);
+    cpu::z_grad_line<St, scalar_t, acc_t, true, true, true>(f, l);
   } else if (pool) {
-    cpu::z_grad_line<St, scalar_t, acc_t, true, false>(f, l);
+    if (unit) {
+      cpu::z_grad_line<St, scalar_t, acc_t, true, false, false>(f, l);
+    } else {
+      cpu::z_grad_line<St, scalar_t, acc_t, true, false, true>(f, l);
+    }
   } else if (bn) {
-    cpu::z_grad_line<St, scalar_t, acc_t, false, true>(f, l);
+    cpu::z_grad_line<St, scalar_t, acc_t, false, true, true>(f, l);
+  } else if (unit) {
+    cpu::z_grad_line<St, scalar_t, acc_t, false, false, false>(f, l);
   } else {
-    cpu::z_grad_line<St, scalar_t, acc_t, false, false>(f, l);
+    cpu::z_grad_line<St, scalar_t, acc_t, false, false, true>(f, l);
   }
 }
 
@@ -154,7 +175,8 @@ struct CpuBackend {
 
   template <typename F>
   static void for_each_line(const CellGrid& cg, cpu::LineDim dim, const F& cells) {
-    const auto line = [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l); };
+    const bool unit = unit_affine(cells);
+    const auto line = [&](auto steps, const cpu::LineStart& l) { run_line<decltype(steps)>(cells, l, unit); };
     const auto cell = [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); };
     if (dim == cpu::LineDim::Channels) {
       at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {

@@ -409,6 +409,41 @@ def test_lines_longer_than_a_chunk_match_reference(dtype, conversions, layout):
             check_lines_against_reference(dtype, layout, upscale, 2, c, 2, w, random)
 
 
+@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("upscale", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
+def test_relu_pool_backward_of_unit_vectors_matches_reference(dtype, conversions, layout, upscale, hw):
+    """Scale 1 and shift 0 in every channel (exact mode: the ReLU and max-pool of ATen's BN output) take lines that
+    do not recompute BN+ReLU (csrc/cpu_lines.h, line_activation): bitwise the specification and the per-cell code,
+    on windows with ties, NaNs, negative zeros and no positive value; with one channel's shift off 0 the general
+    lines give the same bits too."""
+    n, c, (h, w) = 2, 19, hw
+    z = quantised(n, upscale * upscale * c, h + upscale - 1, w + upscale - 1, dtype=dtype)
+    z[z == 0] = torch.where(torch.rand(int((z == 0).sum())) < 0.5, -0.0, 0.0).to(dtype)
+    z[:, : upscale * upscale] = -z[:, : upscale * upscale].abs() - 0.5  # channel 0: no positive value
+    z = laid_out(z, layout)
+    _, _, out_h, out_w = ops.logical_shape(z, upscale)
+    grad = laid_out(torch.randn(n, c, out_h, out_w, dtype=dtype), layout)
+    pool = out_h % 2 == 0
+    grad_pooled = laid_out(torch.randn(n, c, out_h // 2, out_w // 2, dtype=dtype), layout) if pool else None
+    for shift_of_last in (0.0, 2.0**-30):
+        scale, shift = torch.ones(c), torch.zeros(c)
+        shift[-1] = shift_of_last
+        with half_conversions(conversions):
+            got = LIB.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale)
+            per_cell = LIB.relu_pool_backward(*(None if t is None else laid_out(t, "strided")
+                                                for t in (grad, grad_pooled, z)), scale, shift, upscale)
+        want = ops.relu_pool_backward_ref(grad, grad_pooled, z, scale, shift, upscale)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.equal(bits(got), bits(per_cell))
+
+
+def bits(t):
+    """The bit patterns of t's elements, in logical order."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def check_lines_against_reference(dtype, layout, upscale, n, c, h, w, values):
     """Every op on n x c x h x w (logical output) in ``layout`` against its specification: the body of the two
     tests above."""
