@@ -1,16 +1,17 @@
-"""Each fused CPU op (torch.ops.fastunet.*) against the ATen sequence it replaces, per dtype (float32, bfloat16,
-float16) and layout (NCHW, channels_last), at two U-Net layer shapes (2 x 64 x 128 x 128, 2 x 256 x 32 x 32),
-plain blocks (upscale 1). One group per op, dtype, layout and shape, so that a table reads fastunet vs ATen row
+"""Each fused CPU op (torch.ops.fastunet.*) against the ATen ops it replaces in the seed U-Net, per dtype (float32,
+bfloat16, float16) and layout (NCHW, channels_last), at two U-Net layer shapes (2 x 64 x 128 x 128, 2 x 256 x 32 x
+32), plain blocks (upscale 1). One group per op, dtype, layout and shape, so that a table reads fastunet vs ATen row
 by row.
 
 ATen sequences (what the seed's nn.BatchNorm2d + ReLU + max-pool run):
-  bn_stats                 torch.var_mean over (N, H, W)
-  bn_relu_pool             F.batch_norm (eval: z * scale + shift) + relu_ + max_pool2d (with indices, as
-                           autograd keeps them)
-  relu_pool_backward       max_pool2d_with_indices_backward + add + threshold_backward; fastunet's op with scale 1
-                           and shift 0, as exact mode calls it on ATen's BN output (its one use)
-  bn_relu_backward_reduce  the ReLU/pool backward above, then sum(dy) and sum(dy * (z - mean))
-  bn_relu_backward_apply   the ReLU/pool backward above, then BN's training input gradient (elementwise)
+  bn_stats            torch.var_mean over (N, H, W)
+  bn_relu_pool        F.batch_norm (eval: z * scale + shift) + relu_ + max_pool2d (with indices, as autograd keeps
+                      them)
+  relu_pool_backward  max_pool2d_with_indices_backward + add + threshold_backward; fastunet's op with scale 1 and
+                      shift 0, as exact mode calls it on ATen's BN output (its one use)
+  bn_relu_backward    the ReLU/pool backward above, then native_batch_norm_backward (training statistics: the
+                      per-channel sums and the input gradient in one op); fastunet's bn_relu_backward_reduce then
+                      bn_relu_backward_apply, the pair that replaces them (neither has an ATen op of its own)
 The fastunet rows take the same inputs; outputs are freshly allocated in both (bn_relu_pool writes into a
 preallocated buffer, as in the U-Net's concat buffer).
 """
@@ -28,7 +29,7 @@ aten = torch.ops.aten
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 SHAPES = [(2, 64, 128, 128), (2, 256, 32, 32)]
-OPS = ["bn_stats", "bn_relu_pool", "relu_pool_backward", "bn_relu_backward_reduce", "bn_relu_backward_apply"]
+OPS = ["bn_stats", "bn_relu_pool", "relu_pool_backward", "bn_relu_backward"]
 ROUNDS, WARMUP_ROUNDS = 30, 3
 
 
@@ -40,11 +41,11 @@ def make_inputs(shape, dtype, memory_format):
     grad = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
     grad_pooled = torch.randn(n, c, h // 2, w // 2).to(dtype).contiguous(memory_format=memory_format)
     scale, shift, mean = torch.randn(c), torch.randn(c), torch.randn(c)
-    invstd, sum_dy, sum_dy_xmu = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    invstd = torch.rand(c) + 0.5
     y = torch.relu(F.batch_norm(z, torch.zeros(c), torch.ones(c), scale, shift, False, 0.0, 0.0))
     _, indices = F.max_pool2d(y, 2, 2, return_indices=True)
-    return dict(z=z, grad=grad, grad_pooled=grad_pooled, scale=scale, shift=shift, mean=mean, invstd=invstd,
-                sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, y=y, indices=indices)
+    return dict(z=z, grad=grad, grad_pooled=grad_pooled, scale=scale, shift=shift, mean=mean, invstd=invstd, y=y,
+                indices=indices)
 
 
 def aten_dy(a):
@@ -52,10 +53,6 @@ def aten_dy(a):
     g = aten.max_pool2d_with_indices_backward(a["grad_pooled"], a["y"], [2, 2], [2, 2], [0, 0], [1, 1], False,
                                               a["indices"])
     return aten.threshold_backward(a["grad"] + g, a["y"], 0)
-
-
-def channel(v):
-    return v.view(1, -1, 1, 1)
 
 
 def aten_step(op, a):
@@ -73,21 +70,9 @@ def aten_step(op, a):
         return forward
     if op == "relu_pool_backward":
         return lambda: aten_dy(a)
-    count = z.shape[0] * z.shape[2] * z.shape[3]
-    if op == "bn_relu_backward_reduce":
-
-        def reduce():
-            dy = aten_dy(a)
-            return dy.sum((0, 2, 3)), (dy * (z - channel(a["mean"]))).sum((0, 2, 3))
-
-        return reduce
-
-    def apply():
-        dy = aten_dy(a)
-        proj = (z - channel(a["mean"])) * channel(a["invstd"] * a["invstd"] * a["sum_dy_xmu"] / count)
-        return channel(a["scale"]) * (dy - channel(a["sum_dy"] / count) - proj)
-
-    return apply
+    weight, mean, invstd = a["scale"], a["mean"], a["invstd"]
+    return lambda: aten.native_batch_norm_backward(aten_dy(a), z, weight, None, None, mean, invstd, True, 1e-5,
+                                                   [True, True, True])
 
 
 def fastunet_step(op, a):
@@ -101,10 +86,13 @@ def fastunet_step(op, a):
     if op == "relu_pool_backward":
         unit = (torch.ones_like(a["scale"]), torch.zeros_like(a["shift"]))
         return lambda: LIB.relu_pool_backward(grad, grad_pooled, z, *unit, 1)
-    if op == "bn_relu_backward_reduce":
-        return lambda: LIB.bn_relu_backward_reduce(grad, grad_pooled, z, *vectors, a["mean"], 1)
-    bn = (a["mean"], a["invstd"], a["sum_dy"], a["sum_dy_xmu"])
-    return lambda: LIB.bn_relu_backward_apply(grad, grad_pooled, z, *vectors, *bn, 1)
+    mean, invstd = a["mean"], a["invstd"]
+
+    def backward():
+        sums = LIB.bn_relu_backward_reduce(grad, grad_pooled, z, *vectors, mean, 1)
+        return sums, LIB.bn_relu_backward_apply(grad, grad_pooled, z, *vectors, mean, invstd, *sums, 1)
+
+    return backward
 
 
 @pytest.mark.parametrize("impl", ["aten", "fastunet"])
