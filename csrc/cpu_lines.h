@@ -765,7 +765,7 @@ void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const
       const int64_t c = t0 * St::channel;
       backward_sums_chunk_kernel<decltype(steps), Pool>(n, zb, yb, gb, pb, mean + c, first + c, second + c);
     });
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
+  } else if constexpr (std::is_same_v<scalar_t, float> || St::channel == 1) {
     backward_sums_kernel<St, scalar_t, acc_t, Pool>(l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2],
                                                     g.p[3], grad_pooled, scale, shift, mean, first, second);
   } else {
