@@ -510,9 +510,12 @@ class U_Net(_NotScriptable, reference.U_Net):
         """policy.model_layout's Choice: whether a fast-mode float32 CPU forward on an NCHW ``x`` runs in
         channels_last inside, its output (and input gradient) coming back NCHW. Only where no layer could tell:
         every module the seed's own type, without hooks, every block fused (its modules would run on another layout
-        than the seed's) and in fast mode, no autocast, eager; in eval, where every block runs CPU inference."""
+        than the seed's) and in fast mode, eager, no autocast or bfloat16 autocast; in eval without autocast, where
+        every block runs CPU inference."""
+        autocast = torch.is_autocast_enabled("cpu")
+        bfloat16_autocast = autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16
         if (x.device.type != "cpu" or x.dtype != torch.float32 or x.is_contiguous(memory_format=torch.channels_last)
-                or not x.is_contiguous() or global_hooks() or torch.is_autocast_enabled("cpu")
+                or not x.is_contiguous() or global_hooks() or (autocast and not bfloat16_autocast)
                 or torch.compiler.is_compiling()):
             return policy.Choice(False, "not a float32 NCHW CPU input, eager")  # the cheap refusals first
         modules = tuple(self.modules())
@@ -520,6 +523,8 @@ class U_Net(_NotScriptable, reference.U_Net):
                 or any(p.dtype != torch.float32 for p in self.parameters())
                 or any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv)))):
             return policy.Choice(False, "not a plain fast float32 U-Net")
+        if bfloat16_autocast:
+            return policy.model_layout(self.training, False, bfloat16_autocast=True)
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
         inference = not self.training and functional._cpu_inference(x, (*self.parameters(), *stats), bns)

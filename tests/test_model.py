@@ -191,6 +191,41 @@ def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch, 
     assert layouts and not any(layouts)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("inside", [True, False])
+def test_fast_bf16_autocast_on_nchw_input_follows_the_layout_policy(train, inside, monkeypatch, conv_policy):
+    """Under bfloat16 autocast a plain fast U-Net runs an NCHW float32 CPU input in channels_last inside where
+    policy channels_last_bfloat16_autocast (on with bfloat16 dot products: oneDNN's bf16 convs are fastest there),
+    in NCHW where not: the convs see that layout, and the result has the bits of the same run on an input in that
+    layout, the output and input gradient in the seed's strides. A hooked model stays in NCHW."""
+    layouts = []
+    fast_conv = training.forward
+
+    def recorded(x, w):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return fast_conv(x, w)
+
+    monkeypatch.setattr(training, "forward", recorded)
+    conv_policy(channels_last_bfloat16_autocast=inside)
+    ref, fast = pair(exact=False)
+    well_conditioned(ref, fast)
+    fast.train(train)
+    twin = copy.deepcopy(fast)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    g = torch.randn(2, 2, SIZE, SIZE)
+    got = train_step(fast, x, g, autocast=torch.bfloat16)
+    assert layouts and all(layout == inside for layout in layouts)
+    laid = x.contiguous(memory_format=torch.channels_last) if inside else x
+    assert_results_bitwise(got, train_step(twin, laid, g, autocast=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seed_out = ref.train(train)(x)
+    assert got[0].stride() == seed_out.stride() and got[0].dtype == seed_out.dtype and got[1].stride() == x.stride()
+    layouts.clear()
+    fast.Conv2.register_forward_hook(lambda module, args, out: None)
+    train_step(fast, x, g, autocast=torch.bfloat16)
+    assert layouts and not any(layouts)
+
+
 class ZerosRecorder(TorchDispatchMode):
     """Records the shape of every ``aten.zeros`` result (what the autograd engine makes for missing gradients)."""
 
@@ -253,11 +288,12 @@ def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
         assert torch.equal(model(x), fresh())
 
 
-@pytest.mark.parametrize("native_bf16", [False, True])
-def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, monkeypatch, conv_policy):
+@pytest.mark.parametrize("native_bf16, inside", [(False, False), (True, False), (True, True)])
+def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, inside, monkeypatch, conv_policy):
     """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (policy.upcast), in
-    bfloat16 on one with them; the output is autocast's bfloat16 either way, close to float64."""
-    conv_policy(native_dot_bfloat16=native_bf16)
+    bfloat16 on one with them, there in NCHW or channels_last inside (policy channels_last_bfloat16_autocast); the
+    output is autocast's bfloat16 either way, close to float64."""
+    conv_policy(native_dot_bfloat16=native_bf16, channels_last_bfloat16_autocast=inside)
     conv_dtypes = set()
     train_conv = policy.train_conv
 
