@@ -84,6 +84,19 @@ def well_conditioned(*models):
                 bn.bias.copy_(shift)
 
 
+def eval_models(output_ch=2):
+    """(seed U-Net, fastunet.U_Net, float64 seed U-Net) in eval, well conditioned, with the same weights and running
+    stats away from (0, 1)."""
+    ref, fast = pair(exact=False, output_ch=output_ch)
+    well_conditioned(ref, fast)
+    with torch.no_grad():
+        for bn in (b for b in ref.modules() if isinstance(b, torch.nn.BatchNorm2d)):
+            bn.running_mean.copy_(torch.randn(bn.num_features) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
+    fast.load_state_dict(ref.state_dict())
+    return ref.eval(), fast.eval(), copy.deepcopy(ref).double().eval()
+
+
 def conv_bias_before_bn(name):
     return name.endswith(("conv.0.bias", "conv.3.bias", "up.1.bias"))
 

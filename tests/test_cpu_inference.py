@@ -3,12 +3,11 @@ that pays, GEMMs for convs of few pixels, the sub-pixel up-conv where that pays,
 reference's error against float64 in both layouts, a NaN where the seed puts it. Exact mode: the seed's ATen ops,
 its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32)."""
 
-import copy
 import gc
 
 import pytest
 import torch
-from helpers import SIZE, pair, relative_error, well_conditioned
+from helpers import SIZE, eval_models, pair, relative_error
 
 import fastunet
 from fastunet.blocks import inference
@@ -52,22 +51,10 @@ class Calls(list):
         self.pixels = []
 
 
-def trained_state_models():
-    """(seed U-Net, fastunet, float64 seed U-Net) in eval, well conditioned, with running stats away from (0, 1)."""
-    ref, fast = pair(exact=False)
-    well_conditioned(ref, fast)
-    with torch.no_grad():
-        for bn in (b for b in ref.modules() if isinstance(b, torch.nn.BatchNorm2d)):
-            bn.running_mean.copy_(torch.randn(bn.num_features) * 0.2)
-            bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
-    fast.load_state_dict(ref.state_dict())
-    return ref.eval(), fast.eval(), copy.deepcopy(ref).double().eval()
-
-
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 48, 64)])
 def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_format, shape):
-    ref, fast, ref64 = trained_state_models()
+    ref, fast, ref64 = eval_models()
     for model in (ref, fast):
         model.to(memory_format=memory_format)
     batch, h, w = shape
@@ -106,7 +93,7 @@ def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, case):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format):
-    ref, fast, _ = trained_state_models()
+    ref, fast, _ = eval_models()
     for model in (ref, fast):
         model.to(memory_format=memory_format)
     x = torch.randn(2, 3, 64, 64)
@@ -153,7 +140,7 @@ def test_hooked_layers_see_nchw_as_in_the_seed(conv_calls):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 48, 64)])
 def test_exact_cpu_inference_is_the_seed_bit_for_bit(conv_calls, memory_format, shape):
-    ref, fast, _ = trained_state_models()
+    ref, fast, _ = eval_models()
     fast.exact = True
     for model in (ref, fast):
         model.to(memory_format=memory_format)
@@ -192,7 +179,7 @@ def test_inference_sees_every_write(write):
     """Fast CPU inference derives its weights (BN folded, Winograd's U) at every call, so after any write (through
     ``.data``, an optimizer, a swapped parameter, a BN buffer, a sign of zero, a new layout) the output is bit for
     bit a fresh model's."""
-    _, fast, _ = trained_state_models()
+    _, fast, _ = eval_models()
     for p in fast.parameters():
         p.grad = torch.randn_like(p)
     if write == "negative zero":
@@ -211,7 +198,7 @@ def test_inference_sees_every_write(write):
 def test_writes_between_inference_mode_and_no_grad_calls_are_seen():
     """A write under torch.no_grad() after calls under torch.inference_mode() is seen by the next call, and the
     other way round."""
-    _, fast, _ = trained_state_models()
+    _, fast, _ = eval_models()
     x = torch.randn(2, 3, 64, 64)
     for first, then in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
         with first():
@@ -233,7 +220,7 @@ def test_inference_keeps_nothing_between_calls(conv_calls):
     """No tensor outlives an inference call (no derived weights, no workspace), and the convs of 128-256 pixels are
     GEMMs (Winograd there pays only with prepacked weights, fastunet.optimize_for_inference): at 2 x 64 x 64 level
     4's five and level 5's two."""
-    ref, fast, _ = trained_state_models()
+    ref, fast, _ = eval_models()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = ref(x)

@@ -8,24 +8,10 @@ import threading
 
 import pytest
 import torch
-from helpers import pair, relative_error, well_conditioned
+from helpers import eval_models, pair, relative_error
 
 import fastunet
 from fastunet.conv import policy, winograd
-
-
-def models(output_ch=2):
-    """(seed U-Net, fastunet.U_Net, float64 seed) in eval with running stats away from (0, 1)."""
-    ref, fast = pair(exact=False, output_ch=output_ch)
-    well_conditioned(ref, fast)
-    with torch.no_grad():
-        for bn in (b for b in ref.modules() if isinstance(b, torch.nn.BatchNorm2d)):
-            bn.running_mean.copy_(torch.randn(bn.num_features) * 0.2)
-            bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
-    fast.load_state_dict(ref.state_dict())
-    ref64 = pair(exact=False, output_ch=output_ch)[0].double()
-    ref64.load_state_dict(ref.state_dict())
-    return ref.eval(), fast.eval(), ref64.eval()
 
 
 def same_choices():
@@ -36,7 +22,7 @@ def same_choices():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(2, 64, 64), (1, 48, 80)])
 def test_float32_snapshot_has_the_models_bits_where_both_pick_alike(memory_format, shape):
-    _, fast, _ = models()
+    _, fast, _ = eval_models()
     batch, h, w = shape
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=memory_format)
     with same_choices():
@@ -50,7 +36,7 @@ def test_float32_snapshot_has_the_models_bits_where_both_pick_alike(memory_forma
 def test_float32_snapshot_runs_prepacked_winograd_within_twice_the_seed_error(monkeypatch):
     """At its example size the snapshot transforms no weight at the call (each Winograd layer's U is prepacked,
     at more layers than the model's: 2 x 64 x 64 puts level 3's and 4's 256-512 channels at 128-512 pixels)."""
-    ref, fast, ref64 = models()
+    ref, fast, ref64 = eval_models()
     x = torch.randn(2, 3, 64, 64)
     snapshot = fastunet.optimize_for_inference(fast, x)
     prepacked = sum(layer.winograd is not None for level in snapshot.encoder + snapshot.decoder for layer in level)
@@ -68,7 +54,7 @@ def test_float32_snapshot_runs_prepacked_winograd_within_twice_the_seed_error(mo
 def test_bfloat16_snapshot_is_within_twice_the_seed_error_under_autocast(subpixel, draw):
     """Both forms of the up-conv (sub-pixel phases, or the 3x3 conv on the upsampled input), packed by oneDNN;
     float32 and bfloat16 input, bfloat16 output in the input's layout."""
-    ref, fast, ref64 = models()
+    ref, fast, ref64 = eval_models()
     x = torch.randn(2, 3, 64, 64)
     with policy.override(subpixel_min_pixels_bfloat16=0 if subpixel else 10**9):
         snapshot = fastunet.optimize_for_inference(fast, x, dtype=torch.bfloat16)
@@ -86,7 +72,7 @@ def test_bfloat16_snapshot_is_within_twice_the_seed_error_under_autocast(subpixe
 def test_snapshot_keeps_nans_where_the_seed_does(dtype):
     """A NaN in the input, or in a weight at the snapshot, runs each ReLU apart from its conv, which keeps NaNs as
     the seed does (oneDNN's fused ReLU, taken for finite inputs and weights, would make them 0)."""
-    ref, fast, _ = models()
+    ref, fast, _ = eval_models()
     x = torch.randn(1, 3, 64, 64)
     x[0, 1, 5, 7] = float("nan")
     with torch.no_grad():
@@ -105,7 +91,7 @@ def test_snapshot_keeps_nans_where_the_seed_does(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_snapshot_holds_the_weights_of_its_call(dtype):
     """Writes to the model's parameters and buffers after the snapshot do not reach it."""
-    _, fast, _ = models()
+    _, fast, _ = eval_models()
     x = torch.randn(1, 3, 32, 32)
     snapshot = fastunet.optimize_for_inference(fast, x, dtype=dtype)
     before = snapshot(x)
@@ -122,7 +108,7 @@ def test_snapshot_holds_the_weights_of_its_call(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_snapshot_serves_several_threads_at_once(dtype):
     """Four threads calling one snapshot at once, two calls each, get the bits of calls made one at a time."""
-    _, fast, _ = models()
+    _, fast, _ = eval_models()
     snapshot = fastunet.optimize_for_inference(fast, torch.randn(1, 3, 64, 64), dtype=dtype)
     inputs = [torch.randn(1 + i % 2, 3, 64, 32 * (1 + i % 3)) for i in range(8)]
     got = [None] * len(inputs)
@@ -142,7 +128,7 @@ def test_snapshot_serves_several_threads_at_once(dtype):
 
 
 def test_snapshot_cannot_be_trained_moved_or_differentiated():
-    _, fast, _ = models()
+    _, fast, _ = eval_models()
     snapshot = fastunet.optimize_for_inference(fast)
     assert list(snapshot.parameters()) == [] and snapshot.state_dict() == {} and not snapshot.training
     with pytest.raises(RuntimeError, match="cannot be trained"):
@@ -157,7 +143,7 @@ def test_snapshot_cannot_be_trained_moved_or_differentiated():
 
 
 def test_snapshot_input_errors_name_the_problem():
-    _, fast, _ = models()
+    _, fast, _ = eval_models()
     snapshot = fastunet.optimize_for_inference(fast)
     for x, message in [(torch.randn(3, 32, 32), "4-D input"), (torch.randn(1, 4, 32, 32), "img_ch=3"),
                        (torch.randn(1, 3, 30, 32), "multiples of 16"), (torch.randn(1, 3, 32, 32).double(),
@@ -167,7 +153,7 @@ def test_snapshot_input_errors_name_the_problem():
 
 
 def test_snapshot_pads_where_its_model_pads():
-    ref, _, _ = models()
+    ref, _, _ = eval_models()
     fast = fastunet.U_Net(3, 2, pad_to_multiple=True)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 40, 56)
@@ -178,7 +164,7 @@ def test_snapshot_pads_where_its_model_pads():
 
 
 def test_snapshot_refuses_what_it_cannot_stand_in_for():
-    ref, fast, _ = models()
+    ref, fast, _ = eval_models()
     cases = {
         "training mode": (lambda m: m.train(), RuntimeError, "model.eval"),
         "exact": (lambda m: setattr(m, "exact", True), ValueError, "exact=True"),

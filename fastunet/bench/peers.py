@@ -14,9 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..testing import relative_error
 from .configs import build_model, failure
-from .timing import median_ms, progress
+from .timing import inference_row, progress
 
 # Rows of ``--peers``: other runtimes of the reference U-Net, inference only. An OpenVINO row's label ends with the
 # precision its compiled model runs in, e.g. "reference OpenVINO default (bf16)".
@@ -70,12 +69,7 @@ def measure_onnxruntime(config, state, batches, exact_step, device, warmup, reps
     def infer(x, target):
         return torch.from_numpy(session.run(None, {"x": x.contiguous().numpy()})[0])
 
-    out = infer(*batches[0])
-    result = {"config": config, "label": label, "first_train_s": None, "first_infer_s": time.perf_counter() - start,
-              "infer_rel_err": relative_error(out, exact_step.infer_out)}
-    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
-    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
-    return result
+    return inference_row(config, label, infer, start, batches, exact_step, warmup, reps, device)
 
 
 def openvino_refusal(device):
@@ -123,14 +117,9 @@ def measure_openvino(config, ov_model, convert_s, batches, exact_step, device, w
     def infer(x, target):
         return torch.from_numpy(request.infer({0: x.contiguous().numpy()})[0])
 
-    out = infer(*batches[0])
     label = f"{PEERS[config]} ({precision})" if OPENVINO_PRECISION_HINTS[config] is None else PEERS[config]
-    result = {"config": config, "label": label, "precision": precision, "first_train_s": None,
-              "first_infer_s": convert_s + time.perf_counter() - start,
-              "infer_rel_err": relative_error(out, exact_step.infer_out)}
-    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
-    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
-    return result
+    return inference_row(config, label, infer, start - convert_s, batches, exact_step, warmup, reps, device,
+                         precision=precision)
 
 
 def measure_openvino_rows(args, device, state, batches, exact_step, warmup, reps):

@@ -8,9 +8,8 @@ import time
 import torch
 
 from ..inference import optimize_for_inference
-from ..testing import relative_error
 from .configs import build_model
-from .timing import median_ms, progress
+from .timing import inference_row, progress
 
 SNAPSHOTS = {"fastunet_snapshot": "fastunet snapshot", "fastunet_snapshot_bf16": "fastunet snapshot bf16"}
 
@@ -39,12 +38,7 @@ def measure_snapshot(config, state, batches, exact_step, device, warmup, reps, a
     def infer(x, target):
         return snapshot(x)
 
-    out = infer(*batches[0])
-    result = {"config": config, "label": label, "first_train_s": None, "first_infer_s": time.perf_counter() - start,
-              "infer_rel_err": relative_error(out, exact_step.infer_out)}
-    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
-    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
-    return result
+    return inference_row(config, label, infer, start, batches, exact_step, warmup, reps, device)
 
 
 def measure_snapshots(args, device, state, batches, exact_step, warmup, reps, fast_skipped):

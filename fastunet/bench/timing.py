@@ -10,6 +10,7 @@ import time
 import torch
 
 from .. import ops
+from ..testing import relative_error
 
 START = time.perf_counter()
 
@@ -53,6 +54,19 @@ def median_ms(step, batches, warmup, reps, device):
             step(*batch)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def inference_row(config, label, infer, started, batches, exact_step, warmup, reps, device, **extra):
+    """The result row of a model that only infers (a peer runtime, an inference snapshot; no training step): its
+    first call timed from ``started`` (the ``time.perf_counter()`` when its set-up began), its output's error against
+    the float64 reference's, and the median of ``infer(x, target)``; ``extra`` fields after the label."""
+    out = infer(*batches[0])
+    result = {"config": config, "label": label, **extra, "first_train_s": None,
+              "first_infer_s": time.perf_counter() - started,
+              "infer_rel_err": relative_error(out, exact_step.infer_out)}
+    progress(f"{label}: inference, {warmup} warm-up + {reps} timed")
+    result["infer_ms"] = median_ms(infer, batches, warmup, reps, device)
+    return result
 
 
 def interleaved_median_ms(runs, reps):
