@@ -6,8 +6,7 @@ seed's error against float64."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_within_twice_reference_error, ran_under_avx2_kernels, relative_error, train_step
-from test_cpu_inference import trained_state_models
+from helpers import assert_within_twice_reference_error, eval_models, ran_under_avx2_kernels, relative_error, train_step
 from test_model import well_conditioned_fast_pair
 
 from fastunet import ops
@@ -192,7 +191,7 @@ def test_inference_through_winograd_is_within_twice_the_reference_error(monkeypa
     calls = []
     monkeypatch.setattr(winograd, "conv3x3", counted(calls, winograd.conv3x3))
     torch.manual_seed(seed)
-    ref, fast, ref64 = trained_state_models()
+    ref, fast, ref64 = eval_models()
     for model in (ref, fast):
         model.to(memory_format=memory_format)
     x = torch.randn(2, 3, 64, 48).contiguous(memory_format=memory_format)
