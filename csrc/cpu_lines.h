@@ -662,6 +662,34 @@ __attribute__((always_inline)) inline void sum_line(int64_t length, const Term& 
   }
 }
 
+// The backward reductions' form of sum_line: term(t, s1, s2) adds a cell's dy and dy * (z - mean) to partial sums
+// in acc_t (float: twice the vector lanes of double, where double partials made the 16-bit lines compute-bound),
+// then each line's partials go to the double sums. Along a row: 16 lanes of at most length / 16 cells each; along
+// the channels: one cell's 4 pixels. The means come from the op's acc_t tensor, so they are exact in acc_t.
+template <typename St, typename acc_t, typename Term>
+__attribute__((always_inline)) inline void backward_sum_line(int64_t length, const Term& term,
+                                                             double* __restrict__ first, double* __restrict__ second) {
+  if constexpr (St::channel == 1) {
+    for (int64_t t = 0; t < length; ++t) {
+      acc_t a = 0, b = 0;
+      term(t, a, b);
+      first[t] += static_cast<double>(a);
+      second[t] += static_cast<double>(b);
+    }
+  } else {
+    constexpr int lanes = 16;
+    acc_t a[lanes] = {}, b[lanes] = {};
+    int64_t t = 0;
+    for (; t + lanes <= length; t += lanes)
+      for (int i = 0; i < lanes; ++i) term(t + i, a[i], b[i]);
+    for (int i = 0; t < length; ++t, ++i) term(t, a[i], b[i]);
+    for (int i = 0; i < lanes; ++i) {
+      first[0] += static_cast<double>(a[i]);
+      second[0] += static_cast<double>(b[i]);
+    }
+  }
+}
+
 template <typename St, typename scalar_t>
 FASTUNET_CPU_CLONES void stats_kernel(int64_t length, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
                                       const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
@@ -712,17 +740,17 @@ FASTUNET_CPU_CLONES void backward_sums_kernel(int64_t length, const scalar_t* __
                                               const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                               const double* __restrict__ mean, double* __restrict__ first,
                                               double* __restrict__ second) {
-  sum_line<St>(
+  backward_sum_line<St, acc_t>(
       length,
-      [&](int64_t t, double& s1, double& s2) __attribute__((always_inline)) {
+      [&](int64_t t, acc_t& s1, acc_t& s2) __attribute__((always_inline)) {
         const int64_t c = t * St::channel;
         acc_t zv[4], dy[4];
         relu_pool_dy_at<St, scalar_t, acc_t, Pool, round_t>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, scale[c],
                                                             shift[c], zv, dy);
-        const double mu = mean[c];
+        const acc_t mu = static_cast<acc_t>(mean[c]);
         for (int k = 0; k < 4; ++k) {
-          s1 += static_cast<double>(dy[k]);
-          s2 += static_cast<double>(dy[k]) * (static_cast<double>(zv[k]) - mu);
+          s1 += dy[k];
+          s2 += dy[k] * (zv[k] - mu);
         }
       },
       first, second);
@@ -734,15 +762,15 @@ FASTUNET_CPU_CLONES void backward_sums_chunk_kernel(int64_t n, const FloatQuad& 
                                                     const float* __restrict__ grad_pooled,
                                                     const double* __restrict__ mean, double* __restrict__ first,
                                                     double* __restrict__ second) {
-  sum_line<St>(
+  backward_sum_line<St, float>(
       n,
-      [&](int64_t t, double& s1, double& s2) __attribute__((always_inline)) {
+      [&](int64_t t, float& s1, float& s2) __attribute__((always_inline)) {
         float zv[4], dy[4];
         chunk_dy_at<Pool>(t, z, y, g, grad_pooled, zv, dy);
-        const double mu = mean[t * St::channel];
+        const float mu = static_cast<float>(mean[t * St::channel]);
         for (int k = 0; k < 4; ++k) {
-          s1 += static_cast<double>(dy[k]);
-          s2 += static_cast<double>(dy[k]) * (static_cast<double>(zv[k]) - mu);
+          s1 += dy[k];
+          s2 += dy[k] * (zv[k] - mu);
         }
       },
       first, second);
