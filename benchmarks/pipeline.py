@@ -25,7 +25,7 @@ from procs import add_run_options, measure, peak_mib, random_batch, start_peak
 
 import fastunet
 from fastunet import parallel
-from fastunet.model import LEVELS
+from fastunet.parallel import UNITS
 
 
 def _loss(logits, target):
@@ -49,7 +49,7 @@ def _worker(rank, world, config):
     sent = [0]
     if world == 1:
         model = fastunet.U_Net(3, 1)
-        levels, params = list(LEVELS), list(model.parameters())
+        levels, params = ["Conv1", "Up2"], list(model.parameters())
 
         def compute():
             _whole_model_step(model, x, target, microbatches)
@@ -59,10 +59,10 @@ def _worker(rank, world, config):
         local = parallel.build_pipeline(model, microbatches, _loss, schedule=config["schedule"],
                                         balance=config["balance"], example_input=x,
                                         optimizer_states=2 if config["adam"] else 0)
-        levels = [name for module in local.modules for name in LEVELS[module.first:module.end]]
+        levels = [name for module in local.modules for name in module.unit_names()]
         params = [p for module in local.modules for p in module.parameters()]
         for module in local.modules:
-            if module.end < len(LEVELS):  # its outputs go to the next stage, their gradients come back
+            if module.end < len(UNITS):  # its outputs go to the next stage, their gradients come back
                 module.register_forward_hook(
                     lambda _m, _i, out: sent.__setitem__(0, sent[0] + 2 * sum(t.nbytes for t in out)))
 

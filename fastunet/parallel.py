@@ -6,6 +6,7 @@ riding along as extra tensors until the decoder level that takes them. ``build_p
 ``torch.distributed.pipelining.PipelineStage``s of them and the schedule that runs them.
 """
 
+import collections
 import itertools
 from typing import NamedTuple
 
@@ -18,6 +19,56 @@ from .model import BOTTLENECK, LEVELS, U_Net, _check_input, level_modules, skip_
 from .ops import memory_format_of
 
 BALANCES = ("memory", "flops")
+
+# What stages are cut between: the U-Net's levels, with the bottleneck's conv block as its two conv + BN + ReLU
+# layers ("Conv5.conv.0", "Conv5.conv.3", named by their first modules; as a boundary "Conv5" names the first).
+# The bottleneck holds 41% of the parameters, so wherever they dominate a rank's memory a stage of the whole
+# bottleneck holds more than its share; a stage that holds one of its layers runs that layer by its own modules
+# (the seed's), the block's fused path needing both.
+UNITS = LEVELS[:BOTTLENECK] + ("Conv5.conv.0", "Conv5.conv.3") + LEVELS[BOTTLENECK + 1:]
+_SECOND_LAYER = BOTTLENECK + 1  # the unit of the bottleneck's second layer
+_LAYER_MODULES = (range(0, 3), range(3, 6))  # the indices in conv_block.conv of the bottleneck's two layers
+
+
+def _level(unit):
+    """The level of ``unit``: its own, the bottleneck's for either of its layers. A cut before ``unit`` passes on
+    the skips a cut before that level does (a cut inside the bottleneck, all four)."""
+    return unit if unit <= BOTTLENECK else unit - 1
+
+
+class _BottleneckLayer(nn.Module):
+    """One of the bottleneck conv block's two layers (conv + BN + ReLU) as a stage holds it: the block's own modules,
+    under their names in the block (its ``state_dict`` keys are the model's), run in order."""
+
+    def __init__(self, block, layer):
+        super().__init__()
+        self.conv = nn.Sequential(collections.OrderedDict((str(i), block.conv[i]) for i in _LAYER_MODULES[layer]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _unit_modules(model, first, end):
+    """(name, module) of the model's children that units ``first`` to ``end - 1`` run, in order: a unit's level's
+    modules, the bottleneck as a _BottleneckLayer where the units hold one of its layers."""
+    for unit in range(first, end):
+        if unit in (BOTTLENECK, _SECOND_LAYER):
+            both = first <= BOTTLENECK and _SECOND_LAYER < end
+            if both and unit == BOTTLENECK:
+                yield "Conv5", model.Conv5
+            elif not both:
+                yield "Conv5", _BottleneckLayer(model.Conv5, unit - BOTTLENECK)
+            continue
+        for name in level_modules(_level(unit)):
+            yield name, getattr(model, name)
+
+
+def _unit_convs(model, unit):
+    """The nn.Conv2d modules unit ``unit`` runs."""
+    if unit in (BOTTLENECK, _SECOND_LAYER):
+        return [model.Conv5.conv[_LAYER_MODULES[unit - BOTTLENECK][0]]]
+    modules = (m for name in level_modules(_level(unit)) for m in getattr(model, name).modules())
+    return [m for m in modules if isinstance(m, nn.Conv2d)]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -39,8 +90,15 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _skips_crossing(unit):
+    """The encoder levels whose skips a cut before ``unit`` passes on (made before it, taken at or after it)."""
+    level = _level(unit)
+    return tuple(k for k in range(BOTTLENECK) if k < level <= skip_partner(k))
+
+
 class UNetStage(nn.Module):
-    """Levels ``LEVELS[first:end]`` of a fastunet.U_Net as one pipeline stage.
+    """Units ``UNITS[first:end]`` (levels, the bottleneck's two layers apart) of a fastunet.U_Net as one pipeline
+    stage.
 
     Its submodules are the model's own (the same objects, under the same names), so its ``state_dict`` keys are
     the model's keys for those levels. ``forward(h, *skips)``: ``h`` is the image for the first stage, else the
@@ -58,14 +116,21 @@ class UNetStage(nn.Module):
         if not isinstance(model, U_Net):
             raise TypeError(f"fastunet.parallel cuts a fastunet.U_Net into stages, not a {type(model).__name__}")
         self.first, self.end = first, end
-        self.skips_in = tuple(k for k in range(BOTTLENECK) if k < first <= skip_partner(k))
-        self.skips_out = tuple(k for k in range(BOTTLENECK) if k < end <= skip_partner(k))
-        for name in (name for level in range(first, end) for name in level_modules(level)):
-            self.add_module(name, getattr(model, name))
+        self.skips_in = _skips_crossing(first)
+        self.skips_out = _skips_crossing(end)
+        for name, module in _unit_modules(model, first, end):
+            self.add_module(name, module)
         object.__setattr__(self, "model", model)  # not a submodule: its other levels are other stages' parameters
 
+    def unit_names(self):
+        """The names of the units the stage runs (UNITS), the bottleneck as "Conv5" where it holds both layers."""
+        names = list(UNITS[self.first:self.end])
+        if self.first <= BOTTLENECK and _SECOND_LAYER < self.end:
+            names[BOTTLENECK - self.first:_SECOND_LAYER + 1 - self.first] = ["Conv5"]
+        return names
+
     def extra_repr(self):
-        return f"levels {', '.join(LEVELS[self.first:self.end])}"
+        return f"levels {', '.join(self.unit_names())}"
 
     def train(self, mode=True):
         """As nn.Module.train, and the U-Net's own flag too (its checks and activation checkpointing read it)."""
@@ -95,34 +160,37 @@ class UNetStage(nn.Module):
         model = self.model
         if self.first == 0:
             _check_input(h, model.img_ch, next(model.parameters(), None))
-        if self.first <= BOTTLENECK:  # the image's shape, as the bottleneck's BatchNorm check reads it
-            model.check_training_batch((h.shape[0], None, h.shape[2] << self.first, h.shape[3] << self.first))
-        passed = {k: t for k, t in zip(self.skips_in, skips) if skip_partner(k) >= self.end}
+        first, end = _level(self.first), _level(self.end)
+        if self.first <= _SECOND_LAYER:  # the image's shape, as the bottleneck's BatchNorm check reads it
+            model.check_training_batch((h.shape[0], None, h.shape[2] << first, h.shape[3] << first))
+        passed = {k: t for k, t in zip(self.skips_in, skips) if skip_partner(k) >= end}
         live = {k: self._received(t) for k, t in zip(self.skips_in, skips) if k not in passed}
         if self.first:
             h = self._received(h)
-        h = model.run_levels(self.first, self.end, h, live)  # takes its skips from live, leaves there those it makes
-        if self.end == len(LEVELS):
+        if self.first == _SECOND_LAYER:  # starts with the bottleneck's second layer
+            h, first = self.Conv5(h), BOTTLENECK + 1
+        h = model.run_levels(first, end, h, live)  # takes its skips from live, leaves there those it makes
+        if self.end == _SECOND_LAYER:  # ends with the bottleneck's first layer
+            h = self.Conv5(h)
+        if self.end == len(UNITS):
             return h
         return (self._sent(h), *(passed[k] if k in passed else self._sent(live[k][0]) for k in self.skips_out))
 
 
 def level_costs(model, balance="memory"):
-    """Each level's share of the work, as counted from the model's convolutions: ``"memory"``, the elements of the
-    convolutions' outputs (what training saves per level scales with them), or ``"flops"``, their multiply-adds;
-    both per input pixel, so the same for every image size."""
+    """Each unit's (UNITS: the levels, the bottleneck's two layers apart) share of the work, as counted from the
+    model's convolutions: ``"memory"``, the elements of the convolutions' outputs (what training saves per level
+    scales with them), or ``"flops"``, their multiply-adds; both per input pixel, so the same for every image size."""
     if balance not in BALANCES:
         raise ValueError(f"fastunet: balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
     costs = []
-    for level in range(len(LEVELS)):
+    for unit in range(len(UNITS)):
         cost = 0.0
-        for name in level_modules(level):
-            for conv in getattr(model, name).modules():
-                if isinstance(conv, nn.Conv2d):
-                    # an up block's conv runs at the resolution of the level it writes into
-                    per_pixel = conv.out_channels * (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-                                                     if balance == "flops" else 1)
-                    cost += per_pixel / 4 ** _depth(level)
+        for conv in _unit_convs(model, unit):
+            # an up block's conv runs at the resolution of the level it writes into
+            per_pixel = conv.out_channels * (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                                             if balance == "flops" else 1)
+            cost += per_pixel / 4 ** _depth(_level(unit))
         costs.append(cost)
     return costs
 
@@ -141,31 +209,33 @@ def _depth(level):
 _SAVED_PER_CONV_OUTPUT = {False: (1.3, 2.2), True: (2.5, 3.4)}  # exact: (encoder levels, decoder levels)
 
 
-def _last_conv(model, level):
-    return [m for name in level_modules(level) for m in getattr(model, name).modules() if isinstance(m, nn.Conv2d)][-1]
-
-
 class MemoryModel(NamedTuple):
-    """What balance="memory" counts a stage to hold in training, in bytes: ``parameters`` per level (the parameters,
-    their gradients and ``optimizer_states`` parameter-sized optimizer tensors each), ``activations`` per level
-    (saved for backward, one micro-batch), the tensors each level hands on per micro-batch (``sent``: ``h`` and
-    ``skips``, by the level that makes them), and ``held``, the micro-batches each stage holds at once."""
+    """What balance="memory" counts a stage to hold in training, in bytes, per unit (UNITS): ``parameters`` (the
+    parameters, their gradients and ``optimizer_states`` parameter-sized optimizer tensors each), ``activations``
+    (saved for backward, one micro-batch), the tensors each unit hands on per micro-batch (``h`` and ``skips``, by
+    the unit that makes them); ``layer_activations``: the bottleneck's two layers' activations where a stage holds
+    one of them alone (run by its own modules, which save more); ``held``: the micro-batches each stage holds at
+    once."""
 
     parameters: list
     activations: list
     h: list
     skips: list
+    layer_activations: tuple
     held: list
 
     def stage(self, index, first, end):
-        """Stage ``index`` of levels ``first`` to ``end - 1``: its parameters' bytes, plus per micro-batch it holds
-        its levels' saved activations and its boundary tensors (what it receives and sends, the inputs kept for
+        """Stage ``index`` of units ``first`` to ``end - 1``: its parameters' bytes, plus per micro-batch it holds
+        its units' saved activations and its boundary tensors (what it receives and sends, the inputs kept for
         backward), plus one more micro-batch's boundary tensors (the gradients coming back and going out)."""
-        boundary = (self.h[first - 1] if first else 0) + (self.h[end - 1] if end < len(LEVELS) else 0)
-        boundary += sum(self.skips[k] for k in range(BOTTLENECK) if k < first <= skip_partner(k))
-        boundary += sum(self.skips[k] for k in range(BOTTLENECK) if k < end <= skip_partner(k))
+        boundary = (self.h[first - 1] if first else 0) + (self.h[end - 1] if end < len(UNITS) else 0)
+        boundary += sum(self.skips[k] for cut in (first, end) for k in _skips_crossing(cut))
+        activations = sum(self.activations[first:end])
+        alone = [unit for unit in (BOTTLENECK, _SECOND_LAYER) if first <= unit < end]
+        if len(alone) == 1:
+            activations += self.layer_activations[alone[0] - BOTTLENECK] - self.activations[alone[0]]
         held = self.held[index]
-        return sum(self.parameters[first:end]) + held * sum(self.activations[first:end]) + (held + 1) * boundary
+        return sum(self.parameters[first:end]) + held * activations + (held + 1) * boundary
 
 
 def memory_model(model, example_input=None, image_size=None, held=None, optimizer_states=2, num_stages=1):
@@ -190,30 +260,33 @@ def memory_model(model, example_input=None, image_size=None, held=None, optimize
     encoder, decoder = _SAVED_PER_CONV_OUTPUT[bool(model.exact)]
     per_pixel = level_costs(model, "memory")
     parameters, activations, h, skips = [], [], [], []
-    for level in range(len(LEVELS)):
-        held_params = [p for name in level_modules(level) for p in getattr(model, name).parameters()]
+    for unit, modules in enumerate(_unit_modules(model, u, u + 1) for u in range(len(UNITS))):
+        level = _level(unit)
+        held_params = [p for _, module in modules for p in module.parameters()]
         parameters.append((2 + optimizer_states) * sum(p.numel() * p.element_size() for p in held_params))
         factor = encoder if level <= BOTTLENECK else decoder
-        activations.append(factor * per_pixel[level] * pixels * itemsize)
-        channels = _last_conv(model, level).out_channels
+        activations.append(factor * per_pixel[unit] * pixels * itemsize)
+        channels = _unit_convs(model, unit)[-1].out_channels
         out_depth = _depth(level) + 1 if level < BOTTLENECK else _depth(level)
         h.append(channels * pixels * itemsize / 4 ** out_depth)
         skips.append(channels * pixels * itemsize / 4 ** _depth(level) if level < BOTTLENECK else 0)
+    seed_encoder = _SAVED_PER_CONV_OUTPUT[True][0]  # a layer alone runs the seed's modules, as exact mode does
+    layer_activations = tuple(seed_encoder * per_pixel[u] * pixels * itemsize for u in (BOTTLENECK, _SECOND_LAYER))
     held = [1] * num_stages if held is None else list(held)
-    return MemoryModel(parameters, activations, h, skips, held)
+    return MemoryModel(parameters, activations, h, skips, layer_activations, held)
 
 
 def balanced_boundaries(costs, num_stages):
-    """The levels where stages 1 to ``num_stages - 1`` start, so that the costliest stage costs the least (every
-    contiguous cut tried; the first such cut wins a tie). ``costs``: each level's (a stage costs the sum of its
-    levels'), or a MemoryModel (a stage costs MemoryModel.stage)."""
+    """The units (UNITS) where stages 1 to ``num_stages - 1`` start, so that the costliest stage costs the least
+    (every contiguous cut tried; the first such cut wins a tie). ``costs``: each unit's (a stage costs the sum of
+    its units'), or a MemoryModel (a stage costs MemoryModel.stage)."""
     if isinstance(costs, MemoryModel):
-        levels, stage_cost = len(costs.parameters), costs.stage
+        units, stage_cost = len(costs.parameters), costs.stage
     else:
-        levels, stage_cost = len(costs), lambda _, a, b: sum(costs[a:b])
+        units, stage_cost = len(costs), lambda _, a, b: sum(costs[a:b])
     best = None
-    for cut in itertools.combinations(range(1, levels), num_stages - 1):
-        edges = (0, *cut, levels)
+    for cut in itertools.combinations(range(1, units), num_stages - 1):
+        edges = (0, *cut, units)
         worst = max(stage_cost(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
         if best is None or worst < best[0]:
             best = (worst, cut)
@@ -224,13 +297,15 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
                     held_microbatches=None, optimizer_states=2):
     """``model`` (a fastunet.U_Net) cut into ``num_stages`` UNetStage modules sharing its parameters.
 
-    ``boundaries``: the names of the levels where stages 1 to ``num_stages - 1`` start, in order (levels: Conv1 ...
-    Conv5, then Up5 ... Up2, each decoder level with its double block, the last with the 1x1 conv); by default
-    chosen by ``balance``, so that the costliest stage costs the least:
+    ``boundaries``: the names of the units where stages 1 to ``num_stages - 1`` start, in order (UNITS: the levels
+    Conv1 ... Conv4, the bottleneck's two layers Conv5 and Conv5.conv.3, then Up5 ... Up2, each decoder level with
+    its double block, the last with the 1x1 conv); by default chosen by ``balance``, so that the costliest stage
+    costs the least. A stage holding one of the bottleneck's layers runs it by its own modules (the block's fused
+    path needs both):
 
     - ``"memory"``: what a stage holds in training (MemoryModel): its parameters, their gradients and the
       optimizer's state (``optimizer_states`` parameter-sized tensors per parameter: 2 for Adam or AdamW, the
-      default; 1 for SGD with momentum; 0 for plain SGD), the activations its levels save for backward for each
+      default; 1 for SGD with momentum; 0 for plain SGD), the activations its units save for backward for each
       micro-batch it holds at once (``held_microbatches``, one count per stage, default 1; build_pipeline passes
       its schedule's), and the tensors it receives and sends (kept per micro-batch held, plus one micro-batch's
       gradients). The activations need the micro-batch: ``example_input`` (one micro-batch ``[n, C, H, W]``, a
@@ -244,8 +319,9 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
     """
     if not isinstance(model, U_Net):
         raise TypeError(f"fastunet.parallel cuts a fastunet.U_Net into stages, not a {type(model).__name__}")
-    if not 1 <= num_stages <= len(LEVELS):
-        raise ValueError(f"fastunet: a U-Net has {len(LEVELS)} levels to cut into stages; num_stages={num_stages}")
+    if not 1 <= num_stages <= len(UNITS):
+        raise ValueError(f"fastunet: a U-Net has {len(UNITS)} units to cut into stages ({', '.join(UNITS)}); "
+                         f"num_stages={num_stages}")
     if boundaries is None:
         if balance == "memory":
             costs = memory_model(model, example_input, image_size, held_microbatches, optimizer_states, num_stages)
@@ -256,14 +332,16 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
         cut = balanced_boundaries(costs, num_stages)
     else:
         names = tuple(boundaries)
-        unknown = [n for n in names if n not in LEVELS[1:]]
+        index = {name: unit for unit, name in enumerate(UNITS)} | {"Conv5": BOTTLENECK}
+        unknown = [n for n in names if index.get(n, 0) == 0]
         if unknown or len(names) != num_stages - 1:
-            raise ValueError(f"fastunet: boundaries must name the {num_stages - 1} levels where stages 1 to "
-                             f"{num_stages - 1} start, among {', '.join(LEVELS[1:])}; got {list(names)}")
-        cut = tuple(LEVELS.index(n) for n in names)
+            raise ValueError(f"fastunet: boundaries must name the {num_stages - 1} units where stages 1 to "
+                             f"{num_stages - 1} start, among {', '.join(UNITS[1:])} (Conv5: Conv5.conv.0); got "
+                             f"{list(names)}")
+        cut = tuple(index[n] for n in names)
         if list(cut) != sorted(set(cut)):
-            raise ValueError(f"fastunet: boundaries must be distinct levels in forward order; got {list(names)}")
-    edges = (0, *cut, len(LEVELS))
+            raise ValueError(f"fastunet: boundaries must be distinct units in forward order; got {list(names)}")
+    edges = (0, *cut, len(UNITS))
     return [UNetStage(model, a, b) for a, b in zip(edges, edges[1:])]
 
 

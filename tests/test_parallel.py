@@ -19,11 +19,11 @@ from helpers import (
 
 import fastunet
 from fastunet import parallel
-from fastunet.model import LEVELS, level_modules
+from fastunet.parallel import UNITS
 from fastunet.reference import U_Net as Reference
 
 CUTS = [((), "one stage"), (("Conv3",), "encoder | rest"), (("Up4",), "Conv4 and Up5 in one stage"),
-        (("Conv2", "Conv5", "Up2"), "four stages")]
+        (("Conv2", "Conv5", "Up2"), "four stages"), (("Conv4", "Conv5.conv.3", "Up5"), "the bottleneck's layers apart")]
 
 
 def chained_step(stages, x, grad_out):
@@ -91,15 +91,17 @@ def test_skip_gradients_handed_back_are_contiguous():
     _, model = pair(exact=False)
     stages = parallel.pipeline_stages(model, 2, boundaries=("Conv5",))
     assert stages[1].skips_in == (0, 1, 2, 3)
+    assert stages[1].unit_names() == ["Conv5", "Up5", "Up4", "Up3", "Up2"]  # both bottleneck layers: the level
     _, handed_back = chained_step(stages, torch.randn(2, 3, 32, 32), torch.randn(2, 2, 32, 32))
     assert len(handed_back) == 5 and all(t.is_contiguous() for t in handed_back)
 
 
-def test_fast_mode_stages_are_within_the_error_rule():
+@pytest.mark.parametrize("boundaries", [None, ("Conv5", "Conv5.conv.3")], ids=["balanced", "bottleneck apart"])
+def test_fast_mode_stages_are_within_the_error_rule(boundaries):
     ref, model = pair(exact=False)
     well_conditioned(ref, model)
     ref64 = copy.deepcopy(ref).double()
-    stages = parallel.pipeline_stages(model, 3, image_size=32)
+    stages = parallel.pipeline_stages(model, 3, image_size=32, boundaries=boundaries)
     x, g = pool_tie_free(ref64, lambda: torch.randn(2, 3, 32, 32)), torch.randn(2, 2, 32, 32)
     got, _ = chained_step(stages, x, g)
     assert_within_twice_reference_error(got, train_step(ref, x, g), train_step(ref64, x.double(), g.double()))
@@ -107,7 +109,7 @@ def test_fast_mode_stages_are_within_the_error_rule():
 
 def test_stages_share_the_parameters_and_their_state_dicts_load_into_the_seed():
     model = fastunet.U_Net(3, 2)
-    for num_stages in range(1, len(LEVELS) + 1):
+    for num_stages in range(1, len(UNITS) + 1):
         stages = parallel.pipeline_stages(model, num_stages, image_size=64)
         keys = [k for s in stages for k in s.state_dict()]
         assert sorted(keys) == sorted(model.state_dict()) and len(keys) == len(set(keys))
@@ -135,9 +137,9 @@ def test_balanced_cuts_minimise_the_costliest_stage():
     assert stages[1].first == parallel.balanced_boundaries(flops, 2)[0]
 
 
-def _saved_bytes_per_level(model, x):
-    """The bytes each level saves for backward (torch.autograd.graph.saved_tensors_hooks; each storage once,
-    parameters left out) in a training forward of ``x``, the levels run as one-level stages."""
+def _saved_bytes_per_unit(model, x):
+    """The bytes each unit saves for backward (torch.autograd.graph.saved_tensors_hooks; each storage once,
+    parameters left out) in a training forward of ``x``, the units run as one-unit stages."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     counted, h = [], (x,)
     saved = {}
@@ -148,7 +150,7 @@ def _saved_bytes_per_level(model, x):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    for stage in parallel.pipeline_stages(model, len(LEVELS), boundaries=LEVELS[1:]):
+    for stage in parallel.pipeline_stages(model, len(UNITS), boundaries=UNITS[1:]):
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             h = stage(*(t.detach().requires_grad_() for t in h))
@@ -162,19 +164,23 @@ def test_memory_balance_counts_what_a_rank_holds(exact):
     model = fastunet.U_Net(3, 1, exact=exact)
     x = torch.randn(2, 3, 64, 64)
     held = parallel.memory_model(model, x, held=[2, 1], num_stages=2)
-    for level in range(len(LEVELS)):
-        param_bytes = sum(4 * p.numel() for m in level_modules(level) for p in getattr(model, m).parameters())
-        assert held.parameters[level] == 4 * param_bytes  # the parameters, their gradients, Adam's two moments
+    for unit, stage in enumerate(parallel.pipeline_stages(model, len(UNITS), boundaries=UNITS[1:])):
+        param_bytes = sum(4 * p.numel() for p in stage.parameters())
+        assert held.parameters[unit] == 4 * param_bytes  # the parameters, their gradients, Adam's two moments
+    assert sum(held.parameters) == 4 * sum(4 * p.numel() for p in model.parameters())
     sgd = parallel.memory_model(model, x, optimizer_states=0)
     assert all(2 * a == b for a, b in zip(sgd.parameters, held.parameters))
-    # the saved activations estimated from the convolutions' outputs: within a third of what training saves
-    for level, (estimate, counted) in enumerate(zip(held.activations, _saved_bytes_per_level(model, x))):
-        assert 0.75 * counted <= estimate <= 1.35 * counted, LEVELS[level]
+    # the saved activations estimated from the convolutions' outputs: within a third of what training saves (the
+    # bottleneck's layers, each alone on a stage, run by their own modules: layer_activations)
+    estimates = list(held.activations)
+    estimates[UNITS.index("Conv5.conv.0"):UNITS.index("Conv5.conv.3") + 1] = held.layer_activations
+    for unit, (estimate, counted) in enumerate(zip(estimates, _saved_bytes_per_unit(model, x))):
+        assert 0.75 * counted <= estimate <= 1.35 * counted, UNITS[unit]
     # the boundary of a cut before Up4: Up5's output and the 3 upper skips (2 images, float32), held for each
     # micro-batch and once more for the gradients
     boundary = 4 * 2 * (512 * 8 * 8 + 64 * 64 * 64 + 128 * 32 * 32 + 256 * 16 * 16)
-    up4 = LEVELS.index("Up4")
-    assert held.stage(1, up4, len(LEVELS)) == pytest.approx(
+    up4 = UNITS.index("Up4")
+    assert held.stage(1, up4, len(UNITS)) == pytest.approx(
         sum(held.parameters[up4:]) + sum(held.activations[up4:]) + 2 * boundary)
     # a stage holding two micro-batches holds their activations and boundaries twice
     assert held.stage(0, 0, up4) == pytest.approx(sum(held.parameters[:up4]) + 2 * sum(held.activations[:up4])
@@ -189,22 +195,26 @@ def test_the_memory_balance_follows_the_image_size():
         one_f_one_b = [4, 3, 2, 1]  # what build_pipeline passes for 1F1B over 4 stages and 4 micro-batches
         costs = parallel.memory_model(model, (1, 3, side, side), held=one_f_one_b, num_stages=4)
         cut = parallel.balanced_boundaries(costs, 4)
-        for other in _all_cuts(len(LEVELS), 4):
+        for other in _all_cuts(len(UNITS), 4):
             assert _worst_stage(costs, cut) <= _worst_stage(costs, other)
         stages = parallel.pipeline_stages(model, 4, example_input=torch.empty(1, 3, side, side, device="meta"),
                                           held_microbatches=one_f_one_b)
         assert tuple(s.first for s in stages[1:]) == cut
+        if side == 128:
+            assert [s.unit_names() for s in stages] == [["Conv1", "Conv2", "Conv3", "Conv4", "Conv5.conv.0"],
+                                                        ["Conv5.conv.3"], ["Up5"], ["Up4", "Up3", "Up2"]]
         cuts[side] = cut
-    # small images: the parameters (96% in Conv4 ... Up4) dominate, the bottleneck gets a stage to itself; large
-    # ones: the full-resolution activations do, and the deep levels share one stage
-    assert LEVELS.index("Conv5") in cuts[128] and LEVELS.index("Up5") in cuts[128]
+    # small images: the parameters (96% in Conv4 ... Up4) dominate, the bottleneck's second layer gets a stage to
+    # itself (its first goes with the encoder); large ones: the full-resolution activations do, and the deep levels
+    # share one stage
+    assert UNITS.index("Conv5.conv.3") in cuts[128] and UNITS.index("Up5") in cuts[128]
     assert cuts[1024] != cuts[128]
     with pytest.raises(ValueError, match="example_input= .* or image_size="):
         parallel.pipeline_stages(model, 2)
 
 
 def _worst_stage(costs, cut):
-    edges = (0, *cut, len(LEVELS))
+    edges = (0, *cut, len(UNITS))
     return max(costs.stage(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
 
 
@@ -218,8 +228,9 @@ def _all_cuts(n, stages):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_stages=0), "levels to cut"),
-    (dict(num_stages=10), "levels to cut"),
+    (dict(num_stages=0), "units to cut"),
+    (dict(num_stages=11), "units to cut"),
+    (dict(num_stages=2, boundaries=("Conv5.conv.1",)), "must name"),
     (dict(num_stages=2, boundaries=("Conv1",)), "must name"),
     (dict(num_stages=3, boundaries=("Up5",)), "must name"),
     (dict(num_stages=3, boundaries=("Up5", "Conv3")), "forward order"),
