@@ -4,10 +4,12 @@ each (fastunet.parallel.spatial), next to the whole model in one process (fast m
 seed U-Net). Per run: each rank's peak memory (its peak RSS above its RSS before the model is built), what its
 parameters, gradients and Adam state take, its activation memory (the peak less those), the step time (the slowest
 rank's, median), and the halo bytes each step sends (rows to the neighbours before each 3x3 conv, their gradients
-back). Every figure measured at the sizes given, none fitted. Prints markdown tables for benchmarks/RESULTS.md.
+back). Every figure measured at the sizes given, none fitted. Every process maps malloc blocks of 4 MiB or more
+apart, as fastunet.train --spatial has it (fastunet.parallel.malloc_mmap_threshold; --mmap-threshold 0: glibc's
+malloc as it comes). Prints markdown tables for benchmarks/RESULTS.md.
 
   python benchmarks/spatial.py [--procs 1,2,4] [--heights 1024] [--width 256] [--batch 1] [--steps 1]
-                               [--optimizer adam] [--whole fast]
+                               [--optimizer adam] [--whole fast] [--mmap-threshold 4]
 """
 
 import argparse
@@ -30,6 +32,8 @@ def _worker(rank, world, config):
     """One rank's peak MiB, step seconds and halo bytes per step of ``config``'s run (``config["whole"]``: the
     whole image in one process on fastunet.U_Net or the seed U-Net, else spatial over the ``world`` ranks)."""
     batch, height, width = config["batch"], config["height"], config["width"]
+    if config["mmap_threshold"]:
+        parallel.malloc_mmap_threshold(config["mmap_threshold"] << 20)
     x, target = random_batch(batch, height, width)
     base_kib = start_peak()
     torch.manual_seed(0)
@@ -92,11 +96,16 @@ def main():
                         help="Adam's step after each training step, its state held (default), or none")
     parser.add_argument("--whole", default="fast", help="whole models in one process to run too: fast, seed, "
                                                         "both (fast,seed) or none (default fast)")
+    parser.add_argument("--mmap-threshold", type=int, default=4,
+                        help="MiB: every process's glibc malloc maps blocks of this size or more apart "
+                             "(fastunet.parallel.malloc_mmap_threshold, as fastunet.train --spatial sets it; default "
+                             "4; 0: malloc as it comes)")
     args = parser.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     wholes = [w for w in args.whole.split(",") if w in WHOLE]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, one thread per process, batch {args.batch}, "
-          f"width {args.width}, optimizer {args.optimizer}, {args.steps} timed steps after one warm-up")
+          f"width {args.width}, optimizer {args.optimizer}, {args.steps} timed steps after one warm-up, malloc mmap "
+          f"threshold {f'{args.mmap_threshold} MiB' if args.mmap_threshold else 'as glibc comes'}")
     for height in (int(h) for h in args.heights.split(",")):
         print(f"\n{args.batch} x 3 x {height} x {args.width} images:\n")
         print("| processes | rows per rank | peak MiB per rank | parameters, gradients, Adam MiB | activation MiB "
@@ -108,7 +117,8 @@ def main():
             world = 1 if label in WHOLE else label
             r = summarize(measure(_worker, world, {
                 "batch": args.batch, "height": height, "width": args.width, "steps": args.steps,
-                "whole": label if label in WHOLE else None, "adam": args.optimizer == "adam"}))
+                "whole": label if label in WHOLE else None, "adam": args.optimizer == "adam",
+                "mmap_threshold": args.mmap_threshold}))
             activations = [p - h for p, h in zip(r["peaks"], r["held"])]
             if label == 1:
                 one = activations[0]

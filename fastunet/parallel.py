@@ -7,7 +7,9 @@ riding along as extra tensors until the decoder level that takes them. ``build_p
 """
 
 import collections
+import ctypes
 import itertools
+import platform
 from typing import NamedTuple
 
 import torch
@@ -492,6 +494,29 @@ def gather_state_dict(local, group=None):
     parts = [None] * dist.get_world_size(group) if first else None
     dist.gather_object(state, parts, group=group, group_dst=0)
     return {key: value for part in parts for key, value in part.items()} if first else None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt(3)'s parameter number
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+def malloc_mmap_threshold(nbytes=4 << 20):
+    """Sets this process's glibc malloc mmap threshold to ``nbytes`` (1 byte to 32 MiB; default 4 MiB): every block
+    of that size or more is then mapped on its own and unmapped when freed, so freed activations go back to the
+    system at once. glibc's own threshold rises to the largest block freed (up to 32 MiB); past it, the stripes of
+    a split image (``spatial``, a quarter of an image's tensors on 4 ranks) are carved from the heap, which keeps
+    them when freed: at 1 x 3 x 1024 x 256 on 4 ranks the largest rank's activation memory was 0.38-0.43x one
+    process's as glibc comes, 0.30-0.31x with 4 MiB, for 11-23% more step time on 2 and 4 ranks (every mapped
+    block is new pages, faulted in and zeroed at each step; one process's step the same; benchmarks/RESULTS.md).
+    A process-wide setting, made only by this call (``fastunet.train --spatial`` makes it, ``--mmap-threshold``):
+    call it in each process before training. Returns True where set; False where the C library is not glibc
+    (nothing changed)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= _MMAP_THRESHOLD_MAX:
+        raise ValueError(f"fastunet: nbytes is the block size from which malloc maps blocks apart, 1 byte to 32 MiB "
+                         f"(glibc's largest); got {nbytes!r}")
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
 from .spatial import SpatialUNet, gather_rows, spatial, split_rows  # noqa: E402, F401  (one namespace for users)

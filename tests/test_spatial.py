@@ -5,6 +5,9 @@ the fast-mode error rule (flash-attention's 2x of the float32 reference's error 
 
 import copy
 import os
+import platform
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -260,3 +263,34 @@ def test_a_spatial_model_fuses_and_falls_back_where_the_whole_model_does(change,
         assert fused.call_count == fused_ops == (22 if dtype == torch.float32 else 0)
     assert fresh_warnings()[len(whole_warnings):] == whole_warnings
     assert relative_error(got, want) <= 1e-5
+
+
+_GIVEN_BACK = """
+import sys, torch
+from fastunet import parallel
+def anon_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+if sys.argv[1] == "set":
+    assert parallel.malloc_mmap_threshold(4 << 20)
+first = torch.randn(4 << 20); del first  # a 16 MiB block freed: glibc's own threshold rises to its size
+stripe = torch.randn(2 << 20); held = anon_mib(); del stripe  # an 8 MiB block, as a quarter image's tensor
+print(held - anon_mib())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_mmap_threshold_gives_freed_blocks_back():
+    """As glibc comes, a freed block under the largest freed before stays in the heap (the stripes of a split
+    image); with malloc_mmap_threshold its pages go back to the system when it is freed. Each in a fresh process:
+    the setting is process-wide."""
+    given_back = {}
+    for mode in ("default", "set"):
+        run = subprocess.run([sys.executable, "-c", _GIVEN_BACK, mode], capture_output=True, text=True, timeout=120,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert run.returncode == 0, run.stderr[-2000:]
+        given_back[mode] = float(run.stdout.split()[-1])
+    assert given_back["set"] >= 7.5 and given_back["default"] < 1.0, given_back
+    for bad in (0, 33 << 20, 1.5, True):
+        with pytest.raises(ValueError, match="1 byte to 32 MiB"):
+            parallel.malloc_mmap_threshold(bad)

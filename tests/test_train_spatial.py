@@ -30,6 +30,7 @@ def assert_trains_alike(got, want):
 def test_two_stripes_train_as_one_process(tmp_path):
     got = torchrun(2, [*SMALL, "--batch", "4", "--spatial", "2"], tmp_path / "sp")
     assert got[0]["config"]["spatial"] == 2 and got[0]["config"]["world_size"] == 2
+    assert got[0]["config"]["mmap_threshold"] == 4  # --spatial's default: freed stripes go back to the system
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -52,6 +53,7 @@ def test_two_replicas_of_two_stripes_with_sync_bn_train_as_ddp(tmp_path, ddp_syn
     (["--spatial", "2", "--pipeline", "2"], "--spatial trains fastunet.U_Net alone"),
     (["--spatial", "2", "--size", "48"], "--size must be a multiple of 32"),
     (["--spatial", "0"], "--spatial must be at least 1"),
+    (["--spatial", "2", "--mmap-threshold", "33"], "--mmap-threshold must be 0"),
 ])
 def test_spatial_options_are_checked(capsys, args, message):
     with pytest.raises(SystemExit):

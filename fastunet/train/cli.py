@@ -79,6 +79,10 @@ def parse_args(argv):
     parser.add_argument("--spatial", type=int,
                         help="under torchrun: split each image by rows over N processes (fastunet.parallel.spatial; "
                              "the processes form replicas of N, trained data-parallel; --size a multiple of 16 N)")
+    parser.add_argument("--mmap-threshold", type=int,
+                        help="MiB: glibc malloc maps blocks of this size or more apart and gives them back when freed "
+                             "(fastunet.parallel.malloc_mmap_threshold; default 4 with --spatial, whose stripes "
+                             "glibc otherwise keeps in its heap; 0: malloc as it comes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either off a terminal)")
     parser.add_argument("--log-every", type=int, default=10, help="without a progress bar, log every N steps")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 0 on the CPU, 4 on CUDA)")
@@ -130,6 +134,8 @@ def check_args(parser, args):
     for name in ("val_samples", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be at least 0")
+    if args.mmap_threshold is not None and not 0 <= args.mmap_threshold <= 32:
+        parser.error("--mmap-threshold must be 0 (malloc as it comes) to 32 MiB (glibc's largest)")
 
 
 def fill_defaults(args, device):
@@ -217,6 +223,8 @@ def run(args, device, rank, world):
             raise ValueError(f"--spatial {args.spatial} needs --size a multiple of {16 * args.spatial} (stripes of a "
                              f"multiple of 16 rows); it is {args.size}")
         mesh = process_mesh("sp", args.spatial, device, world)
+    if args.mmap_threshold is None:
+        args.mmap_threshold = 4 if args.spatial else 0
     config = {**vars(args), "device": str(device), "world_size": world, "models": names}
     log(f"config: {json.dumps(config)}", rank)
     if args.pipeline:
@@ -225,6 +233,10 @@ def run(args, device, rank, world):
     elif args.spatial:
         log(f"spatial: each image in {args.spatial} stripes of {args.size // args.spatial} rows x {mesh.replicas} "
             f"replicas", rank)
+    if args.mmap_threshold:
+        mapped = parallel.malloc_mmap_threshold(args.mmap_threshold << 20)
+        log(f"malloc: blocks of {args.mmap_threshold} MiB or more mapped apart, given back when freed" if mapped
+            else "malloc: not glibc's, --mmap-threshold left it as it is", rank)
     if args.sync_bn and (mesh.replicas if mesh else world) == 1:
         log("--sync-bn with one replica: synchronized BN computes plain BatchNorm", rank)
 
