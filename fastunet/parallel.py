@@ -17,7 +17,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .model import BOTTLENECK, LEVELS, U_Net, _check_input, level_modules, skip_partner
+from .model import (
+    _SEED_MODULE_TYPES,
+    BOTTLENECK,
+    LEVELS,
+    U_Net,
+    _check_input,
+    has_hooks,
+    level_modules,
+    skip_partner,
+)
 from .ops import memory_format_of
 
 BALANCES = ("memory", "flops")
@@ -48,6 +57,20 @@ class _BottleneckLayer(nn.Module):
 
     def forward(self, x):
         return self.conv(x)
+
+
+def bottleneck_split_refusal(model):
+    """Why stages may not cut inside ``model``'s bottleneck block, or None where they may. A stage holding one of
+    its layers runs that layer's modules, not the block: the block must be the seed's (a conv_block whose ``conv``
+    is the Sequential of conv, BN and ReLU twice), without hooks on it or its Sequential, and no global module hook
+    set (it would see the two halves, not the block)."""
+    block = model.Conv5
+    conv = getattr(block, "conv", None)
+    if type(block) not in _SEED_MODULE_TYPES or type(conv) is not nn.Sequential or len(conv) != 6:
+        return "Conv5 is not the seed's conv_block"
+    if has_hooks(block) or has_hooks(conv):
+        return "Conv5 or Conv5.conv has hooks, or a global module hook is set"
+    return None
 
 
 def _unit_modules(model, first, end):
@@ -169,6 +192,11 @@ class UNetStage(nn.Module):
         live = {k: self._received(t) for k, t in zip(self.skips_in, skips) if k not in passed}
         if self.first:
             h = self._received(h)
+        if self.first == _SECOND_LAYER or self.end == _SECOND_LAYER:
+            refusal = bottleneck_split_refusal(model)
+            if refusal:
+                raise RuntimeError(f"fastunet: this pipeline stage runs one layer of the bottleneck block by its own "
+                                   f"modules, and {refusal}; remove that, or cut the stages at Conv5 or Up5")
         if self.first == _SECOND_LAYER:  # starts with the bottleneck's second layer
             h, first = self.Conv5(h), BOTTLENECK + 1
         h = model.run_levels(first, end, h, live)  # takes its skips from live, leaves there those it makes
@@ -278,16 +306,21 @@ def memory_model(model, example_input=None, image_size=None, held=None, optimize
     return MemoryModel(parameters, activations, h, skips, layer_activations, held)
 
 
-def balanced_boundaries(costs, num_stages):
+def balanced_boundaries(costs, num_stages, exclude=()):
     """The units (UNITS) where stages 1 to ``num_stages - 1`` start, so that the costliest stage costs the least
-    (every contiguous cut tried; the first such cut wins a tie). ``costs``: each unit's (a stage costs the sum of
-    its units'), or a MemoryModel (a stage costs MemoryModel.stage)."""
+    (every contiguous cut tried but those starting a stage at a unit of ``exclude``; the first such cut wins a tie).
+    ``costs``: each unit's (a stage costs the sum of its units'), or a MemoryModel (a stage costs
+    MemoryModel.stage)."""
     if isinstance(costs, MemoryModel):
         units, stage_cost = len(costs.parameters), costs.stage
     else:
         units, stage_cost = len(costs), lambda _, a, b: sum(costs[a:b])
     best = None
-    for cut in itertools.combinations(range(1, units), num_stages - 1):
+    starts = [unit for unit in range(1, units) if unit not in exclude]
+    if num_stages - 1 > len(starts):
+        raise ValueError(f"fastunet: {num_stages} stages need {num_stages - 1} places to cut; {len(starts)} are "
+                         "allowed here")
+    for cut in itertools.combinations(starts, num_stages - 1):
         edges = (0, *cut, units)
         worst = max(stage_cost(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
         if best is None or worst < best[0]:
@@ -303,7 +336,8 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
     Conv1 ... Conv4, the bottleneck's two layers Conv5 and Conv5.conv.3, then Up5 ... Up2, each decoder level with
     its double block, the last with the 1x1 conv); by default chosen by ``balance``, so that the costliest stage
     costs the least. A stage holding one of the bottleneck's layers runs it by its own modules (the block's fused
-    path needs both):
+    path needs both); where they cannot stand for the block (bottleneck_split_refusal: hooks on it, a global
+    module hook, a block not the seed's) the balance keeps it whole and a boundary inside it is an error:
 
     - ``"memory"``: what a stage holds in training (MemoryModel): its parameters, their gradients and the
       optimizer's state (``optimizer_states`` parameter-sized tensors per parameter: 2 for Adam or AdamW, the
@@ -324,6 +358,7 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
     if not 1 <= num_stages <= len(UNITS):
         raise ValueError(f"fastunet: a U-Net has {len(UNITS)} units to cut into stages ({', '.join(UNITS)}); "
                          f"num_stages={num_stages}")
+    refusal = bottleneck_split_refusal(model)
     if boundaries is None:
         if balance == "memory":
             costs = memory_model(model, example_input, image_size, held_microbatches, optimizer_states, num_stages)
@@ -331,7 +366,7 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
                 raise ValueError(f"fastunet: held_microbatches gives {len(costs.held)} counts for {num_stages} stages")
         else:
             costs = level_costs(model, balance)
-        cut = balanced_boundaries(costs, num_stages)
+        cut = balanced_boundaries(costs, num_stages, exclude=(_SECOND_LAYER,) * bool(refusal))
     else:
         names = tuple(boundaries)
         index = {name: unit for unit, name in enumerate(UNITS)} | {"Conv5": BOTTLENECK}
@@ -341,6 +376,8 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
                              f"{num_stages - 1} start, among {', '.join(UNITS[1:])} (Conv5: Conv5.conv.0); got "
                              f"{list(names)}")
         cut = tuple(index[n] for n in names)
+        if refusal and _SECOND_LAYER in cut:
+            raise ValueError(f"fastunet: a stage cannot start at Conv5.conv.3 here: {refusal}; cut at Conv5 or Up5")
         if list(cut) != sorted(set(cut)):
             raise ValueError(f"fastunet: boundaries must be distinct units in forward order; got {list(names)}")
     edges = (0, *cut, len(UNITS))

@@ -213,6 +213,34 @@ def test_the_memory_balance_follows_the_image_size():
         parallel.pipeline_stages(model, 2)
 
 
+def test_the_bottleneck_stays_whole_where_its_layers_cannot_run_apart():
+    """A stage holding one bottleneck layer runs its modules, not the block: with a hook on the block (or a global
+    module hook, which would see the halves) the balance keeps the block whole, a boundary inside it is an error
+    naming the way out, and a stage already cut there refuses to run rather than skip the hook."""
+    with torch.device("meta"):
+        model = fastunet.U_Net(3, 1)
+    second = UNITS.index("Conv5.conv.3")
+    kwargs = dict(example_input=(1, 3, 128, 128), held_microbatches=[4, 3, 2, 1])
+    assert parallel.pipeline_stages(model, 4, **kwargs)[1].first == second
+    hook = model.Conv5.register_forward_hook(lambda *args: None)
+    assert second not in [s.first for s in parallel.pipeline_stages(model, 4, **kwargs)]
+    with pytest.raises(ValueError, match="cannot start at Conv5.conv.3 here: Conv5 or Conv5.conv has hooks"):
+        parallel.pipeline_stages(model, 3, boundaries=("Conv5", "Conv5.conv.3"))
+    with pytest.raises(ValueError, match="10 stages need 9 places to cut; 8 are allowed"):
+        parallel.pipeline_stages(model, 10, image_size=64)
+    hook.remove()
+    model = fastunet.U_Net(3, 1)
+    stages = parallel.pipeline_stages(model, 3, boundaries=("Conv5", "Conv5.conv.3"))
+    skips = [torch.randn(2, c, 128 >> k, 128 >> k) for k, c in enumerate((64, 128, 256, 512))]
+    assert stages[1](torch.randn(2, 512, 8, 8), *skips)[0].shape == (2, 1024, 8, 8)
+    global_hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        with pytest.raises(RuntimeError, match="runs one layer of the bottleneck block .* global module hook"):
+            stages[1](torch.randn(2, 512, 8, 8), *skips)
+    finally:
+        global_hook.remove()
+
+
 def _worst_stage(costs, cut):
     edges = (0, *cut, len(UNITS))
     return max(costs.stage(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
