@@ -639,46 +639,26 @@ void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
       d.p[1], d.p[2], d.p[3]);
 }
 
-// Adds term(t, s1, s2) of elements t < length to two per-channel sums: into first[t], second[t] along channels
-// (ChannelStep 1); along a row of one channel into first[0], second[0], through 8 partial sums (a vectorizable
-// reduction in a fixed order). It and its terms are always inlined: GCC leaves calls otherwise (to the default
-// target, in the target_clones copies), once the terms round through float16.
-template <typename St, typename Term>
+// Adds term(t, s1, s2) of elements t < length to two per-channel double sums, the terms first added to partial sums
+// in lane_t (double for the statistics; the backward reductions' accumulation type, float for all but float64
+// tensors: twice double's vector lanes, where double partials made the 16-bit lines compute-bound). Along channels
+// (ChannelStep 1) a partial per element t (its cell's 4 pixels), added to first[t], second[t]; along a row of one
+// channel 64 bytes of partials (8 double or 16 float lanes, a vectorizable reduction in a fixed order), added to
+// first[0], second[0]. It and its terms are always inlined: GCC leaves calls otherwise (to the default target, in
+// the target_clones copies), once the terms round through float16.
+template <typename St, typename lane_t, typename Term>
 __attribute__((always_inline)) inline void sum_line(int64_t length, const Term& term, double* __restrict__ first,
                                                     double* __restrict__ second) {
   if constexpr (St::channel == 1) {
-    for (int64_t t = 0; t < length; ++t) term(t, first[t], second[t]);
-  } else {
-    constexpr int lanes = 8;
-    double a[lanes] = {}, b[lanes] = {};
-    int64_t t = 0;
-    for (; t + lanes <= length; t += lanes)
-      for (int i = 0; i < lanes; ++i) term(t + i, a[i], b[i]);
-    for (int i = 0; t < length; ++t, ++i) term(t, a[i], b[i]);
-    for (int i = 0; i < lanes; ++i) {
-      first[0] += a[i];
-      second[0] += b[i];
-    }
-  }
-}
-
-// The backward reductions' form of sum_line: term(t, s1, s2) adds a cell's dy and dy * (z - mean) to partial sums
-// in acc_t (float: twice the vector lanes of double, where double partials made the 16-bit lines compute-bound),
-// then each line's partials go to the double sums. Along a row: 16 lanes of at most length / 16 cells each; along
-// the channels: one cell's 4 pixels. The means come from the op's acc_t tensor, so they are exact in acc_t.
-template <typename St, typename acc_t, typename Term>
-__attribute__((always_inline)) inline void backward_sum_line(int64_t length, const Term& term,
-                                                             double* __restrict__ first, double* __restrict__ second) {
-  if constexpr (St::channel == 1) {
     for (int64_t t = 0; t < length; ++t) {
-      acc_t a = 0, b = 0;
+      lane_t a = 0, b = 0;
       term(t, a, b);
       first[t] += static_cast<double>(a);
       second[t] += static_cast<double>(b);
     }
   } else {
-    constexpr int lanes = 16;
-    acc_t a[lanes] = {}, b[lanes] = {};
+    constexpr int lanes = 64 / sizeof(lane_t);
+    lane_t a[lanes] = {}, b[lanes] = {};
     int64_t t = 0;
     for (; t + lanes <= length; t += lanes)
       for (int i = 0; i < lanes; ++i) term(t + i, a[i], b[i]);
@@ -695,7 +675,7 @@ FASTUNET_CPU_CLONES void stats_kernel(int64_t length, const scalar_t* __restrict
                                       const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
                                       const double* __restrict__ ref, double* __restrict__ first,
                                       double* __restrict__ second) {
-  sum_line<St>(
+  sum_line<St, double>(
       length,
       [&](int64_t t, double& s1, double& s2) __attribute__((always_inline)) {
         const double r = ref[t * St::channel];
@@ -740,14 +720,14 @@ FASTUNET_CPU_CLONES void backward_sums_kernel(int64_t length, const scalar_t* __
                                               const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                               const double* __restrict__ mean, double* __restrict__ first,
                                               double* __restrict__ second) {
-  backward_sum_line<St, acc_t>(
+  sum_line<St, acc_t>(
       length,
       [&](int64_t t, acc_t& s1, acc_t& s2) __attribute__((always_inline)) {
         const int64_t c = t * St::channel;
         acc_t zv[4], dy[4];
         relu_pool_dy_at<St, scalar_t, acc_t, Pool, round_t>(t, z0, z1, z2, z3, g0, g1, g2, g3, grad_pooled, scale[c],
                                                             shift[c], zv, dy);
-        const acc_t mu = static_cast<acc_t>(mean[c]);
+        const acc_t mu = static_cast<acc_t>(mean[c]);  // exact: the op's mean tensor is acc_t
         for (int k = 0; k < 4; ++k) {
           s1 += dy[k];
           s2 += dy[k] * (zv[k] - mu);
@@ -762,12 +742,12 @@ FASTUNET_CPU_CLONES void backward_sums_chunk_kernel(int64_t n, const FloatQuad& 
                                                     const float* __restrict__ grad_pooled,
                                                     const double* __restrict__ mean, double* __restrict__ first,
                                                     double* __restrict__ second) {
-  backward_sum_line<St, float>(
+  sum_line<St, float>(
       n,
       [&](int64_t t, float& s1, float& s2) __attribute__((always_inline)) {
         float zv[4], dy[4];
         chunk_dy_at<Pool>(t, z, y, g, grad_pooled, zv, dy);
-        const float mu = static_cast<float>(mean[t * St::channel]);
+        const float mu = static_cast<float>(mean[t * St::channel]);  // exact: the op's mean is float32
         for (int k = 0; k < 4; ++k) {
           s1 += dy[k];
           s2 += dy[k] * (zv[k] - mu);
