@@ -88,12 +88,16 @@ def _unit_modules(model, first, end):
             yield name, getattr(model, name)
 
 
+def _unit_layers(model, unit):
+    """The model's modules unit ``unit`` runs: its level's children, or a bottleneck layer's conv, BN and ReLU."""
+    if unit in (BOTTLENECK, _SECOND_LAYER):
+        return [model.Conv5.conv[i] for i in _LAYER_MODULES[unit - BOTTLENECK]]
+    return [getattr(model, name) for name in level_modules(_level(unit))]
+
+
 def _unit_convs(model, unit):
     """The nn.Conv2d modules unit ``unit`` runs."""
-    if unit in (BOTTLENECK, _SECOND_LAYER):
-        return [model.Conv5.conv[_LAYER_MODULES[unit - BOTTLENECK][0]]]
-    modules = (m for name in level_modules(_level(unit)) for m in getattr(model, name).modules())
-    return [m for m in modules if isinstance(m, nn.Conv2d)]
+    return [m for layer in _unit_layers(model, unit) for m in layer.modules() if isinstance(m, nn.Conv2d)]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -290,9 +294,9 @@ def memory_model(model, example_input=None, image_size=None, held=None, optimize
     encoder, decoder = _SAVED_PER_CONV_OUTPUT[bool(model.exact)]
     per_pixel = level_costs(model, "memory")
     parameters, activations, h, skips = [], [], [], []
-    for unit, modules in enumerate(_unit_modules(model, u, u + 1) for u in range(len(UNITS))):
+    for unit in range(len(UNITS)):
         level = _level(unit)
-        held_params = [p for _, module in modules for p in module.parameters()]
+        held_params = [p for layer in _unit_layers(model, unit) for p in layer.parameters()]
         parameters.append((2 + optimizer_states) * sum(p.numel() * p.element_size() for p in held_params))
         factor = encoder if level <= BOTTLENECK else decoder
         activations.append(factor * per_pixel[unit] * pixels * itemsize)
@@ -369,8 +373,8 @@ def pipeline_stages(model, num_stages, *, boundaries=None, balance="memory", exa
         cut = balanced_boundaries(costs, num_stages, exclude=(_SECOND_LAYER,) * bool(refusal))
     else:
         names = tuple(boundaries)
-        index = {name: unit for unit, name in enumerate(UNITS)} | {"Conv5": BOTTLENECK}
-        unknown = [n for n in names if index.get(n, 0) == 0]
+        index = {name: unit for unit, name in enumerate(UNITS) if unit} | {"Conv5": BOTTLENECK}
+        unknown = [n for n in names if n not in index]
         if unknown or len(names) != num_stages - 1:
             raise ValueError(f"fastunet: boundaries must name the {num_stages - 1} units where stages 1 to "
                              f"{num_stages - 1} start, among {', '.join(UNITS[1:])} (Conv5: Conv5.conv.0); got "
