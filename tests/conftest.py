@@ -88,11 +88,11 @@ def ddp_sync_bn_training(tmp_path_factory):
     """``fastunet.train --compare --sync-bn`` under torchrun on 2 processes (2 steps of batch 2 at 32 x 32, exact
     mode), run once for the tests that train otherwise split and compare with it: (history, fastunet's
     checkpoint, what it printed) and its output folder."""
-    from helpers import SMALL_TRAINING, torchrun
+    from helpers import SMALL_TRAINING, scratch_dir, torchrun
 
-    out = tmp_path_factory.mktemp("ddp_sync_bn")
-    args = [*SMALL_TRAINING, "--batch", "2", "--sync-bn", "--compare"]
-    return torchrun(2, args, out, checkpoint="checkpoint_fastunet.pt"), out
+    with scratch_dir(tmp_path_factory, "ddp_sync_bn") as out:
+        args = [*SMALL_TRAINING, "--batch", "2", "--sync-bn", "--compare"]
+        yield torchrun(2, args, out, checkpoint="checkpoint_fastunet.pt"), out
 
 
 def pytest_terminal_summary(terminalreporter):

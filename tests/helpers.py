@@ -8,6 +8,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -264,6 +265,17 @@ def backward_case(upscale, pool, memory_format, values=random, dtype=torch.float
     if pool:
         grad_pooled = torch.randn(n, c, h // 2, w // 2, dtype=dtype).contiguous(memory_format=memory_format)
     return grad, grad_pooled, z, scale, shift
+
+
+@contextlib.contextmanager
+def scratch_dir(tmp_path_factory, name):
+    """A new folder under pytest's base temporary folder, removed when the block ends: the module- and
+    session-scoped runs write hundreds of MB of checkpoints that pytest would otherwise keep for sessions."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port():

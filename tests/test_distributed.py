@@ -21,7 +21,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import HAS_GPU
-from helpers import conv_bias_before_bn, free_port, relative_error, spawn_ranks, train_step, well_conditioned
+from helpers import (
+    conv_bias_before_bn,
+    free_port,
+    relative_error,
+    scratch_dir,
+    spawn_ranks,
+    train_step,
+    well_conditioned,
+)
 
 import fastunet
 from fastunet.reference import U_Net as Reference
@@ -179,10 +187,10 @@ def cpu_cases(tmp_path_factory):
     for case, (sync, sizes, size) in CPU_CASES.items():
         inputs[case] = _batch(sizes, size)
         runs.update({f"{case}/{name}": run for name, run in _runs(sync, sizes, *inputs[case]).items()})
-    directory = tmp_path_factory.mktemp("ranks")
-    run_ranks(directory, runs, ref.state_dict())
-    return {case: (ref, *inputs[case], [SavedRuns(directory, rank, f"{case}/") for rank in range(WORLD)])
-            for case in CPU_CASES}
+    with scratch_dir(tmp_path_factory, "ranks") as directory:
+        run_ranks(directory, runs, ref.state_dict())
+        yield {case: (ref, *inputs[case], [SavedRuns(directory, rank, f"{case}/") for rank in range(WORLD)])
+               for case in CPU_CASES}
 
 
 @pytest.mark.parametrize("case", ["even", "uneven-rank-of-1"])

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_bitwise, free_port, gloo_process_group, spawn_ranks, well_conditioned
+from helpers import assert_bitwise, free_port, gloo_process_group, scratch_dir, spawn_ranks, well_conditioned
 
 import fastunet
 from fastunet import parallel
@@ -99,8 +99,8 @@ def draw_case():
 def two_rank_steps(tmp_path_factory):
     """(state, x, g, {schedule: merged results}): every 2-rank schedule's step on one case, by one pair of ranks."""
     state, x, g = draw_case()
-    return state, x, g, run_pipeline(tmp_path_factory.mktemp("two_ranks"), 2, TWO_RANK_SCHEDULES, MICROBATCHES,
-                                     state, x, g)
+    with scratch_dir(tmp_path_factory, "two_ranks") as directory:
+        return state, x, g, run_pipeline(directory, 2, TWO_RANK_SCHEDULES, MICROBATCHES, state, x, g)
 
 
 @pytest.mark.parametrize("world, schedule", [*((2, s) for s in TWO_RANK_SCHEDULES), (4, "1f1b")])

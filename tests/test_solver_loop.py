@@ -12,7 +12,7 @@ checkpoint tensor and test metric); fast mode must end close to it.
 import pytest
 import torch
 import torch.nn as nn
-from helpers import seed_init_weights
+from helpers import scratch_dir, seed_init_weights
 from torch.utils.data import DataLoader
 
 import fastunet
@@ -106,7 +106,8 @@ def run_solver(unet_class, tmp_path, name):
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory):
     """The seed U-Net's run (solver, test metrics, best checkpoint): the same for both modes, so run once."""
-    return run_solver(Reference, tmp_path_factory.mktemp("seed"), "seed")
+    with scratch_dir(tmp_path_factory, "seed") as directory:
+        return run_solver(Reference, directory, "seed")
 
 
 @pytest.mark.parametrize("exact", [True, False])
