@@ -13,6 +13,9 @@
 // store (to nearest even, as c10's conversions), as ATen's Vectorized does: the conversions (widen, narrow) work
 // on the raw bits without branches, so that the loops vectorize (c10's float16 conversion is not inlined there).
 // The reductions' sums are in double, in a fixed order that depends on the shapes only.
+// Along the width a line spans the interior cell rows of a (sample, channel) plane (LineStart::rows): the backward
+// lines run its whole cells of 8 in cpu_vec8.h's AVX2 intrinsics where the CPU has AVX2 and F16C (LineIsa), the
+// other ops and the portable loops a row at a time.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -25,6 +28,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "cpu_vec8.h"
 #include "fastunet_math.h"
 
 // The loops are compiled twice on x86-64 Linux (GCC, Clang): for AVX2 and for the baseline, the one the CPU runs
@@ -105,40 +109,51 @@ __attribute__((always_inline)) inline c10::Half narrow<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(sign | h), c10::Half::from_bits());
 }
 
-// float16 chunks are converted with F16C where the CPU has it (GCC does not vectorize the bit code's float16 in
-// the loops above as well as one vcvtph2ps/vcvtps2ph a vector): the conversions' instruction set, picked at load
-// time from the CPU and settable (set_half_conversions) so that tests run each one on any CPU that has it.
-enum class HalfConversions : int { Bits = 0, Avx2 = 1, Avx512 = 2 };
+// The instruction set of the line loops, picked at load time from the CPU and settable (set_line_isa) so that
+// tests run each one on any CPU that has it:
+//   Portable: the loops as GCC vectorizes them (target_clones), float16 converted by the bit code above;
+//   Avx2:     the backward lines' whole cells of 8 in AVX2 intrinsics (cpu_vec8.h), float16 chunks converted
+//             with F16C in AVX2 vectors (GCC does not vectorize the bit code's float16 as well as one
+//             vcvtph2ps/vcvtps2ph a vector);
+//   Avx512:   as Avx2, the float16 chunks converted in AVX-512 vectors.
+enum class LineIsa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define FASTUNET_F16C 1
-inline bool cpu_has(HalfConversions isa) {
+#if FASTUNET_VEC8
+inline bool cpu_has(LineIsa isa) {
   __builtin_cpu_init();
-  if (isa == HalfConversions::Avx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
-  if (isa == HalfConversions::Avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (isa == LineIsa::Avx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  if (isa == LineIsa::Avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return true;
 }
 #else
-#define FASTUNET_F16C 0
-inline bool cpu_has(HalfConversions isa) { return isa == HalfConversions::Bits; }
+inline bool cpu_has(LineIsa isa) { return isa == LineIsa::Portable; }
 #endif
 
-inline HalfConversions best_half_conversions() {
-  for (HalfConversions isa : {HalfConversions::Avx512, HalfConversions::Avx2})
+inline LineIsa best_line_isa() {
+  for (LineIsa isa : {LineIsa::Avx512, LineIsa::Avx2})
     if (cpu_has(isa)) return isa;
-  return HalfConversions::Bits;
+  return LineIsa::Portable;
 }
 
-inline std::atomic<HalfConversions>& half_conversions() {
-  static std::atomic<HalfConversions> isa{best_half_conversions()};
+inline std::atomic<LineIsa>& line_isa() {
+  static std::atomic<LineIsa> isa{best_line_isa()};
   return isa;
 }
 
-// Sets the float16 conversions (false, nothing changed, where the CPU lacks them).
-inline bool set_half_conversions(HalfConversions isa) {
+// Sets the line loops' instruction set (false, nothing changed, where the CPU lacks it).
+inline bool set_line_isa(LineIsa isa) {
   if (!cpu_has(isa)) return false;
-  half_conversions().store(isa);
+  line_isa().store(isa);
   return true;
+}
+
+// Whether the backward lines run their whole cells of 8 in cpu_vec8.h's intrinsics.
+inline bool vec8_lines() {
+#if FASTUNET_VEC8
+  return line_isa().load(std::memory_order_relaxed) != LineIsa::Portable;
+#else
+  return false;
+#endif
 }
 
 FASTUNET_CPU_CLONES inline void widen_half_bits(int64_t n, const c10::Half* __restrict__ src, float* __restrict__ dst) {
@@ -150,18 +165,8 @@ FASTUNET_CPU_CLONES inline void narrow_half_bits(int64_t n, const float* __restr
   for (int64_t t = 0; t < n; ++t) dst[t] = narrow<c10::Half>(src[t]);
 }
 
-#if FASTUNET_F16C
-// vcvtps2ph rounds to nearest even as c10 does, but keeps a NaN's payload: NaNs become c10's 0x7e00 | sign.
-__attribute__((target("avx2,f16c"))) inline __m128i c10_nan(__m128i h) {
-  const __m128i nan = _mm_cmpgt_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_set1_epi16(0x7c00));
-  return _mm_blendv_epi8(h, _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(-0x8000)), _mm_set1_epi16(0x7e00)), nan);
-}
-
-__attribute__((target("avx2,f16c"))) inline __m256i c10_nan(__m256i h) {
-  const __m256i nan = _mm256_cmpgt_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x7c00));
-  return _mm256_blendv_epi8(
-      h, _mm256_or_si256(_mm256_and_si256(h, _mm256_set1_epi16(-0x8000)), _mm256_set1_epi16(0x7e00)), nan);
-}
+#if FASTUNET_VEC8
+using vec8::c10_nan;
 
 // The last n % 8 elements go through a zero-padded vector (no scalar code: one rounding path for all).
 __attribute__((target("avx2,f16c"))) inline void widen_half_avx2(int64_t n, const c10::Half* src, float* dst) {
@@ -209,15 +214,15 @@ __attribute__((target("avx512f,avx2,f16c"))) inline void narrow_half_avx512(int6
 #endif
 
 // n contiguous float16 values widened to float32, and back (rounded as narrow<c10::Half>), with the conversions
-// of half_conversions().
+// of line_isa().
 inline void widen_half(int64_t n, const c10::Half* src, float* dst) {
-#if FASTUNET_F16C
-  switch (half_conversions().load(std::memory_order_relaxed)) {
-    case HalfConversions::Avx512:
+#if FASTUNET_VEC8
+  switch (line_isa().load(std::memory_order_relaxed)) {
+    case LineIsa::Avx512:
       return widen_half_avx512(n, src, dst);
-    case HalfConversions::Avx2:
+    case LineIsa::Avx2:
       return widen_half_avx2(n, src, dst);
-    case HalfConversions::Bits:
+    case LineIsa::Portable:
       break;
   }
 #endif
@@ -225,13 +230,13 @@ inline void widen_half(int64_t n, const c10::Half* src, float* dst) {
 }
 
 inline void narrow_half(int64_t n, const float* src, c10::Half* dst) {
-#if FASTUNET_F16C
-  switch (half_conversions().load(std::memory_order_relaxed)) {
-    case HalfConversions::Avx512:
+#if FASTUNET_VEC8
+  switch (line_isa().load(std::memory_order_relaxed)) {
+    case LineIsa::Avx512:
       return narrow_half_avx512(n, src, dst);
-    case HalfConversions::Avx2:
+    case LineIsa::Avx2:
       return narrow_half_avx2(n, src, dst);
-    case HalfConversions::Bits:
+    case LineIsa::Portable:
       break;
   }
 #endif
@@ -301,9 +306,32 @@ struct Quad {
 
 // Where a line starts and how long it is: cells (n, u, v0 ..) of channel c0 (Width), or channels c0 .. of cell
 // (n, u, v0) (Channels).
+// Along the width a line may span `rows` consecutive cell rows u.. (the same cells of each: a plane's interior).
 struct LineStart {
   int64_t n, u, v0, c0, length;
+  int64_t rows = 1;
 };
+
+// Calls f(row) with each cell row of a line as a line of its own.
+template <typename F>
+void for_each_row(const LineStart& l, const F& f) {
+  for (int64_t i = 0; i < l.rows; ++i) f(LineStart{l.n, l.u + i, l.v0, l.c0, l.length});
+}
+
+// How far, in elements, each tensor of a backward line moves from one cell row to the next.
+struct RowSteps {
+  int64_t z, out, pooled, dz;
+};
+
+inline RowSteps row_steps(const Geom& g, const Strides4& zs, const Strides4& gs, const Strides4& gps,
+                          const Strides4& ds) {
+  return RowSteps{g.S == 2 ? zs.h : 2 * zs.h, 2 * gs.h, gps.h, g.S == 2 ? ds.h : 2 * ds.h};
+}
+
+template <typename T>
+void next_row(Quad<T>& q, int64_t step) {
+  for (int k = 0; k < 4; ++k) q.p[k] += step;
+}
 
 template <typename T>
 Quad<T> z_quad(T* base, const Geom& g, const Strides4& s, const LineStart& l) {
@@ -559,6 +587,115 @@ struct BnLine {
   acc_t inv_m;
 };
 
+#if FASTUNET_VEC8
+// relu_pool_dy_at for the 8 cells t..t+7 of a line (float32 arithmetic for every dtype): their z values and the
+// gradients reaching their pre-ReLU values.
+template <typename St, typename scalar_t, bool Pool, bool Affine>
+__attribute__((target("avx2,f16c"), always_inline)) inline void relu_pool_dy_vec8(
+    int64_t t, const Quad<const scalar_t>& zq, const Quad<const scalar_t>& gq, const scalar_t* grad_pooled,
+    const float* scale, const float* shift, vec8::vf (&z)[4], vec8::vf (&dy)[4]) {
+  using namespace vec8;
+  constexpr bool row = St::channel == 0;
+  vf g[4], y[4];
+  load_pair<St::z, row>(zq.p[0], zq.p[1], t, z[0], z[1]);
+  load_pair<St::z, row>(zq.p[2], zq.p[3], t, z[2], z[3]);
+  load_pair<St::out, row>(gq.p[0], gq.p[1], t, g[0], g[1]);
+  load_pair<St::out, row>(gq.p[2], gq.p[3], t, g[2], g[3]);
+  const vf sc = channel_vector<St::channel>(scale, t), sh = channel_vector<St::channel>(shift, t);
+  for (int k = 0; k < 4; ++k) y[k] = Affine ? round_through<scalar_t>(bn_relu(z[k], sc, sh)) : z[k];
+  window_dy<Pool>(y, g, Pool ? load_cells<row>(grad_pooled, t) : _mm256_setzero_ps(), dy);
+}
+
+// z_grad_kernel over the cells [0, length) of `rows` cell rows, length a multiple of 8.
+template <typename St, typename scalar_t, bool Pool, bool Bn, bool Affine>
+__attribute__((target("avx2,f16c"))) void z_grad_vec8(int64_t rows, int64_t length, Quad<const scalar_t> z,
+                                                      Quad<const scalar_t> g, const scalar_t* grad_pooled,
+                                                      const float* scale, const float* shift, const BnLine<float> bn,
+                                                      Quad<scalar_t> d, const RowSteps step) {
+  using namespace vec8;
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t t = 0; t < length; t += 8) {
+      vf zv[4], dy[4], dz[4];
+      relu_pool_dy_vec8<St, scalar_t, Pool, Affine>(t, z, g, grad_pooled, scale, shift, zv, dy);
+      if constexpr (Bn) {
+        const vf mean = channel_vector<St::channel>(bn.mean, t), invstd = channel_vector<St::channel>(bn.invstd, t);
+        const vf sc = channel_vector<St::channel>(scale, t), sum_dy = channel_vector<St::channel>(bn.sum_dy, t);
+        const vf sum_dy_xmu = channel_vector<St::channel>(bn.sum_dy_xmu, t), inv_m = _mm256_set1_ps(bn.inv_m);
+        for (int k = 0; k < 4; ++k) dz[k] = bn_backward_dz(dy[k], zv[k], mean, invstd, sc, sum_dy, sum_dy_xmu, inv_m);
+      } else {
+        for (int k = 0; k < 4; ++k) dz[k] = dy[k];
+      }
+      store_pair<St::z, St::channel == 0>(d.p[0], d.p[1], t, dz[0], dz[1]);
+      store_pair<St::z, St::channel == 0>(d.p[2], d.p[3], t, dz[2], dz[3]);
+    }
+    next_row(z, step.z);
+    next_row(g, step.out);
+    next_row(d, step.dz);
+    if (Pool) grad_pooled += step.pooled;
+  }
+}
+
+// backward_sums_kernel over the cells [0, length) of `rows` cell rows, length a multiple of 8: along channels each
+// channel's 4 pixels summed in float32, then added to its double sums; along a row 8 float32 lanes of partial sums,
+// added to 8 double lanes at the row's end, and those to the double sums in lane order at the end.
+template <typename St, typename scalar_t, bool Pool>
+__attribute__((target("avx2,f16c"))) void backward_sums_vec8(int64_t rows, int64_t length, Quad<const scalar_t> z,
+                                                             Quad<const scalar_t> g, const scalar_t* grad_pooled,
+                                                             const float* scale, const float* shift, const double* mean,
+                                                             double* first, double* second, const RowSteps step) {
+  using namespace vec8;
+  __m256d lanes[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  for (int64_t row = 0; row < rows; ++row) {
+    vf row_first = _mm256_setzero_ps(), row_second = _mm256_setzero_ps();
+    for (int64_t t = 0; t < length; t += 8) {
+      vf zv[4], dy[4];
+      relu_pool_dy_vec8<St, scalar_t, Pool, true>(t, z, g, grad_pooled, scale, shift, zv, dy);
+      const vf mu = channel_vector<St::channel>(mean, t);
+      vf a = St::channel == 1 ? _mm256_setzero_ps() : row_first;
+      vf b = St::channel == 1 ? _mm256_setzero_ps() : row_second;
+      for (int k = 0; k < 4; ++k) {
+        a = _mm256_add_ps(a, dy[k]);
+        b = _mm256_add_ps(b, _mm256_mul_ps(dy[k], _mm256_sub_ps(zv[k], mu)));
+      }
+      if constexpr (St::channel == 1) {
+        const __m256d sums[4] = {
+            _mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)),
+            _mm256_cvtps_pd(_mm256_castps256_ps128(b)), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1))};
+        double* to[4] = {first + t, first + t + 4, second + t, second + t + 4};
+        for (int i = 0; i < 4; ++i) _mm256_storeu_pd(to[i], _mm256_add_pd(_mm256_loadu_pd(to[i]), sums[i]));
+      } else {
+        row_first = a;
+        row_second = b;
+      }
+    }
+    if constexpr (St::channel != 1) {
+      lanes[0] = _mm256_add_pd(lanes[0], _mm256_cvtps_pd(_mm256_castps256_ps128(row_first)));
+      lanes[1] = _mm256_add_pd(lanes[1], _mm256_cvtps_pd(_mm256_extractf128_ps(row_first, 1)));
+      lanes[2] = _mm256_add_pd(lanes[2], _mm256_cvtps_pd(_mm256_castps256_ps128(row_second)));
+      lanes[3] = _mm256_add_pd(lanes[3], _mm256_cvtps_pd(_mm256_extractf128_ps(row_second, 1)));
+    }
+    next_row(z, step.z);
+    next_row(g, step.out);
+    if (Pool) grad_pooled += step.pooled;
+  }
+  if constexpr (St::channel != 1) {
+    double sums[4][4];
+    for (int i = 0; i < 4; ++i) _mm256_storeu_pd(sums[i], lanes[i]);
+    for (int i = 0; i < 8; ++i) {
+      first[0] += sums[i / 4][i % 4];
+      second[0] += sums[2 + i / 4][i % 4];
+    }
+  }
+}
+#endif
+
+// The cells of a line from its k-th on.
+template <typename St>
+LineStart line_from(const LineStart& l, int64_t k) {
+  return St::channel == 1 ? LineStart{l.n, l.u, l.v0, l.c0 + k, l.length - k, l.rows}
+                          : LineStart{l.n, l.u, l.v0 + k, l.c0, l.length - k, l.rows};
+}
+
 template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
 FASTUNET_CPU_CLONES void z_grad_kernel(int64_t length, const scalar_t* __restrict__ z0, const scalar_t* __restrict__ z1,
                                        const scalar_t* __restrict__ z2, const scalar_t* __restrict__ z3,
@@ -609,10 +746,11 @@ void widen_gradients(const Quad<const c10::Half>& g, const c10::Half* grad_poole
   if (Pool) widen_half(n, grad_pooled + t0, pb);
 }
 
-// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line (cell_z_grad per element); Affine
+// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line in the portable loops (cell_z_grad
+// per element); Affine
 // false where scale and shift are 1 and 0 (line_activation).
 template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
-void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
+void z_grad_line_portable(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
   const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
   const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
   const Quad<scalar_t> d = z_quad(f.dz, f.g, f.ds, l);
@@ -637,6 +775,28 @@ void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
       l.length, z.p[0], z.p[1], z.p[2], z.p[3], g.p[0], g.p[1], g.p[2], g.p[3],
       Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr, f.scale + l.c0, f.shift + l.c0, bn, d.p[0],
       d.p[1], d.p[2], d.p[3]);
+}
+
+// relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line of one or more cell rows: its whole
+// cells of 8 in vec8 lanes where the line ISA allows, the others (or all) in the portable loops a row at a time.
+template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
+void z_grad_line(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
+  const auto portable = [&](const LineStart& row) {
+    z_grad_line_portable<St, scalar_t, acc_t, Pool, Bn, Affine>(f, row);
+  };
+#if FASTUNET_VEC8
+  if (const int64_t body = l.length - l.length % 8; body > 0 && vec8_lines()) {
+    const BnLine<float> bn{Bn ? f.bn.mean + l.c0 : nullptr, Bn ? f.bn.invstd + l.c0 : nullptr,
+                           Bn ? f.bn.sum_dy + l.c0 : nullptr, Bn ? f.bn.sum_dy_xmu + l.c0 : nullptr, f.bn.inv_m};
+    z_grad_vec8<St, scalar_t, Pool, Bn, Affine>(
+        l.rows, body, z_quad(f.t.z, f.g, f.t.zs, l), out_quad(f.t.grad, f.t.gs, l),
+        Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr, f.scale + l.c0, f.shift + l.c0, bn,
+        z_quad(f.dz, f.g, f.ds, l), row_steps(f.g, f.t.zs, f.t.gs, f.t.gps, f.ds));
+    if (body < l.length) for_each_row(line_from<St>(l, body), portable);
+    return;
+  }
+#endif
+  for_each_row(l, portable);
 }
 
 // Adds term(t, s1, s2) of elements t < length to two per-channel double sums, the terms first added to partial sums
@@ -756,10 +916,11 @@ FASTUNET_CPU_CLONES void backward_sums_chunk_kernel(int64_t n, const FloatQuad& 
       first, second);
 }
 
-// bn_relu_backward_reduce over a line (cell_backward_sums per element): mean the channels' means in double.
+// bn_relu_backward_reduce over a line in the portable loops (cell_backward_sums per element): mean the channels'
+// means in double.
 template <typename St, typename scalar_t, typename acc_t, typename sum_t, bool Pool>
-void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l, const double* mean,
-                        double* first, double* second) {
+void backward_sums_line_portable(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l,
+                                 const double* mean, double* first, double* second) {
   const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
   const Quad<const scalar_t> g = out_quad(f.t.grad, f.t.gs, l);
   const scalar_t* grad_pooled = Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr;
@@ -790,6 +951,30 @@ void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const
                                                                           mean + c, first + c, second + c);
     });
   }
+}
+
+// bn_relu_backward_reduce over a line of one or more cell rows: its whole cells of 8 in vec8 lanes where the line
+// ISA allows, the others (or all) in the portable loops a row at a time. mean, first and second step along
+// channels, not along a row.
+template <typename St, typename scalar_t, typename acc_t, typename sum_t, bool Pool>
+void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l, const double* mean,
+                        double* first, double* second) {
+  int64_t done = 0;  // channels done by the vec8 lanes
+  const auto portable = [&](const LineStart& row) {
+    backward_sums_line_portable<St, scalar_t, acc_t, sum_t, Pool>(f, row, mean + done, first + done, second + done);
+  };
+#if FASTUNET_VEC8
+  if (const int64_t body = l.length - l.length % 8; body > 0 && vec8_lines()) {
+    backward_sums_vec8<St, scalar_t, Pool>(l.rows, body, z_quad(f.t.z, f.g, f.t.zs, l), out_quad(f.t.grad, f.t.gs, l),
+                                           Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
+                                           f.scale + l.c0, f.shift + l.c0, mean, first, second,
+                                           row_steps(f.g, f.t.zs, f.t.gs, f.t.gps, f.t.zs));
+    done = St::channel * body;
+    if (body < l.length) for_each_row(line_from<St>(l, body), portable);
+    return;
+  }
+#endif
+  for_each_row(l, portable);
 }
 
 }  // namespace fastunet::cpu

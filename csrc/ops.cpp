@@ -46,11 +46,13 @@ bool unit_affine(const BnReluPoolCells<scalar_t, acc_t>&) {
 
 template <typename St, typename scalar_t, typename acc_t>
 void run_line(const BnReluPoolCells<scalar_t, acc_t>& f, const cpu::LineStart& l, bool) {
-  if (f.pooled != nullptr) {
-    cpu::bn_relu_pool_line<St, scalar_t, acc_t, true>(f, l);
-  } else {
-    cpu::bn_relu_pool_line<St, scalar_t, acc_t, false>(f, l);
-  }
+  cpu::for_each_row(l, [&](const cpu::LineStart& row) {
+    if (f.pooled != nullptr) {
+      cpu::bn_relu_pool_line<St, scalar_t, acc_t, true>(f, row);
+    } else {
+      cpu::bn_relu_pool_line<St, scalar_t, acc_t, false>(f, row);
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -96,7 +98,7 @@ cpu::LineDim line_dim_of(const StatsCells<scalar_t, sum_t>& f) {
 template <typename St, typename scalar_t, typename sum_t>
 void run_sum_line(const StatsCells<scalar_t, sum_t>& f, const cpu::LineStart& l, const double* constants, double* first,
                   double* second) {
-  cpu::stats_line<St>(f, l, constants, first, second);
+  cpu::for_each_row(l, [&](const cpu::LineStart& row) { cpu::stats_line<St>(f, row, constants, first, second); });
 }
 
 template <typename scalar_t, typename acc_t, typename sum_t>
@@ -114,29 +116,48 @@ void run_sum_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const cpu::
   }
 }
 
-// Calls line(steps, start) for the lines of interior cells of cell row `row` in channels [c_begin, c_end) (all
-// channels along LineDim::Channels), and cell(n, u, v, c) for those channels of the other cells (a pixel outside
-// the image). Interior cells are u, v in [0, out/2) for both upscales.
-template <typename Line, typename Cell>
-void visit_row_lines(const CellGrid& cg, int64_t row, cpu::LineDim dim, int64_t c_begin, int64_t c_end,
-                     const Line& line, const Cell& cell) {
+// Calls cell(n, u, v, c) for channels [c_begin, c_end) of the cells of cell row `row` with a pixel outside the
+// image. Interior cells are u, v in [0, out/2) for both upscales.
+template <typename Cell>
+void visit_border_cells(const CellGrid& cg, int64_t row, int64_t c_begin, int64_t c_end, const Cell& cell) {
   const Geom& g = cg.g;
   int64_t n, u;
   cg.row_of(row, &n, &u);
   const int64_t first = cg.first_v(), last = first + cg.cols();
   const bool interior_row = u >= 0 && u < g.out_h() / 2;
-  const int64_t lo = interior_row ? 0 : last, hi = interior_row ? g.out_w() / 2 : last;
-  for (int64_t v = first; v < last; ++v) {
-    if (v >= lo && v < hi) continue;
-    for (int64_t c = c_begin; c < c_end; ++c) cell(n, u, v, c);
-  }
-  if (lo >= hi) return;
-  if (dim == cpu::LineDim::Channels) {
-    for (int64_t v = lo; v < hi; ++v) line(cpu::ChannelSteps{}, cpu::LineStart{n, u, v, 0, g.C});
-  } else if (g.S == 1) {
-    for (int64_t c = c_begin; c < c_end; ++c) line(cpu::WidthSteps<1>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+  const int64_t lo = interior_row ? 0 : last, hi = interior_row ? g.out_w() / 2 : last;  // interior cells: [lo, hi)
+  const auto visit = [&](int64_t v_begin, int64_t v_end) {
+    for (int64_t v = v_begin; v < v_end; ++v)
+      for (int64_t c = c_begin; c < c_end; ++c) cell(n, u, v, c);
+  };
+  visit(first, lo);
+  visit(hi, last);
+}
+
+// Along channels: the border cells of cell row `row` (cell), then a line of all channels per interior cell (line).
+template <typename Line, typename Cell>
+void visit_row_channel_lines(const CellGrid& cg, int64_t row, const Line& line, const Cell& cell) {
+  const Geom& g = cg.g;
+  visit_border_cells(cg, row, 0, g.C, cell);
+  int64_t n, u;
+  cg.row_of(row, &n, &u);
+  if (u < 0 || u >= g.out_h() / 2) return;
+  for (int64_t v = 0; v < g.out_w() / 2; ++v) line(cpu::ChannelSteps{}, cpu::LineStart{n, u, v, 0, g.C});
+}
+
+// Along the width: the border cells of sample n's cell rows in channel c (cell), then one line over all its
+// interior cells (line: every interior cell row, cpu::LineStart::rows).
+template <typename Line, typename Cell>
+void visit_plane_lines(const CellGrid& cg, int64_t n, int64_t c, const Line& line, const Cell& cell) {
+  const Geom& g = cg.g;
+  const int64_t rows = cg.rows_per_sample();
+  for (int64_t r = 0; r < rows; ++r) visit_border_cells(cg, n * rows + r, c, c + 1, cell);
+  const cpu::LineStart interior{n, 0, 0, c, g.out_w() / 2, g.out_h() / 2};
+  if (interior.length == 0 || interior.rows == 0) return;
+  if (g.S == 1) {
+    line(cpu::WidthSteps<1>{}, interior);
   } else {
-    for (int64_t c = c_begin; c < c_end; ++c) line(cpu::WidthSteps<2>{}, cpu::LineStart{n, u, lo, c, hi - lo});
+    line(cpu::WidthSteps<2>{}, interior);
   }
 }
 
@@ -180,15 +201,14 @@ struct CpuBackend {
     const auto cell = [&](int64_t n, int64_t u, int64_t v, int64_t c) { cells.template run<1>(n, u, v, c); };
     if (dim == cpu::LineDim::Channels) {
       at::parallel_for(0, cg.rows(), 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t row = r0; row < r1; ++row) visit_row_lines(cg, row, dim, 0, cg.g.C, line, cell);
+        for (int64_t row = r0; row < r1; ++row) visit_row_channel_lines(cg, row, line, cell);
       });
       return;
     }
     // Along the width, a thread takes whole (sample, channel) planes: its rows are consecutive in memory.
-    const int64_t rows = cg.rows_per_sample(), C = cg.g.C;
+    const int64_t C = cg.g.C;
     at::parallel_for(0, cg.g.N * C, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t r = 0; r < rows; ++r) visit_row_lines(cg, p / C * rows + r, dim, p % C, p % C + 1, line, cell);
+      for (int64_t p = p0; p < p1; ++p) visit_plane_lines(cg, p / C, p % C, line, cell);
     });
   }
 
@@ -202,7 +222,7 @@ struct CpuBackend {
     std::vector<sum_t> constants(C);
     for (int64_t c = 0; c < C; ++c) constants[c] = cells.channel_constant(c);
     if constexpr (kLines<scalar_t>) {
-      if (dim == cpu::LineDim::Width) return reduce_width_lines(cg, dim, cells, finish, constants);
+      if (dim == cpu::LineDim::Width) return reduce_width_lines(cg, cells, finish, constants);
     }
     std::vector<sum_t> partial(2 * plan.chunks * C);
     with_run_width<scalar_t>(dim == cpu::LineDim::Strided ? width : 1, [&](auto run) {
@@ -223,8 +243,8 @@ struct CpuBackend {
               continue;
             }
             if constexpr (kLines<scalar_t>)
-              visit_row_lines(
-                  cg, row, dim, 0, C,
+              visit_row_channel_lines(
+                  cg, row,
                   [&](auto steps, const cpu::LineStart& l) {
                     run_sum_line<decltype(steps)>(cells, l, constants.data() + l.c0, first.data() + l.c0,
                                                   second.data() + l.c0);
@@ -242,17 +262,17 @@ struct CpuBackend {
     for (int64_t c = 0; c < C; ++c) finish(c, sum_over_chunks(partial.data(), plan.chunks, C, c));
   }
 
-  // Along the width, a thread takes whole channels, each summed over its samples and rows in order.
+  // Along the width, a thread takes whole channels, each summed over its samples' planes in order.
   template <typename sum_t, typename F, typename Finish>
-  static void reduce_width_lines(const CellGrid& cg, cpu::LineDim dim, const F& cells, const Finish& finish,
+  static void reduce_width_lines(const CellGrid& cg, const F& cells, const Finish& finish,
                                  const std::vector<sum_t>& constants) {
     at::parallel_for(0, cg.g.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         SumPair<sum_t> cell_sums{0, 0};
         double first = 0, second = 0;
-        for (int64_t row = 0; row < cg.rows(); ++row)
-          visit_row_lines(
-              cg, row, dim, c, c + 1,
+        for (int64_t n = 0; n < cg.g.N; ++n)
+          visit_plane_lines(
+              cg, n, c,
               [&](auto steps, const cpu::LineStart& l) {
                 run_sum_line<decltype(steps)>(cells, l, constants.data() + c, &first, &second);
               },

@@ -18,30 +18,30 @@
 #define FASTUNET_CUDA_ARCHS ""
 #endif
 
-// The float16 conversions of the CPU's line loops by name (cpu_lines.h), so that tests can run each one.
-static const char* const half_conversion_names[] = {"bits", "avx2", "avx512"};
+// The instruction set of the CPU's line loops by name (cpu_lines.h), so that tests can run each one.
+static const char* const line_isa_names[] = {"portable", "avx2", "avx512"};
 
-static PyObject* set_half_conversions(PyObject*, PyObject* arg) {
+static PyObject* set_line_isa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
   for (int i = 0; i < 3; ++i) {
-    if (std::strcmp(name, half_conversion_names[i]) != 0) continue;
-    const int previous = static_cast<int>(fastunet::cpu::half_conversions().load());
-    if (!fastunet::cpu::set_half_conversions(static_cast<fastunet::cpu::HalfConversions>(i))) {
-      PyErr_Format(PyExc_RuntimeError, "fastunet: this CPU lacks the '%s' float16 conversions", name);
+    if (std::strcmp(name, line_isa_names[i]) != 0) continue;
+    const int previous = static_cast<int>(fastunet::cpu::line_isa().load());
+    if (!fastunet::cpu::set_line_isa(static_cast<fastunet::cpu::LineIsa>(i))) {
+      PyErr_Format(PyExc_RuntimeError, "fastunet: this CPU cannot run the '%s' line loops", name);
       return nullptr;
     }
-    return PyUnicode_FromString(half_conversion_names[previous]);
+    return PyUnicode_FromString(line_isa_names[previous]);
   }
-  PyErr_Format(PyExc_ValueError, "fastunet: unknown float16 conversions '%s' (bits, avx2 or avx512)", name);
+  PyErr_Format(PyExc_ValueError, "fastunet: unknown line loops '%s' (portable, avx2 or avx512)", name);
   return nullptr;
 }
 
-static PyObject* supported_half_conversions(PyObject*, PyObject*) {
+static PyObject* supported_line_isas(PyObject*, PyObject*) {
   PyObject* names = PyList_New(0);
   for (int i = 0; names != nullptr && i < 3; ++i) {
-    if (!fastunet::cpu::cpu_has(static_cast<fastunet::cpu::HalfConversions>(i))) continue;
-    PyObject* name = PyUnicode_FromString(half_conversion_names[i]);
+    if (!fastunet::cpu::cpu_has(static_cast<fastunet::cpu::LineIsa>(i))) continue;
+    PyObject* name = PyUnicode_FromString(line_isa_names[i]);
     if (name == nullptr || PyList_Append(names, name) < 0) Py_CLEAR(names);
     Py_XDECREF(name);
   }
@@ -49,10 +49,10 @@ static PyObject* supported_half_conversions(PyObject*, PyObject*) {
 }
 
 static PyMethodDef fastunet_c_methods[] = {
-    {"set_half_conversions", set_half_conversions, METH_O,
-     "Sets the CPU line loops' float16 conversions by name (bits, avx2, avx512); returns the previous ones."},
-    {"supported_half_conversions", supported_half_conversions, METH_NOARGS,
-     "The float16 conversions this CPU can run, by name."},
+    {"set_line_isa", set_line_isa, METH_O,
+     "Sets the CPU line loops' instruction set by name (portable, avx2, avx512); returns the previous one."},
+    {"supported_line_isas", supported_line_isas, METH_NOARGS,
+     "The line loops' instruction sets this CPU can run, by name."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef fastunet_c_module = {

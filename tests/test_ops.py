@@ -353,67 +353,64 @@ def laid_out(t, layout):
     return t.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
-HALF_CONVERSIONS = ["bits", "avx2", "avx512"]
-# float16 under each of the line loops' float16 conversions (csrc/cpu_lines.h: F16C in AVX-512 or AVX2 vectors,
-# the portable bit code); the conversions do not touch float32 and bfloat16.
-DTYPE_CONVERSIONS = [pytest.param(torch.float32, None, id="float32"), pytest.param(torch.bfloat16, None, id="bfloat16")]
-DTYPE_CONVERSIONS += [pytest.param(torch.float16, name, id=f"float16-{name}") for name in HALF_CONVERSIONS]
+LINE_ISAS = ["portable", "avx2", "avx512"]
+# Every dtype under each of the line loops' instruction sets (csrc/cpu_lines.h): the portable loops; the backward
+# lines in AVX2 intrinsics, float16 chunks converted with F16C in AVX2 or in AVX-512 vectors.
+DTYPE_ISAS = [pytest.param(dtype, isa, id=f"{str(dtype)[6:]}-{isa}")
+              for dtype in (torch.float32, torch.bfloat16, torch.float16) for isa in LINE_ISAS]
 
 
 @contextlib.contextmanager
-def half_conversions(name):
-    """The CPU line loops' float16 conversions set to ``name`` (None: left as they are) inside the block; skips the
-    test where this CPU lacks them."""
-    if name is None:
-        yield
-        return
-    if name not in _ext._C.supported_half_conversions():
-        pytest.skip(f"this CPU lacks the {name} float16 conversions")
-    previous = _ext._C.set_half_conversions(name)
+def line_isa(name):
+    """The CPU line loops' instruction set set to ``name`` inside the block; skips the test where this CPU lacks
+    it."""
+    if name not in _ext._C.supported_line_isas():
+        pytest.skip(f"this CPU cannot run the {name} line loops")
+    previous = _ext._C.set_line_isa(name)
     try:
         yield
     finally:
-        _ext._C.set_half_conversions(previous)
+        _ext._C.set_line_isa(previous)
 
 
-def test_half_conversions_are_named_and_checked():
-    """Unknown names are an error naming the choices; the portable bit code runs on every CPU."""
-    assert "bits" in _ext._C.supported_half_conversions()
-    with pytest.raises(ValueError, match="bits, avx2 or avx512"):
-        _ext._C.set_half_conversions("sse")
+def test_line_isas_are_named_and_checked():
+    """Unknown names are an error naming the choices; the portable loops run on every CPU."""
+    assert "portable" in _ext._C.supported_line_isas()
+    with pytest.raises(ValueError, match="portable, avx2 or avx512"):
+        _ext._C.set_line_isa("sse")
 
 
-@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
+@pytest.mark.parametrize("dtype, isa", DTYPE_ISAS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
 @pytest.mark.parametrize("values", [random, quantised])
-def test_long_lines_and_border_cells_match_reference(dtype, conversions, layout, upscale, hw, values):
+def test_long_lines_and_border_cells_match_reference(dtype, isa, layout, upscale, hw, values):
     """Lines long enough for the vector loops' bodies and remainders (19 channels; 18-37 cells a row), next to
     the per-cell code on the cells of an odd size's last row and column and the up block's border; every op
     against its specification (elementwise ops bitwise), outputs poisoned so that unwritten elements show. In
     bfloat16 and float16 the lines widen to float32 and round once on store: the elementwise results equal the
     specification's and, bit for bit, the per-cell code's (the "strided" layout) on the same values."""
-    with half_conversions(conversions):
+    with line_isa(isa):
         check_lines_against_reference(dtype, layout, upscale, 2, 19, *hw, values)
 
 
-@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
+@pytest.mark.parametrize("dtype, isa", DTYPE_ISAS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_lines_longer_than_a_chunk_match_reference(dtype, conversions, layout):
+def test_lines_longer_than_a_chunk_match_reference(dtype, isa, layout):
     """Lines of 16-bit tensors go through float32 buffers a chunk (256 elements) at a time: lines of 300 channels
     (channels_last) or 265 cells (a row of 530 pixels), so that a chunk boundary falls inside every line."""
     c, w = (300, 4) if layout == "channels_last" else (3, 530)
-    with half_conversions(conversions):
+    with line_isa(isa):
         for upscale in (1, 2):
             check_lines_against_reference(dtype, layout, upscale, 2, c, 2, w, random)
 
 
-@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS)
+@pytest.mark.parametrize("dtype, isa", DTYPE_ISAS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("upscale", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 38), (7, 37)])
-def test_relu_pool_backward_of_unit_vectors_matches_reference(dtype, conversions, layout, upscale, hw):
+def test_relu_pool_backward_of_unit_vectors_matches_reference(dtype, isa, layout, upscale, hw):
     """Scale 1 and shift 0 in every channel (exact mode: the ReLU and max-pool of ATen's BN output) take lines that
     do not recompute BN+ReLU (csrc/cpu_lines.h, line_activation): bitwise the specification and the per-cell code,
     on windows with ties, NaNs, negative zeros and no positive value; with one channel's shift off 0 the general
@@ -430,7 +427,7 @@ def test_relu_pool_backward_of_unit_vectors_matches_reference(dtype, conversions
     for shift_of_last in (0.0, 2.0**-30):
         scale, shift = torch.ones(c), torch.zeros(c)
         shift[-1] = shift_of_last
-        with half_conversions(conversions):
+        with line_isa(isa):
             got = LIB.relu_pool_backward(grad, grad_pooled, z, scale, shift, upscale)
             per_cell = LIB.relu_pool_backward(*(None if t is None else laid_out(t, "strided")
                                                 for t in (grad, grad_pooled, z)), scale, shift, upscale)
@@ -491,15 +488,15 @@ def check_lines_against_reference(dtype, layout, upscale, n, c, h, w, values):
         assert torch.equal(dz, LIB.bn_relu_backward_apply(*per_cell, mean, invstd, *want_sums, upscale))
 
 
-@pytest.mark.parametrize("dtype, conversions", DTYPE_CONVERSIONS[1:])
+@pytest.mark.parametrize("dtype, isa", DTYPE_ISAS[3:])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_16_bit_lines_convert_every_value_as_aten(dtype, conversions, layout):
+def test_16_bit_lines_convert_every_value_as_aten(dtype, isa, layout):
     """The lines' own 16-bit conversions (csrc/cpu_lines.h) on every bit pattern: each of 6 channels holds all 65536
     values of z and of the output's gradient (NaNs, infinities, subnormals included), scaled by factors whose products
     round to subnormals, overflow and land on ties; bn_relu_pool and relu_pool_backward equal the specification, which
     converts with ATen, bit for bit (NaNs compared as NaNs), and the per-cell code, which converts with c10, in every
     bit (NaNs as c10's: 0x7fc0 in bfloat16, 0x7e00 in float16, with the sign)."""
-    with half_conversions(conversions):
+    with line_isa(isa):
         check_every_value(dtype, layout)
 
 
