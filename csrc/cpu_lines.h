@@ -747,8 +747,7 @@ void widen_gradients(const Quad<const c10::Half>& g, const c10::Half* grad_poole
 }
 
 // relu_pool_backward (Bn false) or bn_relu_backward_apply (Bn true) over a line in the portable loops (cell_z_grad
-// per element); Affine
-// false where scale and shift are 1 and 0 (line_activation).
+// per element); Affine false where scale and shift are 1 and 0 (line_activation).
 template <typename St, typename scalar_t, typename acc_t, bool Pool, bool Bn, bool Affine>
 void z_grad_line_portable(const ZGradCells<scalar_t, acc_t>& f, const LineStart& l) {
   const Quad<const scalar_t> z = z_quad(f.t.z, f.g, f.t.zs, l);
@@ -959,9 +958,11 @@ void backward_sums_line_portable(const BackwardSumCells<scalar_t, acc_t, sum_t>&
 template <typename St, typename scalar_t, typename acc_t, typename sum_t, bool Pool>
 void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const LineStart& l, const double* mean,
                         double* first, double* second) {
-  int64_t done = 0;  // channels done by the vec8 lanes
-  const auto portable = [&](const LineStart& row) {
-    backward_sums_line_portable<St, scalar_t, acc_t, sum_t, Pool>(f, row, mean + done, first + done, second + done);
+  // The portable loops on the rows of a line whose first channel is `k` channels past the line's (0 along a row).
+  const auto portable = [&](int64_t k) {
+    return [&, k](const LineStart& row) {
+      backward_sums_line_portable<St, scalar_t, acc_t, sum_t, Pool>(f, row, mean + k, first + k, second + k);
+    };
   };
 #if FASTUNET_VEC8
   if (const int64_t body = l.length - l.length % 8; body > 0 && vec8_lines()) {
@@ -969,12 +970,11 @@ void backward_sums_line(const BackwardSumCells<scalar_t, acc_t, sum_t>& f, const
                                            Pool ? f.t.grad_pooled + f.t.gps.at(l.n, l.c0, l.u, l.v0) : nullptr,
                                            f.scale + l.c0, f.shift + l.c0, mean, first, second,
                                            row_steps(f.g, f.t.zs, f.t.gs, f.t.gps, f.t.zs));
-    done = St::channel * body;
-    if (body < l.length) for_each_row(line_from<St>(l, body), portable);
+    if (body < l.length) for_each_row(line_from<St>(l, body), portable(St::channel * body));
     return;
   }
 #endif
-  for_each_row(l, portable);
+  for_each_row(l, portable(0));
 }
 
 }  // namespace fastunet::cpu
