@@ -12,6 +12,9 @@ import torch.nn as nn
 
 from . import functional, ops
 from . import model as fastunet_model
+from .blocks.double import double_block_layers
+from .blocks.inference import _autocast_gemm_inference
+from .blocks.up import up_block_layer
 from .conv import policy
 
 _LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "NCHW"}
@@ -142,6 +145,12 @@ def _inference_line(name, x, weight, exact, rule=""):
     return _line(name, x, algorithm, _joined(["CPU inference", rule, choice.rule]))
 
 
+def _autocast_gemm_line(name, x, layer):
+    """The Line of a conv that CPU inference under autocast runs as a float32 GEMM (policy.autocast_inference_conv),
+    ``x`` its float32 input."""
+    return _line(name, x, GEMM, _joined(["CPU inference under autocast", policy.autocast_inference_conv(layer).rule]))
+
+
 def _bn_tensors(bn):
     return bn.weight, bn.bias, bn.running_mean, bn.running_var  # as functional._cpu_inference takes them
 
@@ -181,6 +190,11 @@ def _double_lines(name, block, x):
         z1 = _like(x, (x.shape[0], c1.out_channels, *x.shape[2:]))
         return [_inference_line(names[0], x, c1.weight, block.exact),
                 _inference_line(names[1], z1, c2.weight, block.exact)]
+    layers = double_block_layers(x, c1.weight, c2.weight, block.exact)
+    if _autocast_gemm_inference(x, tensors[1:], (b1, b2), layers):
+        z1 = _like(x, (x.shape[0], c1.out_channels, *x.shape[2:]), torch.float32)
+        return [_autocast_gemm_line(n, t, layer) for n, t, layer in zip(names, (_like(x, dtype=torch.float32), z1),
+                                                                         layers)]
     xc = _cast(x)
     z1 = _like(xc, (x.shape[0], c1.out_channels, *x.shape[2:]))
     if block.exact:
@@ -209,6 +223,9 @@ def _up_lines(name, block, d):
         if choice.algorithm == "subpixel":
             return [_line(layer, d, f"{SUBPIXEL}, {_aten(d)}, BN folded", f"CPU inference; {choice.rule}")]
         return [_inference_line(layer, _like(d, (n, cin, 2 * h, 2 * w)), conv.weight, block.exact, choice.rule)]
+    up_layer = up_block_layer(d, conv.weight, block.exact)
+    if _autocast_gemm_inference(d, (conv.weight, conv.bias, *_bn_tensors(bn)), (bn,), (up_layer,)):
+        return [_autocast_gemm_line(layer, _like(d, (n, cin, 2 * h, 2 * w), torch.float32), up_layer)]
     dc, wc = _cast(d), _cast(conv.weight)
     upsampled = _like(dc, (n, cin, 2 * h, 2 * w))
     if block.exact:

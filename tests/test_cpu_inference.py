@@ -1,7 +1,8 @@
 """Inference on the CPU (blocks.inference._cpu_inference). Fast mode: oneDNN's convs with each eval BN folded in where
 that pays, GEMMs for convs of few pixels, the sub-pixel up-conv where that pays, within 2x of the float32
 reference's error against float64 in both layouts, a NaN where the seed puts it. Exact mode: the seed's ATen ops,
-its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32)."""
+its bits. Taken only where nothing needs the Functions (no autograd, no autocast, eval BN, float32); under
+autocast, float32 GEMMs for the blocks whose weights outweigh their pixels."""
 
 import gc
 
@@ -78,7 +79,8 @@ def test_cpu_inference_is_within_twice_the_reference_error(conv_calls, memory_fo
 
 
 @pytest.mark.parametrize("case", ["grad", "training", "autocast", "float64"])
-def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, case):
+def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, conv_policy, case):
+    conv_policy(autocast_gemm_max_pixels=0)  # autocast's GEMM blocks: the tests below
     ref, fast = pair(exact=False)
     if case != "training":
         ref.eval(), fast.eval()
@@ -91,6 +93,82 @@ def test_cpu_inference_only_where_nothing_needs_the_functions(conv_calls, case):
     assert relative_error(out, want) < (3e-2 if case == "autocast" else 1e-4)  # the same model, other paths
 
 
+# Under autocast at 2 x 32 x 32 the bottleneck's convs (512 -> 1024 -> 1024 at 2 x 2 x 2 pixels) and Up5's
+# (1024 -> 512 at 2 x 4 x 4 upsampled) are the ones the policy's defaults give float32 GEMMs; "all" forces every conv.
+AUTOCAST_GEMMS = {"defaults": [(512, 1024, 3, 3), (1024, 512, 3, 3), (1024, 1024, 3, 3)], "all": CONVS_3X3}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gemms", ["defaults", "all"])
+def test_autocast_gemm_blocks_are_within_twice_the_autocast_error(conv_calls, conv_policy, memory_format, dtype,
+                                                                   gemms):
+    """Under CPU autocast in eval the blocks whose weights outweigh their pixels run float32 GEMMs on the float32
+    weights (policy.autocast_inference_conv): the seed's dtype and strides, its NaN-free output within 2x of the
+    seed's autocast error against float64, over several seeds (near-ties flip with the seed)."""
+    if gemms == "all":
+        conv_policy(autocast_gemm_max_pixels=1 << 30, autocast_gemm_min_weights=0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref, fast, ref64 = eval_models()
+        for model in (ref, fast):
+            model.to(memory_format=memory_format)
+        x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=memory_format)
+        conv_calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype):
+            out, want = fast(x), ref(x)
+        exact = ref64(x.double())
+        want_gemms = AUTOCAST_GEMMS[gemms]
+        assert sorted(conv_calls) == want_gemms if gemms == "defaults" else len(conv_calls) == want_gemms
+        assert all(as_gemm for *_, as_gemm in conv_calls.pixels)
+        assert out.dtype == want.dtype and out.shape == want.shape and out.stride() == want.stride()
+        assert relative_error(out, exact) <= 2 * relative_error(want, exact)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_autocast_gemm_blocks_return_what_the_functions_return(conv_calls, memory_format):
+    """A double block (with its pool and concat buffer) and the up block writing into that buffer, under autocast by
+    float32 GEMMs: the Functions' dtypes, shapes and strides, values within bfloat16 rounding of theirs, the skip
+    part of the buffer the double block's."""
+    torch.manual_seed(0)
+    double, up = fastunet.model.conv_block(16, 32).eval(), fastunet.model.up_conv(32, 32).eval()
+    with torch.no_grad():
+        for bn in (double.conv[1], double.conv[4], up.up[2]):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.uniform_(0.1, 0.5)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=memory_format)
+    d = torch.randn(2, 32, 4, 4).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    results = {}
+    for gemm_pixels in (0, 1 << 30):
+        conv_calls.clear()
+        with (torch.no_grad(), torch.autocast("cpu", torch.bfloat16),
+              policy.override(autocast_gemm_max_pixels=gemm_pixels, autocast_gemm_min_weights=0)):
+            buf, pooled = double(x, cat_channels=32, pool=True)
+            skip = buf[:, :32].clone()
+            results[gemm_pixels] = (up(d, buf), pooled, skip)
+        assert len(conv_calls) == (3 if gemm_pixels else 0)
+    for got, want in zip(results[1 << 30], results[0]):
+        assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape and got.stride() == want.stride()
+        assert relative_error(got, want) < 1e-2
+    buf, _, skip = results[1 << 30]
+    assert torch.equal(buf[:, :32], skip)
+
+
+@pytest.mark.parametrize("case", ["grad", "training", "exact"])
+def test_autocast_gemm_blocks_only_in_inference(conv_calls, conv_policy, case):
+    """Where autograd records the blocks, a BN is in training or exact mode keeps the seed's ops, autocast runs the
+    Functions (or the seed's modules) whatever the policy's GEMM bounds."""
+    conv_policy(autocast_gemm_max_pixels=1 << 30, autocast_gemm_min_weights=0)
+    ref, fast, _ = eval_models()
+    fast.exact = case == "exact"
+    if case == "training":
+        ref.train(), fast.train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.set_grad_enabled(case == "grad"), torch.autocast("cpu", torch.bfloat16):
+        out, want = fast(x), ref(x)
+    assert not conv_calls
+    assert relative_error(out, want) < 3e-2
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format):
     ref, fast, _ = eval_models()
@@ -99,10 +177,12 @@ def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format
     x = torch.randn(2, 3, 64, 64)
     x[1, 0, 5, 7] = float("nan")
     x = x.contiguous(memory_format=memory_format)
-    with torch.no_grad():
-        out, want = fast(x), ref(x)
-    assert conv_calls and torch.isnan(want[1]).any() and not torch.isnan(want[0]).any()
-    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    for autocast in (False, True):
+        conv_calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out, want = fast(x), ref(x)
+        assert conv_calls and torch.isnan(want[1]).any() and not torch.isnan(want[0]).any()
+        assert torch.equal(torch.isnan(out), torch.isnan(want))
 
 
 @pytest.mark.parametrize("output_ch", [1, 3])

@@ -113,6 +113,20 @@ def test_forced_policy_changes_the_lines_and_they_agree(choices):
     assert f"gemm_train_max_pixels={choices['gemm_train_max_pixels']}" in rules
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autocast_inference_lines_show_the_float32_gemms(channels_last):
+    """Under bfloat16 autocast in eval the bottleneck's convs and Up5's run as float32 GEMMs (policy
+    autocast_inference_conv): explain says so, with the rule, and agrees with what runs."""
+    model = _model(channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        lines = _check_agrees(model, _input(channels_last), False)
+    gemms = {line.layer: line for line in lines if line.algorithm == GEMM}
+    assert sorted(gemms) == ["Conv5.conv.0", "Conv5.conv.3", "Up5.up.1"]
+    assert all(line.dtype == "float32" and "autocast_gemm_max_pixels" in line.rule for line in gemms.values())
+    with torch.autocast("cpu", torch.bfloat16), policy.override(autocast_gemm_max_pixels=0):
+        assert not any(line.algorithm == GEMM for line in _check_agrees(model, _input(channels_last), False))
+
+
 @pytest.mark.parametrize("change", ["hook", "swap"])
 def test_a_hooked_or_swapped_layer_shows_its_blocks_refusal(change):
     model = _model()

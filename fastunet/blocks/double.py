@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..conv import aten as conv_aten
-from ..conv import training
+from ..conv import policy, training
 from .bn import (
     BatchNormArgs,
     _check_no_exact_sync,
@@ -24,7 +24,13 @@ from .bn import (
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import _block_outputs, concat_parts
 from .function_io import _apply, _decode, _head
-from .inference import InferenceConv, _cpu_inference, _double_block_inference
+from .inference import (
+    InferenceConv,
+    _autocast_gemm_inference,
+    _cpu_inference,
+    _double_block_autocast_gemm,
+    _double_block_inference,
+)
 from .recompute import _check_double_backward_unsynchronized, _differentiable_backward, _reference_layer
 
 _aten = torch.ops.aten
@@ -256,6 +262,12 @@ def _fast_double_block_backward(grad_out, grad_pooled, counts, layers, need):
 # ----------------------------------------------------------------------------------------------------
 
 
+def double_block_layers(x, w1, w2, exact):
+    """The policy.Layer facts of a double block's two inference convs on ``x``, by weights ``w1`` and ``w2``."""
+    layer1 = policy.Layer.of(x, w1, train=False, exact=exact)
+    return layer1, layer1._replace(cin=w2.shape[1], cout=w2.shape[0])
+
+
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):
     """(conv3x3 + BN + ReLU) x 2 over ``x`` ``[N, Cin, H, W]`` (float32/bfloat16/float16, NCHW or NHWC).
 
@@ -268,6 +280,11 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     if _cpu_inference(x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
         return _double_block_inference(x, InferenceConv.of(conv1, bn1), InferenceConv.of(conv2, bn2), cat_channels,
                                        pool, exact)
+    dtype = _autocast_gemm_inference(x, (*conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2),
+                                     double_block_layers(x, conv1[0], conv2[0], exact))
+    if dtype is not None:
+        return _double_block_autocast_gemm(x, InferenceConv.of(conv1, bn1), InferenceConv.of(conv2, bn2),
+                                           cat_channels, pool, dtype)
     outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
                      bn2.settings(), exact, cat_channels, pool)
     return tuple(_head(outputs, DoubleOutputs))

@@ -1,6 +1,7 @@
 """CPU inference of the fused blocks (eval BN, nothing for autograd to record): the Functions are skipped for
 oneDNN's convs with the BN folded in, im2col GEMMs, Winograd, or the folded sub-pixel up-conv, as
-fastunet.conv.policy picks. A layer comes as an ``InferenceConv``: a model's derives its folded forms at every call
+fastunet.conv.policy picks; under lower-precision autocast, float32 GEMMs for the blocks whose weights outweigh
+their pixels. A layer comes as an ``InferenceConv``: a model's derives its folded forms at every call
 (``InferenceConv.of``: nothing is kept between calls), an inference snapshot's (fastunet.optimize_for_inference)
 holds them prepacked."""
 
@@ -11,6 +12,7 @@ import torch
 from ..conv import aten as conv_aten
 from ..conv import gemm, policy, subpixel, winograd
 from .bn import BatchNormArgs, _eval_bn_vectors
+from .casts import _autocast_dtype
 from .concat import _block_outputs, concat_parts
 from .recompute import _reference_layer
 
@@ -29,6 +31,19 @@ def _cpu_inference(x, tensors, bns):
             and all(t is None or t.dtype == torch.float32 for t in tensors) and not any(bn.training for bn in bns)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _autocast_gemm_inference(x, params, bns, layers):
+    """Autocast's dtype where a block runs CPU inference as float32 GEMMs under lower-precision autocast, else None:
+    every conv of it picks them (policy.autocast_inference_conv of ``layers``, their policy.Layer facts), the
+    parameters ``params`` float32, every BN in eval, nothing for autograd to record, eager."""
+    dtype = _autocast_dtype("cpu")
+    if (dtype is None or x.device.type != "cpu" or x.dtype not in (torch.float32, dtype)
+            or any(t is not None and t.dtype != torch.float32 for t in params) or any(bn.training for bn in bns)
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
+            or torch.compiler.is_compiling()):
+        return None
+    return dtype if all(policy.autocast_inference_conv(layer).algorithm == "gemm" for layer in layers) else None
 
 
 class InferenceConv(NamedTuple):
@@ -79,7 +94,7 @@ def _unfolded_conv_bn_relu(x, layer):
 
 
 def _gemm_conv_bn_relu(x, layer):
-    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM per image (gemm.conv_scale_shift_relu),
+    """``relu(BN(conv3x3(x)))`` of an eval-mode BN as im2col and one GEMM over the batch (gemm.conv_scale_shift_relu),
     the BN as a scale and shift of the product; the output in x's layout."""
     return gemm.conv_scale_shift_relu(x, layer.weight, layer.scale, layer.shift)
 
@@ -121,6 +136,19 @@ def _double_block_inference(x, layer1, layer2, cat_channels, pool, exact, nan_sa
     """double_conv_bn_relu's result by two _conv_bn_relu_inference and ATen's max-pool."""
     y = _conv_bn_relu_inference(_conv_bn_relu_inference(x, layer1, exact, nan_safe=nan_safe), layer2, exact,
                                 nan_safe=nan_safe)
+    return _pooled_and_buffer(y, cat_channels, pool)
+
+
+def _double_block_autocast_gemm(x, layer1, layer2, cat_channels, pool, dtype):
+    """double_conv_bn_relu's result under autocast (_autocast_gemm_inference) by two _gemm_conv_bn_relu on x upcast,
+    the block's output rounded once to autocast's ``dtype``, as the Function returns it."""
+    y = _gemm_conv_bn_relu(_gemm_conv_bn_relu(x.float(), layer1), layer2).to(dtype)
+    return _pooled_and_buffer(y, cat_channels, pool)
+
+
+def _pooled_and_buffer(y, cat_channels, pool):
+    """A double block's ``(buf, pooled)`` from its output ``y``: ATen's max-pool of y if ``pool``, y in a concat
+    buffer with ``cat_channels`` more channels if asked."""
     pooled = _aten.max_pool2d(y, [2, 2], [2, 2]) if pool else None
     if not cat_channels:
         return y, pooled
@@ -138,6 +166,14 @@ def _up_block_inference(d, buf, layer, exact, nan_safe=True):
         _conv_bn_relu_inference(_aten.upsample_nearest2d.vec(d, None, [2.0, 2.0]), layer, exact, out, nan_safe)
         return buf
     subpixel.conv_relu_into(d, layer.subpixel_weights(), layer.shift, out, nan_safe)
+    return buf
+
+
+def _up_block_autocast_gemm(d, buf, layer):
+    """upsample_conv_cat's result under autocast (_autocast_gemm_inference), into the buffer of autocast's dtype:
+    _gemm_conv_bn_relu on the nearest upsample of d upcast, rounded once as it is written."""
+    out = concat_parts(buf, buf.shape[1] - layer.shift.shape[0])[1]
+    out.copy_(_gemm_conv_bn_relu(_aten.upsample_nearest2d.vec(d.float(), None, [2.0, 2.0]), layer))
     return buf
 
 

@@ -25,7 +25,13 @@ from .bn import (
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import concat_parts
 from .function_io import _apply, _decode, _head
-from .inference import InferenceConv, _cpu_inference, _up_block_inference
+from .inference import (
+    InferenceConv,
+    _autocast_gemm_inference,
+    _cpu_inference,
+    _up_block_autocast_gemm,
+    _up_block_inference,
+)
 from .recompute import _check_double_backward_unsynchronized, _differentiable_backward, _reference_layer
 
 _aten = torch.ops.aten
@@ -206,6 +212,12 @@ class UpsampleConvCat(torch.autograd.Function):
         return (*grads, *others)
 
 
+def up_block_layer(d, w, exact):
+    """The policy.Layer facts of an up block's inference conv by ``w``: the 3x3 one on the nearest upsample of ``d``."""
+    layer = policy.Layer.of(d, w, train=False, exact=exact)
+    return layer._replace(h=2 * layer.h, w=2 * layer.w)
+
+
 def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     """Up block: writes ``relu(BN(conv3x3(upsample2x(d))))`` into ``buf[:, Cskip:]`` in place and returns ``buf``.
 
@@ -216,4 +228,6 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     """
     if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
         return _up_block_inference(d, buf, InferenceConv.of(conv, bn), exact)
+    if _autocast_gemm_inference(d, (*conv, *bn.tensors()), (bn,), (up_block_layer(d, conv[0], exact),)):
+        return _up_block_autocast_gemm(d, buf, InferenceConv.of(conv, bn))
     return _head(_apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact), UpOutputs).buf

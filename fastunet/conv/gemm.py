@@ -73,18 +73,19 @@ def _taps_outer_backward(dz, x, w, output_mask):
 
 
 def conv_scale_shift_relu(x, weight, scale, shift):
-    """``relu(conv3x3(x, weight) * scale + shift)`` (an eval BN as per-channel vectors) as im2col and one GEMM per
-    image against the weights as they lie; the output in x's layout. bmm, not matmul: matmul picks its kernel by
-    requires_grad, and the bits must not depend on that."""
+    """``relu(conv3x3(x, weight) * scale + shift)`` (an eval BN as per-channel vectors) as im2col and one GEMM over
+    the batch's pixels against the weights as they lie (read once, however many images); the output in x's layout.
+    mm, not matmul: matmul picks its kernel by requires_grad, and the bits must not depend on that."""
     n, _, h, w = x.shape
     cout = weight.shape[0]
     if ops.memory_format_of(weight) == torch.channels_last:
-        product = torch.bmm(taps_outer_columns(x, 3), taps_outer_weights(weight).t().expand(n, -1, -1))
-        out = torch.addcmul(shift, product, scale).relu_()  # [N, H*W, Cout]
+        product = torch.mm(taps_outer_columns(x, 3).reshape(n * h * w, -1), taps_outer_weights(weight).t())
+        out = torch.addcmul(shift, product, scale).relu_()  # [N*H*W, Cout]
         return out.view(n, h, w, cout).permute(0, 3, 1, 2).contiguous(memory_format=ops.memory_format_of(x))
-    product = torch.bmm(weight.reshape(cout, -1).expand(n, -1, -1), F.unfold(x, 3, padding=1))  # [N, Cout, H*W]
+    columns = F.unfold(x, 3, padding=1).transpose(0, 1).reshape(weight[0].numel(), n * h * w)
+    product = torch.mm(weight.reshape(cout, -1), columns)  # [Cout, N*H*W]
     out = torch.addcmul(shift.view(-1, 1), product, scale.view(-1, 1)).relu_()
-    return out.view(n, cout, h, w).contiguous(memory_format=ops.memory_format_of(x))
+    return out.view(cout, n, h, w).permute(1, 0, 2, 3).contiguous(memory_format=ops.memory_format_of(x))
 
 
 def shifted_backward(dz, x, w, output_mask):

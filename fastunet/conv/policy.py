@@ -120,6 +120,16 @@ _TABLE = {
         True, "bool",
         f"{_EPYC}, benchmarks/cpu_inference.py, {_RESULTS}: oneDNN's convs 10-20% faster in channels_last, which "
         "takes the folded BN"),
+    # Inference under lower-precision CPU autocast (fast mode, eval BN): autocast_inference_conv.
+    "autocast_gemm_max_pixels": Entry(
+        128, "pixels per batch",
+        f"{_SPR}, AMX, bfloat16 autocast, the 512 -> 1024 -> 1024 block: float32 GEMMs on the float32 weights "
+        "3.3-4.3x autocast's casts and oneDNN's bfloat16 convs at 16 pixels, 1.9-2.2x at 64, 1.25-1.4x at 128, "
+        "0.6-0.8x at 256"),
+    "autocast_gemm_min_weights": Entry(
+        4 << 20, "weights per conv",
+        f"{_SPR}, AMX, bfloat16 autocast at 64 pixels: 256 -> 512 -> 512 (1.2M and 2.4M weights) 0.8x, "
+        "1024 -> 512 -> 512 (4.7M and 2.4M) 0.9x (weights that stay in cache are cast and laid out cheaply)"),
     # CUDA: what runs a fast double block's second conv (second_conv).
     "second_conv_mode": Entry(
         os.environ.get("FASTUNET_CONV", "aten").strip().lower(), "aten, triton or auto (FASTUNET_CONV)",
@@ -416,6 +426,25 @@ def inference_conv(layer, kept):
     if not layer.nhwc_dense and not value("fold_nchw"):
         return Choice("unfolded", "NCHW: not folded (policy fold_nchw=False)")
     return Choice("folded", f"{pixels} pixels per batch: BN folded into the weights")
+
+
+def autocast_inference_conv(layer):
+    """How fast mode runs a CPU conv + eval BN + ReLU in inference under lower-precision autocast: "gemm" (im2col and
+    one float32 GEMM on the input upcast and the float32 weights as they lie, instead of autocast's cast of the
+    weights and oneDNN's re-layout of them at every call) where the weights outweigh the pixels: at most
+    autocast_gemm_max_pixels pixels per batch and at least autocast_gemm_min_weights weights; else "autocast" (the
+    Function: autocast's casts, the conv in autocast's dtype). Exact mode: "autocast". A block runs its GEMMs only
+    where each of its convs picks them."""
+    if layer.exact:
+        return Choice("autocast", "exact mode: the seed's ops")
+    weights, limit = layer.cout * layer.cin * layer.kernel * layer.kernel, value("autocast_gemm_max_pixels")
+    if layer.pixels > limit:
+        return Choice("autocast", f"{layer.pixels} pixels per batch > policy autocast_gemm_max_pixels={limit}")
+    if weights < value("autocast_gemm_min_weights"):
+        return Choice("autocast", f"{weights} weights < policy autocast_gemm_min_weights="
+                                  f"{value('autocast_gemm_min_weights')}")
+    return Choice("gemm", f"float32 GEMM under autocast: {layer.pixels} pixels per batch <= policy "
+                          f"autocast_gemm_max_pixels={limit}, {weights} weights")
 
 
 def up_conv(layer):
