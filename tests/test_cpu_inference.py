@@ -169,6 +169,23 @@ def test_autocast_gemm_blocks_only_in_inference(conv_calls, conv_policy, case):
     assert relative_error(out, want) < 3e-2
 
 
+@pytest.mark.parametrize("winograd_inference", [False, True])
+def test_winograd_inference_follows_its_policy_entry(monkeypatch, conv_policy, winograd_inference):
+    """Each branch of policy winograd_inference (off where oneDNN's kernels are AVX-512), forced: Winograd runs the
+    convs where it pays only where the entry is on, and either way the output keeps the 2x error rule."""
+    conv_policy(winograd_inference=winograd_inference)
+    ran = []
+    winograd = inference._winograd_conv_bn_relu
+    monkeypatch.setattr(inference, "_winograd_conv_bn_relu", lambda x, layer, out=None: ran.append(x.shape) or
+                        winograd(x, layer, out))
+    ref, fast, ref64 = eval_models()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out, want, exact = fast(x), ref(x), ref64(x.double())
+    assert bool(ran) == winograd_inference
+    assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_cpu_inference_keeps_a_nan_where_the_seed_does(conv_calls, memory_format):
     ref, fast, _ = eval_models()

@@ -16,7 +16,7 @@ from fastunet.conv import policy, winograd
 
 def same_choices():
     """Winograd picked at the same pixel counts with weights prepacked as without (the snapshot's one difference)."""
-    return policy.override(winograd_kept_min_pixels=policy.value("winograd_min_pixels"))
+    return policy.override(winograd_kept_min_pixels=policy.value("winograd_min_pixels"), winograd_inference=True)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -181,7 +181,7 @@ def counted(calls, function):
 def force_winograd(conv_policy):
     """Winograd for every fast-mode CPU 3x3 conv in inference, and in training for those above the GEMM path's
     pixels (where the policy's winograd_train allows it)."""
-    conv_policy(winograd_min_channels=1, winograd_max_channels=1 << 20, winograd_min_pixels=1)
+    conv_policy(winograd_min_channels=1, winograd_max_channels=1 << 20, winograd_min_pixels=1, winograd_inference=True)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

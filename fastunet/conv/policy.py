@@ -139,6 +139,11 @@ _TABLE = {
         64, "channels (both sides)", f"{_EPYC}, {_RESULTS}: the first layer's 3 input channels lose"),
     "winograd_max_channels": Entry(1024, "channels (either side)", f"{_EPYC}, {_RESULTS}: the widest measured"),
     "winograd_min_pixels": Entry(512, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights transformed at every call"),
+    "winograd_inference": Entry(
+        onednn_isa() != "avx512", "bool (weights transformed at every call)",
+        f"{_EPYC}: on ({_RESULTS}); {_SPR}, fast mode's float32 eval at 1 x 64^2 to 2 x 256^2, both layouts: "
+        "without Winograd 2-10% faster a forward (1 x 3 x 256^2 channels_last 450 against 495 ms, 2 x 256^2 901 "
+        "against 997): off on AVX-512; an inference snapshot's kept weights follow winograd_kept_min_pixels"),
     "winograd_kept_min_pixels": Entry(
         128, "pixels per batch", f"{_EPYC}, {_RESULTS}: weights kept (an inference snapshot)"),
     "winograd_kept_min_channels": Entry(
@@ -410,6 +415,8 @@ def inference_conv(layer, kept):
         return Choice("unfolded", "exact mode: the seed's ops")
     pays = winograd_pays(layer, kept)
     allowed = ["gemm", "folded", "unfolded"] + ["winograd"] * bool(pays.algorithm)
+    if pays.algorithm and not kept and not value("winograd_inference"):
+        pays = Choice(False, "winograd: policy winograd_inference=False (weights transformed at every call)")
     # BN folded into NCHW convs is over the error rule (fold_nchw): not a candidate for tuning there.
     candidates = [name for name in allowed if name != "folded" or layer.nhwc_dense or value("fold_nchw")]
     planned = _planned("inference_conv", layer, allowed, candidates)
