@@ -5,6 +5,7 @@ its bits. Taken only where nothing needs the Functions (no autograd, no autocast
 autocast, float32 GEMMs for the blocks whose weights outweigh their pixels."""
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -184,6 +185,37 @@ def test_winograd_inference_follows_its_policy_entry(monkeypatch, conv_policy, w
         out, want, exact = fast(x), ref(x), ref64(x.double())
     assert bool(ran) == winograd_inference
     assert relative_error(out, exact) <= 2 * relative_error(want, exact) + 1e-7
+
+
+@pytest.mark.parametrize("case", ["float32", "autocast", "autocast_gemms"])
+def test_one_model_serves_several_threads_at_once(case):
+    """Four threads calling one fast-mode model in eval at once (float32 CPU inference; under bfloat16 autocast,
+    which each thread enters for itself, the Functions and the float32 GEMM blocks, or those in every block), two
+    calls each on inputs of other shapes, get the bits of calls made one at a time: nothing of a call is kept where
+    another sees it."""
+    _, fast, _ = eval_models()
+    inputs = [torch.randn(1 + i % 2, 3, 32 * (1 + i % 2), 32 * (1 + i % 3)) for i in range(8)]
+    gemms = dict(autocast_gemm_max_pixels=1 << 30, autocast_gemm_min_weights=0) if case == "autocast_gemms" else {}
+
+    def call(x):
+        with (torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=case != "float32"),
+              policy.override(**gemms)):
+            return fast(x)
+
+    got = [None] * len(inputs)
+    start = threading.Barrier(4)
+
+    def serve(first):
+        start.wait()
+        for i in range(first, len(inputs), 4):
+            got[i] = call(inputs[i])
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(out, call(x)) for out, x in zip(got, inputs))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
