@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -65,6 +66,25 @@ def assert_results_bitwise(got, want):
         assert_bitwise(got[2][name], want[2][name], f"grad of {name}")
     for name in want[3]:
         assert_bitwise(got[3][name], want[3][name], f"buffer {name}")
+
+
+def served_from_threads(call, inputs, threads=4):
+    """``[call(x) for x in inputs]`` made by ``threads`` threads at once (started together, each taking every
+    ``threads``-th input)."""
+    got = [None] * len(inputs)
+    start = threading.Barrier(threads)
+
+    def serve(first):
+        start.wait()
+        for i in range(first, len(inputs), threads):
+            got[i] = call(inputs[i])
+
+    workers = [threading.Thread(target=serve, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return got
 
 
 def well_conditioned(*models):

@@ -5,11 +5,10 @@ its bits. Taken only where nothing needs the Functions (no autograd, no autocast
 autocast, float32 GEMMs for the blocks whose weights outweigh their pixels."""
 
 import gc
-import threading
 
 import pytest
 import torch
-from helpers import SIZE, eval_models, pair, relative_error
+from helpers import SIZE, eval_models, pair, relative_error, served_from_threads
 
 import fastunet
 from fastunet.blocks import inference
@@ -202,19 +201,7 @@ def test_one_model_serves_several_threads_at_once(case):
               policy.override(**gemms)):
             return fast(x)
 
-    got = [None] * len(inputs)
-    start = threading.Barrier(4)
-
-    def serve(first):
-        start.wait()
-        for i in range(first, len(inputs), 4):
-            got[i] = call(inputs[i])
-
-    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    got = served_from_threads(call, inputs)
     assert all(torch.equal(out, call(x)) for out, x in zip(got, inputs))
 
 

@@ -4,11 +4,10 @@ weights change the pick; bfloat16: within 2x of the seed's error under bfloat16 
 weights at the call, safe to call from several threads at once, never trained, and clear errors for what it cannot
 stand in for."""
 
-import threading
 
 import pytest
 import torch
-from helpers import eval_models, pair, relative_error
+from helpers import eval_models, pair, relative_error, served_from_threads
 
 import fastunet
 from fastunet.conv import policy, winograd
@@ -111,19 +110,7 @@ def test_snapshot_serves_several_threads_at_once(dtype):
     _, fast, _ = eval_models()
     snapshot = fastunet.optimize_for_inference(fast, torch.randn(1, 3, 64, 64), dtype=dtype)
     inputs = [torch.randn(1 + i % 2, 3, 64, 32 * (1 + i % 3)) for i in range(8)]
-    got = [None] * len(inputs)
-    start = threading.Barrier(4)
-
-    def serve(first):
-        start.wait()
-        for i in range(first, len(inputs), 4):
-            got[i] = snapshot(inputs[i])
-
-    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    got = served_from_threads(snapshot, inputs)
     assert all(torch.equal(out, snapshot(x)) for out, x in zip(got, inputs))
 
 
