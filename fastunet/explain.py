@@ -191,7 +191,7 @@ def _double_lines(name, block, x):
         return [_inference_line(names[0], x, c1.weight, block.exact),
                 _inference_line(names[1], z1, c2.weight, block.exact)]
     layers = double_block_layers(x, c1.weight, c2.weight, block.exact)
-    if _autocast_gemm_inference(x, tensors[1:], (b1, b2), layers):
+    if _autocast_gemm_inference(x, tensors[1:], (b1, b2), lambda: layers):
         z1 = _like(x, (x.shape[0], c1.out_channels, *x.shape[2:]), torch.float32)
         return [_autocast_gemm_line(n, t, layer) for n, t, layer in zip(names, (_like(x, dtype=torch.float32), z1),
                                                                          layers)]
@@ -224,7 +224,7 @@ def _up_lines(name, block, d):
             return [_line(layer, d, f"{SUBPIXEL}, {_aten(d)}, BN folded", f"CPU inference; {choice.rule}")]
         return [_inference_line(layer, _like(d, (n, cin, 2 * h, 2 * w)), conv.weight, block.exact, choice.rule)]
     up_layer = up_block_layer(d, conv.weight, block.exact)
-    if _autocast_gemm_inference(d, (conv.weight, conv.bias, *_bn_tensors(bn)), (bn,), (up_layer,)):
+    if _autocast_gemm_inference(d, (conv.weight, conv.bias, *_bn_tensors(bn)), (bn,), lambda: (up_layer,)):
         return [_autocast_gemm_line(layer, _like(d, (n, cin, 2 * h, 2 * w), torch.float32), up_layer)]
     dc, wc = _cast(d), _cast(conv.weight)
     upsampled = _like(dc, (n, cin, 2 * h, 2 * w))

@@ -277,16 +277,15 @@ def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=
     cat_channels, H, W]`` in x's layout whose first Cout channels hold the block output (the rest is for
     upsample_conv_cat to fill), ``pooled`` its 2x2 max-pool ``[N, Cout, H/2, W/2]`` or None.
     """
-    if _cpu_inference(x, (x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2)):
+    params = (*conv1, *bn1.tensors(), *conv2, *bn2.tensors())
+    if _cpu_inference(x, (x, *params), (bn1, bn2)):
         return _double_block_inference(x, InferenceConv.of(conv1, bn1), InferenceConv.of(conv2, bn2), cat_channels,
                                        pool, exact)
-    dtype = _autocast_gemm_inference(x, (*conv1, *bn1.tensors(), *conv2, *bn2.tensors()), (bn1, bn2),
-                                     double_block_layers(x, conv1[0], conv2[0], exact))
+    dtype = _autocast_gemm_inference(x, params, (bn1, bn2), lambda: double_block_layers(x, conv1[0], conv2[0], exact))
     if dtype is not None:
         return _double_block_autocast_gemm(x, InferenceConv.of(conv1, bn1), InferenceConv.of(conv2, bn2),
                                            cat_channels, pool, dtype)
-    outputs = _apply(DoubleConvBNReLU, x, *conv1, *bn1.tensors(), *conv2, *bn2.tensors(), bn1.settings(),
-                     bn2.settings(), exact, cat_channels, pool)
+    outputs = _apply(DoubleConvBNReLU, x, *params, bn1.settings(), bn2.settings(), exact, cat_channels, pool)
     return tuple(_head(outputs, DoubleOutputs))
 
 

@@ -35,15 +35,16 @@ def _cpu_inference(x, tensors, bns):
 
 def _autocast_gemm_inference(x, params, bns, layers):
     """Autocast's dtype where a block runs CPU inference as float32 GEMMs under lower-precision autocast, else None:
-    every conv of it picks them (policy.autocast_inference_conv of ``layers``, their policy.Layer facts), the
-    parameters ``params`` float32, every BN in eval, nothing for autograd to record, eager."""
+    every conv of it picks them (policy.autocast_inference_conv of the policy.Layer facts ``layers()`` makes, asked
+    only past the other checks: the blocks' every call comes here), the parameters ``params`` float32, every BN in
+    eval, nothing for autograd to record, eager."""
     dtype = _autocast_dtype("cpu")
     if (dtype is None or x.device.type != "cpu" or x.dtype not in (torch.float32, dtype)
             or any(t is not None and t.dtype != torch.float32 for t in params) or any(bn.training for bn in bns)
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
             or torch.compiler.is_compiling()):
         return None
-    return dtype if all(policy.autocast_inference_conv(layer).algorithm == "gemm" for layer in layers) else None
+    return dtype if all(policy.autocast_inference_conv(layer).algorithm == "gemm" for layer in layers()) else None
 
 
 class InferenceConv(NamedTuple):

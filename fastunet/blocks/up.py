@@ -228,6 +228,6 @@ def upsample_conv_cat(d, buf, conv, bn, *, exact=False):
     """
     if _cpu_inference(d, (d, buf, *conv, *bn.tensors()), (bn,)):
         return _up_block_inference(d, buf, InferenceConv.of(conv, bn), exact)
-    if _autocast_gemm_inference(d, (*conv, *bn.tensors()), (bn,), (up_block_layer(d, conv[0], exact),)):
+    if _autocast_gemm_inference(d, (*conv, *bn.tensors()), (bn,), lambda: (up_block_layer(d, conv[0], exact),)):
         return _up_block_autocast_gemm(d, buf, InferenceConv.of(conv, bn))
     return _head(_apply(UpsampleConvCat, d, buf, *conv, *bn.tensors(), bn.settings(), exact), UpOutputs).buf
