@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastunet
 from fastunet import functional
 from fastunet.conv import policy, training
+from fastunet.explain import GEMM
 from fastunet.reference import U_Net as Reference
 
 
@@ -140,6 +141,25 @@ def test_fast_mode_error_within_twice_the_reference_error(memory_format, avx2_ch
         assert_within_twice_reference_error(train_step(fast, x, g), train_step(ref, x, g), exact)
 
     checked(False, check)
+
+
+def test_fast_training_runs_the_gemms_where_aten_s_conv_is_im2col_with_its_bits(conv_policy):
+    """Where ATen's own conv of a layer is its slow im2col path (one float32 image of few values: the first conv
+    and the deep levels of a 1 x 3 x 64^2 step), fast mode runs its GEMMs instead (policy
+    gemm_train_where_aten_im2col), and the step has the bits of the same step run by ATen's conv: the same
+    products, without ATen's zero-filled weight gradient. Either value of the entry is forced; the other training
+    choices are held at AVX-512's."""
+    conv_policy(gemm_train_max_pixels=0, winograd_train=False, channels_last_train=False)
+    _, fast = pair(exact=False)
+    x, g = torch.randn(1, 3, 64, 64), torch.randn(1, 2, 64, 64)
+    steps, gemm_layers = {}, {}
+    for where_im2col in (True, False):
+        with policy.override(gemm_train_where_aten_im2col=where_im2col):
+            lines = fastunet.explain(fast, x, train=True)
+            gemm_layers[where_im2col] = {line.layer for line in lines if line.algorithm == GEMM}
+            steps[where_im2col] = train_step(copy.deepcopy(fast), x, g)
+    assert gemm_layers == {True: {"Conv1.conv.0", "Conv4.conv.0", "Conv5.conv.0", "Conv5.conv.3"}, False: set()}
+    assert_results_bitwise(steps[True], steps[False])
 
 
 def test_fast_mode_eval_folded_and_with_grad_within_twice_the_reference_error():

@@ -68,6 +68,11 @@ _TABLE = {
         f"AVX2 183 ms forward + backward, forward error 1.8e-7 vs 5.7e-7-1.0e-6; {_SPR}, {_RESULTS} 'Issue 31': "
         "oneDNN's AVX-512 kernels as fast and 1.2-1.6x more accurate (forward 1.5-2.0e-7, input gradient 2.0-2.2e-7 "
         "vs 3.3e-7): 0 there; ONEDNN_MAX_CPU_ISA=AVX2 for the AVX2 column"),
+    "gemm_train_where_aten_im2col": Entry(
+        True, "bool",
+        f"{_SPR}, {_RESULTS} 'Where ATen runs its im2col conv': where ATen's own conv is its slow im2col path "
+        "(float32, one image of at most 20480 input values), the GEMMs are the same products bit for bit without its "
+        "zero-filled weight gradient: 1024 -> 1024 at 1 x 4 x 4 forward + backward 6.95 against 10.2 ms"),
     "winograd_train": Entry(
         onednn_isa() != "avx512", "bool",
         f"speed: {_EPYC}, {_RESULTS}; accuracy: {_SPR}, 'Issue 31': oneDNN's AVX-512 NCHW kernels 2-2.6x more "
@@ -354,14 +359,33 @@ def _gemm_train(layer):
             and not torch.compiler.is_compiling())
 
 
+_IM2COL_MAX_VALUES = 1 << 15  # above any input ATen's convolution has sent to its im2col path (20480 in torch 2.14)
+
+
+def aten_runs_im2col(layer):
+    """Whether ATen's own convolution of ``layer`` (3x3, padding 1) runs its slow im2col path (ConvBackend.Slow2d:
+    float32 on the CPU, one image of few values), whose products the GEMMs compute bit for bit. ATen is asked
+    (torch._C._select_conv_backend) on zero-stride stand-ins of the layer's shapes, which allocate nothing; past a
+    cheap bound first (torch 2.14 takes the path up to 20480 input values), as every training conv comes here."""
+    if (not _cpu_float32(layer) or layer.n != 1 or layer.cin * layer.h * layer.w > _IM2COL_MAX_VALUES
+            or torch.compiler.is_compiling()):
+        return False
+    stand_in = torch.empty((), dtype=layer.dtype).expand(layer.n, layer.cin, layer.h, layer.w)
+    weight = torch.empty((), dtype=layer.weight_dtype).expand(layer.cout, layer.cin, layer.kernel, layer.kernel)
+    backend = torch._C._select_conv_backend(stand_in, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, None)
+    return backend == torch._C._ConvBackend.Slow2d
+
+
 def train_conv(layer):
     """How fast mode's training conv (3x3, or the sub-pixel 2x2; forward and backward) runs, after ``upcast``:
     "winograd" (3x3 float32 where winograd_train allows it and it pays, not where the GEMMs run), "gemm" (im2col,
-    up to gemm_train_max_pixels pixels per image), "shifted_gemm" (ATen's forward; the channels_last sub-pixel
-    conv's backward by shifted GEMMs, which oneDNN's channels_last backward took 1.1-2.7x as long as) or "aten"."""
+    up to gemm_train_max_pixels pixels per image, or where ATen's own conv is im2col), "shifted_gemm" (ATen's
+    forward; the channels_last sub-pixel conv's backward by shifted GEMMs, which oneDNN's channels_last backward took
+    1.1-2.7x as long as) or "aten"."""
     if torch.compiler.is_compiling():
         return Choice("aten", "compiled: ATen's conv")
-    gemm = _gemm_train(layer)
+    im2col = value("gemm_train_where_aten_im2col") and aten_runs_im2col(layer)
+    gemm = _gemm_train(layer) or im2col
     allowed = ["aten"]
     if layer.kernel == 3 and layer.weight_dtype == torch.float32 and not gemm:
         pays = winograd_pays(layer)
@@ -373,15 +397,18 @@ def train_conv(layer):
     if shifted:
         allowed.append("shifted_gemm")
     # Tuning times only what keeps fast mode's error rule on this CPU: Winograd where winograd_train, the GEMMs where
-    # gemm_train_max_pixels is not 0 (both off on AVX-512 for accuracy, 'Issue 31').
+    # gemm_train_max_pixels is not 0 (both off on AVX-512 for accuracy, 'Issue 31') or ATen's conv is im2col too.
     candidates = [name for name in allowed if not (name == "winograd" and not value("winograd_train"))
-                  and not (name == "gemm" and not value("gemm_train_max_pixels"))]
+                  and not (name == "gemm" and not value("gemm_train_max_pixels") and not im2col)]
     planned = _planned("train_conv", layer, allowed, candidates)
     if planned is not None:
         return planned
     gemm_rule = f"policy gemm_train_max_pixels={value('gemm_train_max_pixels')}"
     if "winograd" in allowed and value("winograd_train"):
         return Choice("winograd", f"policy winograd_train=True; {pays.rule}")
+    if im2col:
+        return Choice("gemm", "ATen's conv here is im2col (Slow2d): the same GEMMs without its zero-filled weight "
+                              "gradient (policy gemm_train_where_aten_im2col=True)")
     if gemm:
         return Choice("gemm", f"{gemm_rule} >= {layer.h * layer.w} pixels per image")
     notes = []
