@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.modules import module as _module
-from torch.nn.utils import parametrize
 
 from . import _ext, functional, reference
 from . import ops as fastunet_ops
@@ -99,16 +98,23 @@ def has_hooks(module):
                 or module._backward_pre_hooks or global_hooks())
 
 
+def _is_parametrized(layer):
+    """parametrize.is_parametrized(layer), read from the submodule it registers (its getattr of a missing attribute
+    costs a raised AttributeError, and every block call asks for each of its layers)."""
+    parametrizations = layer._modules.get("parametrizations")
+    return isinstance(parametrizations, nn.ModuleDict) and len(parametrizations) > 0
+
+
 def _plain_class(layer):
     """The layer's class, seen through torch.nn.utils.parametrize (which subclasses it)."""
     cls = type(layer)
-    return cls.__bases__[0] if parametrize.is_parametrized(layer) else cls
+    return cls.__bases__[0] if _is_parametrized(layer) else cls
 
 
 def _parametrization_refusal(layer):
     """Parametrizations of a conv's or BN's weight and bias are honoured (the fused path reads each once per
     call, as the layer's forward does); of anything else they are not."""
-    if not parametrize.is_parametrized(layer):
+    if not _is_parametrized(layer):
         return None
     others = sorted(set(layer.parametrizations) - {"weight", "bias"})
     return f"has a parametrization of {', '.join(others)}" if others else None
@@ -518,16 +524,18 @@ class U_Net(_NotScriptable, reference.U_Net):
                 or not x.is_contiguous() or global_hooks() or (autocast and not bfloat16_autocast)
                 or torch.compiler.is_compiling()):
             return policy.Choice(False, "not a float32 NCHW CPU input, eager")  # the cheap refusals first
-        modules = tuple(self.modules())
-        if (any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) or getattr(m, "exact", False) for m in modules[1:])
-                or any(p.dtype != torch.float32 for p in self.parameters())
-                or any(m.layers_refusal() is not None for m in modules if isinstance(m, (conv_block, up_conv)))):
+        modules = tuple(self.modules())[1:]
+        blocks = [m for m in modules if isinstance(m, (conv_block, up_conv))]
+        parameters = tuple(self.parameters())
+        if (any(type(m) not in _SEED_MODULE_TYPES or has_hooks(m) for m in modules) or any(b.exact for b in blocks)
+                or any(p.dtype != torch.float32 for p in parameters)
+                or any(b.layers_refusal() is not None for b in blocks)):
             return policy.Choice(False, "not a plain fast float32 U-Net")
         if bfloat16_autocast:
             return policy.model_layout(self.training, False, bfloat16_autocast=True)
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
-        inference = not self.training and functional._cpu_inference(x, (*self.parameters(), *stats), bns)
+        inference = not self.training and functional._cpu_inference(x, (*parameters, *stats), bns)
         return policy.model_layout(self.training, inference)
 
     def _encode(self, run, encoder, x, up, pool):

@@ -23,7 +23,7 @@ from .bn import (
 )
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import _block_outputs, concat_parts
-from .function_io import _apply, _decode, _head
+from .function_io import _apply, _decode, _head, signature_once
 from .inference import (
     InferenceConv,
     _autocast_gemm_inference,
@@ -123,6 +123,7 @@ class LayerExtras(NamedTuple):
     layer2: object
 
 
+@signature_once
 class DoubleConvBNReLU(torch.autograd.Function):
     """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu. Inputs: DoubleInputs, then DoubleSettings. Outputs:
     DoubleOutputs, then what backward needs (returned, as torch.func asks, rather than stashed on a ctx):

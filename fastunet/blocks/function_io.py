@@ -2,7 +2,17 @@
 are read back as NamedTuples."""
 
 
+import inspect
+
 import torch
+
+
+def signature_once(function):
+    """Decorates autograd Function ``function`` so that its forward's signature is made once: Function.apply binds a
+    forward's arguments (it has a setup_context) by inspect.signature at every call, which then made the signature
+    anew each time (~20 of the bind's ~37 us on a 2-core Sapphire Rapids)."""
+    function.forward.__signature__ = inspect.signature(function.forward)
+    return function
 
 
 def _apply(function, *args):

@@ -24,7 +24,7 @@ from .bn import (
 )
 from .casts import _autocast_dtype, _cast, _cast_copy, _conv_dtype, _grad_as
 from .concat import concat_parts
-from .function_io import _apply, _decode, _head
+from .function_io import _apply, _decode, _head, signature_once
 from .inference import (
     InferenceConv,
     _autocast_gemm_inference,
@@ -106,6 +106,7 @@ class UpOutputs(NamedTuple):
     buf: torch.Tensor
 
 
+@signature_once
 class UpsampleConvCat(torch.autograd.Function):
     """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat. Inputs: UpInputs, then
     UpSettings. Outputs: UpOutputs (buf, written in place), then what backward needs: UpCasts, ExactUpSaved or

@@ -53,15 +53,18 @@ def machine():
 
 
 @functools.lru_cache(maxsize=16)
-def _path(folder, threads, isa_cap):
+def _path(plan_dir, home, threads, isa_cap):
+    """The plan file for these settings (every conv's choice asks: kept per settings, not made anew)."""
+    folder = plan_dir or os.path.join(os.path.expanduser("~"), ".cache", "fastunet")
     digest = hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(folder, f"plan-{digest}.json")
 
 
 def path():
     """This machine's plan file."""
-    folder = os.environ.get("FASTUNET_PLAN_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastunet")
-    return _path(folder, torch.get_num_threads(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
+    environ = os.environ
+    return _path(environ.get("FASTUNET_PLAN_DIR"), environ.get("HOME"), torch.get_num_threads(),
+                 environ.get("ONEDNN_MAX_CPU_ISA", ""))
 
 
 def _encode_key(key):
