@@ -189,9 +189,9 @@ def test_fast_cpu_training_on_nchw_input_runs_channels_last_inside(monkeypatch, 
     layouts = []
     fast_conv = training.forward
 
-    def recorded(x, w):
+    def recorded(x, w, choice=None):
         layouts.append(x.is_contiguous(memory_format=torch.channels_last))
-        return fast_conv(x, w)
+        return fast_conv(x, w, choice)
 
     monkeypatch.setattr(training, "forward", recorded)
     conv_policy(channels_last_train=True)  # the policy's choice with AVX2-class oneDNN kernels
@@ -221,9 +221,9 @@ def test_fast_bf16_autocast_on_nchw_input_follows_the_layout_policy(train, insid
     layouts = []
     fast_conv = training.forward
 
-    def recorded(x, w):
+    def recorded(x, w, choice=None):
         layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return fast_conv(x, w)
+        return fast_conv(x, w, choice)
 
     monkeypatch.setattr(training, "forward", recorded)
     conv_policy(channels_last_bfloat16_autocast=inside)

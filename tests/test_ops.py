@@ -296,9 +296,11 @@ def train_choice(x, weight):
 
 
 @pytest.mark.parametrize("shape", [(2, 24, 16, 8, 10), (1, 8, 40, 9, 13), (3, 16, 16, 16, 5)])
-def test_shifted_gemm_sub_pixel_backward_matches_aten(shape):
+def test_shifted_gemm_sub_pixel_backward_matches_aten(shape, conv_policy):
     """The channels_last sub-pixel conv's backward by shifted GEMMs (conv.gemm.shifted_backward) against
-    ATen's in float64, both gradients and each alone, odd sizes included; dx in channels_last."""
+    ATen's in float64, both gradients and each alone, odd sizes included; dx in channels_last. (One image of few
+    values would run the im2col GEMMs where ATen's own conv is im2col: that choice is held off here.)"""
+    conv_policy(gemm_train_where_aten_im2col=False)
     n, cin, cout, h, w = shape
     x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(cout, cin, 2, 2)
@@ -591,8 +593,8 @@ def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_
     weights outnumber the activations in and out, and where the two layouts differ the conv and its backward run in
     the weights' (policy.conv_layout), the output and input gradient then moved to x's layout, the weight
     gradient in the weights'; at 20 x 20 they run as the activations lie. Either way the output and both gradients
-    match ATen's in float64."""
-    conv_policy(winograd_train=False)
+    match ATen's in float64. (At one image of 16 x 16 ATen's own conv is im2col, whose GEMMs are held off here.)"""
+    conv_policy(winograd_train=False, gemm_train_where_aten_im2col=False)
     x = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)
     weight = torch.randn(64, 64, 3, 3).contiguous(memory_format=weight_format)
     dz = torch.randn(1, 64, size, size).contiguous(memory_format=memory_format)

@@ -37,10 +37,10 @@ _aten = torch.ops.aten
 _CONV_ARGS = conv_aten.CONV_ARGS
 
 
-def _second_conv(z1, scale1, shift1, w2, stats):
+def _second_conv(z1, scale1, shift1, w2, stats, choice):
     """Layer 2's conv of ``relu(z1*scale1 + shift1)`` and, if ``stats``, its batch (mean, var) (else None),
     by ops.conv3x3_backend's pick: Triton forms the activation in its input load (never written) and gathers
-    the statistics in its epilogue; otherwise a BN+ReLU pass, ATen's conv, and the statistics pass."""
+    the statistics in its epilogue; otherwise a BN+ReLU pass and the training conv by ``choice``."""
     if ops.conv3x3_backend(z1, w2, stats) == "triton":
         from .. import kernels
 
@@ -48,7 +48,7 @@ def _second_conv(z1, scale1, shift1, w2, stats):
         return z2, ((mean, var) if stats else None)
     a1 = torch.empty_like(z1)
     ops.bn_relu_pool(z1, scale1, shift1, 1, a1, None)
-    return training.forward(a1, w2), None
+    return training.forward(a1, w2, choice), None
 
 
 class DoubleInputs(NamedTuple):
@@ -123,11 +123,19 @@ class LayerExtras(NamedTuple):
     layer2: object
 
 
+class ConvChoices(NamedTuple):
+    """Fast mode's training.ConvChoice of each conv, made in the forward for the backward."""
+
+    conv1: training.ConvChoice
+    conv2: training.ConvChoice
+
+
 @signature_once
 class DoubleConvBNReLU(torch.autograd.Function):
     """(conv3x3 + BN + ReLU) x 2; see double_conv_bn_relu. Inputs: DoubleInputs, then DoubleSettings. Outputs:
     DoubleOutputs, then what backward needs (returned, as torch.func asks, rather than stashed on a ctx):
-    DoubleCasts, each layer's ExactLayerSaved or FastLayerSaved, and LayerExtras."""
+    DoubleCasts, each layer's ExactLayerSaved or FastLayerSaved, LayerExtras, and in fast mode the two
+    training.ConvChoice's fields in turn."""
 
     @staticmethod
     def forward(x, w1, b1, gamma1, beta1, running_mean1, running_var1,
@@ -151,22 +159,27 @@ class DoubleConvBNReLU(torch.autograd.Function):
                 _relu_pool_exact(t2, out, pooled)
                 return (buf, pooled, *casts, *ExactLayerSaved(z1, a1, mean1, invstd1, reserve1),
                         *ExactLayerSaved(z2, t2, mean2, invstd2, reserve2), *LayerExtras(impl1, impl2))
-            z1 = training.forward(xc, w1c)
+            choice1 = training.choose(xc, w1c)
+            z1 = training.forward(xc, w1c, choice1)
             mean1, invstd1, scale1, shift1, count1 = _fast_bn(z1, bn1, b1, 1)
-            # Layer 1's activation is not kept: backward recomputes it from z1.
-            z2, stats2 = _second_conv(z1, scale1, shift1, w2c, bn2.training)
+            # Layer 1's activation is not kept: backward recomputes it from z1 (its shape and layout).
+            choice2 = training.choose(z1, w2c)
+            z2, stats2 = _second_conv(z1, scale1, shift1, w2c, bn2.training, choice2)
             mean2, invstd2, scale2, shift2, count2 = _fast_bn(z2, bn2, b2, 1, stats2)
             buf, out, pooled = _block_outputs(z2, cat_channels, pool)
             ops.bn_relu_pool(z2, scale2, shift2, 1, out, pooled)
             return (buf, pooled, *casts, *FastLayerSaved(z1, mean1, invstd1, scale1, shift1),
-                    *FastLayerSaved(z2, mean2, invstd2, scale2, shift2), *LayerExtras(count1, count2))
+                    *FastLayerSaved(z2, mean2, invstd2, scale2, shift2), *LayerExtras(count1, count2), *choice1,
+                    *choice2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         args, settings = _decode(inputs, DoubleInputs, DoubleSettings)
         saved_kind = ExactLayerSaved if settings.exact else FastLayerSaved
-        _, casts, layer1, layer2, extras = _decode(output, DoubleOutputs, DoubleCasts, saved_kind, saved_kind,
-                                                   LayerExtras)
+        choices = () if settings.exact else (training.ConvChoice, training.ConvChoice)
+        _, casts, layer1, layer2, extras, *conv_choices = _decode(output, DoubleOutputs, DoubleCasts, saved_kind,
+                                                                  saved_kind, LayerExtras, *choices)
+        ctx.conv_choices = ConvChoices(*conv_choices) if conv_choices else None
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
         ctx.exact, ctx.pool, ctx.settings = settings.exact, settings.pool, settings
         ctx.saved_kind, ctx.extra, ctx.device_type = saved_kind, extras, args.x.device.type
@@ -197,8 +210,10 @@ class DoubleConvBNReLU(torch.autograd.Function):
         need, _ = _decode(ctx.needs_input_grad, DoubleInputs, DoubleSettings)
         layers = ((casts.x, casts.w1, inputs.b1, bn1, layer1), (casts.w2, inputs.b2, bn2, layer2))
         with torch.autocast(grad_out.device.type, enabled=False):
-            backward = _exact_double_block_backward if ctx.exact else _fast_double_block_backward
-            grads = backward(grad_out, grad_pooled, ctx.extra, layers, need)
+            if ctx.exact:
+                grads = _exact_double_block_backward(grad_out, grad_pooled, ctx.extra, layers, need)
+            else:
+                grads = _fast_double_block_backward(grad_out, grad_pooled, ctx.extra, layers, need, ctx.conv_choices)
         return tuple(_grad_as(g, t) for g, t in zip(grads, inputs)) + others
 
 
@@ -240,21 +255,22 @@ def _exact_double_block_backward(grad_out, grad_pooled, impls, layers, need):
     return DoubleInputs(dx, dw1, db1, dgamma1, dbeta1, None, None, dw2, db2, dgamma2, dbeta2, None, None)
 
 
-def _fast_double_block_backward(grad_out, grad_pooled, counts, layers, need):
-    """Fast mode's backward: the DoubleInputs of gradients (None for the running stats). Layer 1's activation is
-    recomputed from its pre-BN output; each activation-sized tensor is dropped once used."""
+def _fast_double_block_backward(grad_out, grad_pooled, counts, layers, need, choices):
+    """Fast mode's backward: the DoubleInputs of gradients (None for the running stats), each conv's by its forward's
+    ConvChoices. Layer 1's activation is recomputed from its pre-BN output; each activation-sized tensor is dropped
+    once used."""
     (xc, w1c, b1, bn1, layer1), (w2c, b2, bn2, layer2) = layers
     dz2, dgamma2, dbeta2, db2 = _fast_bn_backward(grad_out, grad_pooled, layer2.z, layer2.mean, layer2.invstd,
                                                   layer2.scale, layer2.shift, b2, bn2.training, 1,
                                                   _sync_of(bn2, counts.layer2))
     a1 = torch.empty_like(layer1.z)
     ops.bn_relu_pool(layer1.z, layer1.scale, layer1.shift, 1, a1, None)
-    da1, dw2 = training.backward(dz2, a1, w2c, [True, need.w2])
+    da1, dw2 = training.backward(dz2, a1, w2c, [True, need.w2], choices.conv2)
     del a1, dz2
     dz1, dgamma1, dbeta1, db1 = _fast_bn_backward(da1, None, layer1.z, layer1.mean, layer1.invstd, layer1.scale,
                                                   layer1.shift, b1, bn1.training, 1, _sync_of(bn1, counts.layer1))
     del da1
-    dx, dw1 = training.backward(dz1, xc, w1c, [need.x, need.w1])
+    dx, dw1 = training.backward(dz1, xc, w1c, [need.x, need.w1], choices.conv1)
     return DoubleInputs(dx, dw1, db1, dgamma1, dbeta1, None, None, dw2, db2, dgamma2, dbeta2, None, None)
 
 

@@ -110,7 +110,7 @@ class UpOutputs(NamedTuple):
 class UpsampleConvCat(torch.autograd.Function):
     """Nearest upsample x2 + conv3x3 + BN + ReLU into a concat buffer; see upsample_conv_cat. Inputs: UpInputs, then
     UpSettings. Outputs: UpOutputs (buf, written in place), then what backward needs: UpCasts, ExactUpSaved or
-    FastUpSaved, UpExtra."""
+    FastUpSaved, UpExtra, and in fast mode the conv's training.ConvChoice fields."""
 
     @staticmethod
     def forward(d, buf, w, b, gamma, beta, running_mean, running_var, settings, exact):
@@ -132,19 +132,25 @@ class UpsampleConvCat(torch.autograd.Function):
             upscale = 2 if _subpixel_train(dc, wc) else 1
             if upscale == 2:
                 w4 = phase_weights(w).to(wc.dtype)
-                z4 = training.forward(dc, w4)
+                choice = training.choose(dc, w4)
+                z4 = training.forward(dc, w4, choice)
             else:  # the conv on the upsampled input, which backward recomputes; z4: the conv's output as it lies.
                 # No w4: an input returned as an output and saved is an error under torch.func.
-                w4, z4 = None, training.forward(_aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0]), wc)
+                u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
+                choice = training.choose(u, wc)
+                w4, z4 = None, training.forward(u, wc, choice)
+                del u
             mean, invstd, scale, shift, count = _fast_bn(z4, bn, b, upscale)
             ops.bn_relu_pool(z4, scale, shift, upscale, out, None)
-            return (buf, *casts, *FastUpSaved(w4, z4, mean, invstd, scale, shift), *UpExtra(count))
+            return (buf, *casts, *FastUpSaved(w4, z4, mean, invstd, scale, shift), *UpExtra(count), *choice)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         args, settings = _decode(inputs, UpInputs, UpSettings)
         saved_kind = ExactUpSaved if settings.exact else FastUpSaved
-        _, casts, saved, extra = _decode(output, UpOutputs, UpCasts, saved_kind, UpExtra)
+        choice = () if settings.exact else (training.ConvChoice,)
+        _, casts, saved, extra, *conv_choice = _decode(output, UpOutputs, UpCasts, saved_kind, UpExtra, *choice)
+        ctx.conv_choice = conv_choice[0] if conv_choice else None
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved tensors returned as outputs
         ctx.exact, ctx.settings, ctx.saved_kind = settings.exact, settings.settings, saved_kind
         ctx.device_type = args.d.device.type
@@ -194,16 +200,16 @@ class UpsampleConvCat(torch.autograd.Function):
                 if du is not None:
                     dd = _aten.upsample_nearest2d_backward(du, size, list(dc.shape), 2.0, 2.0)
             else:
-                subpixel = _subpixel_train(dc, wc)
+                subpixel = saved.w4 is not None  # the forward's choice (policy.up_conv)
                 dz4, dgamma, dbeta, db = _fast_bn_backward(grad_out, None, saved.z4, saved.mean, saved.invstd,
                                                            saved.scale, saved.shift, inputs.b, bn.training,
                                                            2 if subpixel else 1, _sync_of(bn, ctx.extra))
                 if subpixel:
-                    dd, dw4 = training.backward(dz4, dc, saved.w4, [need.d, need.w])
+                    dd, dw4 = training.backward(dz4, dc, saved.w4, [need.d, need.w], ctx.conv_choice)
                     dw = None if dw4 is None else phase_weights_backward(dw4, cout)
                 else:
                     u = _aten.upsample_nearest2d.vec(dc, None, [2.0, 2.0])
-                    du, dw = training.backward(dz4, u, wc, [need.d, need.w])
+                    du, dw = training.backward(dz4, u, wc, [need.d, need.w], ctx.conv_choice)
                     dd = None if du is None else _aten.upsample_nearest2d_backward(du, list(u.shape[2:]),
                                                                                    list(dc.shape), 2.0, 2.0)
                 del dz4

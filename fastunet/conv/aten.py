@@ -5,7 +5,6 @@ into its weights."""
 import torch
 
 from .. import ops
-from . import policy
 
 _aten = torch.ops.aten
 CONV_ARGS = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, out_pad, groups
@@ -16,22 +15,16 @@ def conv(x, w, b):
     return _aten.convolution(x, w, b, *CONV_ARGS)
 
 
-def layout(x, w):
-    """The memory format the policy moves the activations to for the ATen conv of ``x`` by ``w``, or None."""
-    return policy.conv_layout(policy.Layer.of(x, w, train=True)).algorithm
-
-
-def forward(x, w):
-    """``conv2d(x, w, padding=1)`` (no bias) in the policy's layout, the output then in x's."""
-    moved = layout(x, w)
+def forward(x, w, moved):
+    """``conv2d(x, w, padding=1)`` (no bias) with the activations in memory format ``moved`` (policy.conv_layout's
+    choice; None: as they lie), the output then in x's."""
     if moved is None:
         return conv(x, w, None)
     return conv(x.contiguous(memory_format=moved), w, None).contiguous(memory_format=ops.memory_format_of(x))
 
 
-def backward(dz, x, w, output_mask):
-    """(dx, dw) of ``forward`` by ATen's convolution_backward, in the same layout, dx then in x's."""
-    moved = layout(x, w)
+def backward(dz, x, w, output_mask, moved):
+    """(dx, dw) of ``forward`` by ATen's convolution_backward, in the same layout ``moved``, dx then in x's."""
     if moved is None:
         return _aten.convolution_backward(dz, x, w, None, *CONV_ARGS, [*output_mask, False])[:2]
     dx, dw = _aten.convolution_backward(dz.contiguous(memory_format=moved), x.contiguous(memory_format=moved), w,
