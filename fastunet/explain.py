@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import functional, ops
 from . import model as fastunet_model
-from .blocks.double import double_block_layers
+from .blocks.double import autocast_float32_weights, double_block_layers
 from .blocks.inference import _autocast_gemm_inference
 from .blocks.up import up_block_layer
 from .conv import policy
@@ -115,6 +115,8 @@ def _fast_conv_line(name, x, w, rule=""):
     notes = [rule]
     layer = policy.Layer.of(x, w, train=True)
     upcast = policy.upcast(layer)
+    if layer.dtype != layer.weight_dtype:  # float32 weights under autocast (training.choose)
+        upcast = policy.Choice(True, policy.autocast_train_conv(layer).rule)
     if upcast.algorithm:
         x, w = _like(x, dtype=torch.float32), _like(w, dtype=torch.float32)
         layer = policy.Layer.of(x, w, train=True)
@@ -199,7 +201,9 @@ def _double_lines(name, block, x):
     z1 = _like(xc, (x.shape[0], c1.out_channels, *x.shape[2:]))
     if block.exact:
         return [_line(n, t, _aten(t), "exact mode: ATen's convolution, as the seed's") for n, t in zip(names, (xc, z1))]
-    w1, w2 = _cast(c1.weight), _cast(c2.weight)
+    keep1, keep2 = autocast_float32_weights(xc, c1.weight, c2.weight, functional._autocast_dtype(x.device.type),
+                                            block.exact)
+    w1, w2 = (c.weight if keep else _cast(c.weight) for c, keep in ((c1, keep1), (c2, keep2)))
     mode = ops.conv3x3_mode()
     if mode == "auto" and x.device.type == "cuda":
         second = _line(names[1], z1, "triton or " + _aten(z1), "FASTUNET_CONV=auto: the faster at the first call")

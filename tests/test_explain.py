@@ -127,6 +127,31 @@ def test_autocast_inference_lines_show_the_float32_gemms(channels_last):
         assert not any(line.algorithm == GEMM for line in _check_agrees(model, _input(channels_last), False))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autocast_training_lines_show_the_float32_weights(channels_last):
+    """Under bfloat16 autocast in training a double block's convs of few pixels run on their float32 weights (policy
+    autocast_train_conv): at 1 x 3 x 64^2 the bottleneck's, as the im2col GEMMs; forced on every double block at
+    2 x 3 x 32^2, oneDNN's float32 convs, which the recorded step shows; forced off, none. explain says so, with the
+    rule, and agrees with what runs."""
+    model = _model(channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=layout)
+    with torch.autocast("cpu", torch.bfloat16):
+        lines = _check_agrees(model, x, True)
+    kept = {line.layer: line for line in lines if "autocast_train_float32_max_pixels" in line.rule}
+    assert sorted(kept) == ["Conv5.conv.0", "Conv5.conv.3"]
+    assert all(line.dtype == "float32" and line.algorithm == GEMM for line in kept.values())
+    with torch.autocast("cpu", torch.bfloat16), policy.override(autocast_train_float32_max_pixels=1 << 30,
+                                                                autocast_train_float32_min_weights=0):
+        lines = _check_agrees(model, _input(channels_last), True)
+    double_convs = [line for line in lines if ".conv." in line.layer]
+    assert len(double_convs) == 18 and all(line.dtype == "float32" for line in double_convs)
+    assert all(line.dtype == "bfloat16" for line in lines if ".up." in line.layer)
+    with torch.autocast("cpu", torch.bfloat16), policy.override(autocast_train_float32_max_pixels=0):
+        lines = _check_agrees(model, x, True)
+    assert not any("autocast_train_float32" in line.rule for line in lines)
+
+
 @pytest.mark.parametrize("change", ["hook", "swap"])
 def test_a_hooked_or_swapped_layer_shows_its_blocks_refusal(change):
     model = _model()

@@ -308,16 +308,22 @@ def test_folded_inference_weights_follow_every_change_of_weights_and_stats():
         assert torch.equal(model(x), fresh())
 
 
-@pytest.mark.parametrize("native_bf16, inside", [(False, False), (True, False), (True, True)])
-def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, inside, monkeypatch, conv_policy):
+@pytest.mark.parametrize("native_bf16, inside, float32_weights", [
+    (False, False, False), (True, False, False), (True, True, False), (False, False, True), (True, True, True)])
+def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, inside, float32_weights, monkeypatch,
+                                                           conv_policy):
     """Fast mode's convs run in float32 on a CPU without bfloat16 dot products (policy.upcast), in
-    bfloat16 on one with them, there in NCHW or channels_last inside (policy channels_last_bfloat16_autocast); the
-    output is autocast's bfloat16 either way, close to float64."""
-    conv_policy(native_dot_bfloat16=native_bf16, channels_last_bfloat16_autocast=inside)
+    bfloat16 on one with them, there in NCHW or channels_last inside (policy channels_last_bfloat16_autocast); a
+    double block's convs on their float32 weights as they lie where policy autocast_train_conv says so (forced on
+    every one, or on none, here); the output is autocast's bfloat16 either way, the output, input gradient and conv
+    weight gradients (float32, as the seed's) close to float64."""
+    conv_policy(native_dot_bfloat16=native_bf16, channels_last_bfloat16_autocast=inside,
+                autocast_train_float32_max_pixels=1 << 30 if float32_weights else 0,
+                autocast_train_float32_min_weights=0)
     conv_dtypes = set()
     train_conv = policy.train_conv
 
-    def recorded(layer):  # asked for every conv, forward and backward, after the upcast, whichever way it then runs
+    def recorded(layer):  # asked for every conv, after the upcast, whichever way it then runs
         conv_dtypes.add(layer.dtype)
         return train_conv(layer)
 
@@ -329,12 +335,18 @@ def test_fast_mode_under_bf16_autocast_is_close_to_float64(native_bf16, inside, 
     g = torch.randn(2, 2, SIZE, SIZE)
     exact = train_step(ref64, x.double(), g.double())
     got = train_step(fast, x, g, autocast=torch.bfloat16)
-    assert conv_dtypes == {torch.bfloat16 if native_bf16 else torch.float32}
+    # The up blocks' convs take autocast's copies; with float32 weights the double blocks' run in float32.
+    want_dtypes = {torch.bfloat16 if native_bf16 else torch.float32} | ({torch.float32} if float32_weights else set())
+    assert conv_dtypes == want_dtypes
     want = train_step(ref, x, g, autocast=torch.bfloat16)
     assert got[0].dtype == torch.bfloat16
     # bf16 rounding differs in where it falls; hold fast mode to 2x the bf16 reference error plus a bf16 ulp.
     assert relative_error(got[0], exact[0]) <= 2 * relative_error(want[0], exact[0]) + 4e-3
     assert relative_error(got[1], exact[1]) <= 2 * relative_error(want[1], exact[1]) + 4e-3
+    for name in (n for n in want[2] if not conv_bias_before_bn(n) and n.endswith("weight")):
+        assert got[2][name].dtype == want[2][name].dtype == torch.float32, name
+        assert relative_error(got[2][name], exact[2][name]) <= 2 * relative_error(want[2][name], exact[2][name]) \
+            + 4e-3, name
 
 
 def test_blocks_are_drop_ins_for_the_reference_blocks():

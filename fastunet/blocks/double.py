@@ -145,7 +145,10 @@ class DoubleConvBNReLU(torch.autograd.Function):
         _check_no_exact_sync(exact, bn1, bn2)
         cast = _autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            casts = DoubleCasts(_cast_copy(x, cast), _cast_copy(w1, cast), _cast_copy(w2, cast))
+            x_cast = _cast_copy(x, cast)
+            keep1, keep2 = autocast_float32_weights(x if x_cast is None else x_cast, w1, w2, cast, exact)
+            casts = DoubleCasts(x_cast, None if keep1 else _cast_copy(w1, cast),
+                                None if keep2 else _cast_copy(w2, cast))
             xc, w1c, w2c = (c if c is not None else t for c, t in zip(casts, (x, w1, w2)))
             if exact:
                 z1 = conv_aten.conv(xc, w1c, _cast(b1, cast))
@@ -215,6 +218,18 @@ class DoubleConvBNReLU(torch.autograd.Function):
             else:
                 grads = _fast_double_block_backward(grad_out, grad_pooled, ctx.extra, layers, need, ctx.conv_choices)
         return tuple(_grad_as(g, t) for g, t in zip(grads, inputs)) + others
+
+
+def autocast_float32_weights(xc, w1, w2, cast, exact):
+    """(conv 1, conv 2): whether each conv of a double block's Function keeps its float32 weights as they lie under
+    autocast to ``cast`` (policy.autocast_train_conv), not autocast's copy of them; ``xc``: the block's input as
+    its first conv takes it."""
+    if cast is None or exact or xc.device.type != "cpu":
+        return False, False
+    layer1 = policy.Layer.of(xc, w1, train=True)
+    layer2 = layer1._replace(cin=w2.shape[1], cout=w2.shape[0], weight_dtype=w2.dtype,
+                             weight_layout=ops.memory_format_of(w2))
+    return tuple(policy.autocast_train_conv(layer).algorithm == "float32" for layer in (layer1, layer2))
 
 
 def _double_bns(t, settings):

@@ -135,6 +135,15 @@ _TABLE = {
         4 << 20, "weights per conv",
         f"{_SPR}, AMX, bfloat16 autocast at 64 pixels: 256 -> 512 -> 512 (1.2M and 2.4M weights) 0.8x, "
         "1024 -> 512 -> 512 (4.7M and 2.4M) 0.9x (weights that stay in cache are cast and laid out cheaply)"),
+    # Training under CPU autocast (fast mode, the double blocks' convs): autocast_train_conv.
+    "autocast_train_float32_max_pixels": Entry(
+        16, "pixels per batch",
+        f"{_SPR}, AMX, {_RESULTS} 'bf16 training at the bottleneck': a conv's forward + backward on a bfloat16 input, "
+        "float32 weights as they lie against autocast's bfloat16 copy: 1024 -> 1024 at 1 x 4 x 4 7.5 against 15.4 ms, "
+        "512 -> 1024 3.5 / 7.6 (one image: the im2col GEMMs); at 64 pixels per batch slower or no faster in the whole "
+        "step (1024 -> 512 at 1 x 8 x 8 8.9 / 7.0; a 4 x 3 x 64^2 step 0.90x / 0.96x of the seed in channels_last)"),
+    "autocast_train_float32_min_weights": Entry(
+        4 << 20, "weights per conv", f"{_SPR}: the bottleneck's 4.7M and 9.4M measured; smaller convs were not"),
     # CUDA: what runs a fast double block's second conv (second_conv).
     "second_conv_mode": Entry(
         os.environ.get("FASTUNET_CONV", "aten").strip().lower(), "aten, triton or auto (FASTUNET_CONV)",
@@ -479,6 +488,26 @@ def autocast_inference_conv(layer):
                                   f"{value('autocast_gemm_min_weights')}")
     return Choice("gemm", f"float32 GEMM under autocast: {layer.pixels} pixels per batch <= policy "
                           f"autocast_gemm_max_pixels={limit}, {weights} weights")
+
+
+def autocast_train_conv(layer):
+    """Whether fast mode's CPU conv of a bfloat16/float16 input under autocast (a double block's, whose Function runs
+    it) keeps its float32 weights as they lie, the input upcast exactly and the output rounded once ("float32"), or
+    takes autocast's copy of them ("autocast"): float32 where the weights outweigh the pixels, at most
+    autocast_train_float32_max_pixels pixels per batch and at least autocast_train_float32_min_weights weights.
+    There autocast's cast of the weights and of their gradient back (6 bytes a weight each way) and oneDNN's
+    low-precision kernels at a few pixels cost more than the float32 products. Exact mode, compiling, or weights
+    that are not float32: "autocast"."""
+    if layer.exact or layer.device.type != "cpu" or torch.compiler.is_compiling():
+        return Choice("autocast", "")
+    if layer.weight_dtype != torch.float32 or layer.dtype not in (torch.bfloat16, torch.float16):
+        return Choice("autocast", "")
+    weights = layer.cout * layer.cin * layer.kernel * layer.kernel
+    limit = value("autocast_train_float32_max_pixels")
+    if layer.pixels > limit or weights < value("autocast_train_float32_min_weights"):
+        return Choice("autocast", "")
+    return Choice("float32", f"float32 weights under autocast: {layer.pixels} pixels per batch <= policy "
+                             f"autocast_train_float32_max_pixels={limit}, {weights} weights")
 
 
 def up_conv(layer):
