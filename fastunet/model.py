@@ -524,6 +524,10 @@ class U_Net(_NotScriptable, reference.U_Net):
                 or not x.is_contiguous() or global_hooks() or (autocast and not bfloat16_autocast)
                 or torch.compiler.is_compiling()):
             return policy.Choice(False, "not a float32 NCHW CPU input, eager")  # the cheap refusals first
+        if bfloat16_autocast or self.training:  # the policy alone decides first: a refusal reads no layer
+            chosen = policy.model_layout(self.training, False, bfloat16_autocast=bfloat16_autocast)
+            if not chosen.algorithm:
+                return chosen
         modules = tuple(self.modules())[1:]
         blocks = [m for m in modules if isinstance(m, (conv_block, up_conv))]
         parameters = tuple(self.parameters())
@@ -531,8 +535,8 @@ class U_Net(_NotScriptable, reference.U_Net):
                 or any(p.dtype != torch.float32 for p in parameters)
                 or any(b.layers_refusal() is not None for b in blocks)):
             return policy.Choice(False, "not a plain fast float32 U-Net")
-        if bfloat16_autocast:
-            return policy.model_layout(self.training, False, bfloat16_autocast=True)
+        if bfloat16_autocast or self.training:
+            return chosen
         bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
         stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
         inference = not self.training and functional._cpu_inference(x, (*parameters, *stats), bns)
