@@ -613,6 +613,43 @@ def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_
     assert training.backward(dz, x, weight, [False, True])[0] is None
 
 
+class ConvInputStrides(TorchDispatchMode):
+    """Records the strides of the input of each ATen convolution and convolution backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.strides = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        convs = {torch.ops.aten.convolution.default: 0, torch.ops.aten.convolution_backward.default: 1}
+        if func in convs:
+            self.strides.append(args[convs[func]].stride())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_aten_training_convs_of_one_pixel_run_in_the_weights_nchw(moved, conv_policy):
+    """A [N, C, 1, 1] activation (the bottleneck of a 16 x 16 input) is both layouts; made channels_last, its
+    strides say so to ATen, which then ran the conv in channels_last and laid NCHW weights out anew at every call.
+    Fast mode's ATen training conv hands ATen NCHW strides, moved to the weights' layout or not (its layout is NCHW
+    for ops.memory_format_of): the conv and its backward see them, the weight gradient comes back NCHW, and the
+    results match ATen's in float64."""
+    conv_policy(winograd_train=False, gemm_train_where_aten_im2col=False, aten_conv_in_weights_layout=moved)
+    x = torch.empty(2, 64, 1, 1, memory_format=torch.channels_last).copy_(torch.randn(2, 64, 1, 1))
+    dz = torch.empty(2, 64, 1, 1, memory_format=torch.channels_last).copy_(torch.randn(2, 64, 1, 1))
+    weight = torch.randn(64, 64, 3, 3)
+    assert x.stride() == (64, 1, 64, 64) and train_choice(x, weight) == "aten"
+    with ConvInputStrides() as recorded:
+        z = training.forward(x, weight)
+        dx, dw = training.backward(dz, x, weight, [True, True])
+    assert recorded.strides == [(64, 1, 1, 1), (64, 1, 1, 1)] and dw.is_contiguous()
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    z64 = F.conv2d(x64, w64, padding=1)
+    dx64, dw64 = torch.autograd.grad(z64, (x64, w64), dz.double())
+    for got, want in ((z, z64), (dx, dx64), (dw, dw64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_reference_scatter_of_the_phases_in_channels_last(n):
     """ops.from_logical (the references' scatter back to the sub-pixel phases' layout) in channels_last gives the

@@ -15,21 +15,33 @@ def conv(x, w, b):
     return _aten.convolution(x, w, b, *CONV_ARGS)
 
 
+def moved_to(t, memory_format):
+    """``t`` ``[N, C, H, W]`` in ``memory_format`` with that format's own strides. Where a size-1 dim makes ``t``
+    both layouts (a ``[N, C, 1, 1]`` bottleneck, which ops.memory_format_of calls NCHW), ``contiguous`` keeps
+    channels_last strides, and ATen, which reads the layout from the strides, then ran its conv in channels_last,
+    laying NCHW weights out anew at every call (and its weight gradient came back channels_last)."""
+    t = t.contiguous(memory_format=memory_format)
+    _, c, h, w = t.shape
+    strides = (c * h * w, h * w, w, 1) if memory_format == torch.contiguous_format else (h * w * c, 1, w * c, c)
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+
 def forward(x, w, moved):
     """``conv2d(x, w, padding=1)`` (no bias) with the activations in memory format ``moved`` (policy.conv_layout's
     choice; None: as they lie), the output then in x's."""
-    if moved is None:
-        return conv(x, w, None)
-    return conv(x.contiguous(memory_format=moved), w, None).contiguous(memory_format=ops.memory_format_of(x))
+    layout = ops.memory_format_of(x)
+    z = conv(moved_to(x, moved or layout), w, None)
+    return z if moved is None else z.contiguous(memory_format=layout)
 
 
 def backward(dz, x, w, output_mask, moved):
     """(dx, dw) of ``forward`` by ATen's convolution_backward, in the same layout ``moved``, dx then in x's."""
-    if moved is None:
+    if moved is None and torch.compiler.is_compiling():  # Dynamo cannot speculate a layout test in a backward
         return _aten.convolution_backward(dz, x, w, None, *CONV_ARGS, [*output_mask, False])[:2]
-    dx, dw = _aten.convolution_backward(dz.contiguous(memory_format=moved), x.contiguous(memory_format=moved), w,
-                                        None, *CONV_ARGS, [*output_mask, False])[:2]
-    return (None if dx is None else dx.contiguous(memory_format=ops.memory_format_of(x))), dw
+    layout = ops.memory_format_of(x)
+    dx, dw = _aten.convolution_backward(moved_to(dz, moved or layout), moved_to(x, moved or layout), w, None,
+                                        *CONV_ARGS, [*output_mask, False])[:2]
+    return (dx if dx is None or moved is None else dx.contiguous(memory_format=layout)), dw
 
 
 def folded_weight(weight, scale):
