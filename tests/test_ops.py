@@ -571,16 +571,17 @@ def test_gemm_training_convs_match_aten(k, memory_format, weight_format, conv_po
 
 
 class ConvLayouts(TorchDispatchMode):
-    """Records the memory format of the input of each ATen convolution and convolution backward."""
+    """Records the memory format and the strides of the input of each ATen convolution and convolution backward."""
 
     def __init__(self):
         super().__init__()
-        self.layouts = []
+        self.layouts, self.strides = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         convs = {torch.ops.aten.convolution.default: 0, torch.ops.aten.convolution_backward.default: 1}
         if func in convs:
             self.layouts.append(ops.memory_format_of(args[convs[func]]))
+            self.strides.append(args[convs[func]].stride())
         return func(*args, **(kwargs or {}))
 
 
@@ -613,20 +614,6 @@ def test_aten_training_convs_run_in_the_weights_layout_where_they_outnumber_the_
     assert training.backward(dz, x, weight, [False, True])[0] is None
 
 
-class ConvInputStrides(TorchDispatchMode):
-    """Records the strides of the input of each ATen convolution and convolution backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.strides = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        convs = {torch.ops.aten.convolution.default: 0, torch.ops.aten.convolution_backward.default: 1}
-        if func in convs:
-            self.strides.append(args[convs[func]].stride())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("moved", [True, False])
 def test_aten_training_convs_of_one_pixel_run_in_the_weights_nchw(moved, conv_policy):
     """A [N, C, 1, 1] activation (the bottleneck of a 16 x 16 input) is both layouts; made channels_last, its
@@ -639,7 +626,7 @@ def test_aten_training_convs_of_one_pixel_run_in_the_weights_nchw(moved, conv_po
     dz = torch.empty(2, 64, 1, 1, memory_format=torch.channels_last).copy_(torch.randn(2, 64, 1, 1))
     weight = torch.randn(64, 64, 3, 3)
     assert x.stride() == (64, 1, 64, 64) and train_choice(x, weight) == "aten"
-    with ConvInputStrides() as recorded:
+    with ConvLayouts() as recorded:
         z = training.forward(x, weight)
         dx, dw = training.backward(dz, x, weight, [True, True])
     assert recorded.strides == [(64, 1, 1, 1), (64, 1, 1, 1)] and dw.is_contiguous()

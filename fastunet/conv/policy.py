@@ -372,7 +372,7 @@ _IM2COL_MAX_VALUES = 1 << 15  # above any input ATen's convolution has sent to i
 
 
 def aten_runs_im2col(layer):
-    """Whether ATen's own convolution of ``layer`` (3x3, padding 1) runs its slow im2col path (ConvBackend.Slow2d:
+    """Whether ATen's own convolution of ``layer`` (k x k, padding 1) runs its slow im2col path (ConvBackend.Slow2d:
     float32 on the CPU, one image of few values), whose products the GEMMs compute bit for bit. ATen is asked
     (torch._C._select_conv_backend) on zero-stride stand-ins of the layer's shapes, which allocate nothing; past a
     cheap bound first (torch 2.14 takes the path up to 20480 input values), as every training conv comes here."""
