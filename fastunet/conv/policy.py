@@ -375,9 +375,10 @@ def aten_runs_im2col(layer):
     """Whether ATen's own convolution of ``layer`` (k x k, padding 1) runs its slow im2col path (ConvBackend.Slow2d:
     float32 on the CPU, one image of few values), whose products the GEMMs compute bit for bit. ATen is asked
     (torch._C._select_conv_backend) on zero-stride stand-ins of the layer's shapes, which allocate nothing; past a
-    cheap bound first (torch 2.14 takes the path up to 20480 input values), as every training conv comes here."""
+    cheap bound first (torch 2.14 takes the path up to 20480 input values), as every training conv comes here. A
+    torch without the probe (private API) answers False."""
     if (not _cpu_float32(layer) or layer.n != 1 or layer.cin * layer.h * layer.w > _IM2COL_MAX_VALUES
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or not hasattr(torch._C, "_select_conv_backend")):
         return False
     stand_in = torch.empty((), dtype=layer.dtype).expand(layer.n, layer.cin, layer.h, layer.w)
     weight = torch.empty((), dtype=layer.weight_dtype).expand(layer.cout, layer.cin, layer.kernel, layer.kernel)
