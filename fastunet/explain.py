@@ -115,8 +115,6 @@ def _fast_conv_line(name, x, w, rule=""):
     notes = [rule]
     layer = policy.Layer.of(x, w, train=True)
     upcast = policy.upcast(layer)
-    if layer.dtype != layer.weight_dtype:  # float32 weights under autocast (training.choose)
-        upcast = policy.Choice(True, policy.autocast_train_conv(layer).rule)
     if upcast.algorithm:
         x, w = _like(x, dtype=torch.float32), _like(w, dtype=torch.float32)
         layer = policy.Layer.of(x, w, train=True)

@@ -226,10 +226,8 @@ def autocast_float32_weights(xc, w1, w2, cast, exact):
     its first conv takes it."""
     if cast is None or exact or xc.device.type != "cpu":
         return False, False
-    layer1 = policy.Layer.of(xc, w1, train=True)
-    layer2 = layer1._replace(cin=w2.shape[1], cout=w2.shape[0], weight_dtype=w2.dtype,
-                             weight_layout=ops.memory_format_of(w2))
-    return tuple(policy.autocast_train_conv(layer).algorithm == "float32" for layer in (layer1, layer2))
+    return tuple(policy.autocast_train_conv(layer).algorithm == "float32"
+                 for layer in double_block_layers(xc, w1, w2, exact, train=True))
 
 
 def _double_bns(t, settings):
@@ -294,10 +292,12 @@ def _fast_double_block_backward(grad_out, grad_pooled, counts, layers, need, cho
 # ----------------------------------------------------------------------------------------------------
 
 
-def double_block_layers(x, w1, w2, exact):
-    """The policy.Layer facts of a double block's two inference convs on ``x``, by weights ``w1`` and ``w2``."""
-    layer1 = policy.Layer.of(x, w1, train=False, exact=exact)
-    return layer1, layer1._replace(cin=w2.shape[1], cout=w2.shape[0])
+def double_block_layers(x, w1, w2, exact, train=False):
+    """The policy.Layer facts of a double block's two convs on ``x`` (inference, or ``train``), by weights ``w1`` and
+    ``w2`` (the second conv's input: x's layout and dtype)."""
+    layer1 = policy.Layer.of(x, w1, train=train, exact=exact)
+    return layer1, layer1._replace(cin=w2.shape[1], cout=w2.shape[0], weight_dtype=w2.dtype,
+                                   weight_layout=ops.memory_format_of(w2))
 
 
 def double_conv_bn_relu(x, conv1, bn1, conv2, bn2, *, exact=False, cat_channels=0, pool=False):

@@ -29,6 +29,8 @@ def moved_to(t, memory_format):
 def forward(x, w, moved):
     """``conv2d(x, w, padding=1)`` (no bias) with the activations in memory format ``moved`` (policy.conv_layout's
     choice; None: as they lie), the output then in x's."""
+    if moved is None and torch.compiler.is_compiling():  # as the backward, which Dynamo cannot read layouts in
+        return conv(x, w, None)
     layout = ops.memory_format_of(x)
     z = conv(moved_to(x, moved or layout), w, None)
     return z if moved is None else z.contiguous(memory_format=layout)

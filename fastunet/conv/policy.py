@@ -328,10 +328,13 @@ def native_dot(dtype):
 def upcast(layer):
     """Choice(True) where fast mode runs a CPU conv of bfloat16/float16 in float32 on the (exactly) upcast inputs,
     its output rounded back: the CPU has no dot products of that dtype (the float32 product of the rounded inputs
-    is at least as accurate as the half-precision conv, which accumulates in float32 too)."""
+    is at least as accurate as the half-precision conv, which accumulates in float32 too), or the weights are
+    float32 (a double block kept them under autocast: autocast_train_conv)."""
     if layer.device.type != "cpu" or layer.dtype not in (torch.bfloat16, torch.float16):
         return Choice(False, "")
     name = str(layer.dtype).removeprefix("torch.")
+    if layer.weight_dtype == torch.float32:
+        return Choice(True, autocast_train_conv(layer).rule or f"float32 on the upcast {name}: float32 weights")
     if native_dot(layer.dtype):
         return Choice(False, f"policy native_dot_{name}=True")
     return Choice(True, f"float32 on the upcast {name}: policy native_dot_{name}=False")

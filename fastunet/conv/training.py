@@ -23,10 +23,9 @@ class ConvChoice(NamedTuple):
 
 def choose(x, w):
     """The ConvChoice of ``conv2d(x, w, padding=1)`` in a training step (x, w: the conv's input and weight, or
-    tensors of their shapes, dtypes and layouts). A bfloat16/float16 ``x`` by float32 weights (policy
-    autocast_train_conv's "float32") runs in float32 on the upcast input."""
+    tensors of their shapes, dtypes and layouts)."""
     layer = policy.Layer.of(x, w, train=True)
-    upcast = bool(policy.upcast(layer).algorithm) or layer.dtype != layer.weight_dtype
+    upcast = bool(policy.upcast(layer).algorithm)
     if upcast:  # what the float32 copies (x.float() keeps x's strides) would be asked
         layer = layer._replace(dtype=torch.float32, weight_dtype=torch.float32)
     algorithm = policy.train_conv(layer).algorithm
