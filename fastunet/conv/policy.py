@@ -141,7 +141,8 @@ _TABLE = {
         f"{_SPR}, AMX, {_RESULTS} 'bf16 training at the bottleneck': a conv's forward + backward on a bfloat16 input, "
         "float32 weights as they lie against autocast's bfloat16 copy: 1024 -> 1024 at 1 x 4 x 4 7.5 against 15.4 ms, "
         "512 -> 1024 3.5 / 7.6 (one image: the im2col GEMMs); at 64 pixels per batch slower or no faster in the whole "
-        "step (1024 -> 512 at 1 x 8 x 8 8.9 / 7.0; a 4 x 3 x 64^2 step 0.90x / 0.96x of the seed in channels_last)"),
+        "step (1024 -> 512 at 1 x 8 x 8 8.9 / 7.0; a 4 x 3 x 64^2 step 0.90x / 0.96x of the seed in channels_last); "
+        "native_dot_bfloat16=False forced: a 1 x 3 x 64^2 step 205.3 against 223.5 ms"),
     "autocast_train_float32_min_weights": Entry(
         4 << 20, "weights per conv", f"{_SPR}: the bottleneck's 4.7M and 9.4M measured; smaller convs were not"),
     # CUDA: what runs a fast double block's second conv (second_conv).
